@@ -1,0 +1,80 @@
+"""Sparse MoE aggregation: each expert over the clients that trained it, shared over all.
+
+Weights
+-------
+* expert ``e`` (``experts.e.*``) and the gate's row ``e`` (``gate.weight[e]``,
+  ``gate.bias[e]``): average over the clients that held ``e``, weighted by the tokens
+  each routed to it. The gate row belongs with its expert: a client that does not hold
+  ``e`` masks that logit and never changes the row, so averaging its stale copy in would
+  only drag the row back. An expert (or row) with zero total weight keeps its value.
+* every other tensor: average over all replies, weighted by ``num_examples``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .records import Arrays, parse_expert_key
+
+GATE_KEYS = ("gate.weight", "gate.bias")
+
+
+@dataclass
+class ClientUpdate:
+    """One validated training reply."""
+
+    arrays: Arrays  # shared + held experts, global names
+    num_examples: int
+    tokens: np.ndarray  # [E], tokens routed to each expert (0 where not held)
+
+
+def aggregate(global_arrays: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate]) -> Arrays:
+    """Return the new global arrays from ``updates`` (``global_arrays`` is not modified).
+
+    Parameters
+    ----------
+    global_arrays : Mapping[str, np.ndarray]
+        Current global model (shared + all experts).
+    updates : Sequence[ClientUpdate]
+        Validated replies; each holds the shared tensors and the experts it trained.
+
+    Returns
+    -------
+    Arrays
+        New global model with the same keys, shapes and dtypes.
+    """
+    out = {k: np.array(v, copy=True) for k, v in global_arrays.items()}
+    if not updates:
+        return out
+    tokens = np.stack([u.tokens for u in updates]).astype(np.float64)  # [C, E]
+    examples = np.array([u.num_examples for u in updates], dtype=np.float64)
+    col_total = tokens.sum(axis=0)  # [E]
+
+    for key, old in global_arrays.items():
+        parsed = parse_expert_key(key)
+        if parsed is not None:
+            e = parsed[0]
+            if col_total[e] <= 0:
+                continue
+            acc = np.zeros(old.shape, dtype=np.float64)
+            for u, w in zip(updates, tokens[:, e]):
+                if w > 0:
+                    acc += w * u.arrays[key]
+            out[key] = (acc / col_total[e]).astype(old.dtype)
+        elif key in GATE_KEYS:
+            stacked = np.stack([u.arrays[key] for u in updates]).astype(np.float64)  # [C, E, ...]
+            w = tokens.reshape(tokens.shape + (1,) * (old.ndim - 1))
+            summed = (w * stacked).sum(axis=0)
+            trained = col_total > 0
+            denom = np.where(trained, col_total, 1.0).reshape((-1,) + (1,) * (old.ndim - 1))
+            out[key] = np.where(trained.reshape(denom.shape), summed / denom, old).astype(old.dtype)
+        else:
+            if examples.sum() <= 0:
+                continue
+            stacked = np.stack([u.arrays[key] for u in updates]).astype(np.float64)
+            w = examples.reshape((-1,) + (1,) * old.ndim)
+            out[key] = ((w * stacked).sum(axis=0) / examples.sum()).astype(old.dtype)
+    return out

@@ -1,0 +1,179 @@
+"""Typed run config: one dataclass mirroring ``[tool.flwr.app.config]``, validated at start.
+
+Every field ``foo_bar`` is the run-config key ``foo-bar``. :meth:`RunConfig.from_run_config`
+rejects unknown keys, wrong types and out-of-range values with an error that names the
+key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+DATASETS = ("fashion-mnist", "cifar10", "synthetic")
+PARTITIONERS = ("dirichlet", "pathological", "iid")
+POLICIES = ("load_balanced", "greedy", "random", "dense")
+CAPACITY_MODES = ("profiled", "fixed")
+UNDER_CAPACITY = ("shared-only", "skip")
+GATE_MODES = ("global", "local")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A run-config value is missing, unknown, of the wrong type or out of range."""
+
+
+def _choice(*allowed: str) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in allowed), "one of " + ", ".join(repr(a) for a in allowed)
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False):
+    def check(v: float) -> bool:
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            return False
+        return hi is None or v <= hi
+
+    left = "" if lo is None else (f"> {lo}" if lo_open else f">= {lo}")
+    right = "" if hi is None else f"<= {hi}"
+    return check, " and ".join(s for s in (left, right) if s) or "any number"
+
+
+def _opt(default: Any, check: tuple[Callable[[Any], bool], str] | None = None, doc: str = ""):
+    return field(default=default, metadata={"check": check, "doc": doc})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """All knobs of a fedmoe run (defaults match ``pyproject.toml``)."""
+
+    # Federated rounds
+    num_server_rounds: int = _opt(5, _range(1), "rounds of training")
+    fraction_train: float = _opt(0.5, _range(0.0, 1.0, lo_open=True), "share of nodes per round")
+    min_train_nodes: int = _opt(2, _range(1), "minimum nodes per training round")
+    fraction_evaluate: float = _opt(0.5, _range(0.0, 1.0), "share of nodes for client eval")
+    min_evaluate_nodes: int = _opt(2, _range(0), "minimum nodes for client eval")
+    local_epochs: int = _opt(1, _range(1), "local epochs per round")
+    batch_size: int = _opt(32, _range(1), "local batch size")
+    lr: float = _opt(0.05, _range(0.0, lo_open=True), "SGD learning rate")
+    momentum: float = _opt(0.9, _range(0.0, 1.0), "SGD momentum")
+    aux_loss_weight: float = _opt(0.01, _range(0.0), "Switch load-balancing loss weight")
+    seed: int = _opt(0, _range(0), "seed of data split, init, sampling and planning")
+    # Data
+    dataset: str = _opt("fashion-mnist", _choice(*DATASETS))
+    data_dir: str = _opt("", None, "dataset folder; empty: FEDMOE_DATA_DIR or system paths")
+    partitioner: str = _opt("dirichlet", _choice(*PARTITIONERS))
+    dirichlet_alpha: float = _opt(0.1, _range(0.0, lo_open=True))
+    shards_per_client: int = _opt(2, _range(1), "classes per client (pathological)")
+    local_test_fraction: float = _opt(0.2, _range(0.0, 0.9), "share of a partition for local test")
+    max_samples_per_client: int = _opt(0, _range(0), "cap on local train samples; 0: all")
+    central_eval_samples: int = _opt(0, _range(0), "cap on server test samples; 0: all")
+    # Model
+    num_experts: int = _opt(8, _range(1, 1024))
+    top_k: int = _opt(2, _range(1))
+    stem_channels: int = _opt(16, _range(1))
+    feature_dim: int = _opt(64, _range(1))
+    expert_hidden: int = _opt(256, _range(1))
+    gate_mode: str = _opt("global", _choice(*GATE_MODES))
+    # Alignment
+    policy: str = _opt("load_balanced", _choice(*POLICIES))
+    experts_per_client: int = _opt(2, _range(1), "fixed capacity (experts per client)")
+    fitness_ema: float = _opt(0.5, _range(0.0, 1.0, lo_open=True))
+    fitness_decay: float = _opt(0.9, _range(0.0, 1.0))
+    usage_decay: float = _opt(0.8, _range(0.0, 1.0))
+    w_fitness: float = _opt(1.0, _range(0.0))
+    w_usage: float = _opt(0.5, _range(0.0))
+    load_slack: float = _opt(0.1, _range(0.0))
+    # Capacity
+    capacity: str = _opt("fixed", _choice(*CAPACITY_MODES))
+    device_mix: str = _opt("", None, 'e.g. "phone=0.5,laptop=0.3,edge=0.2"; empty: none')
+    round_deadline_s: float = _opt(0.0, _range(0.0), "deadline for a client's round; 0: none")
+    under_capacity: str = _opt("shared-only", _choice(*UNDER_CAPACITY))
+    # Reliability
+    round_timeout_s: float = _opt(600.0, _range(0.0, lo_open=True))
+    min_replies: int = _opt(1, _range(1), "valid replies needed to update the model")
+    fault_drop_prob: float = _opt(0.0, _range(0.0, 1.0))
+    fault_slow_prob: float = _opt(0.0, _range(0.0, 1.0))
+    fault_corrupt_prob: float = _opt(0.0, _range(0.0, 1.0))
+    resume: bool = _opt(False)
+    # Outputs and hardware
+    run_name: str = _opt("", None, "output folder name; empty: timestamp")
+    output_dir: str = _opt("outputs")
+    device: str = _opt("auto", _choice(*DEVICES))
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        """Run-config keys in declaration order."""
+        return [f.name.replace("_", "-") for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Validate a Flower run config and build a :class:`RunConfig`.
+
+        Missing keys take their defaults; unknown keys are an error.
+
+        Raises
+        ------
+        ConfigError
+            Naming the key, the bad value and what is allowed.
+        """
+        fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(run_config) - set(fields))
+        if unknown:
+            raise ConfigError(
+                f"unknown run-config key(s) {unknown}; allowed keys: {', '.join(fields)}"
+            )
+        values = {}
+        for key, f in fields.items():
+            if key not in run_config:
+                continue
+            value = _coerce(key, run_config[key], type(f.default))
+            check = f.metadata.get("check")
+            if check is not None and not check[0](value):
+                raise ConfigError(f"run-config key '{key}' = {value!r} is invalid; allowed: {check[1]}")
+            values[f.name] = value
+        cfg = cls(**values)
+        cfg._check_relations()
+        return cfg
+
+    def _check_relations(self) -> None:
+        if self.top_k > self.num_experts:
+            raise ConfigError(
+                f"run-config key 'top-k' = {self.top_k} is invalid; allowed: "
+                f"1..num-experts ({self.num_experts})"
+            )
+        if self.experts_per_client > self.num_experts:
+            raise ConfigError(
+                f"run-config key 'experts-per-client' = {self.experts_per_client} is invalid; "
+                f"allowed: 1..num-experts ({self.num_experts})"
+            )
+        total = self.fault_drop_prob + self.fault_slow_prob + self.fault_corrupt_prob
+        if total > 1.0:
+            raise ConfigError(
+                f"run-config keys 'fault-drop-prob' + 'fault-slow-prob' + 'fault-corrupt-prob' "
+                f"= {total} is invalid; allowed: a sum <= 1"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Run-config keys → values (as written to ``config.json``)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    """Check ``value`` has the field's type (ints are accepted for floats)."""
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(
+            f"run-config key '{key}' = {value!r} has type {type(value).__name__}; "
+            f"allowed: a value of type {kind.__name__}"
+        )
+    return value

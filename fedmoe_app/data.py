@@ -1,0 +1,270 @@
+"""Datasets held as in-memory tensors, and federated partitions via flwr-datasets.
+
+``fashion-mnist`` (default) reads the IDX files from ``data-dir``, ``$FEDMOE_DATA_DIR``,
+or Debian's ``dataset-fashion-mnist`` package, and downloads them through torchvision
+only as a last resort. ``cifar10`` reads torchvision's python-batch format
+(``cifar-10-batches-py``) the same way. ``synthetic`` is small, seeded and learnable,
+for tests. Partitions are computed with flwr-datasets partitioners on an in-memory
+``datasets.Dataset`` of labels, so every process derives the same split from the seed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import pickle
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+_FMNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+# Per-channel mean/std used to normalise images to roughly zero mean, unit variance.
+_NORM = {
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+
+
+class DatasetUnavailable(FileNotFoundError):
+    """The dataset is neither on disk nor downloadable."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images ``[N, C, H, W]`` (float32, normalised) and labels ``[N]`` (int64)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx: np.ndarray) -> Split:
+        """Rows ``idx`` of this split."""
+        t = torch.as_tensor(idx, dtype=torch.long)
+        return Split(self.images[t], self.labels[t])
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the model needs to know about a dataset."""
+
+    in_channels: int
+    image_size: int
+    num_classes: int
+
+
+# --------------------------------------------------------------------------- readers
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) into a numpy array."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise ValueError(f"{path}: not an IDX file (bad magic number)")
+    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if data[2] not in dtypes:
+        raise ValueError(f"{path}: unknown IDX data type 0x{data[2]:02x}")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    arr = np.frombuffer(data, dtype=dtypes[data[2]], offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: expected {int(np.prod(shape))} values for shape {shape}, got {arr.size}")
+    return arr.reshape(shape)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _fmnist_folder(candidates: list[Path]) -> Path | None:
+    for folder in candidates:
+        for sub in (folder, folder / "FashionMNIST" / "raw"):
+            if all(_find_idx(sub, s) for pair in _FMNIST_FILES.values() for s in pair):
+                return sub
+    return None
+
+
+def load_fashion_mnist(data_dir: str | Path | None = None, *, download: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Return ``{"train": (images uint8 [N,28,28], labels), "test": ...}``.
+
+    Looks in ``data_dir``, ``$FEDMOE_DATA_DIR``, then ``/usr/share/datasets/fashion-mnist``;
+    if none holds the files and ``download`` is set, downloads them with torchvision into
+    ``data_dir`` (or ``~/.cache/fedmoe``).
+    """
+    candidates = [Path(p) for p in (data_dir, os.environ.get("FEDMOE_DATA_DIR")) if p]
+    folder = _fmnist_folder(candidates + [FASHION_MNIST_SYSTEM_DIR])
+    if folder is None and download:
+        root = Path(candidates[0] if candidates else Path.home() / ".cache" / "fedmoe")
+        try:
+            from torchvision.datasets import FashionMNIST
+
+            for train in (True, False):
+                FashionMNIST(str(root), train=train, download=True)
+        except Exception as exc:  # noqa: BLE001 - any download failure gets the same advice
+            log.warning("Fashion-MNIST download failed: %s", exc)
+        folder = _fmnist_folder([root])
+    if folder is None:
+        raise DatasetUnavailable(
+            "Fashion-MNIST not found. Either install Debian's package "
+            "(`apt-get install dataset-fashion-mnist`, files in /usr/share/datasets/fashion-mnist) "
+            "or put the four IDX files in a folder named by run-config 'data-dir' or "
+            "$FEDMOE_DATA_DIR; with internet access they are downloaded automatically."
+        )
+    out = {}
+    for split, (img, lab) in _FMNIST_FILES.items():
+        out[split] = (read_idx(_find_idx(folder, img)), read_idx(_find_idx(folder, lab)).astype(np.int64))
+    return out
+
+
+def _cifar_folder(candidates: list[Path]) -> Path | None:
+    for folder in candidates:
+        for sub in (folder, folder / "cifar-10-batches-py"):
+            if (sub / "test_batch").is_file() and (sub / "data_batch_1").is_file():
+                return sub
+    return None
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with open(path, "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    return data, np.asarray(batch[b"labels"], dtype=np.int64)
+
+
+def load_cifar10(data_dir: str | Path | None = None, *, download: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Return ``{"train": (uint8 [N,3,32,32], labels), "test": ...}`` from python batches."""
+    candidates = [Path(p) for p in (data_dir, os.environ.get("FEDMOE_DATA_DIR")) if p]
+    folder = _cifar_folder(candidates)
+    if folder is None and download:
+        root = Path(candidates[0] if candidates else Path.home() / ".cache" / "fedmoe")
+        try:
+            from torchvision.datasets import CIFAR10
+
+            CIFAR10(str(root), train=True, download=True)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("CIFAR-10 download failed: %s", exc)
+        folder = _cifar_folder([root])
+    if folder is None:
+        raise DatasetUnavailable(
+            "CIFAR-10 not found. Put torchvision's 'cifar-10-batches-py' folder in the folder "
+            "named by run-config 'data-dir' or $FEDMOE_DATA_DIR; with internet access it is "
+            "downloaded automatically."
+        )
+    train = [_read_cifar_batch(folder / f"data_batch_{i}") for i in range(1, 6) if (folder / f"data_batch_{i}").is_file()]
+    return {
+        "train": (np.concatenate([t[0] for t in train]), np.concatenate([t[1] for t in train])),
+        "test": _read_cifar_batch(folder / "test_batch"),
+    }
+
+
+def make_synthetic(seed: int = 0, n_train: int = 2400, n_test: int = 600, size: int = 12, classes: int = 10) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Small learnable images: a random smooth prototype per class plus noise (uint8)."""
+    rng = np.random.default_rng(10_000 + seed)
+    protos = rng.normal(size=(classes, 1, size // 2, size // 2)).repeat(2, axis=2).repeat(2, axis=3)
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = rng.integers(0, classes, n)
+        x = protos[labels] + rng.normal(scale=0.8, size=(n, 1, size, size))
+        return np.clip(127.5 + 40 * x, 0, 255).astype(np.uint8), labels.astype(np.int64)
+
+    return {"train": draw(n_train), "test": draw(n_test)}
+
+
+# --------------------------------------------------------------------------- tensors
+@lru_cache(maxsize=4)
+def load_splits(name: str, data_dir: str = "", seed: int = 0) -> tuple[Split, Split, DatasetInfo]:
+    """Load ``name`` as normalised tensors: ``(train, test, info)`` (cached per process)."""
+    if name == "fashion-mnist":
+        raw = load_fashion_mnist(data_dir or None)
+    elif name == "cifar10":
+        raw = load_cifar10(data_dir or None)
+    elif name == "synthetic":
+        raw = make_synthetic(seed)
+    else:
+        raise ValueError(f"unknown dataset {name!r}")
+    mean, std = _NORM.get(name, ((0.5,), (0.25,)))
+    splits = []
+    for key in ("train", "test"):
+        images, labels = raw[key]
+        x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+        if x.dim() == 3:
+            x = x.unsqueeze(1)
+        m = torch.tensor(mean).view(1, -1, 1, 1)
+        s = torch.tensor(std).view(1, -1, 1, 1)
+        splits.append(Split((x - m) / s, torch.from_numpy(np.asarray(labels, dtype=np.int64))))
+    train, test = splits
+    info = DatasetInfo(int(train.images.shape[1]), int(train.images.shape[2]), int(train.labels.max()) + 1)
+    return train, test, info
+
+
+@lru_cache(maxsize=4)
+def partition_indices(labels: tuple[int, ...] | bytes, num_partitions: int, partitioner: str, *, alpha: float = 0.1, shards: int = 2, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """Split sample indices into ``num_partitions`` with a flwr-datasets partitioner.
+
+    ``labels`` is passed as bytes of an int64 array (hashable, for the cache).
+    """
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+
+    y = np.frombuffer(labels, dtype=np.int64) if isinstance(labels, bytes) else np.asarray(labels)
+    ds = Dataset.from_dict({"label": y, "idx": np.arange(len(y))})
+    if partitioner == "dirichlet":
+        min_size = max(1, min(10, len(y) // (4 * num_partitions)))
+        part = DirichletPartitioner(num_partitions, "label", alpha, min_partition_size=min_size, seed=seed)
+    elif partitioner == "pathological":
+        part = PathologicalPartitioner(num_partitions, "label", shards, seed=seed)
+    elif partitioner == "iid":
+        part = IidPartitioner(num_partitions)
+    else:
+        raise ValueError(f"unknown partitioner {partitioner!r}")
+    part.dataset = ds
+    return tuple(np.asarray(part.load_partition(i)["idx"], dtype=np.int64) for i in range(num_partitions))
+
+
+def client_data(
+    name: str,
+    partition_id: int,
+    num_partitions: int,
+    *,
+    partitioner: str = "dirichlet",
+    alpha: float = 0.1,
+    shards: int = 2,
+    test_fraction: float = 0.2,
+    max_samples: int = 0,
+    data_dir: str = "",
+    seed: int = 0,
+) -> tuple[Split, Split, DatasetInfo]:
+    """One client's ``(train, local test, info)``: its partition, split and optionally capped."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    train, _, info = load_splits(name, data_dir, seed)
+    parts = partition_indices(train.labels.numpy().tobytes(), num_partitions, partitioner, alpha=alpha, shards=shards, seed=seed)
+    idx = np.random.default_rng([seed, partition_id]).permutation(parts[partition_id])
+    n_test = int(round(len(idx) * test_fraction))
+    train_idx = idx[n_test:]
+    if max_samples:
+        train_idx = train_idx[:max_samples]
+    return train.subset(train_idx), train.subset(idx[:n_test]), info
+
+
+def server_test_data(name: str, *, max_samples: int = 0, data_dir: str = "", seed: int = 0) -> tuple[Split, DatasetInfo]:
+    """The official test set (optionally a seeded subsample) for central evaluation."""
+    _, test, info = load_splits(name, data_dir, seed)
+    if max_samples and max_samples < len(test):
+        test = test.subset(np.random.default_rng(seed).permutation(len(test))[:max_samples])
+    return test, info

@@ -1,0 +1,69 @@
+"""ServerApp logic: build the strategy from the run config, run it, save the results."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from logging import INFO
+from pathlib import Path
+
+import numpy as np
+from flwr.common import log
+from flwr.serverapp import Grid
+
+from .checkpoint import FILENAME as CHECKPOINT_FILE
+from .client import model_spec
+from .config import RunConfig
+from .data import server_test_data
+from .model import build_model
+from .records import Arrays, load_arrays, model_to_arrays
+from .results import RunRecorder
+from .strategy import FedMoE
+from .training import evaluate
+
+
+def output_dir(cfg: RunConfig) -> Path:
+    """``<output-dir>/<run-name>``; a relative output-dir is taken from ``$FEDMOE_OUTPUT_ROOT`` or cwd."""
+    root = Path(cfg.output_dir)
+    if not root.is_absolute():
+        root = Path(os.environ.get("FEDMOE_OUTPUT_ROOT", os.getcwd())) / root
+    name = cfg.run_name or dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
+    return root / name
+
+
+def run_server(grid: Grid, run_config: dict) -> Path:
+    """Run a whole fedmoe job on ``grid``; return the output folder."""
+    cfg = RunConfig.from_run_config(run_config)
+    test, info = server_test_data(cfg.dataset, max_samples=cfg.central_eval_samples, data_dir=cfg.data_dir, seed=cfg.seed)
+    spec = model_spec(cfg, info)
+    strategy = FedMoE(cfg, spec, model_to_arrays(build_model(spec, seed=cfg.seed)))
+    out = output_dir(cfg)
+    start_round, history = 1, []
+    ckpt = out / CHECKPOINT_FILE
+    if cfg.resume and ckpt.is_file():
+        last, history = strategy.restore(ckpt)
+        start_round = last + 1
+        log(INFO, "Resuming run %s after round %d", out.name, last)
+    recorder = RunRecorder(out, cfg.to_dict(), history)
+    eval_model = build_model(spec)
+
+    def central_eval(server_round: int, arrays: Arrays) -> dict[str, float]:
+        load_arrays(eval_model, arrays)
+        loss, acc = evaluate(eval_model, test)
+        return {"accuracy": acc, "loss": loss}
+
+    log(INFO, "fedmoe: outputs in %s", out)
+    strategy.start(
+        grid,
+        num_rounds=cfg.num_server_rounds,
+        timeout=cfg.round_timeout_s,
+        recorder=recorder,
+        central_eval=central_eval,
+        checkpoint_dir=out,
+        start_round=start_round,
+    )
+    np.savez(out / "final_model.npz", **strategy.global_arrays)
+    recorder.plot()
+    last = recorder.rounds[-1] if recorder.rounds else {}
+    log(INFO, "fedmoe: done; final accuracy %s; outputs in %s", last.get("accuracy"), out)
+    return out

@@ -1,0 +1,63 @@
+import numpy as np
+
+from fedmoe_app.aggregation import ClientUpdate, aggregate
+
+
+def _global():
+    return {
+        "stem.w": np.array([0.0, 0.0], np.float32),
+        "gate.weight": np.zeros((3, 2), np.float32),
+        "gate.bias": np.zeros(3, np.float32),
+        "experts.0.w1": np.array([1.0], np.float32),
+        "experts.1.w1": np.array([2.0], np.float32),
+        "experts.2.w1": np.array([3.0], np.float32),
+    }
+
+
+def test_per_expert_weighted_average_hand_computed():
+    g = _global()
+    a = ClientUpdate(  # holds experts 0 and 1; 10 examples
+        arrays={
+            "stem.w": np.array([1.0, 2.0], np.float32),
+            "gate.weight": np.array([[1, 1], [2, 2], [9, 9]], np.float32),
+            "gate.bias": np.array([1, 2, 9], np.float32),
+            "experts.0.w1": np.array([10.0], np.float32),
+            "experts.1.w1": np.array([20.0], np.float32),
+        },
+        num_examples=10,
+        tokens=np.array([6.0, 14.0, 0.0]),
+    )
+    b = ClientUpdate(  # holds expert 1 only; 30 examples
+        arrays={
+            "stem.w": np.array([5.0, 6.0], np.float32),
+            "gate.weight": np.array([[7, 7], [4, 4], [9, 9]], np.float32),
+            "gate.bias": np.array([7, 4, 9], np.float32),
+            "experts.1.w1": np.array([40.0], np.float32),
+        },
+        num_examples=30,
+        tokens=np.array([0.0, 6.0, 0.0]),
+    )
+    out = aggregate(g, [a, b])
+    # shared: example-weighted (10, 30)
+    np.testing.assert_allclose(out["stem.w"], [(10 * 1 + 30 * 5) / 40, (10 * 2 + 30 * 6) / 40])
+    # expert 0: only a trained it -> its value
+    np.testing.assert_allclose(out["experts.0.w1"], [10.0])
+    # expert 1: token-weighted 14 and 6
+    np.testing.assert_allclose(out["experts.1.w1"], [(14 * 20 + 6 * 40) / 20])
+    # expert 2 trained by nobody: unchanged
+    np.testing.assert_array_equal(out["experts.2.w1"], g["experts.2.w1"])
+    # gate rows follow their expert's token weights; untrained row 2 is unchanged
+    np.testing.assert_allclose(out["gate.weight"][0], [1, 1])
+    np.testing.assert_allclose(out["gate.weight"][1], [(14 * 2 + 6 * 4) / 20] * 2)
+    np.testing.assert_array_equal(out["gate.weight"][2], [0, 0])
+    np.testing.assert_allclose(out["gate.bias"], [1, (14 * 2 + 6 * 4) / 20, 0])
+    assert all(out[k].dtype == g[k].dtype for k in g)
+    # the input is not modified
+    np.testing.assert_array_equal(g["experts.1.w1"], [2.0])
+
+
+def test_no_updates_keeps_model():
+    g = _global()
+    out = aggregate(g, [])
+    for k in g:
+        np.testing.assert_array_equal(out[k], g[k])

@@ -1,0 +1,49 @@
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedmoe_app.config import ConfigError, RunConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pyproject_config():
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def test_pyproject_lists_every_key_with_the_dataclass_default():
+    cfg = pyproject_config()
+    assert list(cfg) == RunConfig.keys()
+    assert RunConfig.from_run_config(cfg) == RunConfig()
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("dataset", "mnist", "'fashion-mnist', 'cifar10', 'synthetic'"),
+        ("partitioner", "shards", "'dirichlet', 'pathological', 'iid'"),
+        ("policy", "best", "'load_balanced'"),
+        ("top-k", 9, "num-experts (8)"),
+        ("num-server-rounds", 0, ">= 1"),
+        ("fraction-train", 0.0, "> 0.0"),
+        ("lr", "fast", "type float"),
+        ("num-experts", 2.5, "type int"),
+        ("resume", 1, "type bool"),
+        ("fault-drop-prob", 1.5, "<= 1.0"),
+    ],
+)
+def test_bad_values_name_key_value_and_allowed(key, value, expected):
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_run_config({key: value})
+    msg = str(err.value)
+    assert f"'{key}'" in msg and repr(value) in msg and expected in msg
+
+
+def test_unknown_key_is_reported():
+    with pytest.raises(ConfigError, match="num-server-round"):
+        RunConfig.from_run_config({"num-server-round": 3})
+
+
+def test_ints_accepted_for_floats():
+    assert RunConfig.from_run_config({"lr": 1}).lr == 1.0

@@ -1,0 +1,113 @@
+import gzip
+import pickle
+
+import numpy as np
+import pytest
+
+from fedmoe_app import data
+
+
+def write_idx(path, arr, gz=False):
+    codes = {np.uint8: 0x08, np.int32: 0x0C}
+    header = bytes([0, 0, codes[arr.dtype.type], arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    payload = header + (arr.astype(">i4") if arr.dtype == np.int32 else arr).tobytes()
+    (gzip.open if gz else open)(path, "wb").write(payload)
+
+
+def make_fmnist_dir(folder, n_train=40, n_test=20, gz=True):
+    rng = np.random.default_rng(0)
+    sfx = ".gz" if gz else ""
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(folder / f"{split}-images-idx3-ubyte{sfx}", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), gz)
+        write_idx(folder / f"{split}-labels-idx1-ubyte{sfx}", (np.arange(n) % 10).astype(np.uint8), gz)
+
+
+def test_idx_reader_plain_and_gzip(tmp_path):
+    arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    write_idx(tmp_path / "a", arr)
+    write_idx(tmp_path / "b.gz", arr, gz=True)
+    np.testing.assert_array_equal(data.read_idx(tmp_path / "a"), arr)
+    np.testing.assert_array_equal(data.read_idx(tmp_path / "b.gz"), arr)
+    ints = np.array([1, -2, 300], dtype=np.int32)
+    write_idx(tmp_path / "c", ints)
+    np.testing.assert_array_equal(data.read_idx(tmp_path / "c"), ints)
+
+
+def test_idx_reader_rejects_garbage(tmp_path):
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04rest")
+    with pytest.raises(ValueError, match="magic"):
+        data.read_idx(tmp_path / "bad")
+    write_idx(tmp_path / "short", np.zeros((4, 4), np.uint8))
+    (tmp_path / "short").write_bytes((tmp_path / "short").read_bytes()[:-3])
+    with pytest.raises(ValueError, match="expected"):
+        data.read_idx(tmp_path / "short")
+
+
+def test_fashion_mnist_from_folder(tmp_path, monkeypatch):
+    make_fmnist_dir(tmp_path)
+    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "nothing")
+    out = data.load_fashion_mnist(tmp_path, download=False)
+    assert out["train"][0].shape == (40, 28, 28) and out["test"][1].shape == (20,)
+    monkeypatch.setenv("FEDMOE_DATA_DIR", str(tmp_path))
+    assert data.load_fashion_mnist(None, download=False)["train"][0].shape == (40, 28, 28)
+
+
+def test_fashion_mnist_missing_names_both_ways(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "nothing")
+    monkeypatch.delenv("FEDMOE_DATA_DIR", raising=False)
+    with pytest.raises(data.DatasetUnavailable, match="dataset-fashion-mnist") as err:
+        data.load_fashion_mnist(tmp_path, download=False)
+    assert "data-dir" in str(err.value)
+
+
+def test_cifar10_reader_on_written_batches(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in [(f"data_batch_{i}", 6) for i in range(1, 6)] + [("test_batch", 4)]:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(range(n))}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    out = data.load_cifar10(tmp_path, download=False)
+    assert out["train"][0].shape == (30, 3, 32, 32)
+    assert out["test"][0].shape == (4, 3, 32, 32)
+    with open(folder / "test_batch", "rb") as f:
+        raw = pickle.load(f, encoding="bytes")[b"data"]
+    np.testing.assert_array_equal(out["test"][0][1].reshape(-1), raw[1])
+
+
+def test_synthetic_is_seeded_and_learnable_shape():
+    a, b = data.make_synthetic(0), data.make_synthetic(0)
+    np.testing.assert_array_equal(a["train"][0], b["train"][0])
+    assert not np.array_equal(a["train"][0], data.make_synthetic(1)["train"][0])
+    train, test, info = data.load_splits("synthetic", "", 0)
+    assert info.num_classes == 10 and info.in_channels == 1
+    assert abs(float(train.images.mean())) < 1.0
+
+
+@pytest.mark.parametrize("partitioner", ["dirichlet", "pathological", "iid"])
+def test_partitions_are_deterministic_and_disjoint(partitioner):
+    labels = np.random.default_rng(0).integers(0, 10, 2000).astype(np.int64).tobytes()
+    data.partition_indices.cache_clear()
+    p1 = data.partition_indices(labels, 8, partitioner, alpha=0.1, seed=3)
+    data.partition_indices.cache_clear()
+    p2 = data.partition_indices(labels, 8, partitioner, alpha=0.1, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(p1, p2))
+    allidx = np.concatenate(p1)
+    assert len(np.unique(allidx)) == len(allidx)
+    if partitioner != "pathological":
+        assert len(allidx) == 2000
+    if partitioner == "dirichlet":
+        p3 = data.partition_indices(labels, 8, partitioner, alpha=0.1, seed=4)
+        assert not all(np.array_equal(a, b) for a, b in zip(p1, p3))
+
+
+def test_client_split_is_disjoint_and_capped():
+    tr, te, _ = data.client_data("synthetic", 2, 5, partitioner="iid", test_fraction=0.25, seed=0)
+    tr2, te2, _ = data.client_data("synthetic", 2, 5, partitioner="iid", test_fraction=0.25, seed=0)
+    assert len(te) > 0 and abs(len(te) / (len(tr) + len(te)) - 0.25) < 0.02
+    assert (tr.labels == tr2.labels).all()
+    capped, _, _ = data.client_data("synthetic", 2, 5, partitioner="iid", max_samples=50, seed=0)
+    assert len(capped) == 50
+    with pytest.raises(ValueError):
+        data.client_data("synthetic", 5, 5)
