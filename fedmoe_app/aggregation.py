@@ -45,6 +45,7 @@ def aggregate(global_arrays: Mapping[str, np.ndarray], updates: Sequence[ClientU
     -------
     Arrays
         New global model with the same keys, shapes and dtypes.
+
     """
     out = {k: np.array(v, copy=True) for k, v in global_arrays.items()}
     if not updates:

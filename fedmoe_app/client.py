@@ -31,7 +31,7 @@ def _config(items: tuple[tuple[str, Any], ...]) -> RunConfig:
 
 
 def run_config(context: Context) -> RunConfig:
-    """The validated run config (cached per process)."""
+    """Return the validated run config (cached per process)."""
     return _config(tuple(sorted(context.run_config.items())))
 
 
@@ -46,7 +46,7 @@ def identity(context: Context) -> tuple[str, int, int]:
 
 
 def local_data(cfg: RunConfig, context: Context) -> tuple[Split, Split, DatasetInfo]:
-    """This client's ``(train, local test, dataset info)``."""
+    """Return this client's ``(train, local test, dataset info)``."""
     _, pid, num = identity(context)
     return client_data(
         cfg.dataset,
@@ -144,4 +144,3 @@ def handle_evaluate(msg: Message, context: Context) -> RecordDict:
             CLIENT: client_record(cid),
         }
     )
-

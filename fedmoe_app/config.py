@@ -117,13 +117,12 @@ class RunConfig:
         ------
         ConfigError
             Naming the key, the bad value and what is allowed.
+
         """
         fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
         unknown = sorted(set(run_config) - set(fields))
         if unknown:
-            raise ConfigError(
-                f"unknown run-config key(s) {unknown}; allowed keys: {', '.join(fields)}"
-            )
+            raise ConfigError(f"unknown run-config key(s) {unknown}; allowed keys: {', '.join(fields)}")
         values = {}
         for key, f in fields.items():
             if key not in run_config:

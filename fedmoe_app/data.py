@@ -99,7 +99,9 @@ def _fmnist_folder(candidates: list[Path]) -> Path | None:
     return None
 
 
-def load_fashion_mnist(data_dir: str | Path | None = None, *, download: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def load_fashion_mnist(
+    data_dir: str | Path | None = None, *, download: bool = True
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Return ``{"train": (images uint8 [N,28,28], labels), "test": ...}``.
 
     Looks in ``data_dir``, ``$FEDMOE_DATA_DIR``, then ``/usr/share/datasets/fashion-mnist``;
@@ -146,7 +148,9 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data, np.asarray(batch[b"labels"], dtype=np.int64)
 
 
-def load_cifar10(data_dir: str | Path | None = None, *, download: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def load_cifar10(
+    data_dir: str | Path | None = None, *, download: bool = True
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Return ``{"train": (uint8 [N,3,32,32], labels), "test": ...}`` from python batches."""
     candidates = [Path(p) for p in (data_dir, os.environ.get("FEDMOE_DATA_DIR")) if p]
     folder = _cifar_folder(candidates)
@@ -165,14 +169,20 @@ def load_cifar10(data_dir: str | Path | None = None, *, download: bool = True) -
             "named by run-config 'data-dir' or $FEDMOE_DATA_DIR; with internet access it is "
             "downloaded automatically."
         )
-    train = [_read_cifar_batch(folder / f"data_batch_{i}") for i in range(1, 6) if (folder / f"data_batch_{i}").is_file()]
+    train = [
+        _read_cifar_batch(folder / f"data_batch_{i}")
+        for i in range(1, 6)
+        if (folder / f"data_batch_{i}").is_file()
+    ]
     return {
         "train": (np.concatenate([t[0] for t in train]), np.concatenate([t[1] for t in train])),
         "test": _read_cifar_batch(folder / "test_batch"),
     }
 
 
-def make_synthetic(seed: int = 0, n_train: int = 2400, n_test: int = 600, size: int = 12, classes: int = 10) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def make_synthetic(
+    seed: int = 0, n_train: int = 2400, n_test: int = 600, size: int = 12, classes: int = 10
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Small learnable images: a random smooth prototype per class plus noise (uint8)."""
     rng = np.random.default_rng(10_000 + seed)
     protos = rng.normal(size=(classes, 1, size // 2, size // 2)).repeat(2, axis=2).repeat(2, axis=3)
@@ -213,7 +223,15 @@ def load_splits(name: str, data_dir: str = "", seed: int = 0) -> tuple[Split, Sp
 
 
 @lru_cache(maxsize=4)
-def partition_indices(labels: tuple[int, ...] | bytes, num_partitions: int, partitioner: str, *, alpha: float = 0.1, shards: int = 2, seed: int = 0) -> tuple[np.ndarray, ...]:
+def partition_indices(
+    labels: tuple[int, ...] | bytes,
+    num_partitions: int,
+    partitioner: str,
+    *,
+    alpha: float = 0.1,
+    shards: int = 2,
+    seed: int = 0,
+) -> tuple[np.ndarray, ...]:
     """Split sample indices into ``num_partitions`` with a flwr-datasets partitioner.
 
     ``labels`` is passed as bytes of an int64 array (hashable, for the cache).
@@ -253,7 +271,9 @@ def client_data(
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     train, _, info = load_splits(name, data_dir, seed)
-    parts = partition_indices(train.labels.numpy().tobytes(), num_partitions, partitioner, alpha=alpha, shards=shards, seed=seed)
+    parts = partition_indices(
+        train.labels.numpy().tobytes(), num_partitions, partitioner, alpha=alpha, shards=shards, seed=seed
+    )
     idx = np.random.default_rng([seed, partition_id]).permutation(parts[partition_id])
     n_test = int(round(len(idx) * test_fraction))
     train_idx = idx[n_test:]
@@ -262,8 +282,10 @@ def client_data(
     return train.subset(train_idx), train.subset(idx[:n_test]), info
 
 
-def server_test_data(name: str, *, max_samples: int = 0, data_dir: str = "", seed: int = 0) -> tuple[Split, DatasetInfo]:
-    """The official test set (optionally a seeded subsample) for central evaluation."""
+def server_test_data(
+    name: str, *, max_samples: int = 0, data_dir: str = "", seed: int = 0
+) -> tuple[Split, DatasetInfo]:
+    """Return the official test set (optionally a seeded subsample) for central evaluation."""
     _, test, info = load_splits(name, data_dir, seed)
     if max_samples and max_samples < len(test):
         test = test.subset(np.random.default_rng(seed).permutation(len(test))[:max_samples])

@@ -10,6 +10,7 @@ dependency installation is disabled: the app runs in the current environment.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -23,11 +24,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 CONNECTION = "fedmoe-local"
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
+    """Return a TCP port on 127.0.0.1 that is free right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -51,15 +54,12 @@ def run_config_arg(run_config: Mapping[str, Any] | str | None) -> list[str]:
     return ["--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())]
 
 
-def write_flower_config(flwr_home: Path, address: str, num_supernodes: int, num_cpus: float, num_gpus: float) -> None:
-    """Write ``$FLWR_HOME/config.toml`` with one simulation connection."""
+def write_flower_config(flwr_home: Path, address: str) -> None:
+    """Write ``$FLWR_HOME/config.toml`` with one insecure connection to ``address``."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n'
         f'[superlink.{CONNECTION}]\naddress = "{address}"\ninsecure = true\n'
-        f"options.num-supernodes = {num_supernodes}\n"
-        f"options.backend.client-resources.num-cpus = {num_cpus}\n"
-        f"options.backend.client-resources.num-gpus = {num_gpus}\n"
     )
 
 
@@ -97,6 +97,50 @@ def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
     proc.wait()
 
 
+def processes_of(flwr_home: Path) -> list[psutil.Process]:
+    """List processes whose environment names ``flwr_home`` (the run's SuperLink and children)."""
+    found = []
+    for proc in psutil.process_iter(["environ"]):
+        try:
+            if (proc.info["environ"] or {}).get("FLWR_HOME") == str(flwr_home):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def reap(flwr_home: Path, grace: float = 15.0) -> None:
+    """Wait for the run's processes (Ray workers included) to exit; kill what remains."""
+    procs = processes_of(flwr_home)
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+def last_run_status(env: Mapping[str, str], app_dir: Path) -> str | None:
+    """Status (e.g. ``finished:completed``) of the newest run on the SuperLink in ``env``."""
+    proc = subprocess.run(
+        ["flwr", "ls", CONNECTION, "--format", "json"],
+        env=dict(env),
+        cwd=app_dir,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    try:
+        runs = json.loads(proc.stdout).get("runs", [])
+    except json.JSONDecodeError:
+        return None
+    if not runs:
+        return None
+    newest = max(runs, key=lambda r: r.get("created-at", ""))
+    return newest.get("status")
+
+
 def launch(
     app_dir: str | Path = ".",
     *,
@@ -129,11 +173,12 @@ def launch(
         Seconds after which the run is stopped (exit code 124).
     stream_to : file object | None
         Where the run's log goes (default: this process's stdout).
+
     """
     app_dir = Path(app_dir).resolve()
     home = Path(flwr_home) if flwr_home else Path(tempfile.mkdtemp(prefix="fedmoe-flwr-"))
     port = free_port()
-    write_flower_config(home, f"127.0.0.1:{port}", num_supernodes, num_cpus, num_gpus)
+    write_flower_config(home, f"127.0.0.1:{port}")
     env = dict(os.environ)
     env.update(
         FLWR_HOME=str(home),
@@ -154,20 +199,48 @@ def launch(
     ]
     out = stream_to if stream_to is not None else sys.stdout
     with open(home / "superlink.log", "wb") as link_log:
-        superlink = subprocess.Popen(superlink_cmd, env=env, cwd=app_dir, stdout=link_log, stderr=subprocess.STDOUT, start_new_session=True)
+        superlink = subprocess.Popen(
+            superlink_cmd,
+            env=env,
+            cwd=app_dir,
+            stdout=link_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             wait_healthy(port, superlink)
-            cmd = ["flwr", "run", str(app_dir), CONNECTION, "--stream", *run_config_arg(run_config)]
-            run = subprocess.Popen(cmd, env=env, cwd=app_dir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            federation = (
+                f"num_supernodes={num_supernodes} client_resources_num_cpus={num_cpus} "
+                f"client_resources_num_gpus={num_gpus}"
+            )
+            cmd = [
+                "flwr",
+                "run",
+                str(app_dir),
+                CONNECTION,
+                "--stream",
+                "--federation-config",
+                federation,
+                *run_config_arg(run_config),
+            ]
+            run = subprocess.Popen(
+                cmd, env=env, cwd=app_dir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
             try:
-                return run.wait(timeout=timeout)
+                code = run.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                stop_process_group(run)
                 return 124
             finally:
                 stop_process_group(run)
+            # `flwr run --stream` exits 0 even when the run failed: ask the SuperLink.
+            status = last_run_status(env, app_dir)
+            if code == 0 and status != "finished:completed":
+                print(f"fedmoe: run ended with status {status!r}", file=out, flush=True)
+                return 1
+            return code
         finally:
             stop_process_group(superlink)
+            reap(home)
             if flwr_home is None:
                 shutil.rmtree(home, ignore_errors=True)
 
@@ -177,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("app_dir", nargs="?", default=".", help="app folder (default: .)")
     parser.add_argument("--num-supernodes", type=int, default=10)
-    parser.add_argument("--run-config", default=None, help='overrides, e.g. "num-server-rounds=3 policy=\'greedy\'"')
+    parser.add_argument(
+        "--run-config", default=None, help="overrides, e.g. \"num-server-rounds=3 policy='greedy'\""
+    )
     parser.add_argument("--num-cpus", type=float, default=1, help="CPUs per simulated client")
     parser.add_argument("--num-gpus", type=float, default=0, help="GPUs per simulated client")
     parser.add_argument("--flwr-home", default=None, help="keep Flower's state here (default: temporary)")

@@ -78,6 +78,7 @@ class MoEClassifier(nn.Module):
         Shape of the model.
     expert_ids : Sequence[int] | None
         Global ids of the experts this instance holds (sorted); ``None`` holds all.
+
     """
 
     def __init__(self, spec: ModelSpec, expert_ids: Sequence[int] | None = None) -> None:

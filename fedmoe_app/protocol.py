@@ -70,20 +70,24 @@ def client_record(client_id: str, **extra: str) -> ConfigRecord:
     return ConfigRecord({"client-id": client_id, **extra})
 
 
-def train_reply_content(arrays_record, metrics: Mapping[str, float], feedback: Mapping[str, np.ndarray], client_id: str) -> RecordDict:
+def train_reply_content(
+    arrays_record, metrics: Mapping[str, float], feedback: Mapping[str, np.ndarray], client_id: str
+) -> RecordDict:
     """Build a train reply's RecordDict on the client."""
     return RecordDict(
         {
             ARRAYS: arrays_record,
             METRICS: MetricRecord({k: float(v) if not isinstance(v, int) else v for k, v in metrics.items()}),
-            FEEDBACK: MetricRecord({k: [float(x) for x in np.asarray(v).ravel()] for k, v in feedback.items()}),
+            FEEDBACK: MetricRecord(
+                {k: [float(x) for x in np.asarray(v).ravel()] for k, v in feedback.items()}
+            ),
             CLIENT: client_record(client_id),
         }
     )
 
 
 def reply_client_id(msg: Message) -> str | None:
-    """The client id a reply names, if it has one."""
+    """Return the client id a reply names, if it has one."""
     try:
         cid = msg.content[CLIENT]["client-id"]
     except (KeyError, TypeError, AttributeError):
@@ -91,7 +95,9 @@ def reply_client_id(msg: Message) -> str | None:
     return cid if isinstance(cid, str) and cid else None
 
 
-def parse_train_reply(msg: Message, sent: Sent, num_experts: int, top_k: int, local_epochs: int) -> TrainReply:
+def parse_train_reply(
+    msg: Message, sent: Sent, num_experts: int, top_k: int, local_epochs: int
+) -> TrainReply:
     """Validate a train reply against what was sent; raise :class:`ReplyRejected`.
 
     Checks: the records exist; the array keys are exactly those sent, with the sent

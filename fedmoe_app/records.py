@@ -57,6 +57,7 @@ def load_arrays(model: MoEClassifier, arrays: Mapping[str, np.ndarray]) -> None:
         If a tensor the model needs is missing or an unexpected key is present.
     ValueError
         If a tensor has the wrong shape.
+
     """
     expected = set(expected_keys(model))
     missing, extra = expected - set(arrays), set(arrays) - expected

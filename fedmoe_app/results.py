@@ -67,9 +67,12 @@ class RunRecorder:
         Run config written to ``config.json``.
     history : Sequence[Mapping[str, Any]]
         Rounds already recorded (when resuming).
+
     """
 
-    def __init__(self, out_dir: Path, config: Mapping[str, Any], history: Sequence[Mapping[str, Any]] = ()) -> None:
+    def __init__(
+        self, out_dir: Path, config: Mapping[str, Any], history: Sequence[Mapping[str, Any]] = ()
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.rounds: list[dict[str, Any]] = [dict(r) for r in history]

@@ -34,7 +34,9 @@ def output_dir(cfg: RunConfig) -> Path:
 def run_server(grid: Grid, run_config: dict) -> Path:
     """Run a whole fedmoe job on ``grid``; return the output folder."""
     cfg = RunConfig.from_run_config(run_config)
-    test, info = server_test_data(cfg.dataset, max_samples=cfg.central_eval_samples, data_dir=cfg.data_dir, seed=cfg.seed)
+    test, info = server_test_data(
+        cfg.dataset, max_samples=cfg.central_eval_samples, data_dir=cfg.data_dir, seed=cfg.seed
+    )
     spec = model_spec(cfg, info)
     strategy = FedMoE(cfg, spec, model_to_arrays(build_model(spec, seed=cfg.seed)))
     out = output_dir(cfg)

@@ -67,6 +67,7 @@ class FedMoE(Strategy):
         Model shape (number of experts, top-k, sizes).
     initial_arrays : Arrays
         Initial global model, global tensor names (see :mod:`fedmoe_app.records`).
+
     """
 
     def __init__(self, cfg: RunConfig, spec: ModelSpec, initial_arrays: Arrays) -> None:
@@ -100,9 +101,17 @@ class FedMoE(Strategy):
         log(INFO, "\t├── Policy: %s, capacity: %s", c.policy, c.capacity)
         log(INFO, "\t├── Experts: %d, top-k: %d", self.num_experts, self.spec.top_k)
         log(INFO, "\t├── Sampling: fraction-train %.2f (min %d)", c.fraction_train, c.min_train_nodes)
-        log(INFO, "\t└── Fitness EMA %.2f, decay %.2f; usage decay %.2f", c.fitness_ema, c.fitness_decay, c.usage_decay)
+        log(
+            INFO,
+            "\t└── Fitness EMA %.2f, decay %.2f; usage decay %.2f",
+            c.fitness_ema,
+            c.fitness_decay,
+            c.usage_decay,
+        )
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Plan the client × expert assignment and build one message per sampled node.
 
         This is the Message-API counterpart of the classic ``configure_fit``.
@@ -118,11 +127,17 @@ class FedMoE(Strategy):
         capacity = self.capacity(client_ids)
         keep = capacity > 0
         if self.cfg.under_capacity == "skip" and not keep.all():
-            log(INFO, "configure_train: skipping %d client(s) that cannot hold one expert", int((~keep).sum()))
+            log(
+                INFO, "configure_train: skipping %d client(s) that cannot hold one expert", int((~keep).sum())
+            )
             nodes = [n for n, k in zip(nodes, keep) if k]
             client_ids = [c for c, k in zip(client_ids, keep) if k]
             capacity = capacity[keep]
-        plan = self.alignment.plan(client_ids, capacity, self.cfg.policy, self.rng) if nodes else np.zeros((0, self.num_experts), bool)
+        plan = (
+            self.alignment.plan(client_ids, capacity, self.cfg.policy, self.rng)
+            if nodes
+            else np.zeros((0, self.num_experts), bool)
+        )
 
         dense_record_bytes = wire_nbytes(to_record(self.global_arrays))
         messages, bytes_down, assignment = [], 0, {}
@@ -158,10 +173,19 @@ class FedMoE(Strategy):
             capacity={cid: int(c) for cid, c in zip(client_ids, capacity)},
             virtual_round_time_s=self._virtual_time(client_ids, plan),
         )
-        log(INFO, "configure_train: %d nodes, %s plan, %.1f kB down (dense %.1f kB)", len(nodes), self.cfg.policy, bytes_down / 1e3, dense_record_bytes * len(nodes) / 1e3)
+        log(
+            INFO,
+            "configure_train: %d nodes, %s plan, %.1f kB down (dense %.1f kB)",
+            len(nodes),
+            self.cfg.policy,
+            bytes_down / 1e3,
+            dense_record_bytes * len(nodes) / 1e3,
+        )
         return messages
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate replies, aggregate experts sparsely and update the alignment state.
 
         This is the Message-API counterpart of the classic ``aggregate_fit``. Invalid
@@ -179,7 +203,13 @@ class FedMoE(Strategy):
             received.add(node)
             if msg.has_error():
                 self._round["failures"] += 1
-                log(WARNING, "aggregate_train: node %s (client %s) failed: %s", node, sent.client_id if sent else "?", msg.error.reason)
+                log(
+                    WARNING,
+                    "aggregate_train: node %s (client %s) failed: %s",
+                    node,
+                    sent.client_id if sent else "?",
+                    msg.error.reason,
+                )
                 continue
             if sent is None:
                 rejected["unexpected-node"] += 1
@@ -191,7 +221,13 @@ class FedMoE(Strategy):
                 reply = parse_train_reply(msg, sent, self.num_experts, self.spec.top_k, self.cfg.local_epochs)
             except ReplyRejected as exc:
                 rejected[exc.reason] += 1
-                log(WARNING, "aggregate_train: rejected reply of node %s (client %s): %s", node, sent.client_id, exc)
+                log(
+                    WARNING,
+                    "aggregate_train: rejected reply of node %s (client %s): %s",
+                    node,
+                    sent.client_id,
+                    exc,
+                )
                 continue
             valid.append(reply)
         missing = set(self._sent) - received
@@ -208,13 +244,24 @@ class FedMoE(Strategy):
             for i, r in enumerate(valid):
                 held[i, r.expert_ids] = True
             fb_tokens = np.stack([r.update.tokens for r in valid])
-            self.alignment.update(ids, held, fb_tokens, np.stack([r.expert_loss for r in valid]), np.stack([r.gate_hist for r in valid]))
+            self.alignment.update(
+                ids,
+                held,
+                fb_tokens,
+                np.stack([r.expert_loss for r in valid]),
+                np.stack([r.gate_hist for r in valid]),
+            )
             tokens = fb_tokens.sum(axis=0)
             for r in valid:
                 self.last_experts[r.client_id] = r.expert_ids
                 self._refresh_profile(r)
         else:
-            log(WARNING, "aggregate_train: %d valid repl(ies) < min-replies %d; keeping the model", len(valid), self.cfg.min_replies)
+            log(
+                WARNING,
+                "aggregate_train: %d valid repl(ies) < min-replies %d; keeping the model",
+                len(valid),
+                self.cfg.min_replies,
+            )
 
         n = sum(r.update.num_examples for r in valid)
         train_loss = sum(r.loss * r.update.num_examples for r in valid) / n if n else math.nan
@@ -227,20 +274,30 @@ class FedMoE(Strategy):
             valid_replies=len(valid),
             train_loss=train_loss,
         )
-        metrics = MetricRecord({"train-loss": float(train_loss) if n else 0.0, "valid-replies": len(valid), "num-examples": n})
+        metrics = MetricRecord(
+            {"train-loss": float(train_loss) if n else 0.0, "valid-replies": len(valid), "num-examples": n}
+        )
         return to_record(self.global_arrays), metrics
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Send sampled known clients their sparse view (shared + last-trained experts)."""
         if self.cfg.fraction_evaluate == 0.0:
             return []
-        nodes = [n for n in self._sample(grid, self.cfg.fraction_evaluate, self.cfg.min_evaluate_nodes) if n in self.clients]
+        nodes = [
+            n
+            for n in self._sample(grid, self.cfg.fraction_evaluate, self.cfg.min_evaluate_nodes)
+            if n in self.clients
+        ]
         messages = []
         for node in nodes:
             cid = self.clients[node]
             experts = self.last_experts.get(cid)
             if experts is None:
-                experts = np.flatnonzero(self.alignment.plan([cid], self.capacity([cid]), "greedy", self.rng)[0]).tolist()
+                experts = np.flatnonzero(
+                    self.alignment.plan([cid], self.capacity([cid]), "greedy", self.rng)[0]
+                ).tolist()
             if not experts:
                 continue
             content = RecordDict(
@@ -260,8 +317,16 @@ class FedMoE(Strategy):
                 continue
             m = msg.content[METRICS]
             n, l_, a = m.get("num-examples"), m.get("eval-loss"), m.get("eval-accuracy")
-            if not (isinstance(n, int) and n > 0 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in (l_, a))):
-                log(WARNING, "aggregate_evaluate: ignoring malformed reply from node %s", msg.metadata.src_node_id)
+            if not (
+                isinstance(n, int)
+                and n > 0
+                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in (l_, a))
+            ):
+                log(
+                    WARNING,
+                    "aggregate_evaluate: ignoring malformed reply from node %s",
+                    msg.metadata.src_node_id,
+                )
                 continue
             total, loss, acc = total + n, loss + n * l_, acc + n * a
         if total == 0:
@@ -298,7 +363,12 @@ class FedMoE(Strategy):
         self.summary()
         if start_round == 1 and central_eval is not None:
             res = central_eval(0, self.global_arrays) or {}
-            log(INFO, "[ROUND 0] central accuracy %.4f loss %.4f", res.get("accuracy", math.nan), res.get("loss", math.nan))
+            log(
+                INFO,
+                "[ROUND 0] central accuracy %.4f loss %.4f",
+                res.get("accuracy", math.nan),
+                res.get("loss", math.nan),
+            )
             if recorder:
                 recorder.add({"round": 0, "failures": 0, **res})
         for rnd in range(start_round, num_rounds + 1):
@@ -306,14 +376,18 @@ class FedMoE(Strategy):
             log(INFO, "")
             log(INFO, "[ROUND %d/%d]", rnd, num_rounds)
             arrays = to_record(self.global_arrays)
-            replies = grid.send_and_receive(self.configure_train(rnd, arrays, train_config, grid), timeout=timeout)
+            replies = grid.send_and_receive(
+                self.configure_train(rnd, arrays, train_config, grid), timeout=timeout
+            )
             new_arrays, train_metrics = self.aggregate_train(rnd, replies)
             if new_arrays is not None:
                 result.arrays = new_arrays
             if train_metrics is not None:
                 result.train_metrics_clientapp[rnd] = train_metrics
             row = dict(self._round)
-            ev_replies = grid.send_and_receive(self.configure_evaluate(rnd, arrays, evaluate_config, grid), timeout=timeout)
+            ev_replies = grid.send_and_receive(
+                self.configure_evaluate(rnd, arrays, evaluate_config, grid), timeout=timeout
+            )
             ev = self.aggregate_evaluate(rnd, ev_replies)
             if ev is not None:
                 result.evaluate_metrics_clientapp[rnd] = ev
@@ -343,7 +417,9 @@ class FedMoE(Strategy):
         if not client_ids or not all(self.profiles.get(c) for c in client_ids):
             return None
         profiles = [self.profiles[c] for c in client_ids]
-        return cap.virtual_round_time(profiles, plan.sum(axis=1), self._memory_or_fixed(), self.cfg, self.global_arrays)
+        return cap.virtual_round_time(
+            profiles, plan.sum(axis=1), self._memory_or_fixed(), self.cfg, self.global_arrays
+        )
 
     def _memory_or_fixed(self) -> cap.MemoryModel:
         return self._memory or cap.MemoryModel(self.spec, self.cfg.batch_size)
@@ -361,7 +437,8 @@ class FedMoE(Strategy):
         if not nodes:
             return []
         size = min(len(nodes), max(int(len(nodes) * fraction), minimum))
-        return sorted(self.rng.choice(nodes, size=size, replace=False).tolist())
+        # Node ids are unsigned 64-bit: sample positions, not the ids themselves.
+        return sorted(nodes[i] for i in self.rng.choice(len(nodes), size=size, replace=False))
 
     def _discover(self, grid: Grid, nodes: list[int], server_round: int) -> list[int]:
         """Ask nodes we have not met for their client id and capacity profile."""
@@ -380,7 +457,12 @@ class FedMoE(Strategy):
                 node = msg.metadata.src_node_id
                 cid = None if msg.has_error() else reply_client_id(msg)
                 if cid is None:
-                    log(WARNING, "query: node %s gave no client id (%s)", node, msg.error.reason if msg.has_error() else "malformed")
+                    log(
+                        WARNING,
+                        "query: node %s gave no client id (%s)",
+                        node,
+                        msg.error.reason if msg.has_error() else "malformed",
+                    )
                     continue
                 profile = {}
                 if PROFILE in msg.content:
@@ -416,7 +498,11 @@ class FedMoE(Strategy):
 
     def save(self, path: Path, server_round: int, history: list[dict[str, Any]]) -> None:
         """Atomically checkpoint model, state, round and metrics history."""
-        save_checkpoint(path, self.global_arrays, {"round": server_round, "strategy": self.state_dict(), "history": history})
+        save_checkpoint(
+            path,
+            self.global_arrays,
+            {"round": server_round, "strategy": self.state_dict(), "history": history},
+        )
 
     def restore(self, path: Path) -> tuple[int, list[dict[str, Any]]]:
         """Load a checkpoint; return ``(last completed round, metrics history)``."""
@@ -432,7 +518,8 @@ class FedMoE(Strategy):
         down, dense = row.get("bytes_down", 0), row.get("dense_bytes_down", 0)
         log(
             INFO,
-            "[ROUND %d] acc %s | down %.1f kB (%.0f%% of dense) up %.1f kB | load CV %.2f | failures %d rejected %s",
+            "[ROUND %d] acc %s | down %.1f kB (%.0f%% of dense) up %.1f kB | load CV %.2f "
+            "| failures %d rejected %s",
             row["round"],
             f"{acc:.4f}" if acc is not None else "n/a",
             down / 1e3,

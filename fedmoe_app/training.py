@@ -100,7 +100,9 @@ def train(
 
 
 @torch.no_grad()
-def evaluate(model: MoEClassifier, data: Split, *, batch_size: int = 512, device: torch.device | str = "cpu") -> tuple[float, float]:
+def evaluate(
+    model: MoEClassifier, data: Split, *, batch_size: int = 512, device: torch.device | str = "cpu"
+) -> tuple[float, float]:
     """Return ``(mean cross-entropy, accuracy)`` of ``model`` on ``data``."""
     if len(data) == 0:
         return 0.0, 0.0

@@ -9,7 +9,9 @@ from fedmoe_app import data
 
 def write_idx(path, arr, gz=False):
     codes = {np.uint8: 0x08, np.int32: 0x0C}
-    header = bytes([0, 0, codes[arr.dtype.type], arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    header = bytes([0, 0, codes[arr.dtype.type], arr.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in arr.shape
+    )
     payload = header + (arr.astype(">i4") if arr.dtype == np.int32 else arr).tobytes()
     (gzip.open if gz else open)(path, "wb").write(payload)
 
@@ -18,7 +20,9 @@ def make_fmnist_dir(folder, n_train=40, n_test=20, gz=True):
     rng = np.random.default_rng(0)
     sfx = ".gz" if gz else ""
     for split, n in (("train", n_train), ("t10k", n_test)):
-        write_idx(folder / f"{split}-images-idx3-ubyte{sfx}", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), gz)
+        write_idx(
+            folder / f"{split}-images-idx3-ubyte{sfx}", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), gz
+        )
         write_idx(folder / f"{split}-labels-idx1-ubyte{sfx}", (np.arange(n) % 10).astype(np.uint8), gz)
 
 

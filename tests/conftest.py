@@ -1,0 +1,50 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Small, fast settings for end-to-end runs on synthetic data.
+FAST = {
+    "dataset": "synthetic",
+    "dirichlet-alpha": 0.5,
+    "batch-size": 32,
+    "lr": 0.05,
+    "fraction-train": 1.0,
+    "min-train-nodes": 1,
+    "fraction-evaluate": 1.0,
+    "min-evaluate-nodes": 1,
+    "round-timeout-s": 120.0,
+}
+
+
+@pytest.fixture
+def run_app(tmp_path):
+    """Run the app with `flwr run` in local simulation; return (exit code, out dir, log)."""
+    from fedmoe_app.launch import launch
+
+    def run(run_config, *, num_supernodes=3, run_name="e2e", timeout=420):
+        cfg = {**FAST, "run-name": run_name, **run_config}
+        log_path = tmp_path / f"{run_name}.log"
+        with open(log_path, "w") as log:
+            code = launch(
+                ROOT,
+                num_supernodes=num_supernodes,
+                run_config=cfg,
+                flwr_home=tmp_path / "flwr-home",
+                output_root=tmp_path,
+                timeout=timeout,
+                stream_to=log,
+            )
+        return code, tmp_path / "outputs" / run_name, log_path.read_text()
+
+    return run
+
+
+def read_metrics(out_dir):
+    return json.loads((Path(out_dir) / "metrics.json").read_text())
+
+
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")

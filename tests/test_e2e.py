@@ -1,0 +1,51 @@
+"""End-to-end: the real app through `flwr run` with a private SuperLink."""
+
+import numpy as np
+import psutil
+import pytest
+from conftest import read_metrics
+
+from fedmoe_app.results import METRIC_KEYS
+
+pytestmark = pytest.mark.slow
+
+
+def flower_processes(flwr_home):
+    """Processes still running that belong to the run using ``flwr_home``."""
+    left = []
+    for p in psutil.process_iter(["cmdline", "environ"]):
+        try:
+            env = p.info["environ"] or {}
+        except psutil.Error:
+            continue
+        if env.get("FLWR_HOME") == str(flwr_home):
+            left.append(" ".join(p.info["cmdline"] or []))
+    return left
+
+
+def test_flwr_run_trains_sparse_moe_and_writes_outputs(run_app):
+    code, out, log = run_app({"num-server-rounds": 2, "policy": "random"}, num_supernodes=3)
+    assert code == 0, log[-3000:]
+    rounds = read_metrics(out)
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    for key in METRIC_KEYS:
+        assert key in rounds[-1]
+    last = rounds[-1]
+    assert last["accuracy"] > rounds[0]["accuracy"]
+    # every client got exactly shared + 2 experts: sparse download
+    assert set(last["assignment"]) == {"0", "1", "2"}
+    assert all(len(v) == 2 for v in last["assignment"].values())
+    assert last["bytes_down"] <= 0.45 * last["dense_bytes_down"]
+    assert last["bytes_up"] > 0 and last["failures"] == 0
+    assert len(last["expert_load"]) == 8 and np.isclose(sum(last["expert_load"]), sum(last["expert_load"]))
+    for name in (
+        "config.json",
+        "metrics.csv",
+        "accuracy_loss.png",
+        "expert_load.png",
+        "assignment.png",
+        "final_model.npz",
+        "checkpoint.npz",
+    ):
+        assert (out / name).is_file(), name
+    assert not flower_processes(out.parents[1] / "flwr-home")
