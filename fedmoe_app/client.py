@@ -8,6 +8,7 @@ and ``@app.evaluate``. A client is known by a stable ``client-id``: node config
 from __future__ import annotations
 
 import logging
+import time
 from functools import lru_cache
 from typing import Any
 
@@ -16,6 +17,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from . import capacity as cap
 from .config import RunConfig
 from .data import DatasetInfo, Split, client_data
+from .faults import corrupt, corruption_for, fault_for
 from .model import ModelSpec, build_model
 from .protocol import ARRAYS, CLIENT, CONFIG, METRICS, PROFILE, client_record, train_reply_content
 from .records import from_record, load_arrays, model_to_arrays, to_record
@@ -80,8 +82,9 @@ def handle_query(msg: Message, context: Context) -> RecordDict:
     """Reply with the client id and its (measured, maybe emulated) capacity profile."""
     cfg = run_config(context)
     cid, _, _ = identity(context)
-    profile = cap.client_profile(cid, cfg, context.node_config, device=str(resolve_device(cfg.device)))
-    train_split, _, _ = local_data(cfg, context)
+    train_split, _, info = local_data(cfg, context)
+    device = str(resolve_device(cfg.device))
+    profile = cap.client_profile(cid, cfg, context.node_config, device=device, spec=model_spec(cfg, info))
     content = profile.to_dict()
     content["num-examples"] = len(train_split)
     return RecordDict({CLIENT: client_record(cid), PROFILE: ConfigRecord(content)})
@@ -98,12 +101,21 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
     """Train the received sub-model (shared + assigned experts) on local data."""
     cfg = run_config(context)
     cid, _, _ = identity(context)
+    conf = msg.content[CONFIG]
+    server_round = int(conf.get("server-round", 0))
+    fault = fault_for(
+        cfg.seed, server_round, cid, cfg.fault_drop_prob, cfg.fault_slow_prob, cfg.fault_corrupt_prob
+    )
+    if fault == "drop":
+        raise RuntimeError(f"injected fault: client {cid} drops out in round {server_round}")
+    if fault == "slow":
+        log.warning("injected fault: client %s stalls past the round timeout", cid)
+        time.sleep(cfg.round_timeout_s + 5.0)
     train_split, _, info = local_data(cfg, context)
     model = _sub_model(msg, cfg, info)
     if cfg.gate_mode == "local" and LOCAL_GATE in context.state:
         gate = from_record(context.state[LOCAL_GATE])
         load_arrays(model, {**model_to_arrays(model), **gate})
-    conf = msg.content[CONFIG]
     result = train(
         model,
         train_split,
@@ -128,7 +140,12 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
         "peak-memory-bytes": result.peak_memory_bytes,
     }
     feedback = {"tokens": result.tokens, "expert-loss": result.expert_loss, "gate-hist": result.gate_hist}
-    return train_reply_content(to_record(arrays), metrics, feedback, cid)
+    content = train_reply_content(to_record(arrays), metrics, feedback, cid)
+    if fault == "corrupt":
+        kind = corruption_for(cfg.seed, server_round, cid)
+        log.warning("injected fault: client %s sends a corrupt reply (%s)", cid, kind)
+        content = corrupt(content, kind)
+    return content
 
 
 def handle_evaluate(msg: Message, context: Context) -> RecordDict:

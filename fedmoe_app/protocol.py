@@ -88,15 +88,20 @@ def train_reply_content(
 
 def reply_client_id(msg: Message) -> str | None:
     """Return the client id a reply names, if it has one."""
+    return content_client_id(msg.content) if msg.has_content() else None
+
+
+def content_client_id(content: RecordDict) -> str | None:
+    """Return the client id a reply's content names, if it has one."""
     try:
-        cid = msg.content[CLIENT]["client-id"]
+        cid = content[CLIENT]["client-id"]
     except (KeyError, TypeError, AttributeError):
         return None
     return cid if isinstance(cid, str) and cid else None
 
 
 def parse_train_reply(
-    msg: Message, sent: Sent, num_experts: int, top_k: int, local_epochs: int
+    content: RecordDict, node_id: int, sent: Sent, num_experts: int, top_k: int, local_epochs: int
 ) -> TrainReply:
     """Validate a train reply against what was sent; raise :class:`ReplyRejected`.
 
@@ -106,13 +111,11 @@ def parse_train_reply(
     and non-negative; tokens are zero for experts not held and consistent with
     ``num-examples × top-k × local-epochs``; the client id matches.
     """
-    node_id = msg.metadata.src_node_id
     try:
-        content = msg.content
         arrays_rec, metrics, fb = content[ARRAYS], content[METRICS], content[FEEDBACK]
     except (KeyError, TypeError, AttributeError) as exc:
         raise ReplyRejected("malformed", f"missing record {exc}") from None
-    cid = reply_client_id(msg)
+    cid = content_client_id(content)
     if cid != sent.client_id:
         raise ReplyRejected("client-id", f"expected {sent.client_id!r}, got {cid!r}")
 

@@ -118,8 +118,7 @@ class FedMoE(Strategy):
         """
         self._sent = {}
         self._round = {"round": server_round, "failures": 0, "rejected": {}}
-        nodes = self._sample(grid, self.cfg.fraction_train, self.cfg.min_train_nodes)
-        nodes = self._discover(grid, nodes, server_round)
+        nodes = self._sample(grid, self.cfg.fraction_train, self.cfg.min_train_nodes, server_round)
         if not nodes:
             log(WARNING, "configure_train: no node available in round %d", server_round)
             return []
@@ -218,7 +217,9 @@ class FedMoE(Strategy):
             try:
                 if msg.has_content() and ARRAYS in msg.content:
                     bytes_up += wire_nbytes(msg.content[ARRAYS])
-                reply = parse_train_reply(msg, sent, self.num_experts, self.spec.top_k, self.cfg.local_epochs)
+                reply = parse_train_reply(
+                    msg.content, node, sent, self.num_experts, self.spec.top_k, self.cfg.local_epochs
+                )
             except ReplyRejected as exc:
                 rejected[exc.reason] += 1
                 log(
@@ -285,11 +286,7 @@ class FedMoE(Strategy):
         """Send sampled known clients their sparse view (shared + last-trained experts)."""
         if self.cfg.fraction_evaluate == 0.0:
             return []
-        nodes = [
-            n
-            for n in self._sample(grid, self.cfg.fraction_evaluate, self.cfg.min_evaluate_nodes)
-            if n in self.clients
-        ]
+        nodes = self._sample(grid, self.cfg.fraction_evaluate, self.cfg.min_evaluate_nodes, server_round)
         messages = []
         for node in nodes:
             cid = self.clients[node]
@@ -432,17 +429,26 @@ class FedMoE(Strategy):
         profile["num-examples"] = max(int(profile.get("num-examples", 0)), reply.update.num_examples)
 
     # ------------------------------------------------------------------ nodes
-    def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
-        nodes = sorted(grid.get_node_ids())
+    def _sample(self, grid: Grid, fraction: float, minimum: int, server_round: int) -> list[int]:
+        """Sample ``fraction`` of the connected nodes (at least ``minimum``), by client id.
+
+        Nodes are identified first, and sampling runs over sorted client ids, so the
+        same seed picks the same clients even when node ids change (a resumed run).
+        """
+        deadline = time.monotonic() + self.cfg.round_timeout_s
+        while len(nodes := sorted(grid.get_node_ids())) < minimum and time.monotonic() < deadline:
+            log(INFO, "Waiting for nodes to connect: %d connected (minimum %d)", len(nodes), minimum)
+            time.sleep(1.0)
+        nodes = sorted(self._discover(grid, nodes, server_round), key=lambda n: self.clients[n])
         if not nodes:
             return []
         size = min(len(nodes), max(int(len(nodes) * fraction), minimum))
-        # Node ids are unsigned 64-bit: sample positions, not the ids themselves.
-        return sorted(nodes[i] for i in self.rng.choice(len(nodes), size=size, replace=False))
+        return [nodes[i] for i in sorted(self.rng.choice(len(nodes), size=size, replace=False))]
 
     def _discover(self, grid: Grid, nodes: list[int], server_round: int) -> list[int]:
         """Ask nodes we have not met for their client id and capacity profile."""
         unknown = [n for n in nodes if n not in self.clients]
+        connected = set(nodes)
         if unknown:
             queries = [
                 Message(
@@ -470,6 +476,15 @@ class FedMoE(Strategy):
                         profile = cap.CapacityProfile.from_dict(dict(msg.content[PROFILE])).to_dict()
                     except ValueError as exc:
                         log(WARNING, "query: node %s sent an invalid profile: %s", node, exc)
+                    n = msg.content[PROFILE].get("num-examples")
+                    if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+                        profile["num-examples"] = n
+                owner = next((n for n, c in self.clients.items() if c == cid), None)
+                if owner is not None and owner in connected:
+                    log(WARNING, "query: node %s claims client id %r of node %s; ignored", node, cid, owner)
+                    continue
+                if owner is not None:  # the client reconnected under a new node id
+                    del self.clients[owner]
                 self.clients[node] = cid
                 self.profiles[cid] = {**self.profiles.get(cid, {}), **profile}
                 answered.add(node)

@@ -1,0 +1,114 @@
+"""Reply validation: every kind of malformed reply is rejected with its reason."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+from fedmoe_app import faults
+from fedmoe_app.data import load_splits
+from fedmoe_app.model import ModelSpec, build_model
+from fedmoe_app.protocol import (
+    CLIENT,
+    FEEDBACK,
+    METRICS,
+    ReplyRejected,
+    Sent,
+    parse_train_reply,
+    train_reply_content,
+)
+from fedmoe_app.records import model_to_arrays, to_record
+from fedmoe_app.training import train
+
+SPEC = ModelSpec(in_channels=1, image_size=12, num_classes=10)
+EXPERTS = [1, 4]
+
+
+@pytest.fixture(scope="module")
+def reply():
+    """A genuine train reply from a client that trained experts 1 and 4 on synthetic data."""
+    torch.manual_seed(0)
+    model = build_model(SPEC, EXPERTS)
+    train_split, _, _ = load_splits("synthetic", "", 0)
+    data = train_split.subset(np.arange(64))
+    res = train(model, data, epochs=1, batch_size=32, lr=0.05)
+    arrays = model_to_arrays(model)
+    metrics = {"num-examples": res.num_examples, "train-loss": res.loss}
+    feedback = {"tokens": res.tokens, "expert-loss": res.expert_loss, "gate-hist": res.gate_hist}
+    content = train_reply_content(to_record(arrays), metrics, feedback, "c7")
+    sent = Sent(
+        "c7", EXPERTS, {k: (tuple(v.shape), str(v.dtype)) for k, v in arrays.items()}, max_examples=64
+    )
+    return content, sent
+
+
+def parse(content, sent):
+    return parse_train_reply(content, 11, sent, SPEC.num_experts, SPEC.top_k, 1)
+
+
+def test_genuine_reply_is_accepted(reply):
+    content, sent = reply
+    out = parse(content, sent)
+    assert out.client_id == "c7" and out.update.num_examples == 64
+    assert out.update.tokens.sum() == 64 * 2 and set(np.flatnonzero(out.update.tokens)) <= set(EXPERTS)
+
+
+@pytest.mark.parametrize("kind", faults.CORRUPTIONS)
+def test_each_corruption_is_rejected_with_its_reason(reply, kind):
+    content, sent = reply
+    with pytest.raises(ReplyRejected) as err:
+        parse(faults.corrupt(content, kind), sent)
+    assert err.value.reason == faults.EXPECTED_REASON[kind]
+
+
+def _with(content, **records):
+    out = RecordDict(dict(content.items()))
+    for k, v in records.items():
+        out[k] = v
+    return out
+
+
+def test_other_malformed_replies(reply):
+    content, sent = reply
+    metrics, fb = dict(content[METRICS]), dict(content[FEEDBACK])
+
+    def with_metrics(**kv):
+        return _with(content, **{METRICS: MetricRecord({**metrics, **kv})})
+
+    def with_feedback(**kv):
+        return _with(content, **{FEEDBACK: MetricRecord({**fb, **kv})})
+
+    not_held = list(fb["tokens"])
+    not_held[0] = 5.0  # expert 0 was not sent
+    cases = [
+        ("malformed", RecordDict({CLIENT: content[CLIENT]})),
+        ("client-id", _with(content, **{CLIENT: ConfigRecord({"client-id": "someone-else"})})),
+        ("num-examples", with_metrics(**{"num-examples": 0})),
+        ("num-examples", with_metrics(**{"num-examples": -3})),
+        ("num-examples", with_metrics(**{"num-examples": 2.5})),
+        ("num-examples", with_metrics(**{"num-examples": 65})),  # more than the client holds
+        ("feedback", with_feedback(tokens=[1.0, 2.0])),
+        ("feedback", with_feedback(**{"gate-hist": [float("nan")] * 8})),
+        ("feedback", with_feedback(tokens=not_held)),
+        ("feedback", with_feedback(tokens=[1e6 if i in EXPERTS else 0.0 for i in range(8)])),
+    ]
+    for reason, bad in cases:
+        with pytest.raises(ReplyRejected) as err:
+            parse(bad, sent)
+        assert err.value.reason == reason
+
+
+def test_fault_plan_is_deterministic_and_follows_probabilities():
+    ids = [str(i) for i in range(4000)]
+    plan = [faults.fault_for(0, 3, c, 0.3, 0.1, 0.2) for c in ids]
+    assert plan == [faults.fault_for(0, 3, c, 0.3, 0.1, 0.2) for c in ids]
+    share = {k: plan.count(k) / len(ids) for k in ("drop", "slow", "corrupt")}
+    assert (
+        abs(share["drop"] - 0.3) < 0.03
+        and abs(share["slow"] - 0.1) < 0.03
+        and abs(share["corrupt"] - 0.2) < 0.03
+    )
+    assert plan != [faults.fault_for(0, 4, c, 0.3, 0.1, 0.2) for c in ids]
+    assert all(faults.fault_for(0, r, "x", 0, 0, 0) is None for r in range(100))
+    kinds = {faults.corruption_for(0, r, c) for r in range(20) for c in ids[:50]}
+    assert kinds == set(faults.CORRUPTIONS)

@@ -1,0 +1,87 @@
+"""Faulty clients, checkpoint/resume and bad config, through the real `flwr run`."""
+
+import numpy as np
+import pytest
+from conftest import read_metrics
+
+from fedmoe_app import faults
+from fedmoe_app.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+def test_dropping_and_corrupting_clients_never_reach_the_model(run_app):
+    seed, rounds, clients = 0, 10, 4
+    code, out, log = run_app(
+        {
+            "num-server-rounds": rounds,
+            "fault-drop-prob": 0.3,
+            "fault-corrupt-prob": 0.2,
+            "seed": seed,
+            "policy": "load_balanced",
+            "fraction-evaluate": 0.5,
+        },
+        num_supernodes=clients,
+        run_name="faults",
+    )
+    assert code == 0, log[-3000:]
+    metrics = read_metrics(out)
+    assert [r["round"] for r in metrics] == list(range(rounds + 1))
+    injected = {"drop": 0, "corrupt": 0}
+    for r in metrics[1:]:
+        trained = list(r["assignment"])
+        plan = {c: faults.fault_for(seed, r["round"], c, 0.3, 0.0, 0.2) for c in trained}
+        drops = sum(v == "drop" for v in plan.values())
+        corrupt = [c for c, v in plan.items() if v == "corrupt"]
+        injected["drop"] += drops
+        injected["corrupt"] += len(corrupt)
+        # every injected corruption is rejected for the matching reason; nothing else is
+        expected = {}
+        for c in corrupt:
+            reason = faults.EXPECTED_REASON[faults.corruption_for(seed, r["round"], c)]
+            expected[reason] = expected.get(reason, 0) + 1
+        assert r["rejected"] == expected, r["round"]
+        assert r["failures"] == drops, r["round"]
+        assert r["valid_replies"] == len(trained) - drops - len(corrupt)
+    assert injected["drop"] > 0 and injected["corrupt"] > 0
+    final = np.load(out / "final_model.npz")
+    assert all(np.isfinite(final[k]).all() for k in final.files)
+    assert metrics[-1]["accuracy"] > metrics[0]["accuracy"] + 0.2
+
+
+def test_resume_matches_an_uninterrupted_run(run_app):
+    cfg = {"seed": 3, "policy": "load_balanced", "fraction-train": 0.75}
+    code, full, log = run_app({**cfg, "num-server-rounds": 4}, num_supernodes=4, run_name="straight")
+    assert code == 0, log[-3000:]
+    code, part, log = run_app({**cfg, "num-server-rounds": 2}, num_supernodes=4, run_name="resumed")
+    assert code == 0, log[-3000:]
+    assert [r["round"] for r in read_metrics(part)] == [0, 1, 2]
+    code, part, log = run_app(
+        {**cfg, "num-server-rounds": 4, "resume": True}, num_supernodes=4, run_name="resumed"
+    )
+    assert code == 0, log[-3000:]
+    assert "Resuming run resumed after round 2" in log
+    a, b = read_metrics(full), read_metrics(part)
+    assert [r["round"] for r in b] == [0, 1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        assert ra.get("assignment") == rb.get("assignment")
+        np.testing.assert_allclose(ra["accuracy"], rb["accuracy"], atol=1e-6)
+        np.testing.assert_allclose(ra["loss"], rb["loss"], rtol=1e-5)
+    arrays_a, state_a = load_checkpoint(full / "checkpoint.npz")
+    arrays_b, state_b = load_checkpoint(part / "checkpoint.npz")
+    for k in arrays_a:
+        np.testing.assert_allclose(arrays_a[k], arrays_b[k], rtol=1e-5, atol=1e-6)
+    al_a, al_b = state_a["strategy"]["alignment"], state_b["strategy"]["alignment"]
+    assert al_a["client_ids"] == al_b["client_ids"]
+    np.testing.assert_allclose(al_a["fitness"], al_b["fitness"], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(al_a["usage"], al_b["usage"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("override, key", [({"top-k": 12}, "top-k")])
+def test_bad_config_stops_the_run_at_start_naming_the_key(run_app, override, key):
+    code, out, log = run_app(
+        {"num-server-rounds": 1, **override}, num_supernodes=2, run_name="bad", timeout=120
+    )
+    assert code != 0
+    assert f"run-config key '{key}'" in log and "allowed" in log
+    assert not (out / "metrics.json").exists()
