@@ -47,3 +47,9 @@ def test_unknown_key_is_reported():
 
 def test_ints_accepted_for_floats():
     assert RunConfig.from_run_config({"lr": 1}).lr == 1.0
+
+
+def test_readme_documents_every_key():
+    readme = (ROOT / "README.md").read_text()
+    for key in RunConfig.keys():
+        assert f"| `{key}` |" in readme, key
