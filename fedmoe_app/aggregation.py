@@ -2,12 +2,16 @@
 
 Weights
 -------
-* expert ``e`` (``experts.e.*``) and the gate's row ``e`` (``gate.weight[e]``,
-  ``gate.bias[e]``): average over the clients that held ``e``, weighted by the tokens
-  each routed to it. The gate row belongs with its expert: a client that does not hold
-  ``e`` masks that logit and never changes the row, so averaging its stale copy in would
-  only drag the row back. An expert (or row) with zero total weight keeps its value.
+* expert ``e`` (``experts.e.*``): average over the clients that returned it, weighted by
+  the tokens each routed to it. A client holding ``e`` read-only (``under-capacity =
+  "shared-only"``) sends no copy back.
+* the gate's row ``e`` (``gate.weight[e]``, ``gate.bias[e]``): average over the clients
+  that routed tokens to ``e``, weighted by those tokens. The row belongs with its expert:
+  a client that does not hold ``e`` masks that logit and never changes the row, so
+  averaging its stale copy in would only drag the row back.
 * every other tensor: average over all replies, weighted by ``num_examples``.
+
+An expert (or gate row) with zero total weight keeps its value.
 """
 
 from __future__ import annotations
@@ -52,19 +56,26 @@ def aggregate(global_arrays: Mapping[str, np.ndarray], updates: Sequence[ClientU
         return out
     tokens = np.stack([u.tokens for u in updates]).astype(np.float64)  # [C, E]
     examples = np.array([u.num_examples for u in updates], dtype=np.float64)
-    col_total = tokens.sum(axis=0)  # [E]
+    col_total = tokens.sum(axis=0)  # [E]: gate rows, trained by every client routing to e
+    # Experts: only clients that returned expert e (read-only holders send none back).
+    returned = np.zeros_like(tokens, dtype=bool)
+    for i, u in enumerate(updates):
+        for e in {p[0] for k in u.arrays if (p := parse_expert_key(k)) is not None}:
+            returned[i, e] = True
+    expert_tokens = np.where(returned, tokens, 0.0)
+    expert_total = expert_tokens.sum(axis=0)
 
     for key, old in global_arrays.items():
         parsed = parse_expert_key(key)
         if parsed is not None:
             e = parsed[0]
-            if col_total[e] <= 0:
+            if expert_total[e] <= 0:
                 continue
             acc = np.zeros(old.shape, dtype=np.float64)
-            for u, w in zip(updates, tokens[:, e]):
+            for u, w in zip(updates, expert_tokens[:, e]):
                 if w > 0:
                     acc += w * u.arrays[key]
-            out[key] = (acc / col_total[e]).astype(old.dtype)
+            out[key] = (acc / expert_total[e]).astype(old.dtype)
         elif key in GATE_KEYS:
             stacked = np.stack([u.arrays[key] for u in updates]).astype(np.float64)  # [C, E, ...]
             w = tokens.reshape(tokens.shape + (1,) * (old.ndim - 1))

@@ -116,6 +116,8 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
     if cfg.gate_mode == "local" and LOCAL_GATE in context.state:
         gate = from_record(context.state[LOCAL_GATE])
         load_arrays(model, {**model_to_arrays(model), **gate})
+    frozen = bool(conf.get("frozen-experts", False))
+    model.experts.requires_grad_(not frozen)
     result = train(
         model,
         train_split,
@@ -140,6 +142,8 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
         "peak-memory-bytes": result.peak_memory_bytes,
     }
     feedback = {"tokens": result.tokens, "expert-loss": result.expert_loss, "gate-hist": result.gate_hist}
+    if frozen:  # read-only experts are not sent back
+        arrays = {k: v for k, v in arrays.items() if not k.startswith("experts.")}
     content = train_reply_content(to_record(arrays), metrics, feedback, cid)
     if fault == "corrupt":
         kind = corruption_for(cfg.seed, server_round, cid)

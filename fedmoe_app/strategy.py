@@ -132,17 +132,21 @@ class FedMoE(Strategy):
             nodes = [n for n, k in zip(nodes, keep) if k]
             client_ids = [c for c, k in zip(client_ids, keep) if k]
             capacity = capacity[keep]
+        # "shared-only": a client that cannot hold one trainable expert gets its best expert
+        # read-only (the smallest model with a head) and trains the shared tensors alone.
+        frozen = capacity == 0
         plan = (
-            self.alignment.plan(client_ids, capacity, self.cfg.policy, self.rng)
+            self.alignment.plan(client_ids, np.maximum(capacity, 1), self.cfg.policy, self.rng)
             if nodes
             else np.zeros((0, self.num_experts), bool)
         )
 
         dense_record_bytes = wire_nbytes(to_record(self.global_arrays))
         messages, bytes_down, assignment = [], 0, {}
-        for node, cid, row in zip(nodes, client_ids, plan):
+        for node, cid, row, read_only in zip(nodes, client_ids, plan, frozen):
             expert_ids = np.flatnonzero(row).tolist()
             sub = select(self.global_arrays, expert_ids)
+            returned = select(sub, []) if read_only else sub
             record = to_record(sub)
             bytes_down += wire_nbytes(record)
             assignment[cid] = expert_ids
@@ -150,7 +154,7 @@ class FedMoE(Strategy):
             self._sent[node] = Sent(
                 client_id=cid,
                 expert_ids=expert_ids,
-                shapes={k: (tuple(v.shape), str(v.dtype)) for k, v in sub.items()},
+                shapes={k: (tuple(v.shape), str(v.dtype)) for k, v in returned.items()},
                 max_examples=profile.get("num-examples"),
             )
             cfg_record = ConfigRecord(
@@ -160,6 +164,7 @@ class FedMoE(Strategy):
                     "lr": self.cfg.lr,
                     "local-epochs": self.cfg.local_epochs,
                     "seed": int(self.rng.integers(2**31)),
+                    "frozen-experts": bool(read_only),
                 }
             )
             content = RecordDict({ARRAYS: record, CONFIG: cfg_record})

@@ -59,7 +59,7 @@ def train(
     device = torch.device(device)
     model.to(device).train()
     num_e = model.spec.num_experts
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum)
     gen = torch.Generator().manual_seed(seed)
     x_all, y_all = data.images.to(device), data.labels.to(device)
     tokens = torch.zeros(num_e, device=device)

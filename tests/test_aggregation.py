@@ -61,3 +61,20 @@ def test_no_updates_keeps_model():
     out = aggregate(g, [])
     for k in g:
         np.testing.assert_array_equal(out[k], g[k])
+
+
+def test_read_only_holder_trains_gate_row_but_not_expert():
+    g = _global()
+    frozen = ClientUpdate(  # held expert 2 read-only: returns shared tensors only
+        arrays={
+            "stem.w": np.array([4.0, 4.0], np.float32),
+            "gate.weight": np.array([[0, 0], [0, 0], [5, 5]], np.float32),
+            "gate.bias": np.array([0, 0, 5], np.float32),
+        },
+        num_examples=10,
+        tokens=np.array([0.0, 0.0, 10.0]),
+    )
+    out = aggregate(g, [frozen])
+    np.testing.assert_array_equal(out["experts.2.w1"], g["experts.2.w1"])
+    np.testing.assert_allclose(out["gate.weight"][2], [5, 5])
+    np.testing.assert_allclose(out["stem.w"], [4, 4])
