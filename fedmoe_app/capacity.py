@@ -257,9 +257,10 @@ def _cpu_freq_mhz() -> float:
 def matmul_gflops(device: str = "cpu", seconds: float = 0.3) -> float:
     """Dense float32 matmul speed in GFLOP/s, timed for about ``seconds``.
 
-    One untimed warm-up product, then ``n x n`` products (``n = 256`` on CPU, 2048 on
-    CUDA; halved while one product takes more than an eighth of the window) until the
-    window is over. Uses the current torch thread count and leaves the global RNG alone.
+    A small untimed product first (thread pools, BLAS and CUDA context start), then
+    ``n x n`` products (``n = 256`` on CPU, 2048 on CUDA; halved while one product takes
+    more than an eighth of the window) until the window is over. Uses the current torch
+    thread count and leaves the global RNG alone.
 
     Parameters
     ----------
@@ -282,6 +283,9 @@ def matmul_gflops(device: str = "cpu", seconds: float = 0.3) -> float:
     n = 2048 if dev.type == "cuda" else 256
     gen = torch.Generator(device=dev).manual_seed(0)
     with torch.no_grad():
+        warm = torch.rand(64, 64, generator=gen, device=dev)
+        warm @ warm
+        sync()
         while True:
             a = torch.rand(n, n, generator=gen, device=dev)
             b = torch.rand(n, n, generator=gen, device=dev)

@@ -78,7 +78,7 @@ class RunConfig:
     gate_mode: str = _opt("global", _choice(*GATE_MODES), "aggregated gate, or each client keeps its own")
     # Alignment
     policy: str = _opt("load_balanced", _choice(*POLICIES), "client-expert assignment policy")
-    experts_per_client: int = _opt(2, _range(1), "fixed capacity (experts per client)")
+    experts_per_client: int = _opt(2, _range(1), "experts per client (fixed) / at most (profiled)")
     fitness_ema: float = _opt(0.5, _range(0.0, 1.0, lo_open=True), "EMA weight of new fitness feedback")
     fitness_decay: float = _opt(0.9, _range(0.0, 1.0), "fitness kept per round without interaction")
     usage_decay: float = _opt(0.8, _range(0.0, 1.0), "usage kept per round")
@@ -86,7 +86,7 @@ class RunConfig:
     w_usage: float = _opt(0.5, _range(0.0), "weight of the usage penalty in desirability")
     load_slack: float = _opt(0.1, _range(0.0), "per-expert load bounds: mean x (1 +- slack)")
     # Capacity
-    capacity: str = _opt("fixed", _choice(*CAPACITY_MODES), "experts per client: measured or fixed")
+    capacity: str = _opt("profiled", _choice(*CAPACITY_MODES), "experts per client: measured or fixed")
     device_mix: str = _opt("", None, 'e.g. "phone=0.5,laptop=0.3,edge=0.2"; empty: none')
     round_deadline_s: float = _opt(0.0, _range(0.0), "deadline for a client's round; 0: none")
     under_capacity: str = _opt("shared-only", _choice(*UNDER_CAPACITY), "client that cannot hold one expert")

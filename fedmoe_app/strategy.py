@@ -413,7 +413,8 @@ class FedMoE(Strategy):
         if self._memory is None or not client_ids:
             return fixed
         profiles = [self.profiles.get(cid, {}) for cid in client_ids]
-        return cap.capacity_for_profiles(profiles, self._memory, self.cfg, self.global_arrays)
+        measured = cap.capacity_for_profiles(profiles, self._memory, self.cfg, self.global_arrays)
+        return np.minimum(measured, fixed)  # experts-per-client caps what one client is sent
 
     def _virtual_time(self, client_ids: list[str], plan: np.ndarray) -> float | None:
         if not client_ids or not all(self.profiles.get(c) for c in client_ids):
