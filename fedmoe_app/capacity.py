@@ -1132,32 +1132,80 @@ def capacity_for_profiles(
     return out
 
 
+def _client_times(
+    profiles: Sequence[CapacityProfile | Mapping[str, Any]],
+    n_experts: np.ndarray | Sequence[int],
+    memory: MemoryModel,
+    global_arrays: Mapping[str, np.ndarray] | None,
+    samples: np.ndarray,
+) -> np.ndarray | None:
+    """Per-client round seconds, or None when a profile lacks compute or link figures."""
+    a = profile_arrays(profiles)
+    if not ((a["gflops"] > 0) & (a["down_mbps"] > 0) & (a["up_mbps"] > 0)).all():
+        return None
+    shared_nb, expert_nb = payload_nbytes(global_arrays) if global_arrays else (None, None)
+    return round_time_s(
+        np.asarray(n_experts),
+        a["gflops"],
+        a["down_mbps"],
+        a["up_mbps"],
+        spec=memory.spec,
+        samples=samples,
+        shared_nbytes=shared_nb,
+        expert_nbytes=expert_nb or None,
+        samples_per_s=a["samples_per_s"],
+    )
+
+
+def planned_samples(profiles: Sequence[CapacityProfile | Mapping[str, Any]], cfg: RunConfig) -> np.ndarray:
+    """Training samples each client would process in a full round (epochs x its examples)."""
+    a = profile_arrays(profiles)
+    return cfg.local_epochs * np.nan_to_num(a["num_examples"], nan=0.0)
+
+
+def deadline_sample_budget(
+    profiles: Sequence[CapacityProfile | Mapping[str, Any]],
+    n_experts: np.ndarray | Sequence[int],
+    memory: MemoryModel,
+    cfg: RunConfig,
+    global_arrays: Mapping[str, np.ndarray] | None = None,
+) -> np.ndarray:
+    """Training samples each client can process within ``round-deadline-s``.
+
+    Round time is linear in samples, ``t(s) = t(0) + s * (t(1) - t(0))`` where ``t(0)`` is
+    the transfer time, so the budget is ``floor((deadline - t(0)) / (t(1) - t(0)))``,
+    clipped to ``[batch-size, epochs x examples]``: a slow client does partial local work
+    instead of holding the round up. Without a deadline, or for clients whose profile is
+    incomplete, the budget is the full ``epochs x examples``.
+    """
+    full = planned_samples(profiles, cfg)
+    deadline = float(cfg.round_deadline_s)
+    if deadline <= 0 or len(profiles) == 0:
+        return full
+    t0 = _client_times(profiles, n_experts, memory, global_arrays, np.zeros(len(profiles)))
+    t1 = _client_times(profiles, n_experts, memory, global_arrays, np.ones(len(profiles)))
+    if t0 is None or t1 is None:
+        return full
+    per_sample = np.maximum(t1 - t0, 1e-12)
+    budget = np.floor(np.maximum(deadline - t0, 0.0) / per_sample)
+    return np.minimum(full, np.maximum(budget, cfg.batch_size))
+
+
 def virtual_round_time(
     profiles: Sequence[CapacityProfile | Mapping[str, Any]],
     n_experts: np.ndarray | Sequence[int],
     memory: MemoryModel,
     cfg: RunConfig,
     global_arrays: Mapping[str, np.ndarray] | None = None,
+    samples: np.ndarray | None = None,
 ) -> float | None:
     """Return the simulated duration of a round whose clients hold ``n_experts`` (slowest one).
 
-    None when a participant's profile lacks compute or link figures.
+    ``samples`` are the training samples each client processes (default: a full round,
+    :func:`planned_samples`). None when a participant's profile lacks compute or link figures.
     """
     if len(profiles) == 0:
         return 0.0
-    a = profile_arrays(profiles)
-    if not ((a["gflops"] > 0) & (a["down_mbps"] > 0) & (a["up_mbps"] > 0)).all():
-        return None
-    shared_nb, expert_nb = payload_nbytes(global_arrays) if global_arrays else (None, None)
-    times = round_time_s(
-        np.asarray(n_experts),
-        a["gflops"],
-        a["down_mbps"],
-        a["up_mbps"],
-        spec=memory.spec,
-        samples=cfg.local_epochs * np.nan_to_num(a["num_examples"], nan=0.0),
-        shared_nbytes=shared_nb,
-        expert_nbytes=expert_nb or None,
-        samples_per_s=a["samples_per_s"],
-    )
-    return virtual_round_time_s(times)
+    samples = planned_samples(profiles, cfg) if samples is None else np.asarray(samples, np.float64)
+    times = _client_times(profiles, n_experts, memory, global_arrays, samples)
+    return None if times is None else virtual_round_time_s(times)

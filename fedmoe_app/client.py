@@ -128,6 +128,7 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
         aux_weight=cfg.aux_loss_weight,
         device=resolve_device(cfg.device),
         seed=int(conf.get("seed", cfg.seed)),
+        max_samples=int(conf.get("max-samples", 0)) or None,
     )
     model.cpu()
     arrays = model_to_arrays(model)

@@ -141,9 +141,10 @@ class FedMoE(Strategy):
             else np.zeros((0, self.num_experts), bool)
         )
 
+        budgets = self._sample_budgets(client_ids, plan)
         dense_record_bytes = wire_nbytes(to_record(self.global_arrays))
         messages, bytes_down, assignment = [], 0, {}
-        for node, cid, row, read_only in zip(nodes, client_ids, plan, frozen):
+        for node, cid, row, read_only, budget in zip(nodes, client_ids, plan, frozen, budgets):
             expert_ids = np.flatnonzero(row).tolist()
             sub = select(self.global_arrays, expert_ids)
             returned = select(sub, []) if read_only else sub
@@ -165,6 +166,7 @@ class FedMoE(Strategy):
                     "local-epochs": self.cfg.local_epochs,
                     "seed": int(self.rng.integers(2**31)),
                     "frozen-experts": bool(read_only),
+                    "max-samples": int(budget),
                 }
             )
             content = RecordDict({ARRAYS: record, CONFIG: cfg_record})
@@ -175,7 +177,8 @@ class FedMoE(Strategy):
             assignment=assignment,
             assigned_clients=plan.sum(axis=0).tolist(),
             capacity={cid: int(c) for cid, c in zip(client_ids, capacity)},
-            virtual_round_time_s=self._virtual_time(client_ids, plan),
+            virtual_round_time_s=self._virtual_time(client_ids, plan, budgets),
+            sample_budget={cid: int(b) for cid, b in zip(client_ids, budgets)},
         )
         log(
             INFO,
@@ -416,12 +419,33 @@ class FedMoE(Strategy):
         measured = cap.capacity_for_profiles(profiles, self._memory, self.cfg, self.global_arrays)
         return np.minimum(measured, fixed)  # experts-per-client caps what one client is sent
 
-    def _virtual_time(self, client_ids: list[str], plan: np.ndarray) -> float | None:
+    def _sample_budgets(self, client_ids: list[str], plan: np.ndarray) -> np.ndarray:
+        """Training samples per client this round; 0 means no limit.
+
+        With ``capacity = "profiled"`` and a ``round-deadline-s``, a slow client is asked for
+        the samples it can process before the deadline (partial local work); the fixed,
+        capacity-unaware baseline always trains full epochs.
+        """
+        budgets = np.zeros(len(client_ids), dtype=np.int64)
+        if self._memory is None or self.cfg.round_deadline_s <= 0 or not client_ids:
+            return budgets
+        profiles = [self.profiles.get(c, {}) for c in client_ids]
+        full = cap.planned_samples(profiles, self.cfg)
+        budget = cap.deadline_sample_budget(
+            profiles, plan.sum(axis=1), self._memory, self.cfg, self.global_arrays
+        )
+        limited = (full > 0) & (budget < full)
+        budgets[limited] = budget[limited]
+        return budgets
+
+    def _virtual_time(self, client_ids: list[str], plan: np.ndarray, budgets: np.ndarray) -> float | None:
         if not client_ids or not all(self.profiles.get(c) for c in client_ids):
             return None
         profiles = [self.profiles[c] for c in client_ids]
+        full = cap.planned_samples(profiles, self.cfg)
+        samples = np.where(budgets > 0, np.minimum(budgets, full), full)
         return cap.virtual_round_time(
-            profiles, plan.sum(axis=1), self._memory_or_fixed(), self.cfg, self.global_arrays
+            profiles, plan.sum(axis=1), self._memory_or_fixed(), self.cfg, self.global_arrays, samples
         )
 
     def _memory_or_fixed(self) -> cap.MemoryModel:

@@ -54,8 +54,13 @@ def train(
     aux_weight: float = 0.01,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    max_samples: int | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place with SGD on in-memory tensors; return loss and feedback."""
+    """Train ``model`` in place with SGD on in-memory tensors; return loss and feedback.
+
+    ``max_samples`` stops training after that many samples (partial local work within a
+    round deadline); ``None`` trains ``epochs`` full epochs.
+    """
     device = torch.device(device)
     model.to(device).train()
     num_e = model.spec.num_experts
@@ -67,9 +72,12 @@ def train(
     hist = torch.zeros(num_e, device=device)
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
+    limit = epochs * len(y_all) if max_samples is None else min(max_samples, epochs * len(y_all))
     for _ in range(epochs):
         order = torch.randperm(len(y_all), generator=gen).to(device)
         for i in range(0, len(order), batch_size):
+            if seen >= limit:
+                break
             idx = order[i : i + batch_size]
             x, y = x_all[idx], y_all[idx]
             out = model(x, y)
