@@ -1097,9 +1097,10 @@ def capacity_for_profiles(
 ) -> np.ndarray:
     """Capacities for the strategy: :func:`capacity_from_profiles` on stored profiles.
 
-    Uses ``cfg.round_deadline_s`` (0: none), ``cfg.local_epochs`` x the profile's
-    ``num-examples`` as samples (0 when unknown: only the bytes count against the
-    deadline), wire sizes from ``global_arrays`` when given, ``min_experts = 1``.
+    Uses ``cfg.round_deadline_s`` (0: none) with one batch of samples (the rest of the
+    local work shrinks to fit the deadline, see :func:`deadline_sample_budget`; 0 when
+    ``num-examples`` is unknown: only the bytes count), wire sizes from ``global_arrays``
+    when given, ``min_experts = 1``.
     A client whose profile lacks memory, compute or link figures (it never answered a
     query) gets the fixed ``cfg.experts_per_client``.
     """
@@ -1114,7 +1115,9 @@ def capacity_for_profiles(
     if not known.any():
         return out
     shared_nb, expert_nb = payload_nbytes(global_arrays) if global_arrays else (None, None)
-    samples = cfg.local_epochs * np.nan_to_num(a["num_examples"], nan=0.0)
+    # Against a deadline only the transfers and one batch must fit: the strategy shrinks a
+    # slow client's local work to its sample budget (deadline_sample_budget).
+    samples = np.minimum(cfg.local_epochs * np.nan_to_num(a["num_examples"], nan=0.0), cfg.batch_size)
     out[known] = capacity_from_profiles(
         a["memory_bytes"][known],
         a["gflops"][known],
