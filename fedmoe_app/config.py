@@ -56,7 +56,7 @@ class RunConfig:
     min_evaluate_nodes: int = _opt(2, _range(0), "minimum nodes for client eval")
     local_epochs: int = _opt(1, _range(1), "local epochs per round")
     batch_size: int = _opt(32, _range(1), "local batch size")
-    lr: float = _opt(0.05, _range(0.0, lo_open=True), "SGD learning rate")
+    lr: float = _opt(0.02, _range(0.0, lo_open=True), "SGD learning rate")
     momentum: float = _opt(0.9, _range(0.0, 1.0), "SGD momentum")
     aux_loss_weight: float = _opt(0.01, _range(0.0), "Switch load-balancing loss weight")
     seed: int = _opt(0, _range(0), "seed of data split, init, sampling and planning")
