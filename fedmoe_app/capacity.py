@@ -773,7 +773,7 @@ def client_profile(
 
     An emulated budget is anchored (:func:`anchor_budget`) to ``spec`` at
     ``cfg.batch_size``; pass the run's real spec (dataset shape included). Without it the
-    model sizes come from ``cfg`` and the image shape from :data:`REFERENCE_SPEC`.
+    class's budget at the reference run (``memory_mb``) applies.
 
     Raises
     ------
@@ -795,15 +795,6 @@ def client_profile(
     if device not in _GFLOPS_CACHE:
         _GFLOPS_CACHE[device] = matmul_gflops(device, benchmark_s)
     measured = measure_profile(client_id, device=device, gflops=_GFLOPS_CACHE[device])
-    if spec is None:
-        spec = dataclasses.replace(
-            REFERENCE_SPEC,
-            num_experts=cfg.num_experts,
-            top_k=cfg.top_k,
-            stem_channels=cfg.stem_channels,
-            feature_dim=cfg.feature_dim,
-            expert_hidden=cfg.expert_hidden,
-        )
     return emulate(measured, device_class, spec=spec, batch_size=cfg.batch_size)
 
 
