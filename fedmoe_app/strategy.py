@@ -209,7 +209,10 @@ class FedMoE(Strategy):
             sent = self._sent.get(node)
             received.add(node)
             if msg.has_error():
-                self._round["failures"] += 1
+                # An error the SuperLink raises for an unreachable node comes from the SuperLink,
+                # not from that node: the node then stays in ``missing`` and is counted there once.
+                if sent is not None:
+                    self._round["failures"] += 1
                 log(
                     WARNING,
                     "aggregate_train: node %s (client %s) failed: %s",

@@ -1,0 +1,1 @@
+"""Deployment helpers: real SuperLink/SuperNode processes, TLS, node auth, network namespaces."""

@@ -1,0 +1,221 @@
+"""Static checks of docker/ (no Docker engine needed): services, flags, ports, certificates."""
+
+import re
+import shlex
+
+import flwr
+import pytest
+from conftest import ROOT
+from flwr.common.config import parse_config_args
+
+from deploy import compose, flags
+from fedmoe_app.capacity import DEVICE_CLASSES, MEASURED
+
+yaml = pytest.importorskip("yaml")
+
+DOCKER = ROOT / "docker"
+BASE = DOCKER / "compose.yml"
+TLS = DOCKER / "compose.tls.yml"
+DOCKERFILE = DOCKER / "Dockerfile"
+DOCS = ROOT / "docs" / "DEPLOYMENT.md"
+FLOWER_CLIS = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr")
+
+
+def services(*files):
+    return compose.load(*files)["services"]
+
+
+def argv_of(svcs):
+    return {name: compose.service_argv(svc, DOCKER) for name, svc in svcs.items()}
+
+
+def value(cmd, flag):
+    """Value following ``flag`` (or of ``flag=value``) in ``cmd``; None if absent."""
+    for i, tok in enumerate(cmd):
+        if tok == flag:
+            return cmd[i + 1]
+        if tok.startswith(flag + "="):
+            return tok.split("=", 1)[1]
+    return None
+
+
+def supernode_names(svcs):
+    return sorted(n for n in svcs if re.fullmatch(r"supernode-\d+", n))
+
+
+@pytest.fixture(scope="module", params=["insecure", "tls"])
+def variant(request):
+    files = (BASE,) if request.param == "insecure" else (BASE, TLS)
+    svcs = services(*files)
+    return request.param, svcs, argv_of(svcs)
+
+
+def test_yaml_parses_and_has_every_service():
+    for path in (BASE, TLS):
+        assert isinstance(yaml.safe_load(path.read_text()), dict), path
+    svcs = services(BASE)
+    nodes = supernode_names(svcs)
+    assert len(nodes) >= 2
+    expected = {"superlink", "superexec-serverapp", *nodes, *(f"superexec-clientapp-{n[10:]}" for n in nodes)}
+    assert set(svcs) == expected
+    # the overlay only changes services that exist in the base file
+    assert set(yaml.safe_load(TLS.read_text())["services"]) <= set(svcs)
+
+
+def test_images_pin_the_installed_flower_version():
+    version = flwr.__version__
+    for name, svc in services(BASE, TLS).items():
+        if "build" in svc:
+            assert svc["build"]["args"]["FLWR_VERSION"] == version, name
+            assert svc["image"].endswith(f":{version}"), name
+        else:
+            assert svc["image"] in (f"flwr/superlink:{version}", f"flwr/supernode:{version}"), name
+    text = DOCKERFILE.read_text()
+    assert f"ARG FLWR_VERSION={version}" in text
+    assert re.search(r"^FROM flwr/superexec:\$\{FLWR_VERSION\}$", text, re.M)
+    assert compose.dockerfile_entrypoint(DOCKERFILE) == ["flower-superexec"]
+
+
+def test_every_flag_exists_in_the_installed_cli(variant):
+    _, _, argv = variant
+    problems = []
+    for name, cmd in argv.items():
+        assert cmd[0] in FLOWER_CLIS, (name, cmd)
+        problems += [f"{name}: {p}" for p in flags.check_argv(cmd[:1], cmd[1:])]
+    assert problems == []
+
+
+def test_dockerfile_flower_commands_use_existing_flags():
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    for line in text.splitlines():
+        if line.startswith(("RUN", "CMD", "ENTRYPOINT", "HEALTHCHECK")):
+            for cmd in flower_commands(line):
+                assert flags.check_argv(cmd[0], cmd[1]) == [], line
+
+
+def test_ports_and_addresses_match(variant):
+    _, svcs, argv = variant
+    link = argv["superlink"]
+    port = value(link, "--port")
+    assert value(link, "--host") == "0.0.0.0"
+    assert f"{port}:{port}" in svcs["superlink"]["ports"]
+    assert value(link, "--isolation") == "process"  # a separate SuperExec runs the ServerApp
+    assert value(argv["superexec-serverapp"], "--runtime-api-address") == f"superlink:{port}"
+    node_ports = set()
+    for node in supernode_names(svcs):
+        cmd = argv[node]
+        assert value(cmd, "--superlink") == f"superlink:{port}", node
+        assert value(cmd, "--host") == "0.0.0.0" and value(cmd, "--isolation") == "process", node
+        node_port = value(cmd, "--port")
+        node_ports.add(node_port)
+        exec_cmd = argv[f"superexec-clientapp-{node.split('-')[1]}"]
+        assert value(exec_cmd, "--runtime-api-address") == f"{node}:{node_port}", node
+        assert svcs[f"superexec-clientapp-{node.split('-')[1]}"]["depends_on"] == [node]
+    assert len(node_ports) == len(supernode_names(svcs))
+
+
+def test_node_configs_identify_each_client(variant):
+    _, svcs, argv = variant
+    nodes = supernode_names(svcs)
+    configs = [parse_config_args([value(argv[n], "--node-config")]) for n in nodes]
+    assert sorted(c["partition-id"] for c in configs) == list(range(len(nodes)))
+    assert {c["num-partitions"] for c in configs} == {len(nodes)}
+    assert len({c["client-id"] for c in configs}) == len(nodes)
+    for c in configs:
+        assert c["device-class"] in {*DEVICE_CLASSES, MEASURED}
+
+
+def test_insecure_and_tls_variants(variant):
+    mode, svcs, argv = variant
+    flower = {n: a for n, a in argv.items() if not n.startswith("superexec-clientapp-")}
+    if mode == "insecure":
+        assert all("--insecure" in cmd for cmd in argv.values())
+        return
+    link = argv["superlink"]
+    assert "--insecure" not in link and "--enable-supernode-auth" in link
+    for name, cmd in flower.items():
+        assert "--insecure" not in cmd, name
+        mounts = {m.split(":")[1]: m.split(":")[0] for m in svcs[name].get("volumes", []) if ":" in m}
+        assert mounts.get("/app/certs") == "./certs", name
+        for tok in cmd:  # every certificate/key file lies in the mounted folder
+            if tok.startswith("/app/"):
+                assert tok.startswith("/app/certs/"), (name, tok)
+    assert value(link, "--ssl-ca-certfile") == "/app/certs/ca.crt"
+    assert value(argv["superexec-serverapp"], "--root-certificates") == "/app/certs/ca.crt"
+    keys = [value(argv[n], "--auth-supernode-private-key") for n in supernode_names(svcs)]
+    assert len(set(keys)) == len(keys) and None not in keys
+    assert all(value(argv[n], "--root-certificates") == "/app/certs/ca.crt" for n in supernode_names(svcs))
+
+
+def flower_commands(text):
+    """(command, args) of every Flower CLI invocation in a shell snippet."""
+    found = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            tokens = shlex.split(line.lstrip("$ "), comments=True)
+        except ValueError:
+            continue
+        for i, tok in enumerate(tokens):
+            if tok not in FLOWER_CLIS:
+                continue
+            args = []
+            for t in tokens[i + 1 :]:
+                if t in ("&&", "||", "|", ";", "&") or t.startswith(">"):
+                    break
+                args.append(t)
+            cmd = [tok]
+            if tok == "flwr":
+                subs = [a for a in args if not a.startswith("-")][:2]
+                if subs:
+                    cmd.append(subs[0])
+                    if subs[0] in ("supernode", "app", "federation", "config") and len(subs) > 1:
+                        cmd.append(subs[1])
+            found.append((cmd, args))
+    return found
+
+
+def shell_blocks(markdown):
+    """Contents of the fenced ``bash``/``sh``/``console`` blocks of a Markdown text."""
+    blocks, lang, lines = [], None, []
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            if lang is None:
+                lang, lines = line[3:].strip() or "text", []
+            else:
+                if lang in ("bash", "sh", "shell", "console"):
+                    blocks.append("\n".join(lines))
+                lang = None
+        elif lang is not None:
+            lines.append(line)
+    return blocks
+
+
+def test_docs_commands_use_existing_flags():
+    if not DOCS.exists():
+        pytest.skip("docs/DEPLOYMENT.md not written yet")
+    blocks = shell_blocks(DOCS.read_text())
+    commands = [c for block in blocks for c in flower_commands(re.sub(r"\\\n\s*", " ", block))]
+    assert {c[0][0] for c in commands} >= {"flower-superlink", "flower-supernode", "flwr"}
+    problems = [p for cmd, args in commands for p in flags.check_argv(cmd, args)]
+    assert problems == []
+
+
+def test_docs_deploy_scripts_parse():
+    if not DOCS.exists():
+        pytest.skip("docs/DEPLOYMENT.md not written yet")
+    from deploy import certs, local
+
+    parsers = {"deploy/local.py": local.build_parser(), "deploy/certs.py": certs.build_parser()}
+    seen = set()
+    for block in shell_blocks(DOCS.read_text()):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            tokens = shlex.split(line, comments=True)
+            if len(tokens) > 1 and tokens[0] == "python":
+                script = next((k for k in parsers if tokens[1].endswith(k)), None)
+                if script:
+                    parsers[script].parse_args(tokens[2:])  # SystemExit on a bad flag
+                    seen.add(script)
+    assert seen == set(parsers)
