@@ -41,6 +41,7 @@ import psutil
 import torch
 import torch.nn.functional as F
 
+from .bench import _int_list
 from .capacity import MIB, REFERENCE_SPEC, MemoryModel
 from .model import ModelSpec, build_model
 
@@ -122,16 +123,6 @@ def _in_fresh_process(
             os.environ.pop(_MMAP_ENV, None)
         else:
             os.environ[_MMAP_ENV] = saved
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers: {text!r}") from err
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
 
 
 def _spec_list(text: str) -> list[str]:

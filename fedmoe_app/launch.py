@@ -45,6 +45,11 @@ def toml_value(value: Any) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _num(value: float) -> int | float:
+    """``2.0`` → ``2``: Flower rejects floats where it expects whole resource counts."""
+    return int(value) if float(value).is_integer() else float(value)
+
+
 def run_config_arg(run_config: Mapping[str, Any] | str | None) -> list[str]:
     """``--run-config`` arguments for ``flwr run``."""
     if not run_config:
@@ -184,6 +189,9 @@ def launch(
         FLWR_HOME=str(home),
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         FLWR_DISABLE_UPDATE_CHECK="1",
+        # Ray starts simulated clients at nice 15, so they yield the CPU to everything else;
+        # a client here is the workload, not a background job.
+        RAY_worker_niceness=env.get("RAY_worker_niceness", "0"),
         FEDMOE_OUTPUT_ROOT=str(Path(output_root).resolve() if output_root else app_dir),
         PYTHONPATH=os.pathsep.join(p for p in (str(app_dir), env.get("PYTHONPATH", "")) if p),
     )
@@ -210,8 +218,8 @@ def launch(
         try:
             wait_healthy(port, superlink)
             federation = (
-                f"num_supernodes={num_supernodes} client_resources_num_cpus={num_cpus} "
-                f"client_resources_num_gpus={num_gpus}"
+                f"num_supernodes={num_supernodes} client_resources_num_cpus={toml_value(_num(num_cpus))} "
+                f"client_resources_num_gpus={toml_value(_num(num_gpus))}"
             )
             cmd = [
                 "flwr",

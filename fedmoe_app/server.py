@@ -19,7 +19,7 @@ from .model import build_model
 from .records import Arrays, load_arrays, model_to_arrays
 from .results import RunRecorder
 from .strategy import FedMoE
-from .training import evaluate
+from .training import evaluate, resolve_device
 
 
 def output_dir(cfg: RunConfig) -> Path:
@@ -48,10 +48,11 @@ def run_server(grid: Grid, run_config: dict) -> Path:
         log(INFO, "Resuming run %s after round %d", out.name, last)
     recorder = RunRecorder(out, cfg.to_dict(), history)
     eval_model = build_model(spec)
+    device = resolve_device(cfg.device)
 
     def central_eval(server_round: int, arrays: Arrays) -> dict[str, float]:
         load_arrays(eval_model, arrays)
-        loss, acc = evaluate(eval_model, test)
+        loss, acc = evaluate(eval_model, test, device=device)
         return {"accuracy": acc, "loss": loss}
 
     log(INFO, "fedmoe: outputs in %s", out)

@@ -1,10 +1,22 @@
-"""Local training and evaluation loops, collecting the routing feedback the server uses."""
+"""Local training and evaluation loops, collecting the routing feedback the server uses.
+
+Performance notes (measured in ``docs/PERFORMANCE.md``): on CPU the conv stem runs in
+``channels_last`` memory format (about 1.5x faster training and 2x faster evaluation than
+NCHW), SGD uses the fused kernel where torch has one, and running sums stay on the
+device so a step never waits for a host sync. Model and data are moved to the chosen
+device (:func:`resolve_device`) before the loop.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
+import os
 import resource
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,6 +24,8 @@ import torch.nn.functional as F
 
 from .data import Split
 from .model import MoEClassifier
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,6 +52,66 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def memory_format(device: torch.device) -> torch.memory_format:
+    """Memory format for the conv stem: ``channels_last`` on CPU (measured faster), else NCHW."""
+    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+
+
+def make_sgd(params: Iterable[torch.nn.Parameter], *, lr: float, momentum: float) -> torch.optim.SGD:
+    """SGD with momentum, using torch's fused kernel where available (same update rule).
+
+    The fused CPU/CUDA kernel does the momentum update in one pass over each tensor
+    (about 2x faster steps on CPU than the default per-tensor loop); torch versions or
+    devices without it get the default implementation.
+    """
+    params = list(params)
+    try:
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.SGD(params, lr=lr, momentum=momentum)
+
+
+def cpu_share() -> int:
+    """Return the CPU cores this process may use.
+
+    ``$OMP_NUM_THREADS`` if set (Ray sets it to ``floor(num_cpus)``, at least 1, for every
+    simulated client, i.e. ``client-resources-num-cpus``); otherwise the CPU affinity mask,
+    capped by a cgroup v2 CPU quota (containers) when there is one.
+    """
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+_THREADS_SET = False
+
+
+def configure_threads() -> int:
+    """Cap torch's intra-op threads at :func:`cpu_share` (once per process); return the count.
+
+    torch already reads ``$OMP_NUM_THREADS``; without it torch takes every physical core
+    of the host, which over-subscribes a container with a CPU quota or a client pinned to
+    a few cores. The count is only ever lowered, never raised, and a later explicit
+    :func:`torch.set_num_threads` by the caller wins.
+    """
+    global _THREADS_SET
+    if not _THREADS_SET:
+        _THREADS_SET = True
+        share = cpu_share()
+        if torch.get_num_threads() > share:
+            torch.set_num_threads(share)
+            log.debug("torch intra-op threads capped at %d (CPU share)", share)
+    return torch.get_num_threads()
+
+
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
@@ -62,15 +136,19 @@ def train(
     round deadline); ``None`` trains ``epochs`` full epochs.
     """
     device = torch.device(device)
-    model.to(device).train()
+    configure_threads()
+    fmt = memory_format(device)
+    model.to(device=device, memory_format=fmt).train()
     num_e = model.spec.num_experts
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum)
+    opt = make_sgd((p for p in model.parameters() if p.requires_grad), lr=lr, momentum=momentum)
     gen = torch.Generator().manual_seed(seed)
     x_all, y_all = data.images.to(device), data.labels.to(device)
     tokens = torch.zeros(num_e, device=device)
     loss_sum = torch.zeros(num_e, device=device)
     hist = torch.zeros(num_e, device=device)
-    total_loss, correct, seen = 0.0, 0, 0
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
     start = time.perf_counter()
     limit = epochs * len(y_all) if max_samples is None else min(max_samples, epochs * len(y_all))
     for _ in range(epochs):
@@ -79,25 +157,30 @@ def train(
             if seen >= limit:
                 break
             idx = order[i : i + batch_size]
-            x, y = x_all[idx], y_all[idx]
+            x = x_all.index_select(0, idx).contiguous(memory_format=fmt)
+            y = y_all.index_select(0, idx)
             out = model(x, y)
             loss = F.cross_entropy(out.logits, y)
             opt.zero_grad(set_to_none=True)
             (loss + aux_weight * out.aux_loss).backward()
             opt.step()
-            tokens += out.tokens
-            loss_sum += out.expert_loss_sum
-            hist += out.gate_hist
-            total_loss += loss.item() * len(y)
-            correct += int((out.logits.argmax(1) == y).sum())
+            with torch.no_grad():  # running sums stay on the device: no per-step host sync
+                tokens += out.tokens
+                loss_sum += out.expert_loss_sum
+                hist += out.gate_hist
+                total_loss += loss.detach() * len(y)
+                correct += (out.logits.argmax(1) == y).sum()
             seen += len(y)
+    mean_total = float(total_loss) / max(seen, 1)  # the one sync of the loop
     elapsed = time.perf_counter() - start
+    if fmt != torch.contiguous_format:
+        model.to(memory_format=torch.contiguous_format)
     tok = tokens.cpu().numpy().astype(np.float64)
     mean_loss = np.divide(loss_sum.cpu().numpy(), tok, out=np.zeros(num_e), where=tok > 0)
     return TrainResult(
         num_examples=len(y_all),
-        loss=total_loss / max(seen, 1),
-        accuracy=correct / max(seen, 1),
+        loss=mean_total,
+        accuracy=int(correct) / max(seen, 1),
         tokens=tok,
         expert_loss=mean_loss,
         gate_hist=hist.cpu().numpy().astype(np.float64),
@@ -115,12 +198,17 @@ def evaluate(
     if len(data) == 0:
         return 0.0, 0.0
     device = torch.device(device)
-    model.to(device).eval()
-    total_loss, correct = 0.0, 0
+    configure_threads()
+    fmt = memory_format(device)
+    model.to(device=device, memory_format=fmt).eval()
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
     for i in range(0, len(data), batch_size):
-        x = data.images[i : i + batch_size].to(device)
+        x = data.images[i : i + batch_size].to(device=device, memory_format=fmt)
         y = data.labels[i : i + batch_size].to(device)
         logits = model(x).logits
-        total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-    return total_loss / len(data), correct / len(data)
+        total_loss += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    if fmt != torch.contiguous_format:
+        model.to(memory_format=torch.contiguous_format)
+    return float(total_loss) / len(data), int(correct) / len(data)
