@@ -49,3 +49,30 @@ def test_flwr_run_trains_sparse_moe_and_writes_outputs(run_app):
     ):
         assert (out / name).is_file(), name
     assert not flower_processes(out.parents[1] / "flwr-home")
+
+
+def test_policies_differ_and_never_exceed_capacity(run_app):
+    """Real runs: each policy plans differently; no client is ever sent more than its capacity."""
+    plans = {}
+    for policy in ("random", "greedy", "load_balanced"):
+        code, out, log = run_app(
+            {
+                "num-server-rounds": 3,
+                "policy": policy,
+                "experts-per-client": 4,
+                "device-mix": "phone=0.5,laptop=0.5",
+                "fraction-evaluate": 0.0,
+                "max-samples-per-client": 200,
+            },
+            num_supernodes=4,
+            run_name=f"policy-{policy}",
+        )
+        assert code == 0, log[-3000:]
+        rounds = read_metrics(out)[1:]
+        for r in rounds:
+            assert r["assignment"] and r["expert_load"] and r["load_cv"] is not None
+            for cid, experts in r["assignment"].items():
+                assert 1 <= len(experts) <= max(r["capacity"][cid], 1), (policy, r["round"], cid)
+        assert {c for r in rounds for c in r["capacity"].values()} == {1, 4}  # phones and laptops
+        plans[policy] = [r["assignment"] for r in rounds]
+    assert plans["random"] != plans["greedy"] != plans["load_balanced"] != plans["random"]
