@@ -6,9 +6,12 @@ Weights
   the tokens each routed to it. A client holding ``e`` read-only (``under-capacity =
   "shared-only"``) sends no copy back.
 * the gate's row ``e`` (``gate.weight[e]``, ``gate.bias[e]``): average over the clients
-  that routed tokens to ``e``, weighted by those tokens. The row belongs with its expert:
-  a client that does not hold ``e`` masks that logit and never changes the row, so
-  averaging its stale copy in would only drag the row back.
+  that routed tokens to ``e`` *and held at least two experts*, weighted by those tokens.
+  The row belongs with its expert: a client that does not hold ``e`` masks that logit and
+  never changes the row. A client holding a single expert cannot change it either: the
+  softmax over one unmasked logit is constantly 1 (and so is its balance loss), so the
+  gate gets no gradient; its unchanged copy, weighted by all of its tokens, would only
+  drag the row back towards last round's value.
 * every other tensor: average over all replies, weighted by ``num_examples``.
 
 An expert (or gate row) with zero total weight keeps its value.
@@ -33,6 +36,7 @@ class ClientUpdate:
     arrays: Arrays  # shared + held experts, global names
     num_examples: int
     tokens: np.ndarray  # [E], tokens routed to each expert (0 where not held)
+    num_held: int | None = None  # experts the client held (unmasked); None: those with tokens
 
 
 def aggregate(global_arrays: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate]) -> Arrays:
@@ -56,7 +60,11 @@ def aggregate(global_arrays: Mapping[str, np.ndarray], updates: Sequence[ClientU
         return out
     tokens = np.stack([u.tokens for u in updates]).astype(np.float64)  # [C, E]
     examples = np.array([u.num_examples for u in updates], dtype=np.float64)
-    col_total = tokens.sum(axis=0)  # [E]: gate rows, trained by every client routing to e
+    held = np.array(
+        [u.num_held if u.num_held is not None else int(np.count_nonzero(u.tokens)) for u in updates]
+    )
+    gate_tokens = np.where((held >= 2)[:, None], tokens, 0.0)  # one held expert: no gate gradient
+    col_total = gate_tokens.sum(axis=0)  # [E]
     # Experts: only clients that returned expert e (read-only holders send none back).
     returned = np.zeros_like(tokens, dtype=bool)
     for i, u in enumerate(updates):
@@ -78,7 +86,7 @@ def aggregate(global_arrays: Mapping[str, np.ndarray], updates: Sequence[ClientU
             out[key] = (acc / expert_total[e]).astype(old.dtype)
         elif key in GATE_KEYS:
             stacked = np.stack([u.arrays[key] for u in updates]).astype(np.float64)  # [C, E, ...]
-            w = tokens.reshape(tokens.shape + (1,) * (old.ndim - 1))
+            w = gate_tokens.reshape(gate_tokens.shape + (1,) * (old.ndim - 1))
             summed = (w * stacked).sum(axis=0)
             trained = col_total > 0
             denom = np.where(trained, col_total, 1.0).reshape((-1,) + (1,) * (old.ndim - 1))

@@ -10,7 +10,10 @@ for tests. Partitions are computed with flwr-datasets partitioners on an in-memo
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import hashlib
+import importlib.metadata
 import logging
 import os
 import pickle
@@ -211,7 +214,7 @@ def load_splits(name: str, data_dir: str = "", seed: int = 0) -> tuple[Split, Sp
     splits = []
     for key in ("train", "test"):
         images, labels = raw[key]
-        x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+        x = torch.from_numpy(np.require(images, requirements=("C", "W"))).float().div_(255.0)
         if x.dim() == 3:
             x = x.unsqueeze(1)
         m = torch.tensor(mean).view(1, -1, 1, 1)
@@ -220,6 +223,19 @@ def load_splits(name: str, data_dir: str = "", seed: int = 0) -> tuple[Split, Sp
     train, test = splits
     info = DatasetInfo(int(train.images.shape[1]), int(train.images.shape[2]), int(train.labels.max()) + 1)
     return train, test, info
+
+
+def partition_cache_dir() -> Path:
+    """Folder of the on-disk partition cache: ``$FEDMOE_CACHE_DIR`` or ``~/.cache/fedmoe``."""
+    root = os.environ.get("FEDMOE_CACHE_DIR") or Path.home() / ".cache" / "fedmoe"
+    return Path(root) / "partitions"
+
+
+def _flwr_datasets_version() -> str:
+    try:
+        return importlib.metadata.version("flwr-datasets")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a dependency
+        return "unknown"
 
 
 @lru_cache(maxsize=4)
@@ -234,22 +250,55 @@ def partition_indices(
 ) -> tuple[np.ndarray, ...]:
     """Split sample indices into ``num_partitions`` with a flwr-datasets partitioner.
 
-    ``labels`` is passed as bytes of an int64 array (hashable, for the cache).
+    ``labels`` is passed as bytes of an int64 array (hashable, for the in-process cache).
+    Results are also cached on disk (:func:`partition_cache_dir`), keyed by a hash of the
+    labels, the arguments and the flwr-datasets version, so only the first process of a
+    run imports ``datasets`` and computes the split; every process gets the same arrays.
+    The cache file is written atomically (temp file + rename: clients start in parallel);
+    an unreadable one is recomputed and an unwritable folder only costs the speed-up.
     """
+    if partitioner not in ("dirichlet", "pathological", "iid"):
+        raise ValueError(f"unknown partitioner {partitioner!r}")
+    y = np.frombuffer(labels, dtype=np.int64) if isinstance(labels, bytes) else np.asarray(labels, np.int64)
+    args = (num_partitions, partitioner, float(alpha), int(shards), int(seed), _flwr_datasets_version())
+    key = hashlib.sha256(y.tobytes() + repr(args).encode()).hexdigest()[:32]
+    path = partition_cache_dir() / f"{key}.npz"
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                parts = tuple(np.asarray(z[f"p{i}"], dtype=np.int64) for i in range(num_partitions))
+            if sum(len(p) for p in parts) <= len(y):
+                return parts
+        except (OSError, KeyError, ValueError) as err:
+            log.warning("partition cache %s is unreadable (%s); recomputing", path, err)
+    parts = _compute_partitions(y, num_partitions, partitioner, alpha=alpha, shards=shards, seed=seed)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(tmp, **{f"p{i}": p for i, p in enumerate(parts)})
+        os.replace(tmp, path)
+    except OSError as err:
+        log.debug("partition cache not written (%s)", err)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return parts
+
+
+def _compute_partitions(
+    y: np.ndarray, num_partitions: int, partitioner: str, *, alpha: float, shards: int, seed: int
+) -> tuple[np.ndarray, ...]:
+    """Run the flwr-datasets partitioner on an in-memory dataset of ``y``."""
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
 
-    y = np.frombuffer(labels, dtype=np.int64) if isinstance(labels, bytes) else np.asarray(labels)
     ds = Dataset.from_dict({"label": y, "idx": np.arange(len(y))})
     if partitioner == "dirichlet":
         min_size = max(1, min(10, len(y) // (4 * num_partitions)))
         part = DirichletPartitioner(num_partitions, "label", alpha, min_partition_size=min_size, seed=seed)
     elif partitioner == "pathological":
         part = PathologicalPartitioner(num_partitions, "label", shards, seed=seed)
-    elif partitioner == "iid":
-        part = IidPartitioner(num_partitions)
     else:
-        raise ValueError(f"unknown partitioner {partitioner!r}")
+        part = IidPartitioner(num_partitions)
     part.dataset = ds
     return tuple(np.asarray(part.load_partition(i)["idx"], dtype=np.int64) for i in range(num_partitions))
 

@@ -169,7 +169,7 @@ def parse_train_reply(
     return TrainReply(
         node_id=node_id,
         client_id=cid,
-        update=ClientUpdate(arrays=arrays, num_examples=n, tokens=tokens),
+        update=ClientUpdate(arrays=arrays, num_examples=n, tokens=tokens, num_held=len(sent.expert_ids)),
         expert_ids=list(sent.expert_ids),
         loss=extra.get("train-loss", math.nan),
         accuracy=extra.get("train-accuracy", math.nan),

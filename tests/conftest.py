@@ -20,6 +20,14 @@ FAST = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_partition_cache(tmp_path_factory):
+    """Keep the on-disk partition cache of every test (and the apps they start) private."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEDMOE_CACHE_DIR", str(tmp_path_factory.mktemp("fedmoe-cache")))
+        yield
+
+
 @pytest.fixture
 def run_app(tmp_path):
     """Run the app with `flwr run` in local simulation; return (exit code, out dir, log)."""

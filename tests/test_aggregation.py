@@ -46,11 +46,12 @@ def test_per_expert_weighted_average_hand_computed():
     np.testing.assert_allclose(out["experts.1.w1"], [(14 * 20 + 6 * 40) / 20])
     # expert 2 trained by nobody: unchanged
     np.testing.assert_array_equal(out["experts.2.w1"], g["experts.2.w1"])
-    # gate rows follow their expert's token weights; untrained row 2 is unchanged
+    # gate rows follow their expert's token weights over clients holding >= 2 experts:
+    # b held one expert (its gate got no gradient), so row 1 is a's; untrained row 2 is unchanged
     np.testing.assert_allclose(out["gate.weight"][0], [1, 1])
-    np.testing.assert_allclose(out["gate.weight"][1], [(14 * 2 + 6 * 4) / 20] * 2)
+    np.testing.assert_allclose(out["gate.weight"][1], [2, 2])
     np.testing.assert_array_equal(out["gate.weight"][2], [0, 0])
-    np.testing.assert_allclose(out["gate.bias"], [1, (14 * 2 + 6 * 4) / 20, 0])
+    np.testing.assert_allclose(out["gate.bias"], [1, 2, 0])
     assert all(out[k].dtype == g[k].dtype for k in g)
     # the input is not modified
     np.testing.assert_array_equal(g["experts.1.w1"], [2.0])
@@ -63,7 +64,28 @@ def test_no_updates_keeps_model():
         np.testing.assert_array_equal(out[k], g[k])
 
 
-def test_read_only_holder_trains_gate_row_but_not_expert():
+def test_gate_rows_token_weighted_over_multi_expert_holders():
+    g = _global()
+
+    def upd(row1, tokens, num_held):
+        gate = np.zeros((3, 2), np.float32)
+        gate[1] = row1
+        return ClientUpdate(
+            arrays={"stem.w": np.zeros(2, np.float32), "gate.weight": gate, "gate.bias": gate[:, 0].copy()},
+            num_examples=10,
+            tokens=np.array(tokens, dtype=float),
+            num_held=num_held,
+        )
+
+    out = aggregate(g, [upd(3, [5, 15, 0], 2), upd(7, [0, 5, 0], 3), upd(100, [0, 40, 0], 1)])
+    np.testing.assert_allclose(out["gate.weight"][1], [(15 * 3 + 5 * 7) / 20] * 2)
+    np.testing.assert_allclose(out["gate.bias"], [0, (15 * 3 + 5 * 7) / 20, 0])
+    # Only single-expert holders: the gate got no gradient anywhere, it keeps its value.
+    out = aggregate(g, [upd(100, [0, 40, 0], 1)])
+    np.testing.assert_array_equal(out["gate.weight"], g["gate.weight"])
+
+
+def test_read_only_holder_trains_neither_gate_row_nor_expert():
     g = _global()
     frozen = ClientUpdate(  # held expert 2 read-only: returns shared tensors only
         arrays={
@@ -76,5 +98,5 @@ def test_read_only_holder_trains_gate_row_but_not_expert():
     )
     out = aggregate(g, [frozen])
     np.testing.assert_array_equal(out["experts.2.w1"], g["experts.2.w1"])
-    np.testing.assert_allclose(out["gate.weight"][2], [5, 5])
+    np.testing.assert_array_equal(out["gate.weight"], g["gate.weight"])  # one expert: no gate gradient
     np.testing.assert_allclose(out["stem.w"], [4, 4])

@@ -1,5 +1,8 @@
 import gzip
+import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -91,19 +94,65 @@ def test_synthetic_is_seeded_and_learnable_shape():
 
 @pytest.mark.parametrize("partitioner", ["dirichlet", "pathological", "iid"])
 def test_partitions_are_deterministic_and_disjoint(partitioner):
-    labels = np.random.default_rng(0).integers(0, 10, 2000).astype(np.int64).tobytes()
-    data.partition_indices.cache_clear()
-    p1 = data.partition_indices(labels, 8, partitioner, alpha=0.1, seed=3)
-    data.partition_indices.cache_clear()
-    p2 = data.partition_indices(labels, 8, partitioner, alpha=0.1, seed=3)
+    y = np.random.default_rng(0).integers(0, 10, 2000).astype(np.int64)
+    p1 = data._compute_partitions(y, 8, partitioner, alpha=0.1, shards=2, seed=3)
+    p2 = data._compute_partitions(y, 8, partitioner, alpha=0.1, shards=2, seed=3)
     assert all(np.array_equal(a, b) for a, b in zip(p1, p2))
     allidx = np.concatenate(p1)
     assert len(np.unique(allidx)) == len(allidx)
     if partitioner != "pathological":
         assert len(allidx) == 2000
     if partitioner == "dirichlet":
-        p3 = data.partition_indices(labels, 8, partitioner, alpha=0.1, seed=4)
+        p3 = data._compute_partitions(y, 8, partitioner, alpha=0.1, shards=2, seed=4)
         assert not all(np.array_equal(a, b) for a, b in zip(p1, p3))
+
+
+def test_partition_cache_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDMOE_CACHE_DIR", str(tmp_path))
+    y = np.random.default_rng(1).integers(0, 10, 3000).astype(np.int64)
+    expected = data._compute_partitions(y, 6, "dirichlet", alpha=0.3, shards=2, seed=2)
+    data.partition_indices.cache_clear()
+    first = data.partition_indices(y.tobytes(), 6, "dirichlet", alpha=0.3, seed=2)
+    files = list((tmp_path / "partitions").glob("*.npz"))
+    assert len(files) == 1 and not list((tmp_path / "partitions").glob(".*"))  # no temp file left
+    # Another set of arguments is another entry, never a stale hit.
+    data.partition_indices(y.tobytes(), 6, "dirichlet", alpha=0.3, seed=3)
+    assert len(list((tmp_path / "partitions").glob("*.npz"))) == 2
+
+    # A fresh process reads the file and never imports `datasets` / flwr-datasets.
+    script = (
+        "import sys, numpy as np\n"
+        "from fedmoe_app import data\n"
+        f"y = np.random.default_rng(1).integers(0, 10, 3000).astype(np.int64)\n"
+        "p = data.partition_indices(y.tobytes(), 6, 'dirichlet', alpha=0.3, seed=2)\n"
+        f"np.savez({str(tmp_path / 'out.npz')!r}, *p)\n"
+        "print('datasets' in sys.modules, 'flwr_datasets' in sys.modules)\n"
+    )
+    env = {**os.environ, "FEDMOE_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+    with np.load(tmp_path / "out.npz") as z:
+        hit = [z[f"arr_{i}"] for i in range(6)]
+    for a, b, c in zip(expected, first, hit):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+
+    # A corrupt cache file is recomputed (and rewritten), not trusted.
+    files[0].write_bytes(b"not an npz")
+    data.partition_indices.cache_clear()
+    again = data.partition_indices(y.tobytes(), 6, "dirichlet", alpha=0.3, seed=2)
+    assert all(np.array_equal(a, b) for a, b in zip(expected, again))
+    with np.load(files[0]) as z:
+        assert len(z.files) == 6
+
+    # An unwritable cache folder costs only the speed-up.
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setenv("FEDMOE_CACHE_DIR", str(blocker))
+    data.partition_indices.cache_clear()
+    alone = data.partition_indices(y.tobytes(), 6, "dirichlet", alpha=0.3, seed=2)
+    assert all(np.array_equal(a, b) for a, b in zip(expected, alone))
+    data.partition_indices.cache_clear()
 
 
 def test_client_split_is_disjoint_and_capped():
