@@ -663,7 +663,7 @@ class AlignmentState:
         ``g`` in ``U <- g U + load``.
     w_fitness, w_usage : float, default 1.0, 0.5
         Weights of normalized fitness and usage in the desirability.
-    load_slack : float, default 0.1
+    load_slack : float, default 0.0
         Relative slack of the ``load_balanced`` load bounds around the mean load.
     loss_weight : float, default 0.5
         ``lam``: held signal ``(1 - lam) * token_share + lam * exp(-loss)``.
@@ -690,7 +690,7 @@ class AlignmentState:
         usage_decay: float = 0.8,
         w_fitness: float = 1.0,
         w_usage: float = 0.5,
-        load_slack: float = 0.1,
+        load_slack: float = 0.0,
         loss_weight: float = 0.5,
         seed: int = 0,
     ) -> None:

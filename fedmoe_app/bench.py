@@ -39,6 +39,7 @@ import numpy as np
 
 from . import alignment
 from .alignment import POLICIES, AlignmentState, load_cv
+from .config import RunConfig
 
 ALIGNMENT_POLICIES: tuple[str, ...] = ("random", "greedy", "load_balanced")
 
@@ -97,7 +98,8 @@ def bench_alignment(args: argparse.Namespace) -> int:
     ----------
     args : argparse.Namespace
         ``sizes`` (list of int), ``experts``, ``repeats``, ``seed``, ``policies``,
-        ``skew``, ``full_network`` (solve ``load_balanced`` without candidate pruning, for comparison).
+        ``skew``, ``load_slack``, ``full_network`` (solve ``load_balanced`` without candidate
+        pruning, for comparison).
 
     Returns
     -------
@@ -111,13 +113,13 @@ def bench_alignment(args: argparse.Namespace) -> int:
     network = "full network" if args.full_network else "pruned + certified"
     out.write(
         f"# alignment benchmark: E={args.experts}, capacities 1-8, repeats={args.repeats}, "
-        f"skew={args.skew}, load_balanced solver: {network}\n"
+        f"skew={args.skew}, load_slack={args.load_slack}, load_balanced solver: {network}\n"
     )
     out.write(f"# machine: {machine_summary()}\n")
     out.write(f"{'clients':>8} {'policy':>14} {'median ms':>10} {'min ms':>9} {'load CV':>8}\n")
     for size in args.sizes:
         rng = np.random.default_rng(args.seed)
-        state = AlignmentState(args.experts, seed=args.seed)
+        state = AlignmentState(args.experts, load_slack=args.load_slack, seed=args.seed)
         ids = [f"client-{i}" for i in range(size)]
         state.index(ids)
         state.fitness[:] = rng.random((size, args.experts))
@@ -446,7 +448,6 @@ def plain_loop(
     t_setup = time.perf_counter()
     threads = _set_threads(threads)
     from .aggregation import ClientUpdate, aggregate
-    from .config import RunConfig
     from .data import client_data, server_test_data
     from .model import ModelSpec, build_model
     from .records import load_arrays, model_to_arrays, select
@@ -782,6 +783,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_policy_list,
         default=list(ALIGNMENT_POLICIES),
         help="comma-separated subset of " + ",".join(POLICIES),
+    )
+    p.add_argument(
+        "--load-slack",
+        type=float,
+        default=RunConfig().load_slack,
+        help=f"load_balanced bounds: mean x (1 +- slack) (default {RunConfig().load_slack})",
     )
     p.add_argument(
         "--skew",

@@ -84,7 +84,7 @@ class RunConfig:
     usage_decay: float = _opt(0.8, _range(0.0, 1.0), "usage kept per round")
     w_fitness: float = _opt(1.0, _range(0.0), "weight of fitness in desirability")
     w_usage: float = _opt(0.5, _range(0.0), "weight of the usage penalty in desirability")
-    load_slack: float = _opt(0.1, _range(0.0), "per-expert load bounds: mean x (1 +- slack)")
+    load_slack: float = _opt(0.0, _range(0.0), "per-expert load bounds: mean x (1 +- slack)")
     # Capacity
     capacity: str = _opt("profiled", _choice(*CAPACITY_MODES), "experts per client: measured or fixed")
     device_mix: str = _opt("", None, 'e.g. "phone=0.5,laptop=0.3,edge=0.2"; empty: none')

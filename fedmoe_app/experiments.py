@@ -88,8 +88,11 @@ DEFAULT_BASE: dict[str, Any] = {
     "top-k": 2,
     # Heterogeneous capacity: profiled, emulated device classes (fedmoe_app/capacity.py).
     # A phone holds 1 expert, a laptop 4, whatever the dataset and batch size.
+    # ``experts-per-client`` caps profiled capacity (the app's default of 2 keeps the
+    # default job sparse); here the cap is the laptop's 4, so capacities are really 1-4.
     "capacity": "profiled",
     "device-mix": "phone=0.5,laptop=0.5",
+    "experts-per-client": 4,
     "round-timeout-s": 600.0,
     **LOCAL_WORK,
 }
@@ -109,6 +112,7 @@ QUICK_BASE: dict[str, Any] = {
     "top-k": 2,
     "capacity": "profiled",
     "device-mix": "phone=0.5,laptop=0.5",
+    "experts-per-client": 4,
     "max-samples-per-client": 0,
     "central-eval-samples": 0,
     "batch-size": 32,

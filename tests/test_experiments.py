@@ -132,6 +132,7 @@ def test_default_and_quick_grids():
     cfg = runs[0].run_config
     assert grid.num_clients == 20 and cfg["num-server-rounds"] >= 30 and cfg["fraction-train"] == 0.5
     assert cfg["capacity"] == "profiled" and cfg["num-experts"] == 8
+    assert cfg["experts-per-client"] == 4  # the laptops' 4 experts are not capped to 2
     for key, value in ex.LOCAL_WORK.items():
         assert cfg[key] == value
     grid.validate()
@@ -249,7 +250,11 @@ def test_compare_quick_end_to_end_and_resume(tmp_path):
     assert len(csv_rows) == 3
     for policy in ("greedy", "load_balanced"):
         run = out / "runs" / f"alpha0.5-{policy}-s0"
-        assert [r["round"] for r in json.loads((run / "metrics.json").read_text())] == [0, 1, 2, 3]
+        rows = json.loads((run / "metrics.json").read_text())
+        assert [r["round"] for r in rows] == [0, 1, 2, 3]
+        # Heterogeneous capacity as the grid intends: phones hold 1 expert, laptops 4.
+        caps = {c for r in rows[1:] for c in r["capacity"].values()}
+        assert caps == {1, 4}, caps
         assert (out / "logs" / f"alpha0.5-{policy}-s0.log").is_file()
     doc = json.loads((out / "progress.json").read_text())
     assert doc["done"] == 2 and doc["failed"] == 0 and doc["status"] == "finished"
