@@ -160,6 +160,14 @@ def _set_threads(threads: int) -> int:
     return torch.get_num_threads()
 
 
+def _worker_niceness(value: int | None) -> str:
+    """Describe the Ray worker niceness of the app: ``value``, the environment's, or launch's 0."""
+    if value is not None:
+        return str(value)
+    env = os.environ.get("RAY_worker_niceness")
+    return f"{env} (environment)" if env is not None else "0 (fedmoe_app.launch default)"
+
+
 def _methods(choice: str) -> list[str]:
     return ["grouped", "gather"] if choice == "all" else [choice]
 
@@ -613,7 +621,7 @@ def run_app_timed(
     env = {"PYTHONUNBUFFERED": "1"}
     if args.threads > 0:  # torch threads of every app process (Ray keeps a preset value)
         env["OMP_NUM_THREADS"] = str(args.threads)
-    if args.worker_niceness is not None:  # Ray starts its workers (the clients) at nice 15
+    if args.worker_niceness is not None:  # launch sets 0 unless the environment says otherwise
         env["RAY_worker_niceness"] = str(args.worker_niceness)
     with os.fdopen(write_fd, "w") as stream, _environ(env):
         code = launch_fn(
@@ -703,7 +711,7 @@ def bench_overhead(args: argparse.Namespace) -> int:
     out.write(
         f"# app: flwr run, simulation, client-resources num-cpus={args.num_cpus} num-gpus={args.num_gpus} "
         f"(up to {actors} client(s) at a time), torch threads per process {app_threads}, Ray worker "
-        f"niceness {'15 (Ray default)' if args.worker_niceness is None else args.worker_niceness}; "
+        f"niceness {_worker_niceness(args.worker_niceness)}; "
         f"plain loop: one process, clients one after another, torch threads={plains[0][0]['threads']}\n"
     )
     out.write(f"# machine: {machine_summary()}\n")
@@ -859,7 +867,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--worker-niceness",
         type=int,
         default=None,
-        help="set RAY_worker_niceness for the app (Ray's default runs simulated clients at nice 15)",
+        help="RAY_worker_niceness of the app's clients (default: launch's 0; Ray's own default is 15)",
     )
     p.add_argument("--repeats", type=int, default=1, help="app + plain pairs (medians reported)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per run")

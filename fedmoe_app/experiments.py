@@ -810,7 +810,9 @@ def plot_expert_load(
                     panels[(s, p)] = (runs[0].seed, rnds, mat)
     vmax = max((float(m.max()) for _, _, m in panels.values()), default=1.0) or 1.0
     nrow, ncol = max(len(names), 1), max(len(pols), 1)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol + 1.2, 3.6 * nrow), squeeze=False)
+    fig, axes = plt.subplots(
+        nrow, ncol, figsize=(3.2 * ncol + 1.2, 3.6 * nrow), squeeze=False, gridspec_kw={"hspace": 0.35}
+    )
     im = None
     for i, s in enumerate(names):
         for j, p in enumerate(pols):
@@ -830,7 +832,8 @@ def plot_expert_load(
             ax.set_title(f"{p}\n{titles.get(s, s)}, seed {seed}", fontsize=9)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_xlabel("expert")
+            if i == nrow - 1:
+                ax.set_xlabel("expert")
             if j == 0:
                 ax.set_ylabel("round")
     if im is not None:
