@@ -161,11 +161,13 @@ def _set_threads(threads: int) -> int:
 
 
 def _worker_niceness(value: int | None) -> str:
-    """Describe the Ray worker niceness of the app: ``value``, the environment's, or launch's 0."""
+    """Describe the Ray worker niceness of the app: ``value``, the environment's, or launch's."""
+    from .launch import WORKER_NICENESS
+
     if value is not None:
         return str(value)
     env = os.environ.get("RAY_worker_niceness")
-    return f"{env} (environment)" if env is not None else "0 (fedmoe_app.launch default)"
+    return f"{env} (environment)" if env is not None else f"{WORKER_NICENESS} (fedmoe_app.launch default)"
 
 
 def _methods(choice: str) -> list[str]:
@@ -792,11 +794,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(ALIGNMENT_POLICIES),
         help="comma-separated subset of " + ",".join(POLICIES),
     )
+    slack = RunConfig().load_slack
     p.add_argument(
         "--load-slack",
         type=float,
-        default=RunConfig().load_slack,
-        help=f"load_balanced bounds: mean x (1 +- slack) (default {RunConfig().load_slack})",
+        default=slack,
+        help=f"load_balanced bounds: mean x (1 +- slack) (default {slack}, the app's)",
     )
     p.add_argument(
         "--skew",

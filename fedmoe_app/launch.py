@@ -27,6 +27,9 @@ from typing import Any
 import psutil
 
 CONNECTION = "fedmoe-local"
+# Ray starts simulated clients at nice 15, so they yield the CPU to everything else; a client
+# here is the workload, not a background job. The environment's RAY_worker_niceness wins.
+WORKER_NICENESS = "0"
 
 
 def free_port() -> int:
@@ -189,9 +192,7 @@ def launch(
         FLWR_HOME=str(home),
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         FLWR_DISABLE_UPDATE_CHECK="1",
-        # Ray starts simulated clients at nice 15, so they yield the CPU to everything else;
-        # a client here is the workload, not a background job.
-        RAY_worker_niceness=env.get("RAY_worker_niceness", "0"),
+        RAY_worker_niceness=env.get("RAY_worker_niceness", WORKER_NICENESS),
         FEDMOE_OUTPUT_ROOT=str(Path(output_root).resolve() if output_root else app_dir),
         PYTHONPATH=os.pathsep.join(p for p in (str(app_dir), env.get("PYTHONPATH", "")) if p),
     )
