@@ -3,7 +3,7 @@
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedmoe_app import client
+from fedmoe_app.federation import client
 
 app = ClientApp()
 

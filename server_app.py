@@ -3,7 +3,7 @@
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedmoe_app.server import run_server
+from fedmoe_app.run.server import run_server
 
 app = ServerApp()
 

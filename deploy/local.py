@@ -42,7 +42,7 @@ if __package__ in (None, ""):  # `python deploy/local.py`: make the repository r
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deploy.certs import CertPaths, make_certificates, supernode_keypair  # noqa: E402
-from fedmoe_app.launch import (  # noqa: E402
+from fedmoe_app.tools.launch import (  # noqa: E402
     CONNECTION,
     free_port,
     reap,

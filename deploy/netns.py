@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import psutil
 
+from fedmoe_app.tools.launch import kill_remaining
+
 
 def unavailable_reason() -> str | None:
     """Why network namespaces cannot be used here (``None`` when they can)."""
@@ -144,13 +146,7 @@ class NetnsLab:
                 procs.append(proc)
             except psutil.Error:
                 continue
-        _, alive = psutil.wait_procs(procs, timeout=grace)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=5)
+        kill_remaining(procs, grace)
         for ns in reversed(self._namespaces):
             for _ in range(3):
                 if subprocess.run(["ip", "netns", "del", ns], capture_output=True).returncode == 0:

@@ -1,20 +1,29 @@
 """Typed run config: one dataclass mirroring ``[tool.flwr.app.config]``, validated at start.
 
+This is the one home of every default of a run: components below it (alignment, capacity)
+take explicit arguments without defaults of their own, and components above it build
+themselves from a :class:`RunConfig` (``ModelSpec.from_config``,
+``AlignmentState(E, **cfg.alignment_kwargs())``). ``pyproject.toml`` repeats the defaults
+because Flower reads them there; a test keeps the two equal.
+
 Every field ``foo_bar`` is the run-config key ``foo-bar``. :meth:`RunConfig.from_run_config`
-rejects unknown keys, wrong types and out-of-range values with an error that names the
-key, the bad value and what is allowed.
+rejects unknown keys, wrong types, non-finite numbers and out-of-range values with an error
+that names the key, the bad value and what is allowed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .alignment import POLICIES
+from .capacity import parse_device_mix
+
 DATASETS = ("fashion-mnist", "cifar10", "synthetic")
 PARTITIONERS = ("dirichlet", "pathological", "iid")
-POLICIES = ("load_balanced", "greedy", "random", "dense")
 CAPACITY_MODES = ("profiled", "fixed")
 UNDER_CAPACITY = ("shared-only", "skip")
 GATE_MODES = ("global", "local")
@@ -84,6 +93,7 @@ class RunConfig:
     usage_decay: float = _opt(0.8, _range(0.0, 1.0), "usage kept per round")
     w_fitness: float = _opt(1.0, _range(0.0), "weight of fitness in desirability")
     w_usage: float = _opt(0.5, _range(0.0), "weight of the usage penalty in desirability")
+    fitness_loss_weight: float = _opt(0.5, _range(0.0, 1.0), "share of exp(-expert loss) in fitness feedback")
     load_slack: float = _opt(0.0, _range(0.0), "per-expert load bounds: mean x (1 +- slack)")
     # Capacity
     capacity: str = _opt("profiled", _choice(*CAPACITY_MODES), "experts per client: measured or fixed")
@@ -136,6 +146,31 @@ class RunConfig:
         cfg._check_relations()
         return cfg
 
+    def alignment_kwargs(self) -> dict[str, float | int]:
+        """Keyword arguments of :class:`~fedmoe_app.alignment.AlignmentState` (all but ``E``)."""
+        return {
+            "fitness_ema": self.fitness_ema,
+            "fitness_decay": self.fitness_decay,
+            "usage_decay": self.usage_decay,
+            "w_fitness": self.w_fitness,
+            "w_usage": self.w_usage,
+            "load_slack": self.load_slack,
+            "loss_weight": self.fitness_loss_weight,
+            "seed": self.seed,
+        }
+
+    def split_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``fedmoe_app.data.client_data``: how a client's data is split."""
+        return {
+            "partitioner": self.partitioner,
+            "alpha": self.dirichlet_alpha,
+            "shards": self.shards_per_client,
+            "test_fraction": self.local_test_fraction,
+            "max_samples": self.max_samples_per_client,
+            "data_dir": self.data_dir,
+            "seed": self.seed,
+        }
+
     def _check_relations(self) -> None:
         if self.top_k > self.num_experts:
             raise ConfigError(
@@ -147,12 +182,34 @@ class RunConfig:
                 f"run-config key 'experts-per-client' = {self.experts_per_client} is invalid; "
                 f"allowed: 1..num-experts ({self.num_experts})"
             )
+        try:
+            parse_device_mix(self.device_mix)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         total = self.fault_drop_prob + self.fault_slow_prob + self.fault_corrupt_prob
         if total > 1.0:
             raise ConfigError(
                 f"run-config keys 'fault-drop-prob' + 'fault-slow-prob' + 'fault-corrupt-prob' "
                 f"= {total} is invalid; allowed: a sum <= 1"
             )
+
+    @classmethod
+    def markdown_table(cls) -> str:
+        """Return the README's configuration table: key, default, allowed values, what it does."""
+        lines = ["| key | default | allowed | what it does |", "|---|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            check = f.metadata.get("check")
+            if check is not None:
+                allowed = check[1]
+            elif isinstance(f.default, bool):
+                allowed = "true or false"
+            else:
+                allowed = "any string"
+            default = f.default
+            shown = ("true" if default else "false") if isinstance(default, bool) else default
+            shown = f'"{shown}"' if isinstance(default, str) else shown
+            lines.append(f"| `{f.name.replace('_', '-')}` | `{shown}` | {allowed} | {f.metadata['doc']} |")
+        return "\n".join(lines) + "\n"
 
     def to_dict(self) -> dict[str, Any]:
         """Run-config keys → values (as written to ``config.json``)."""
@@ -168,6 +225,8 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
     elif kind is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+        if ok and not math.isfinite(value):
+            raise ConfigError(f"run-config key '{key}' = {value!r} is invalid; allowed: a finite number")
     else:
         ok = isinstance(value, str)
     if not ok:

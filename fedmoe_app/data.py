@@ -244,9 +244,9 @@ def partition_indices(
     num_partitions: int,
     partitioner: str,
     *,
-    alpha: float = 0.1,
-    shards: int = 2,
-    seed: int = 0,
+    alpha: float,
+    shards: int,
+    seed: int,
 ) -> tuple[np.ndarray, ...]:
     """Split sample indices into ``num_partitions`` with a flwr-datasets partitioner.
 
@@ -308,13 +308,13 @@ def client_data(
     partition_id: int,
     num_partitions: int,
     *,
-    partitioner: str = "dirichlet",
-    alpha: float = 0.1,
-    shards: int = 2,
-    test_fraction: float = 0.2,
-    max_samples: int = 0,
-    data_dir: str = "",
-    seed: int = 0,
+    partitioner: str,
+    alpha: float,
+    shards: int,
+    test_fraction: float,
+    max_samples: int,
+    data_dir: str,
+    seed: int,
 ) -> tuple[Split, Split, DatasetInfo]:
     """One client's ``(train, local test, info)``: its partition, split and optionally capped."""
     if not 0 <= partition_id < num_partitions:
@@ -331,9 +331,7 @@ def client_data(
     return train.subset(train_idx), train.subset(idx[:n_test]), info
 
 
-def server_test_data(
-    name: str, *, max_samples: int = 0, data_dir: str = "", seed: int = 0
-) -> tuple[Split, DatasetInfo]:
+def server_test_data(name: str, *, max_samples: int, data_dir: str, seed: int) -> tuple[Split, DatasetInfo]:
     """Return the official test set (optionally a seeded subsample) for central evaluation."""
     _, test, info = load_splits(name, data_dir, seed)
     if max_samples and max_samples < len(test):

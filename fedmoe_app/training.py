@@ -10,20 +10,19 @@ device (:func:`resolve_device`) before the loop.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import resource
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .capacity.probe import usable_cpus
 from .data import Split
-from .model import MoEClassifier
+from .models import MoEClassifier
 
 log = logging.getLogger(__name__)
 
@@ -75,20 +74,13 @@ def cpu_share() -> int:
     """Return the CPU cores this process may use.
 
     ``$OMP_NUM_THREADS`` if set (Ray sets it to ``floor(num_cpus)``, at least 1, for every
-    simulated client, i.e. ``client-resources-num-cpus``); otherwise the CPU affinity mask,
-    capped by a cgroup v2 CPU quota (containers) when there is one.
+    simulated client, i.e. ``client-resources-num-cpus``); otherwise
+    :func:`~fedmoe_app.capacity.probe.usable_cpus` (affinity mask and cgroup CPU quota).
     """
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, cores)
+    return usable_cpus()
 
 
 _THREADS_SET = False
@@ -124,16 +116,17 @@ def train(
     epochs: int,
     batch_size: int,
     lr: float,
-    momentum: float = 0.9,
-    aux_weight: float = 0.01,
-    device: torch.device | str = "cpu",
-    seed: int = 0,
-    max_samples: int | None = None,
+    momentum: float,
+    aux_weight: float,
+    device: torch.device | str,
+    seed: int,
+    max_samples: int | None,
 ) -> TrainResult:
     """Train ``model`` in place with SGD on in-memory tensors; return loss and feedback.
 
-    ``max_samples`` stops training after that many samples (partial local work within a
-    round deadline); ``None`` trains ``epochs`` full epochs.
+    Every knob is required (the run config holds their defaults). ``max_samples`` stops
+    training after that many samples (partial local work within a round deadline); ``None``
+    trains ``epochs`` full epochs.
     """
     device = torch.device(device)
     configure_threads()

@@ -31,7 +31,7 @@ def _private_partition_cache(tmp_path_factory):
 @pytest.fixture
 def run_app(tmp_path):
     """Run the app with `flwr run` in local simulation; return (exit code, out dir, log)."""
-    from fedmoe_app.launch import launch
+    from fedmoe_app.tools.launch import launch
 
     def run(run_config, *, num_supernodes=3, run_name="e2e", timeout=420):
         cfg = {**FAST, "run-name": run_name, **run_config}
@@ -56,3 +56,30 @@ def read_metrics(out_dir):
 
 
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+
+def make_spec(**fields):
+    """The default CNN MoE on Fashion-MNIST (``REFERENCE_SPEC``) with ``fields`` changed."""
+    import dataclasses
+
+    from fedmoe_app.models import REFERENCE_SPEC
+
+    return dataclasses.replace(REFERENCE_SPEC, **fields)
+
+
+def train_args(**overrides):
+    """Keyword arguments of ``training.train`` at the run config's defaults, ``overrides`` changed."""
+    from fedmoe_app.config import RunConfig
+
+    cfg = RunConfig()
+    args = {
+        "epochs": cfg.local_epochs,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "momentum": cfg.momentum,
+        "aux_weight": cfg.aux_loss_weight,
+        "device": "cpu",
+        "seed": cfg.seed,
+        "max_samples": None,
+    }
+    return {**args, **overrides}

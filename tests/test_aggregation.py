@@ -1,6 +1,6 @@
 import numpy as np
 
-from fedmoe_app.aggregation import ClientUpdate, aggregate
+from fedmoe_app.federation.aggregation import ClientUpdate, aggregate
 
 
 def _global():

@@ -5,22 +5,20 @@ import time
 import numpy as np
 import psutil
 import pytest
+from conftest import make_spec
 
 from fedmoe_app import capacity as cap
+from fedmoe_app.capacity import probe
 from fedmoe_app.config import RunConfig
-from fedmoe_app.model import ModelSpec, build_model, count_parameters
+from fedmoe_app.federation.planner import capacity_for_profiles, virtual_round_time
+from fedmoe_app.models import REFERENCE_SPEC, build_model, count_parameters, model_costs
+from fedmoe_app.models.costs import expert_params, flops_per_sample, shared_params
+from fedmoe_app.tensors import payload_nbytes
 
-DEFAULT = cap.REFERENCE_SPEC  # ModelSpec(1, 28, 10): the app's default model
+DEFAULT = REFERENCE_SPEC  # the app's default model on Fashion-MNIST
 # A spec small enough to compute its memory by hand (see test_memory_model_hand_example).
-TOY = ModelSpec(
-    in_channels=1,
-    image_size=4,
-    num_classes=2,
-    num_experts=4,
-    top_k=1,
-    stem_channels=1,
-    feature_dim=1,
-    expert_hidden=1,
+TOY = make_spec(
+    image_size=4, num_classes=2, num_experts=4, top_k=1, stem_channels=1, feature_dim=1, expert_hidden=1
 )
 
 
@@ -42,7 +40,7 @@ def _profile(**kw):
 # --------------------------------------------------------------------------- measurement
 def test_measure_profile_is_sane_and_quick():
     t0 = time.perf_counter()
-    p = cap.measure_profile("client-3", benchmark_s=0.3)
+    p = probe.measure_profile("client-3", benchmark_s=0.3)
     wall = time.perf_counter() - t0
     assert wall <= 0.5 + 0.4  # benchmark window <= 0.45 s plus psutil and one warm-up product
     assert p.client_id == "client-3" and p.device_class == "measured"
@@ -50,18 +48,18 @@ def test_measure_profile_is_sane_and_quick():
     assert p.cpu_count >= 1
     assert p.cpu_freq_mhz >= 0.0
     assert p.gflops > 0 and math.isfinite(p.gflops)
-    assert p.down_mbps == p.up_mbps == cap.DEFAULT_MBPS
+    assert p.down_mbps == p.up_mbps == probe.DEFAULT_MBPS
     assert p.gpu_memory_bytes == 0
     assert p.samples_per_s is None and p.train_time_s is None
-    assert cap.measure_profile("x", gflops=5.0, last_exchange_mbps=12.5).down_mbps == 12.5
+    assert probe.measure_profile("x", gflops=5.0, last_exchange_mbps=12.5).down_mbps == 12.5
 
 
 def test_benchmark_window_is_capped():
     t0 = time.perf_counter()
-    assert cap.matmul_gflops("cpu", seconds=5.0) > 0  # clipped to MAX_BENCHMARK_S
-    assert time.perf_counter() - t0 < cap.MAX_BENCHMARK_S + 0.4
+    assert probe.matmul_gflops("cpu", seconds=5.0) > 0  # clipped to MAX_BENCHMARK_S
+    assert time.perf_counter() - t0 < probe.MAX_BENCHMARK_S + 0.4
     with pytest.raises(ValueError, match="benchmark_s"):
-        cap.matmul_gflops("cpu", seconds=0)
+        probe.matmul_gflops("cpu", seconds=0)
 
 
 # --------------------------------------------------------------------------- profile records
@@ -151,7 +149,7 @@ def test_device_class_for_is_deterministic_and_follows_the_mix():
     other = [cap.device_class_for(c, mix, seed=8) for c in ids]
     assert np.mean([a != b for a, b in zip(first, other)]) > 0.3
     # pinned: blake2b, not Python's salted hash(), so every process agrees
-    assert cap._unit_hash("0", 0) == pytest.approx(0.9611675505049015)
+    assert cap.devices._unit_hash("0", 0) == pytest.approx(0.9611675505049015)
     assert cap.device_class_for("0", mix, 0) == "edge"
     assert cap.device_class_for("0", {}, 0) == "measured"
     assert cap.device_class_for("x", {"tiny": 0.0, "laptop": 1.0}, 3) == "laptop"
@@ -178,46 +176,56 @@ def test_emulate_takes_the_lesser_of_measured_and_emulated():
 
 def test_device_classes_hold_their_expert_counts_on_every_run_shape():
     expected = {"tiny": 0, "phone": 1, "laptop": 4, "edge": 8}
-    mm = cap.MemoryModel(DEFAULT, 32)
+    mm = cap.MemoryModel(model_costs(DEFAULT), 32)
     for name, dc in cap.DEVICE_CLASSES.items():  # at the reference run: memory_mb itself
         assert mm.experts_that_fit(dc.memory_mb * cap.MIB) == expected[name]
     shapes = [
         (DEFAULT, 32),
-        (ModelSpec(3, 32, 10), 32),  # CIFAR-10
-        (ModelSpec(1, 12, 10), 32),  # synthetic
+        (make_spec(in_channels=3, image_size=32), 32),  # CIFAR-10
+        (make_spec(image_size=12), 32),  # synthetic
         (dataclasses.replace(DEFAULT, feature_dim=256, expert_hidden=1024), 32),
         (DEFAULT, 8),
         (DEFAULT, 128),
     ]
     for spec, batch in shapes:
-        mm = cap.MemoryModel(spec, batch)
+        mm = cap.MemoryModel(model_costs(spec), batch)
         got = {
-            n: int(mm.experts_that_fit(dc.budget_bytes(spec, batch))) for n, dc in cap.DEVICE_CLASSES.items()
+            n: int(mm.experts_that_fit(dc.budget_bytes(model_costs(spec), batch)))
+            for n, dc in cap.DEVICE_CLASSES.items()
         }
         assert got == expected, (spec, batch, got)
     e16 = dataclasses.replace(DEFAULT, num_experts=16)
-    budget = cap.DEVICE_CLASSES["edge"].budget_bytes(e16, 32)
-    assert cap.MemoryModel(e16, 32).experts_that_fit(budget) == 16
+    budget = cap.DEVICE_CLASSES["edge"].budget_bytes(model_costs(e16), 32)
+    assert cap.MemoryModel(model_costs(e16), 32).experts_that_fit(budget) == 16
 
 
 def test_client_profile_uses_mix_seed_and_node_config():
-    cfg = RunConfig(device_mix="phone=0.5,edge=0.5", seed=1)
-    p = cap.client_profile("client-5", cfg, {})
+    run = {"device_mix": "phone=0.5,edge=0.5", "seed": 1, "batch_size": 32, "costs": model_costs(DEFAULT)}
+    p = probe.client_profile("client-5", **run, node_config={})
     assert p.device_class == cap.device_class_for("client-5", {"phone": 0.5, "edge": 0.5}, 1)
-    assert cap.client_profile("client-5", cfg, {"device-class": "laptop"}).device_class == "laptop"
-    assert cap.client_profile("c", RunConfig(), None).device_class == "measured"
+    assert (
+        probe.client_profile("client-5", **run, node_config={"device-class": "laptop"}).device_class
+        == "laptop"
+    )
+    assert probe.client_profile("c", **{**run, "device_mix": ""}).device_class == "measured"
     with pytest.raises(ValueError, match="device-class"):
-        cap.client_profile("c", cfg, {"device-class": "toaster"})
+        probe.client_profile("c", **run, node_config={"device-class": "toaster"})
 
 
 # --------------------------------------------------------------------------- memory model
 @pytest.mark.parametrize(
-    "spec", [DEFAULT, ModelSpec(3, 32, 10), TOY, ModelSpec(1, 12, 10, feature_dim=32, expert_hidden=7)]
+    "spec",
+    [
+        DEFAULT,
+        make_spec(in_channels=3, image_size=32),
+        TOY,
+        make_spec(image_size=12, feature_dim=32, expert_hidden=7),
+    ],
 )
 def test_parameter_counts_match_the_model(spec):
     shared, experts = count_parameters(build_model(spec))
-    assert cap.shared_params(spec) == shared
-    assert cap.expert_params(spec) * spec.num_experts == experts
+    assert shared_params(spec) == shared
+    assert expert_params(spec) * spec.num_experts == experts
 
 
 def test_memory_model_hand_example():
@@ -229,27 +237,27 @@ def test_memory_model_hand_example():
     #   transient: max(routed k*(2*6 + d + 2h + 2C) = 19, conv1 grads 2*c*S^2 = 32) = 32
     #   activations: 4 * (95 + 32) + 48 = 556 B  (same for k = 0 and 1)
     #   => predict(n) = 852 + 556 + 72 n = 1408 + 72 n
-    mm = cap.MemoryModel(TOY, 1)
+    mm = cap.MemoryModel(model_costs(TOY), 1)
     assert mm.table().tolist() == [1408, 1480, 1552, 1624, 1696]
-    assert cap.predict_training_bytes(TOY, 3, 1) == 1624
-    assert cap.expert_bytes(TOY, 1) == 72 and cap.shared_bytes(TOY, 1) == 1408 + 72 - 72
-    assert cap.experts_that_fit(1551, TOY, 1) == 1
-    assert cap.experts_that_fit(1552, TOY, 1) == 2
-    assert cap.experts_that_fit(1407, TOY, 1) == 0  # not even the shared part
-    assert cap.experts_that_fit(10**12, TOY, 1) == 4  # clipped to E
-    assert cap.experts_that_fit(np.array([0, 1480, np.inf]), TOY, 1).tolist() == [0, 1, 4]
+    assert mm.predict_training_bytes(3) == 1624
+    assert mm.expert_bytes() == 72 and mm.shared_bytes() == 1408 + 72 - 72
+    assert mm.experts_that_fit(1551) == 1
+    assert mm.experts_that_fit(1552) == 2
+    assert mm.experts_that_fit(1407) == 0  # not even the shared part
+    assert mm.experts_that_fit(10**12) == 4  # clipped to E
+    assert mm.experts_that_fit(np.array([0, 1480, np.inf])).tolist() == [0, 1, 4]
 
 
 def test_memory_model_structure_at_default_spec():
-    mm = cap.MemoryModel(DEFAULT, 32)
+    mm = cap.MemoryModel(model_costs(DEFAULT), 32)
     t = mm.table()
     assert (np.diff(t) > 0).all()
     # beyond top_k only weights + grads + momentum of the extra experts add up
     assert np.diff(t[2:]).tolist() == [mm.expert_bytes()] * 6
-    assert mm.expert_bytes() == 12 * cap.expert_params(DEFAULT)
+    assert mm.expert_bytes() == 12 * expert_params(DEFAULT)
     assert mm.shared_bytes() == t[2] - 2 * mm.expert_bytes()
     # the gathered per-sample weight copies scale with the batch, not with the experts held
-    big = cap.MemoryModel(DEFAULT, 64)
+    big = cap.MemoryModel(model_costs(DEFAULT), 64)
     assert big.expert_bytes() == mm.expert_bytes() and big.shared_bytes() > 1.9 * mm.shared_bytes() - 1e6
     with pytest.raises(ValueError):
         mm.predict_training_bytes(-1)
@@ -259,7 +267,7 @@ def test_memory_model_structure_at_default_spec():
 def test_flops_per_sample_default():
     # stem fwd: 2*1*9*16*28^2 + 2*16*9*32*14^2 + 2*512*64 + 2*64*8 = 2,098,688  (x3)
     # experts fwd (top-2): 2 * (2*64*256 + 2*256*10) = 75,776                (x3)
-    assert cap.flops_per_sample(DEFAULT) == (6_296_064.0, 227_328.0)
+    assert flops_per_sample(DEFAULT) == (6_296_064.0, 227_328.0)
 
 
 # Hand example for the deadline: shared 1 MB = 8 Mbit, one expert 0.25 MB = 2 Mbit,
@@ -267,7 +275,7 @@ def test_flops_per_sample_default():
 # Compute: 1000 samples x (1e6 + 2e6 * min(n, 2) / 2) FLOP at 1 GFLOP/s, efficiency 1
 # -> 1 s (n=0), 2 s (n=1), 3 s (n>=2). Round time: 6, 8.25, 10.5, 11.75, 13.0, 14.25, ...
 HAND = dict(
-    spec=DEFAULT,
+    costs=model_costs(DEFAULT),
     samples=1000,
     shared_nbytes=1_000_000,
     expert_nbytes=250_000,
@@ -287,51 +295,47 @@ def test_round_time_hand_example():
 
 
 def test_capacity_hand_example_with_deadline_and_clipping():
-    kw = {k: v for k, v in HAND.items() if k != "spec"}
-    mem = cap.MemoryModel(DEFAULT, 32).table()
+    kw = {k: v for k, v in HAND.items() if k != "costs"}
+    mem = cap.MemoryModel(model_costs(DEFAULT), 32).table()
     memory = np.array([np.inf, np.inf, mem[3] + 1, mem[0] - 1, np.inf])
     gflops = np.array([1.0, 1.0, 1.0, 1.0, 1.0])
     down = np.array([8.0, 8.0, 8.0, 8.0, 1e6])
     up = np.array([2.0, 2.0, 2.0, 2.0, 1e6])
     sps = np.array([np.nan, 500.0, np.nan, np.nan, np.nan])
-    cap_ = cap.capacity_from_profiles(
-        memory, gflops, down, up, spec=DEFAULT, batch_size=32, deadline_s=13.5, samples_per_s=sps, **kw
-    )
+
+    def fit(**extra):
+        return cap.capacity_from_profiles(
+            memory, gflops, down, up, costs=model_costs(DEFAULT), batch_size=32, **{**kw, **extra}
+        )
+
+    cap_ = fit(deadline_s=13.5, samples_per_s=sps)
     # 0: deadline -> 13.0 <= 13.5 < 14.25 -> 4;  1: measured 2 s -> 7 + 1.25 n <= 13.5 -> 5
     # 2: memory fits 3 (deadline would allow 4) -> 3;  3: not even the shared part -> 0
     # 4: fast links, 3 s compute -> every expert (clipped to E = 8)
     assert cap_.tolist() == [4, 5, 3, 0, 8]
     assert cap_.dtype == np.int64
-    no_deadline = cap.capacity_from_profiles(memory, gflops, down, up, spec=DEFAULT, batch_size=32, **kw)
+    no_deadline = fit()
     assert no_deadline.tolist() == [8, 8, 3, 0, 8]
-    assert (
-        cap.capacity_from_profiles(memory, gflops, down, up, spec=DEFAULT, batch_size=32, deadline_s=0, **kw)
-        == no_deadline
-    ).all()
+    assert (fit(deadline_s=0) == no_deadline).all()
     # a deadline nobody meets, and min_experts turning too-small capacities into 0
-    assert cap.capacity_from_profiles(
-        memory, gflops, down, up, spec=DEFAULT, batch_size=32, deadline_s=5.0, **kw
-    ).tolist() == [0, 0, 0, 0, 8]
-    assert cap.capacity_from_profiles(
-        memory, gflops, down, up, spec=DEFAULT, batch_size=32, deadline_s=13.5, min_experts=4, **kw
-    ).tolist() == [4, 4, 0, 0, 8]  # client 1 without its measured speed: 4, like client 0
+    assert fit(deadline_s=5.0).tolist() == [0, 0, 0, 0, 8]
+    # client 1 without its measured speed: 4, like client 0
+    assert fit(deadline_s=13.5, min_experts=4).tolist() == [4, 4, 0, 0, 8]
     with pytest.raises(ValueError, match="min_experts"):
-        cap.capacity_from_profiles(
-            memory, gflops, down, up, spec=DEFAULT, batch_size=32, samples=1, min_experts=9
-        )
+        fit(samples=1, min_experts=9)
 
 
 def test_capacity_for_profiles_and_virtual_round_time_on_stored_dicts():
-    mm = cap.MemoryModel(DEFAULT, 32)
+    mm = cap.MemoryModel(model_costs(DEFAULT), 32)
     measured = _profile(gflops=200.0)
     phone = cap.emulate(measured, "phone").to_dict() | {"num-examples": 600}
     edge = cap.emulate(measured, "edge").to_dict()
     cfg = RunConfig(experts_per_client=3)
-    assert cap.capacity_for_profiles([phone, edge, {}], mm, cfg).tolist() == [1, 8, 3]
-    assert cap.capacity_for_profiles([], mm, cfg).shape == (0,)
-    t = cap.virtual_round_time([phone, edge], np.array([1, 8]), mm, cfg)
+    assert capacity_for_profiles([phone, edge, {}], mm, cfg).tolist() == [1, 8, 3]
+    assert capacity_for_profiles([], mm, cfg).shape == (0,)
+    t = virtual_round_time([phone, edge], np.array([1, 8]), mm, cfg)
     assert t is not None and t > 0
-    assert cap.virtual_round_time([phone, {}], np.array([1, 1]), mm, cfg) is None
+    assert virtual_round_time([phone, {}], np.array([1, 1]), mm, cfg) is None
     arrays = cap.profile_arrays([cap.CapacityProfile.from_dict(phone | {"samples-per-s": 800.0})])
     assert arrays["samples_per_s"][0] == pytest.approx(100.0)  # 800 raw / phone slowdown 8
     assert math.isnan(cap.profile_arrays([{}])["gflops"][0])
@@ -347,7 +351,7 @@ def test_payload_nbytes():
         "experts.3.w1": np.zeros(5, f32),
         "experts.3.b1": np.zeros(1, f32),
     }
-    assert cap.payload_nbytes(arrays) == (48, 24)
+    assert payload_nbytes(arrays) == (48, 24)
 
 
 def test_ema_update():

@@ -49,7 +49,22 @@ def test_ints_accepted_for_floats():
     assert RunConfig.from_run_config({"lr": 1}).lr == 1.0
 
 
-def test_readme_documents_every_key():
+def test_readme_table_is_the_config():
+    """The README's table is generated from RunConfig: every key, default and allowed range."""
     readme = (ROOT / "README.md").read_text()
-    for key in RunConfig.keys():
-        assert f"| `{key}` |" in readme, key
+    assert RunConfig.markdown_table() in readme
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("device-mix", "phone=abc", "is not a number"),
+        ("device-mix", "toaster=1", "unknown device class"),
+        ("lr", float("nan"), "a finite number"),
+        ("round-timeout-s", float("inf"), "a finite number"),
+    ],
+)
+def test_values_that_would_fail_every_client_are_rejected_at_start(key, value, expected):
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_run_config({key: value})
+    assert f"'{key}'" in str(err.value) and expected in str(err.value)

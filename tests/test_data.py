@@ -8,6 +8,12 @@ import numpy as np
 import pytest
 
 from fedmoe_app import data
+from fedmoe_app.config import RunConfig
+
+
+def split_args(**overrides):
+    """``client_data`` keywords at the run config's defaults, ``overrides`` changed."""
+    return {**RunConfig().split_kwargs(), **overrides}
 
 
 def write_idx(path, arr, gz=False):
@@ -112,11 +118,11 @@ def test_partition_cache_on_disk(tmp_path, monkeypatch):
     y = np.random.default_rng(1).integers(0, 10, 3000).astype(np.int64)
     expected = data._compute_partitions(y, 6, "dirichlet", alpha=0.3, shards=2, seed=2)
     data.partition_indices.cache_clear()
-    first = data.partition_indices(y.tobytes(), 6, "dirichlet", alpha=0.3, seed=2)
+    first = data.partition_indices(y.tobytes(), 6, "dirichlet", alpha=0.3, shards=2, seed=2)
     files = list((tmp_path / "partitions").glob("*.npz"))
     assert len(files) == 1 and not list((tmp_path / "partitions").glob(".*"))  # no temp file left
     # Another set of arguments is another entry, never a stale hit.
-    data.partition_indices(y.tobytes(), 6, "dirichlet", alpha=0.3, seed=3)
+    data.partition_indices(y.tobytes(), 6, "dirichlet", alpha=0.3, shards=2, seed=3)
     assert len(list((tmp_path / "partitions").glob("*.npz"))) == 2
 
     # A fresh process reads the file and never imports `datasets` / flwr-datasets.
@@ -124,7 +130,7 @@ def test_partition_cache_on_disk(tmp_path, monkeypatch):
         "import sys, numpy as np\n"
         "from fedmoe_app import data\n"
         f"y = np.random.default_rng(1).integers(0, 10, 3000).astype(np.int64)\n"
-        "p = data.partition_indices(y.tobytes(), 6, 'dirichlet', alpha=0.3, seed=2)\n"
+        "p = data.partition_indices(y.tobytes(), 6, 'dirichlet', alpha=0.3, shards=2, seed=2)\n"
         f"np.savez({str(tmp_path / 'out.npz')!r}, *p)\n"
         "print('datasets' in sys.modules, 'flwr_datasets' in sys.modules)\n"
     )
@@ -140,7 +146,7 @@ def test_partition_cache_on_disk(tmp_path, monkeypatch):
     # A corrupt cache file is recomputed (and rewritten), not trusted.
     files[0].write_bytes(b"not an npz")
     data.partition_indices.cache_clear()
-    again = data.partition_indices(y.tobytes(), 6, "dirichlet", alpha=0.3, seed=2)
+    again = data.partition_indices(y.tobytes(), 6, "dirichlet", alpha=0.3, shards=2, seed=2)
     assert all(np.array_equal(a, b) for a, b in zip(expected, again))
     with np.load(files[0]) as z:
         assert len(z.files) == 6
@@ -150,17 +156,17 @@ def test_partition_cache_on_disk(tmp_path, monkeypatch):
     blocker.write_text("x")
     monkeypatch.setenv("FEDMOE_CACHE_DIR", str(blocker))
     data.partition_indices.cache_clear()
-    alone = data.partition_indices(y.tobytes(), 6, "dirichlet", alpha=0.3, seed=2)
+    alone = data.partition_indices(y.tobytes(), 6, "dirichlet", alpha=0.3, shards=2, seed=2)
     assert all(np.array_equal(a, b) for a, b in zip(expected, alone))
     data.partition_indices.cache_clear()
 
 
 def test_client_split_is_disjoint_and_capped():
-    tr, te, _ = data.client_data("synthetic", 2, 5, partitioner="iid", test_fraction=0.25, seed=0)
-    tr2, te2, _ = data.client_data("synthetic", 2, 5, partitioner="iid", test_fraction=0.25, seed=0)
+    tr, te, _ = data.client_data("synthetic", 2, 5, **split_args(partitioner="iid", test_fraction=0.25))
+    tr2, te2, _ = data.client_data("synthetic", 2, 5, **split_args(partitioner="iid", test_fraction=0.25))
     assert len(te) > 0 and abs(len(te) / (len(tr) + len(te)) - 0.25) < 0.02
     assert (tr.labels == tr2.labels).all()
-    capped, _, _ = data.client_data("synthetic", 2, 5, partitioner="iid", max_samples=50, seed=0)
+    capped, _, _ = data.client_data("synthetic", 2, 5, **split_args(partitioner="iid", max_samples=50))
     assert len(capped) == 50
     with pytest.raises(ValueError):
-        data.client_data("synthetic", 5, 5)
+        data.client_data("synthetic", 5, 5, **split_args())

@@ -17,7 +17,7 @@ from test_deploy import DEPLOY_FAST, left_over
 from deploy import compose
 from deploy.certs import make_certificates
 from deploy.local import ACTIVATED, Deployment
-from fedmoe_app.launch import free_port
+from fedmoe_app.tools.launch import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ import psutil
 import pytest
 from conftest import read_metrics
 
-from fedmoe_app.results import METRIC_KEYS
+from fedmoe_app.run.results import METRIC_KEYS
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fedmoe_app import experiments as ex
 from fedmoe_app.config import ConfigError
+from fedmoe_app.tools import experiments as ex
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def fake_rounds(accs, *, down=1e6, up=5e5, cv=0.2, vtime=2.0, num_experts=4):
 
 
 def results():
-    r = ex.RunResult
+    r = ex.FinishedRun
     return [
         # setting a: dense final 0.80 and 0.60 -> target 0.95 * 0.70 = 0.665
         r("a", "dense", 0, fake_rounds([0.5, 0.7, 0.8])),
@@ -80,9 +80,9 @@ def test_summarize_mean_std_and_rounds_to_target():
 
 def test_rounds_to_target_all_seeds():
     runs = [
-        ex.RunResult("a", "dense", 0, fake_rounds([0.5, 0.9, 1.0])),
-        ex.RunResult("a", "x", 0, fake_rounds([0.96, 0.9, 0.97])),
-        ex.RunResult("a", "x", 1, fake_rounds([0.1, 0.2, 0.95])),
+        ex.FinishedRun("a", "dense", 0, fake_rounds([0.5, 0.9, 1.0])),
+        ex.FinishedRun("a", "x", 0, fake_rounds([0.96, 0.9, 0.97])),
+        ex.FinishedRun("a", "x", 1, fake_rounds([0.1, 0.2, 0.95])),
     ]
     rows = {r.policy: r for r in ex.summarize(runs)}
     assert rows["x"].target == pytest.approx(0.95)
@@ -225,7 +225,7 @@ def test_incomplete_runs_are_left_out_of_the_summary(tmp_path):
 
 def test_summary_needs_neither_flower_nor_torch():
     code = (
-        "import sys, fedmoe_app.experiments as ex; "
+        "import sys, fedmoe_app.tools.experiments as ex; "
         "ex.summarize([]); ex.format_table([]); "
         "bad = [m for m in ('flwr', 'torch', 'ray') if m in sys.modules]; "
         "assert not bad, bad"
@@ -236,7 +236,7 @@ def test_summary_needs_neither_flower_nor_torch():
 @pytest.mark.slow
 def test_compare_quick_end_to_end_and_resume(tmp_path):
     out = tmp_path / "exp"
-    cmd = [sys.executable, "-m", "fedmoe_app.experiments", "compare", "--quick", "--out", str(out)]
+    cmd = [sys.executable, "-m", "fedmoe_app.tools.experiments", "compare", "--quick", "--out", str(out)]
     t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     first = time.monotonic() - t0

@@ -2,14 +2,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_spec
 
-from fedmoe_app.model import ModelSpec, build_model, count_parameters
+from fedmoe_app.models import REFERENCE_SPEC, build_model, count_parameters
 
-SPEC = ModelSpec(in_channels=1, image_size=28, num_classes=10)
+SPEC = REFERENCE_SPEC
 
 
 def test_experts_hold_most_parameters_by_default():
-    for spec in (SPEC, ModelSpec(3, 32, 10)):
+    for spec in (SPEC, make_spec(in_channels=3, image_size=32)):
         shared, experts = count_parameters(build_model(spec))
         assert experts / (shared + experts) >= 0.75
 
@@ -53,7 +54,8 @@ def test_single_expert_routes_top1():
 
 def test_sub_model_matches_full_model_when_routing_agrees():
     """Holding experts {a, b} equals the full model wherever the full top-2 is {a, b}."""
-    from fedmoe_app.records import load_arrays, model_to_arrays, select
+    from fedmoe_app.models import load_arrays, model_to_arrays
+    from fedmoe_app.tensors import select
 
     full = build_model(SPEC, seed=3)
     x = torch.randn(256, 1, 28, 28)

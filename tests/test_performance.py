@@ -1,6 +1,6 @@
 """Performance work (issue 8): exact expert dispatch, device path, threads, benchmark CLIs.
 
-No timing is asserted here; ``python -m fedmoe_app.bench experts|dispatch|overhead`` measures
+No timing is asserted here; ``python -m fedmoe_app.tools.bench experts|dispatch|overhead`` measures
 (see docs/PERFORMANCE.md).
 """
 
@@ -10,20 +10,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_spec, train_args
 
-from fedmoe_app import bench, training
+from fedmoe_app import training
 from fedmoe_app.data import Split
-from fedmoe_app.model import (
-    Experts,
-    ModelSpec,
-    build_model,
-    dispatch_gather,
-    dispatch_grouped,
-    grouped_supported,
-)
+from fedmoe_app.models import build_model
+from fedmoe_app.models.experts import Experts, dispatch_gather, dispatch_grouped, grouped_supported
+from fedmoe_app.tools import bench
 from fedmoe_app.training import evaluate, train
 
-SPEC = ModelSpec(in_channels=1, image_size=12, num_classes=10, num_experts=8)
+SPEC = make_spec(image_size=12)
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 GROUPED = pytest.mark.skipif(
     not grouped_supported(torch.device("cpu"), torch.float32),
@@ -160,7 +156,7 @@ def test_train_same_result_for_both_dispatches_and_frozen_experts():
     for method in ("grouped", "gather"):
         model = build_model(SPEC, [0, 5, 7], seed=2)
         model.experts.dispatch = method
-        res = train(model, data, epochs=2, batch_size=16, lr=0.05, seed=3)
+        res = train(model, data, **train_args(epochs=2, batch_size=16, lr=0.05, seed=3))
         params[method] = {k: v.clone() for k, v in model.state_dict().items()}
         assert res.tokens.sum() == 2 * len(data) * 2 and math.isfinite(res.loss)
     for key in params["grouped"]:
@@ -168,7 +164,7 @@ def test_train_same_result_for_both_dispatches_and_frozen_experts():
     frozen = build_model(SPEC, [1, 2], seed=2)
     before = frozen.experts.w1.detach().clone()
     frozen.experts.requires_grad_(False)
-    train(frozen, data, epochs=1, batch_size=16, lr=0.05)
+    train(frozen, data, **train_args(epochs=1, batch_size=16, lr=0.05))
     assert torch.equal(frozen.experts.w1, before)
 
 
@@ -176,7 +172,7 @@ def test_train_restores_contiguous_layout_and_matches_plain_eval():
     """channels_last is internal to train/evaluate: weights come back NCHW-contiguous."""
     data = synthetic_split()
     model = build_model(SPEC, seed=0)
-    train(model, data, epochs=1, batch_size=32, lr=0.05)
+    train(model, data, **train_args(epochs=1, batch_size=32, lr=0.05))
     assert all(p.is_contiguous() for p in model.parameters())
     loss, acc = evaluate(model, data, batch_size=40)
     with torch.no_grad():
@@ -189,7 +185,7 @@ def test_train_accumulates_on_device_like_per_batch_sums():
     """Loss/accuracy are the sample-weighted means over batches (incl. a short last batch)."""
     data = synthetic_split(n=50)
     model = build_model(SPEC, seed=4)
-    res = train(model, data, epochs=1, batch_size=16, lr=1e-9, momentum=0.0, aux_weight=0.0)
+    res = train(model, data, **train_args(epochs=1, batch_size=16, lr=1e-9, momentum=0.0, aux_weight=0.0))
     loss, acc = evaluate(model, data)  # lr ~ 0: the weights did not move
     assert res.loss == pytest.approx(loss, rel=1e-4)
     assert res.accuracy == pytest.approx(acc)
@@ -231,7 +227,7 @@ def test_training_on_cuda_matches_cpu():
     results = {}
     for device in ("cpu", "cuda"):
         model = build_model(SPEC, [0, 2, 3], seed=1)
-        res = train(model, data, epochs=1, batch_size=16, lr=0.05, seed=0, device=device)
+        res = train(model, data, **train_args(epochs=1, batch_size=16, lr=0.05, seed=0, device=device))
         assert next(model.parameters()).device.type == device
         loss, acc = evaluate(model, data, device=device)
         results[device] = (res, {k: v.detach().cpu() for k, v in model.state_dict().items()}, loss, acc)
@@ -308,7 +304,7 @@ def test_plain_loop_runs_an_assignment():
 
 def test_bench_overhead_with_a_fake_app(monkeypatch, tmp_path, capsys):
     """The overhead report without Flower: a fake launch writes the app's metrics.json."""
-    import fedmoe_app.launch as launch_mod
+    import fedmoe_app.tools.launch as launch_mod
 
     def fake_launch(app_dir, *, run_config, stream_to, output_root, **kwargs):
         out = tmp_path / "outputs" / run_config["run-name"]

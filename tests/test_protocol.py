@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from conftest import make_spec, train_args
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from fedmoe_app import faults
 from fedmoe_app.data import load_splits
-from fedmoe_app.model import ModelSpec, build_model
-from fedmoe_app.protocol import (
+from fedmoe_app.federation import faults
+from fedmoe_app.federation.protocol import (
     CLIENT,
     FEEDBACK,
     METRICS,
@@ -17,10 +17,11 @@ from fedmoe_app.protocol import (
     parse_train_reply,
     train_reply_content,
 )
-from fedmoe_app.records import model_to_arrays, to_record
+from fedmoe_app.federation.records import to_record
+from fedmoe_app.models import build_model, model_to_arrays
 from fedmoe_app.training import train
 
-SPEC = ModelSpec(in_channels=1, image_size=12, num_classes=10)
+SPEC = make_spec(image_size=12)
 EXPERTS = [1, 4]
 
 
@@ -31,7 +32,7 @@ def reply():
     model = build_model(SPEC, EXPERTS)
     train_split, _, _ = load_splits("synthetic", "", 0)
     data = train_split.subset(np.arange(64))
-    res = train(model, data, epochs=1, batch_size=32, lr=0.05)
+    res = train(model, data, **train_args(epochs=1, batch_size=32, lr=0.05))
     arrays = model_to_arrays(model)
     metrics = {"num-examples": res.num_examples, "train-loss": res.loss}
     feedback = {"tokens": res.tokens, "expert-loss": res.expert_loss, "gate-hist": res.gate_hist}

@@ -1,22 +1,11 @@
 import numpy as np
 import pytest
 
-from fedmoe_app.model import ModelSpec, build_model
-from fedmoe_app.records import (
-    expert_key,
-    experts_in,
-    from_record,
-    load_arrays,
-    model_to_arrays,
-    parse_expert_key,
-    raw_nbytes,
-    select,
-    shared_keys,
-    to_record,
-    wire_nbytes,
-)
+from fedmoe_app.federation.records import from_record, to_record, wire_nbytes
+from fedmoe_app.models import REFERENCE_SPEC, build_model, load_arrays, model_to_arrays
+from fedmoe_app.tensors import expert_key, experts_in, parse_expert_key, raw_nbytes, select, shared_keys
 
-SPEC = ModelSpec(in_channels=1, image_size=28, num_classes=10)
+SPEC = REFERENCE_SPEC
 
 
 def test_key_names():

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from conftest import read_metrics
 
-from fedmoe_app import faults
-from fedmoe_app.checkpoint import load_checkpoint
+from fedmoe_app.federation import faults
+from fedmoe_app.run.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,21 @@
+"""Client-expert alignment: fitness, usage, desirability, policies and an exact solver.
+
+Pure numpy (plus OR-Tools' min-cost flow for the exact solver): no torch, no Flower (an
+import-linter contract checks it), so this package can be unit-tested and benchmarked on
+its own.
+
+* :mod:`.state`     -- :class:`AlignmentState`: fitness ``F[c, e]``, usage ``U[e]`` and the
+  desirability ``D = w_fitness * norm(F) - w_usage * norm(U)``;
+* :mod:`.policies`  -- ``random``, ``greedy``, ``load_balanced`` and ``dense``;
+* :mod:`.solver`    -- :func:`solve_assignment`, exact b-matching under per-expert load bounds;
+* :mod:`.flow`, :mod:`.pricing` -- its min-cost-flow network and, for large instances, the
+  pruned network with an optimality certificate.
+
+docs/ALIGNMENT.md explains the formulas and shows the planner's speed.
+"""
+
+from .policies import POLICIES, plan_experts
+from .solver import load_bounds, load_cv, solve_assignment
+from .state import AlignmentState
+
+__all__ = ["POLICIES", "AlignmentState", "load_bounds", "load_cv", "plan_experts", "solve_assignment"]

@@ -1,0 +1,139 @@
+"""Training memory of a client holding ``n`` experts, from a model's counted costs.
+
+:class:`ModelCosts` is what capacity planning needs to know of a model (parameters,
+activations and FLOPs per sample); every model computes its own (for the CNN MoE:
+``fedmoe_app.models.model_costs``), so this package stays free of torch and of any one
+architecture. :class:`MemoryModel` turns it into predicted peak training bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+MIB = 1 << 20
+
+Number = int | float
+
+
+@dataclass(frozen=True)
+class ModelCosts:
+    """Parameters, activations and FLOPs of one MoE model, as capacity planning sees it.
+
+    Attributes
+    ----------
+    num_experts, top_k : int
+        Experts ``E`` and how many each sample is routed to.
+    shared_params, expert_params : int
+        Parameters of the shared part (``S``) and of one expert (``X``).
+    fixed_activation_values : int
+        Values saved for backward per sample that do not depend on routing (the stem).
+    fixed_activation_bytes : int
+        Bytes per sample saved besides those values (e.g. int64 max-pool indices).
+    routed_activation_values : int
+        Values per sample and visited expert (activations, gathered weights and their
+        gradients).
+    transient_activation_values : int
+        Per-sample backward transient of the shared part; the activation peak takes the
+        larger of it and the routed values.
+    flops_shared, flops_experts : float
+        Training FLOPs per sample of the shared part and of the ``top_k`` experts together.
+
+    """
+
+    num_experts: int
+    top_k: int
+    shared_params: int
+    expert_params: int
+    fixed_activation_values: int
+    fixed_activation_bytes: int
+    routed_activation_values: int
+    transient_activation_values: int
+    flops_shared: float
+    flops_experts: float
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """Training memory of a client holding ``n`` experts of a model at ``batch_size``.
+
+    ``predict_training_bytes(n) = P(S + n X) + A(min(top_k, n))`` with ``S``/``X`` the
+    shared/per-expert parameter counts, ``P = (2 + optimizer_states) * bytes_per_value``
+    (weights, gradients, SGD momentum) and ``A(k)`` the activation peak of a batch,
+    ``B * (bytes_per_value * (fixed + max(k * routed, transient)) + fixed_bytes)``
+    (:class:`ModelCosts`). Routed activations scale with ``B * top_k``, not with ``n``:
+    only parameters, gradients and momentum scale with the experts held
+    (:meth:`expert_bytes`). With fewer experts than ``top_k`` a sample is routed to ``n``
+    experts only, so ``A`` uses ``min(top_k, n)``.
+
+    Parameters
+    ----------
+    costs : ModelCosts
+        The model's counted costs.
+    batch_size : int
+        Local batch size.
+    bytes_per_value : int
+        Bytes of a parameter/activation value (4: float32).
+    optimizer_states : int
+        Optimizer state tensors per parameter (1: SGD momentum; 2: Adam).
+
+    """
+
+    costs: ModelCosts
+    batch_size: int
+    bytes_per_value: int = 4
+    optimizer_states: int = 1
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    @property
+    def state_bytes_per_param(self) -> int:
+        """Bytes per parameter for weight + gradient + optimizer state."""
+        return (2 + self.optimizer_states) * self.bytes_per_value
+
+    def activation_bytes(self, k: int | np.ndarray) -> int | np.ndarray:
+        """Activation peak of one training step with samples routed to ``k`` experts."""
+        c = self.costs
+        routed = np.asarray(k) * c.routed_activation_values
+        transient = np.maximum(routed, c.transient_activation_values)
+        per_sample = self.bytes_per_value * (c.fixed_activation_values + transient) + c.fixed_activation_bytes
+        out = self.batch_size * per_sample
+        return int(out) if np.ndim(out) == 0 else out.astype(np.int64)
+
+    def shared_bytes(self) -> int:
+        """Bytes that do not grow with the experts held (``n >= top_k``)."""
+        params = self.state_bytes_per_param * self.costs.shared_params
+        return int(params + self.activation_bytes(self.costs.top_k))
+
+    def expert_bytes(self) -> int:
+        """Bytes each held expert adds: its weights, gradients and optimizer state."""
+        return self.state_bytes_per_param * self.costs.expert_params
+
+    def predict_training_bytes(self, n_experts: int | np.ndarray) -> int | np.ndarray:
+        """Predicted peak training memory with ``n_experts`` held (0 = shared part only)."""
+        n = np.asarray(n_experts, dtype=np.int64)
+        if (n < 0).any():
+            raise ValueError(f"n_experts must be >= 0, got {n_experts!r}")
+        n_params = self.costs.shared_params + n * self.costs.expert_params
+        params = self.state_bytes_per_param * n_params
+        out = params + self.activation_bytes(np.minimum(n, self.costs.top_k))
+        return int(out) if out.ndim == 0 else out.astype(np.int64)
+
+    def table(self) -> np.ndarray:
+        """``predict_training_bytes(n)`` for ``n = 0..E`` (non-decreasing int64 ``[E + 1]``)."""
+        return np.asarray(self.predict_training_bytes(np.arange(self.costs.num_experts + 1)))
+
+    def experts_that_fit(self, memory_bytes: Number | np.ndarray) -> int | np.ndarray:
+        """Most experts whose training fits in ``memory_bytes`` (clipped to ``0..E``).
+
+        0 also when not even the shared part fits.
+        """
+        mem = np.asarray(memory_bytes, dtype=np.float64)
+        if np.isnan(mem).any():
+            raise ValueError("memory_bytes must not be NaN")
+        fit = np.searchsorted(self.table(), mem, side="right") - 1
+        fit = np.clip(fit, 0, self.costs.num_experts)
+        return int(fit) if fit.ndim == 0 else fit.astype(np.int64)

@@ -1,0 +1,99 @@
+"""Sparse MoE aggregation: each expert over the clients that trained it, shared over all.
+
+Weights
+-------
+* expert ``e`` (``experts.e.*``): average over the clients that returned it, weighted by
+  the tokens each routed to it. A client holding ``e`` read-only (``under-capacity =
+  "shared-only"``) sends no copy back.
+* the gate's row ``e`` (``gate.weight[e]``, ``gate.bias[e]``): average over the clients
+  that routed tokens to ``e`` *and held at least two experts*, weighted by those tokens.
+  The row belongs with its expert: a client that does not hold ``e`` masks that logit and
+  never changes the row. A client holding a single expert cannot change it either: the
+  softmax over one unmasked logit is constantly 1 (and so is its balance loss), so the
+  gate gets no gradient; its unchanged copy, weighted by all of its tokens, would only
+  drag the row back towards last round's value.
+* every other tensor: average over all replies, weighted by ``num_examples``.
+
+An expert (or gate row) with zero total weight keeps its value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..tensors import Arrays, experts_in, parse_expert_key
+
+GATE_KEYS = ("gate.weight", "gate.bias")
+
+
+@dataclass
+class ClientUpdate:
+    """One validated training reply."""
+
+    arrays: Arrays  # shared + held experts, global names
+    num_examples: int
+    tokens: np.ndarray  # [E], tokens routed to each expert (0 where not held)
+    num_held: int | None = None  # experts the client held (unmasked); None: those with tokens
+
+
+def aggregate(global_arrays: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate]) -> Arrays:
+    """Return the new global arrays from ``updates`` (``global_arrays`` is not modified).
+
+    Parameters
+    ----------
+    global_arrays : Mapping[str, np.ndarray]
+        Current global model (shared + all experts).
+    updates : Sequence[ClientUpdate]
+        Validated replies; each holds the shared tensors and the experts it trained.
+
+    Returns
+    -------
+    Arrays
+        New global model with the same keys, shapes and dtypes.
+
+    """
+    out = {k: np.array(v, copy=True) for k, v in global_arrays.items()}
+    if not updates:
+        return out
+    tokens = np.stack([u.tokens for u in updates]).astype(np.float64)  # [C, E]
+    examples = np.array([u.num_examples for u in updates], dtype=np.float64)
+    held = np.array(
+        [u.num_held if u.num_held is not None else int(np.count_nonzero(u.tokens)) for u in updates]
+    )
+    gate_tokens = np.where((held >= 2)[:, None], tokens, 0.0)  # one held expert: no gate gradient
+    col_total = gate_tokens.sum(axis=0)  # [E]
+    # Experts: only clients that returned expert e (read-only holders send none back).
+    returned = np.zeros_like(tokens, dtype=bool)
+    for i, u in enumerate(updates):
+        returned[i, experts_in(u.arrays)] = True
+    expert_tokens = np.where(returned, tokens, 0.0)
+    expert_total = expert_tokens.sum(axis=0)
+
+    for key, old in global_arrays.items():
+        parsed = parse_expert_key(key)
+        if parsed is not None:
+            e = parsed[0]
+            if expert_total[e] <= 0:
+                continue
+            acc = np.zeros(old.shape, dtype=np.float64)
+            for u, w in zip(updates, expert_tokens[:, e]):
+                if w > 0:
+                    acc += w * u.arrays[key]
+            out[key] = (acc / expert_total[e]).astype(old.dtype)
+        elif key in GATE_KEYS:
+            stacked = np.stack([u.arrays[key] for u in updates]).astype(np.float64)  # [C, E, ...]
+            w = gate_tokens.reshape(gate_tokens.shape + (1,) * (old.ndim - 1))
+            summed = (w * stacked).sum(axis=0)
+            trained = col_total > 0
+            denom = np.where(trained, col_total, 1.0).reshape((-1,) + (1,) * (old.ndim - 1))
+            out[key] = np.where(trained.reshape(denom.shape), summed / denom, old).astype(old.dtype)
+        else:
+            if examples.sum() <= 0:
+                continue
+            stacked = np.stack([u.arrays[key] for u in updates]).astype(np.float64)
+            w = examples.reshape((-1,) + (1,) * old.ndim)
+            out[key] = ((w * stacked).sum(axis=0) / examples.sum()).astype(old.dtype)
+    return out

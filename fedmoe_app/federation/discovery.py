@@ -1,0 +1,105 @@
+"""Who is behind each node: client ids and capacity profiles from ``query`` messages.
+
+Nodes are known to the server by node id only; each client reports a stable ``client-id``
+(partition id in simulation, node config in deployment) and its capacity profile, so that
+alignment state survives restarts and reconnections under new node ids.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+
+from ..capacity import CapacityProfile
+from .protocol import CONFIG, PROFILE, reply_client_id
+
+
+class Discovery:
+    """Node id -> client id, and client id -> capacity profile, learned by querying nodes.
+
+    Parameters
+    ----------
+    timeout_s : float
+        Seconds to wait for enough nodes to connect and for query replies.
+
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.clients: dict[int, str] = {}  # node id -> client id
+        self.profiles: dict[str, dict[str, Any]] = {}  # client id -> capacity profile
+
+    def client_of(self, node: int) -> str:
+        """Client id of a known node."""
+        return self.clients[node]
+
+    def known_nodes(self, grid: Grid, minimum: int, server_round: int) -> tuple[list[int], int]:
+        """Return the connected nodes with a known client id, sorted by client id, and failed queries.
+
+        Waits (up to ``timeout_s``) until at least ``minimum`` nodes are connected, then
+        queries the connected nodes not met before.
+        """
+        deadline = time.monotonic() + self.timeout_s
+        while len(nodes := sorted(grid.get_node_ids())) < minimum and time.monotonic() < deadline:
+            log(INFO, "Waiting for nodes to connect: %d connected (minimum %d)", len(nodes), minimum)
+            time.sleep(1.0)
+        failed = self._query_unknown(grid, nodes, server_round)
+        known = [n for n in nodes if n in self.clients]
+        return sorted(known, key=self.clients.__getitem__), failed
+
+    def _query_unknown(self, grid: Grid, nodes: list[int], server_round: int) -> int:
+        """Ask nodes we have not met for their client id and profile; return how many failed."""
+        unknown = [n for n in nodes if n not in self.clients]
+        if not unknown:
+            return 0
+        connected = set(nodes)
+        queries = [
+            Message(
+                content=RecordDict({CONFIG: ConfigRecord({"server-round": server_round})}),
+                message_type=MessageType.QUERY,
+                dst_node_id=n,
+            )
+            for n in unknown
+        ]
+        answered = 0
+        for msg in grid.send_and_receive(queries, timeout=self.timeout_s):
+            node = msg.metadata.src_node_id
+            cid = None if msg.has_error() else reply_client_id(msg)
+            if cid is None:
+                log(
+                    WARNING,
+                    "query: node %s gave no client id (%s)",
+                    node,
+                    msg.error.reason if msg.has_error() else "malformed",
+                )
+                continue
+            owner = next((n for n, c in self.clients.items() if c == cid), None)
+            if owner is not None and owner in connected:
+                log(WARNING, "query: node %s claims client id %r of node %s; ignored", node, cid, owner)
+                continue
+            if owner is not None:  # the client reconnected under a new node id
+                del self.clients[owner]
+            self.clients[node] = cid
+            self.profiles[cid] = {**self.profiles.get(cid, {}), **self._profile(msg, node)}
+            answered += 1
+        return len(unknown) - answered
+
+    @staticmethod
+    def _profile(msg: Message, node: int) -> dict[str, Any]:
+        """Return the validated capacity profile of a query reply (empty if absent or invalid)."""
+        if PROFILE not in msg.content:
+            return {}
+        profile: dict[str, Any] = {}
+        try:
+            profile = CapacityProfile.from_dict(dict(msg.content[PROFILE])).to_dict()
+        except ValueError as exc:
+            log(WARNING, "query: node %s sent an invalid profile: %s", node, exc)
+        n = msg.content[PROFILE].get("num-examples")
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            profile["num-examples"] = n
+        return profile

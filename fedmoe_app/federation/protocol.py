@@ -1,0 +1,180 @@
+"""What travels between server and clients, and how every reply is checked before use.
+
+Train message (server → client): ``arrays`` (ArrayRecord: shared + assigned experts),
+``config`` (ConfigRecord: ``expert-ids``, ``server-round``, ``lr``, ``local-epochs``,
+``seed``). Train reply: ``arrays`` (the same keys, trained), ``metrics`` (MetricRecord:
+``num-examples``, ``train-loss``, ``train-accuracy``, ``train-time-s``,
+``samples-per-s``, ``peak-memory-bytes``), ``feedback`` (MetricRecord of length-E lists:
+``tokens``, ``expert-loss``, ``gate-hist``) and ``client`` (ConfigRecord: ``client-id``).
+Query reply: ``client`` (client id) and ``profile`` (ConfigRecord of CapacityProfile).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+from ..tensors import Arrays
+from .aggregation import ClientUpdate
+from .records import from_record
+
+ARRAYS, CONFIG, METRICS, FEEDBACK, CLIENT, PROFILE = (
+    "arrays",
+    "config",
+    "metrics",
+    "feedback",
+    "client",
+    "profile",
+)
+FEEDBACK_KEYS = ("tokens", "expert-loss", "gate-hist")
+
+
+class ReplyRejected(ValueError):
+    """A reply failed validation; ``reason`` is a short category for metrics."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass
+class Sent:
+    """What the server sent one node for training: the yardstick for its reply."""
+
+    client_id: str
+    expert_ids: list[int]
+    shapes: dict[str, tuple[tuple[int, ...], str]]  # key -> (shape, dtype str)
+    max_examples: int | None = None
+
+
+@dataclass
+class TrainReply:
+    """A validated training reply."""
+
+    node_id: int
+    client_id: str
+    update: ClientUpdate
+    expert_ids: list[int]
+    loss: float
+    accuracy: float
+    expert_loss: np.ndarray
+    gate_hist: np.ndarray
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def client_record(client_id: str, **extra: str) -> ConfigRecord:
+    """ConfigRecord naming the replying client."""
+    return ConfigRecord({"client-id": client_id, **extra})
+
+
+def train_reply_content(
+    arrays_record, metrics: Mapping[str, float], feedback: Mapping[str, np.ndarray], client_id: str
+) -> RecordDict:
+    """Build a train reply's RecordDict on the client."""
+    return RecordDict(
+        {
+            ARRAYS: arrays_record,
+            METRICS: MetricRecord({k: float(v) if not isinstance(v, int) else v for k, v in metrics.items()}),
+            FEEDBACK: MetricRecord(
+                {k: [float(x) for x in np.asarray(v).ravel()] for k, v in feedback.items()}
+            ),
+            CLIENT: client_record(client_id),
+        }
+    )
+
+
+def reply_client_id(msg: Message) -> str | None:
+    """Return the client id a reply names, if it has one."""
+    return content_client_id(msg.content) if msg.has_content() else None
+
+
+def content_client_id(content: RecordDict) -> str | None:
+    """Return the client id a reply's content names, if it has one."""
+    try:
+        cid = content[CLIENT]["client-id"]
+    except (KeyError, TypeError, AttributeError):
+        return None
+    return cid if isinstance(cid, str) and cid else None
+
+
+def parse_train_reply(
+    content: RecordDict, node_id: int, sent: Sent, num_experts: int, top_k: int, local_epochs: int
+) -> TrainReply:
+    """Validate a train reply against what was sent; raise :class:`ReplyRejected`.
+
+    Checks: the records exist; the array keys are exactly those sent, with the sent
+    shapes and dtypes and finite values; ``num-examples`` is a positive integer (not
+    above ``sent.max_examples`` when known); feedback vectors have length E, are finite
+    and non-negative; tokens are zero for experts not held and consistent with
+    ``num-examples × top-k × local-epochs``; the client id matches.
+    """
+    try:
+        arrays_rec, metrics, fb = content[ARRAYS], content[METRICS], content[FEEDBACK]
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ReplyRejected("malformed", f"missing record {exc}") from None
+    cid = content_client_id(content)
+    if cid != sent.client_id:
+        raise ReplyRejected("client-id", f"expected {sent.client_id!r}, got {cid!r}")
+
+    keys = set(arrays_rec.keys())
+    if keys != set(sent.shapes):
+        extra, missing = sorted(keys - set(sent.shapes)), sorted(set(sent.shapes) - keys)
+        raise ReplyRejected("keys", f"extra={extra[:5]} missing={missing[:5]}")
+    try:
+        arrays: Arrays = from_record(arrays_rec)
+    except Exception as exc:  # noqa: BLE001 - undecodable payload
+        raise ReplyRejected("malformed", f"cannot decode arrays: {exc}") from None
+    for key, value in arrays.items():
+        shape, dtype = sent.shapes[key]
+        if tuple(value.shape) != shape:
+            raise ReplyRejected("shape", f"{key}: expected {shape}, got {tuple(value.shape)}")
+        if str(value.dtype) != dtype:
+            raise ReplyRejected("dtype", f"{key}: expected {dtype}, got {value.dtype}")
+        if not np.isfinite(value).all():
+            raise ReplyRejected("non-finite", f"{key} has NaN or inf")
+
+    n = metrics.get("num-examples")
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise ReplyRejected("num-examples", f"expected a positive int, got {n!r}")
+    if sent.max_examples is not None and n > sent.max_examples:
+        raise ReplyRejected("num-examples", f"{n} exceeds the client's data size {sent.max_examples}")
+
+    vectors = {}
+    for key in FEEDBACK_KEYS:
+        raw = fb.get(key)
+        if not isinstance(raw, list) or len(raw) != num_experts:
+            raise ReplyRejected("feedback", f"{key}: expected a list of length {num_experts}")
+        vec = np.asarray(raw, dtype=np.float64)
+        if not np.isfinite(vec).all() or (vec < 0).any():
+            raise ReplyRejected("feedback", f"{key}: values must be finite and >= 0")
+        vectors[key] = vec
+    tokens = vectors["tokens"]
+    held = np.zeros(num_experts, dtype=bool)
+    held[sent.expert_ids] = True
+    if (tokens[~held] > 0).any():
+        raise ReplyRejected("feedback", "tokens reported for experts the client was not sent")
+    k = min(top_k, len(sent.expert_ids))
+    bound = n * k * local_epochs * 1.0001
+    if tokens.sum() > bound or vectors["gate-hist"].sum() > n * top_k * local_epochs * 1.0001:
+        raise ReplyRejected("feedback", f"token counts exceed num-examples x top-k x epochs ({bound:.0f})")
+
+    extra = {}
+    for key in ("train-loss", "train-accuracy", "train-time-s", "samples-per-s", "peak-memory-bytes"):
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value) and value >= 0:
+            extra[key] = float(value)
+    return TrainReply(
+        node_id=node_id,
+        client_id=cid,
+        update=ClientUpdate(arrays=arrays, num_examples=n, tokens=tokens, num_held=len(sent.expert_ids)),
+        expert_ids=list(sent.expert_ids),
+        loss=extra.get("train-loss", math.nan),
+        accuracy=extra.get("train-accuracy", math.nan),
+        expert_loss=vectors["expert-loss"],
+        gate_hist=vectors["gate-hist"],
+        metrics=extra,
+    )

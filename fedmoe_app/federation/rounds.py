@@ -1,0 +1,106 @@
+"""What one training round sent and aggregated, and the metrics row recorded from both."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from logging import INFO
+from typing import Any
+
+import numpy as np
+from flwr.app import Message, MetricRecord
+from flwr.common import log
+
+from ..alignment import load_cv
+from .planner import RoundPlan
+from .protocol import Sent
+
+
+@dataclass(frozen=True)
+class TrainRound:
+    """A planned training round: the plan, the messages and what each node was sent."""
+
+    server_round: int
+    plan: RoundPlan
+    messages: list[Message]
+    sent: dict[int, Sent]  # node id -> what it was sent (the yardstick of its reply)
+    bytes_down: int
+    dense_bytes_down: int  # what the same nodes would have downloaded with every expert
+    query_failures: int  # nodes whose capacity query failed while sampling
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What ``aggregate_train`` made of a round's replies."""
+
+    failures: int  # sent nodes that failed or did not reply
+    rejected: dict[str, int]  # rejection reason -> replies
+    valid_replies: int
+    num_examples: int
+    bytes_up: int
+    expert_load: np.ndarray  # [E] tokens trained per expert (zeros if the model was kept)
+    train_loss: float  # example-weighted mean; NaN without valid replies
+
+    def metric_record(self) -> MetricRecord:
+        """Return the outcome as Flower's ``train_metrics_clientapp`` record."""
+        loss = float(self.train_loss) if self.num_examples else 0.0
+        return MetricRecord(
+            {"train-loss": loss, "valid-replies": self.valid_replies, "num-examples": self.num_examples}
+        )
+
+
+def round_row(
+    train_round: TrainRound,
+    outcome: TrainOutcome,
+    *,
+    evaluate_query_failures: int,
+    client_eval: MetricRecord | None,
+    central_eval: dict[str, float] | None,
+    wall_time_s: float,
+) -> dict[str, Any]:
+    """Return the metrics row of one round (``metrics.json``; keys in the README, "Outputs")."""
+    plan = train_round.plan
+    assigned_clients = plan.assignment.sum(axis=0)
+    row: dict[str, Any] = {
+        "round": train_round.server_round,
+        "failures": train_round.query_failures + outcome.failures + evaluate_query_failures,
+        "rejected": outcome.rejected,
+        "bytes_down": train_round.bytes_down,
+        "dense_bytes_down": train_round.dense_bytes_down,
+        "assignment": {cid: plan.experts_of(i) for i, cid in enumerate(plan.client_ids)},
+        "assigned_clients": assigned_clients.tolist(),
+        "capacity": {cid: int(c) for cid, c in zip(plan.client_ids, plan.capacity)},
+        "virtual_round_time_s": plan.virtual_round_time_s,
+        "sample_budget": {cid: int(b) for cid, b in zip(plan.client_ids, plan.budgets)},
+        "bytes_up": outcome.bytes_up,
+        "expert_load": outcome.expert_load.tolist(),
+        "load_cv": load_cv(assigned_clients),
+        "token_load_cv": load_cv(outcome.expert_load),
+        "valid_replies": outcome.valid_replies,
+        "train_loss": outcome.train_loss,
+    }
+    if client_eval is not None:
+        row.update(client_loss=client_eval["eval-loss"], client_accuracy=client_eval["eval-accuracy"])
+    if central_eval:
+        row.update(central_eval)
+    row["wall_time_s"] = wall_time_s
+    return row
+
+
+def log_round(row: dict[str, Any]) -> None:
+    """Log a round's metrics row in one line."""
+    acc = row.get("accuracy")
+    down, dense = row.get("bytes_down", 0), row.get("dense_bytes_down", 0)
+    log(
+        INFO,
+        "[ROUND %d] acc %s | down %.1f kB (%.0f%% of dense) up %.1f kB | load CV %.2f "
+        "| failures %d rejected %s",
+        row["round"],
+        f"{acc:.4f}" if acc is not None and not math.isnan(acc) else "n/a",
+        down / 1e3,
+        100 * down / dense if dense else 0.0,
+        row.get("bytes_up", 0) / 1e3,
+        row.get("load_cv") or 0.0,
+        row.get("failures", 0),
+        row.get("rejected") or {},
+    )

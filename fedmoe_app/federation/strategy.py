@@ -1,0 +1,447 @@
+"""FedMoE: a Flower strategy that sends every client only the experts it is assigned.
+
+Round ``r``:
+
+1. ``configure_train`` (classic Flower: ``configure_fit``) samples nodes, asks new ones
+   for their capacity profile (a ``query`` message), asks the :class:`~.planner.Planner`
+   for a :class:`~.planner.RoundPlan` (capacities, assignment, sample budgets, virtual time)
+   and builds one fresh Message per node holding the shared tensors plus *its* experts.
+2. ``aggregate_train`` (classic: ``aggregate_fit``) validates every reply, averages each
+   expert over the clients that trained it (token-weighted) and the shared tensors over
+   all (example-weighted), and feeds the routing feedback to the alignment state.
+3. ``configure_evaluate`` / ``aggregate_evaluate``: clients evaluate their sparse view
+   (shared + the experts they last trained) on their local test split.
+
+:meth:`FedMoE.start` runs the rounds like :meth:`Strategy.start`. Each round's metrics row
+(:func:`~.rounds.round_row`) is made from the values these steps return -- the
+:class:`~.rounds.TrainRound` sent and the :class:`~.rounds.TrainOutcome` aggregated -- and
+handed to the ``on_round`` callback (the run layer records it and writes a checkpoint).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+
+from ..alignment import AlignmentState
+from ..capacity import ema_update
+from ..config import RunConfig
+from ..models import ModelSpec, model_costs
+from ..tensors import Arrays, select
+from .aggregation import aggregate
+from .discovery import Discovery
+from .planner import Planner
+from .protocol import ARRAYS, CONFIG, METRICS, ReplyRejected, Sent, TrainReply, parse_train_reply
+from .records import to_record, wire_nbytes
+from .rounds import TrainOutcome, TrainRound, log_round, round_row
+
+EvaluateFn = Callable[[int, Arrays], dict[str, float] | None]
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+class FedMoE(Strategy):
+    """Federated Mixture-of-Experts with client-expert alignment.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        Validated run config (policy, capacity, sampling, alignment knobs).
+    spec : ModelSpec
+        Model shape (number of experts, top-k, sizes).
+    initial_arrays : Arrays
+        Initial global model, global tensor names (see :mod:`fedmoe_app.tensors`).
+
+    """
+
+    def __init__(self, cfg: RunConfig, spec: ModelSpec, initial_arrays: Arrays) -> None:
+        self.cfg = cfg
+        self.spec = spec
+        self.num_experts = spec.num_experts
+        self.global_arrays: Arrays = dict(initial_arrays)
+        self.alignment = AlignmentState(spec.num_experts, **cfg.alignment_kwargs())
+        self.planner = Planner(cfg, model_costs(spec))
+        self.rng = np.random.default_rng(cfg.seed)
+        self.nodes = Discovery(cfg.round_timeout_s)
+        self.last_experts: dict[str, list[int]] = {}  # client id -> experts last trained
+        self.failures_total = 0
+        self._pending: TrainRound | None = None  # sent by configure_train, awaiting replies
+
+    @property
+    def profiles(self) -> dict[str, dict[str, Any]]:
+        """Client id -> capacity profile (from queries, refreshed by training replies)."""
+        return self.nodes.profiles
+
+    # ------------------------------------------------------------------ Strategy API
+    def summary(self) -> None:
+        """Log the strategy's configuration."""
+        c = self.cfg
+        log(INFO, "\t├── Policy: %s, capacity: %s", c.policy, c.capacity)
+        log(INFO, "\t├── Experts: %d, top-k: %d", self.num_experts, self.spec.top_k)
+        log(INFO, "\t├── Sampling: fraction-train %.2f (min %d)", c.fraction_train, c.min_train_nodes)
+        log(
+            INFO,
+            "\t└── Fitness EMA %.2f, decay %.2f; usage decay %.2f",
+            c.fitness_ema,
+            c.fitness_decay,
+            c.usage_decay,
+        )
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Plan the client × expert assignment and build one message per sampled node.
+
+        This is the Message-API counterpart of the classic ``configure_fit``.
+        """
+        return self.plan_train(server_round, grid).messages
+
+    def plan_train(self, server_round: int, grid: Grid) -> TrainRound:
+        """Sample nodes, plan the round and build its messages; return all of it.
+
+        The returned round is also kept until :meth:`aggregate_train` checks the replies
+        against what each node was sent.
+        """
+        nodes, query_failures = self._sample(
+            grid, self.cfg.fraction_train, self.cfg.min_train_nodes, server_round
+        )
+        node_of = {self.nodes.client_of(n): n for n in nodes}
+        sampled = list(node_of)
+        plan = self.planner.plan(
+            self.alignment,
+            sampled,
+            [self.profiles.get(c, {}) for c in sampled],
+            self.global_arrays,
+            self.rng,
+        )
+        if len(plan.client_ids) < len(sampled):
+            log(
+                INFO,
+                "configure_train: skipping %d client(s) that cannot hold one expert",
+                len(sampled) - len(plan.client_ids),
+            )
+        dense_record_bytes = wire_nbytes(to_record(self.global_arrays))
+        messages, sent, bytes_down = [], {}, 0
+        for row, cid in enumerate(plan.client_ids):
+            node, expert_ids = node_of[cid], plan.experts_of(row)
+            read_only = bool(plan.frozen[row])
+            sub = select(self.global_arrays, expert_ids)
+            returned = select(sub, []) if read_only else sub
+            record = to_record(sub)
+            bytes_down += wire_nbytes(record)
+            sent[node] = Sent(
+                client_id=cid,
+                expert_ids=expert_ids,
+                shapes={k: (tuple(v.shape), str(v.dtype)) for k, v in returned.items()},
+                max_examples=self.profiles.get(cid, {}).get("num-examples"),
+            )
+            cfg_record = ConfigRecord(
+                {
+                    "expert-ids": expert_ids,
+                    "server-round": server_round,
+                    "lr": self.cfg.lr,
+                    "local-epochs": self.cfg.local_epochs,
+                    "seed": int(self.rng.integers(2**31)),
+                    "frozen-experts": read_only,
+                    "max-samples": int(plan.budgets[row]),
+                }
+            )
+            content = RecordDict({ARRAYS: record, CONFIG: cfg_record})
+            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
+        if not messages:
+            log(WARNING, "configure_train: no node available in round %d", server_round)
+        train_round = TrainRound(
+            server_round=server_round,
+            plan=plan,
+            messages=messages,
+            sent=sent,
+            bytes_down=bytes_down,
+            dense_bytes_down=dense_record_bytes * len(plan.client_ids),
+            query_failures=query_failures,
+        )
+        self._pending = train_round
+        log(
+            INFO,
+            "configure_train: %d nodes, %s plan, %.1f kB down (dense %.1f kB)",
+            len(messages),
+            self.cfg.policy,
+            bytes_down / 1e3,
+            train_round.dense_bytes_down / 1e3,
+        )
+        return train_round
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate replies, aggregate experts sparsely and update the alignment state.
+
+        This is the Message-API counterpart of the classic ``aggregate_fit``. Invalid
+        replies are logged, counted under ``rejected`` and left out of both the model
+        and the alignment update; a round with fewer than ``min-replies`` valid replies
+        keeps the previous model.
+        """
+        outcome = self.aggregate_round(server_round, replies)
+        return to_record(self.global_arrays), outcome.metric_record()
+
+    def aggregate_round(self, server_round: int, replies: Iterable[Message]) -> TrainOutcome:
+        """Do :meth:`aggregate_train`'s work and return what was aggregated."""
+        sent = self._pending.sent if self._pending is not None else {}
+        self._pending = None
+        valid: list[TrainReply] = []
+        rejected: Counter[str] = Counter()
+        failures, bytes_up, received = 0, 0, set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            node_sent = sent.get(node)
+            received.add(node)
+            if msg.has_error():
+                # An error the SuperLink raises for an unreachable node comes from the SuperLink,
+                # not from that node: the node then stays in ``missing`` and is counted there once.
+                failures += node_sent is not None
+                log(
+                    WARNING,
+                    "aggregate_train: node %s (client %s) failed: %s",
+                    node,
+                    node_sent.client_id if node_sent else "?",
+                    msg.error.reason,
+                )
+                continue
+            if node_sent is None:
+                rejected["unexpected-node"] += 1
+                log(WARNING, "aggregate_train: reply from node %s that was not sent work", node)
+                continue
+            try:
+                if msg.has_content() and ARRAYS in msg.content:
+                    bytes_up += wire_nbytes(msg.content[ARRAYS])
+                reply = parse_train_reply(
+                    msg.content, node, node_sent, self.num_experts, self.spec.top_k, self.cfg.local_epochs
+                )
+            except ReplyRejected as exc:
+                rejected[exc.reason] += 1
+                log(
+                    WARNING,
+                    "aggregate_train: rejected reply of node %s (client %s): %s",
+                    node,
+                    node_sent.client_id,
+                    exc,
+                )
+                continue
+            valid.append(reply)
+        missing = set(sent) - received
+        failures += len(missing)
+        if missing:
+            log(WARNING, "aggregate_train: %d node(s) did not reply in time", len(missing))
+
+        tokens = np.zeros(self.num_experts)
+        if len(valid) >= self.cfg.min_replies:
+            self._apply(valid)
+            tokens = np.stack([r.update.tokens for r in valid]).sum(axis=0)
+        else:
+            log(
+                WARNING,
+                "aggregate_train: %d valid repl(ies) < min-replies %d; keeping the model",
+                len(valid),
+                self.cfg.min_replies,
+            )
+        n = sum(r.update.num_examples for r in valid)
+        return TrainOutcome(
+            failures=failures,
+            rejected=dict(rejected),
+            valid_replies=len(valid),
+            num_examples=n,
+            bytes_up=bytes_up,
+            expert_load=tokens,
+            train_loss=sum(r.loss * r.update.num_examples for r in valid) / n if n else math.nan,
+        )
+
+    def _apply(self, valid: list[TrainReply]) -> None:
+        """Fold valid replies into the global model, the alignment state and the profiles."""
+        self.global_arrays = aggregate(self.global_arrays, [r.update for r in valid])
+        held = np.zeros((len(valid), self.num_experts), dtype=bool)
+        for i, r in enumerate(valid):
+            held[i, r.expert_ids] = True
+        self.alignment.update(
+            [r.client_id for r in valid],
+            held,
+            np.stack([r.update.tokens for r in valid]),
+            np.stack([r.expert_loss for r in valid]),
+            np.stack([r.gate_hist for r in valid]),
+        )
+        for r in valid:
+            self.last_experts[r.client_id] = r.expert_ids
+            profile = self.profiles.setdefault(r.client_id, {})
+            for key in ("train-time-s", "samples-per-s", "peak-memory-bytes"):
+                if key in r.metrics:
+                    profile[key] = ema_update(profile.get(key), r.metrics[key], 0.5)
+            profile["num-examples"] = max(int(profile.get("num-examples", 0)), r.update.num_examples)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send sampled known clients their sparse view (shared + last-trained experts)."""
+        return self.plan_evaluate(server_round, grid)[0]
+
+    def plan_evaluate(self, server_round: int, grid: Grid) -> tuple[list[Message], int]:
+        """Return the evaluation messages of a round and the number of nodes whose query failed."""
+        if self.cfg.fraction_evaluate == 0.0:
+            return [], 0
+        nodes, query_failures = self._sample(
+            grid, self.cfg.fraction_evaluate, self.cfg.min_evaluate_nodes, server_round
+        )
+        messages = []
+        for node in nodes:
+            cid = self.nodes.client_of(node)
+            experts = self.last_experts.get(cid)
+            if experts is None:
+                capacity = self.planner.capacity([self.profiles.get(cid, {})], self.global_arrays)
+                experts = np.flatnonzero(self.alignment.plan([cid], capacity, "greedy", self.rng)[0]).tolist()
+            if not experts:
+                continue
+            content = RecordDict(
+                {
+                    ARRAYS: to_record(select(self.global_arrays, experts)),
+                    CONFIG: ConfigRecord({"expert-ids": experts, "server-round": server_round}),
+                }
+            )
+            messages.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node))
+        return messages, query_failures
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Example-weighted mean of the clients' local test loss and accuracy."""
+        total, loss, acc = 0, 0.0, 0.0
+        for msg in replies:
+            if msg.has_error() or not msg.has_content() or METRICS not in msg.content:
+                continue
+            m = msg.content[METRICS]
+            n, l_, a = m.get("num-examples"), m.get("eval-loss"), m.get("eval-accuracy")
+            if not (
+                isinstance(n, int)
+                and n > 0
+                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in (l_, a))
+            ):
+                log(
+                    WARNING,
+                    "aggregate_evaluate: ignoring malformed reply from node %s",
+                    msg.metadata.src_node_id,
+                )
+                continue
+            total, loss, acc = total + n, loss + n * l_, acc + n * a
+        if total == 0:
+            return None
+        return MetricRecord({"eval-loss": loss / total, "eval-accuracy": acc / total, "num-examples": total})
+
+    # ------------------------------------------------------------------ run loop
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord | None = None,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        *,
+        central_eval: EvaluateFn | None = None,
+        on_round: RoundCallback | None = None,
+        start_round: int = 1,
+    ) -> Result:
+        """Run rounds ``start_round..num_rounds``; hand each round's metrics row to ``on_round``.
+
+        Same loop as :meth:`flwr.serverapp.strategy.Strategy.start`, plus central evaluation
+        on global numpy arrays (``central_eval``, also before round 1 as round 0) and a
+        metrics row per round (:func:`~.rounds.round_row`) given to ``on_round`` after the
+        round (the run layer records it and writes a checkpoint).
+        """
+        del initial_arrays, evaluate_fn, train_config, evaluate_config  # the model is self.global_arrays
+        result = Result()
+        log(INFO, "Starting FedMoE (rounds %d..%d):", start_round, num_rounds)
+        self.summary()
+        if start_round == 1 and central_eval is not None:
+            res = central_eval(0, self.global_arrays) or {}
+            log(
+                INFO,
+                "[ROUND 0] central accuracy %.4f loss %.4f",
+                res.get("accuracy", math.nan),
+                res.get("loss", math.nan),
+            )
+            if on_round:
+                on_round({"round": 0, "failures": 0, **res})
+        for rnd in range(start_round, num_rounds + 1):
+            t0 = time.perf_counter()
+            log(INFO, "")
+            log(INFO, "[ROUND %d/%d]", rnd, num_rounds)
+            train_round = self.plan_train(rnd, grid)
+            outcome = self.aggregate_round(rnd, grid.send_and_receive(train_round.messages, timeout=timeout))
+            result.arrays = to_record(self.global_arrays)
+            result.train_metrics_clientapp[rnd] = outcome.metric_record()
+            ev_messages, ev_query_failures = self.plan_evaluate(rnd, grid)
+            ev = self.aggregate_evaluate(rnd, grid.send_and_receive(ev_messages, timeout=timeout))
+            central = central_eval(rnd, self.global_arrays) if central_eval is not None else None
+            if ev is not None:
+                result.evaluate_metrics_clientapp[rnd] = ev
+            if central is not None:
+                result.evaluate_metrics_serverapp[rnd] = MetricRecord(
+                    {k: float(v) for k, v in central.items()}
+                )
+            self.failures_total += train_round.query_failures + outcome.failures + ev_query_failures
+            row = round_row(
+                train_round,
+                outcome,
+                evaluate_query_failures=ev_query_failures,
+                client_eval=ev,
+                central_eval=central,
+                wall_time_s=time.perf_counter() - t0,
+            )
+            log_round(row)
+            if on_round:
+                on_round(row)
+        return result
+
+    # ------------------------------------------------------------------ nodes
+    def _sample(self, grid: Grid, fraction: float, minimum: int, server_round: int) -> tuple[list[int], int]:
+        """Sample ``fraction`` of the connected nodes (at least ``minimum``), by client id.
+
+        Nodes are identified first (:class:`~.discovery.Discovery`), and sampling runs over
+        sorted client ids, so the same seed picks the same clients even when node ids change
+        (a resumed run). Returns the sampled nodes and the number of failed queries.
+        """
+        nodes, failed = self.nodes.known_nodes(grid, minimum, server_round)
+        if not nodes:
+            return [], failed
+        size = min(len(nodes), max(int(len(nodes) * fraction), minimum))
+        return [nodes[i] for i in sorted(self.rng.choice(len(nodes), size=size, replace=False))], failed
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the model needed to resume (JSON-serializable)."""
+        return {
+            "alignment": self.alignment.state_dict(),
+            "rng": self.rng.bit_generator.state,
+            "profiles": self.profiles,
+            "last_experts": self.last_experts,
+            "failures_total": self.failures_total,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        self.alignment = AlignmentState.from_state_dict(state["alignment"])
+        self.rng.bit_generator.state = state["rng"]
+        self.nodes.profiles = state["profiles"]
+        self.last_experts = {k: list(v) for k, v in state["last_experts"].items()}
+        self.failures_total = int(state["failures_total"])
+
+    def load(self, arrays: Arrays, state: dict[str, Any]) -> None:
+        """Restore the global model and :meth:`state_dict` from a checkpoint's contents."""
+        if set(arrays) != set(self.global_arrays):
+            raise ValueError("the checkpoint does not match this model's tensors")
+        self.global_arrays = dict(arrays)
+        self.load_state_dict(state)

@@ -1,0 +1,167 @@
+"""Mixture-of-Experts image classifier: shared conv stem, top-k gate, MLP experts.
+
+The model can hold every expert (the global model) or a subset of them (a client's
+sub-model); its experts are :class:`~fedmoe_app.models.experts.Experts`, stacked by slot.
+The global expert id of each slot is kept in the ``expert_ids`` buffer. The gate always has
+one logit per *global* expert; logits of absent experts are masked before top-k routing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import RunConfig
+from .experts import Experts
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shape of an MoE classifier; everything needed to rebuild it anywhere.
+
+    No field has a default: :meth:`from_config` takes the run config's values.
+    """
+
+    in_channels: int
+    image_size: int
+    num_classes: int
+    num_experts: int
+    top_k: int
+    stem_channels: int
+    feature_dim: int
+    expert_hidden: int
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, info: Any) -> ModelSpec:
+        """Model shape for a run: sizes from ``cfg``, input and classes from the dataset.
+
+        Parameters
+        ----------
+        cfg : RunConfig
+            The run's validated config (``num-experts``, ``top-k``, sizes).
+        info : Any
+            The dataset's shape: an object with ``in_channels``, ``image_size`` and
+            ``num_classes`` (e.g. :class:`fedmoe_app.data.DatasetInfo`).
+
+        """
+        return cls(
+            in_channels=info.in_channels,
+            image_size=info.image_size,
+            num_classes=info.num_classes,
+            num_experts=cfg.num_experts,
+            top_k=cfg.top_k,
+            stem_channels=cfg.stem_channels,
+            feature_dim=cfg.feature_dim,
+            expert_hidden=cfg.expert_hidden,
+        )
+
+
+#: The model the emulated device classes are calibrated at: the default CNN on Fashion-MNIST.
+REFERENCE_SPEC = ModelSpec(
+    1, 28, 10, num_experts=8, top_k=2, stem_channels=16, feature_dim=64, expert_hidden=256
+)
+
+
+class MoEOutput(NamedTuple):
+    """What a forward pass returns: logits plus the feedback the server needs.
+
+    ``tokens``, ``expert_loss_sum`` and ``gate_hist`` are detached, length-E vectors
+    indexed by *global* expert id.
+    """
+
+    logits: Tensor  # [B, num_classes]
+    aux_loss: Tensor  # scalar, Switch-Transformer load-balancing loss
+    tokens: Tensor  # [E] (sample, expert) pairs routed to each expert
+    expert_loss_sum: Tensor  # [E] summed CE of each expert's own logits on its tokens
+    gate_hist: Tensor  # [E] top-k choices of the unmasked gate (all experts)
+
+
+class MoEClassifier(nn.Module):
+    """Conv stem → gate (top-k, softmax over the chosen k) → weighted sum of expert logits.
+
+    Parameters
+    ----------
+    spec : ModelSpec
+        Shape of the model.
+    expert_ids : Sequence[int] | None
+        Global ids of the experts this instance holds (sorted); ``None`` holds all.
+
+    """
+
+    def __init__(self, spec: ModelSpec, expert_ids: Sequence[int] | None = None) -> None:
+        super().__init__()
+        num_e = spec.num_experts
+        ids = sorted(set(range(num_e) if expert_ids is None else (int(e) for e in expert_ids)))
+        if not ids or ids[0] < 0 or ids[-1] >= num_e:
+            raise ValueError(f"expert_ids must be a non-empty subset of 0..{num_e - 1}, got {ids}")
+        self.spec = spec
+        slot_of = torch.full((num_e,), -1, dtype=torch.long)
+        slot_of[ids] = torch.arange(len(ids))
+        self.register_buffer("expert_ids", torch.tensor(ids), persistent=False)
+        self.register_buffer("slot_of", slot_of, persistent=False)
+        self.register_buffer("held", slot_of >= 0, persistent=False)
+        c, d = spec.stem_channels, spec.feature_dim
+        self.stem = nn.Sequential(
+            nn.Conv2d(spec.in_channels, c, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c, 2 * c, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
+            nn.Linear(2 * c * 16, d),
+            nn.ReLU(),
+        )
+        self.gate = nn.Linear(d, num_e)
+        self.experts = Experts(len(ids), d, spec.expert_hidden, spec.num_classes)
+
+    @property
+    def top_k(self) -> int:
+        """Experts each sample is routed to: ``min(spec.top_k, experts held)``."""
+        return min(self.spec.top_k, len(self.expert_ids))
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> MoEOutput:
+        """Route every sample to its top-k held experts and mix their logits."""
+        num_e, k = self.spec.num_experts, self.top_k
+        feats = self.stem(x)
+        gate_logits = self.gate(feats)  # [B, E], all global experts
+        masked = gate_logits.masked_fill(~self.held, float("-inf"))
+        top_val, top_idx = masked.topk(k, dim=1)  # global ids [B, k]
+        weights = F.softmax(top_val, dim=1)
+        flat_idx = top_idx.reshape(-1)
+        out = self.experts(feats.repeat_interleave(k, dim=0), self.slot_of[flat_idx])
+        logits = (weights.reshape(-1, 1) * out).view(-1, k, out.shape[-1]).sum(dim=1)
+
+        # Switch-style balance loss over the held experts: n * sum_e f_e * P_e.
+        probs = F.softmax(masked, dim=1)
+        frac = torch.bincount(flat_idx, minlength=num_e).to(probs.dtype) / flat_idx.numel()
+        aux = len(self.expert_ids) * (frac * probs.mean(dim=0)).sum()
+
+        with torch.no_grad():
+            tokens = torch.bincount(flat_idx, minlength=num_e).float()
+            hist_idx = gate_logits.topk(min(self.spec.top_k, num_e), dim=1).indices
+            gate_hist = torch.bincount(hist_idx.reshape(-1), minlength=num_e).float()
+            loss_sum = torch.zeros(num_e, device=x.device)
+            if y is not None:
+                ce = F.cross_entropy(out.detach(), y.repeat_interleave(k), reduction="none")
+                loss_sum.index_add_(0, flat_idx, ce)
+        return MoEOutput(logits, aux, tokens, loss_sum, gate_hist)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """Return ``(shared, experts)`` parameter counts (the gate counts as shared)."""
+    experts = sum(p.numel() for p in model.experts.parameters())
+    return sum(p.numel() for p in model.parameters()) - experts, experts
+
+
+def build_model(spec: ModelSpec, expert_ids: Sequence[int] | None = None, seed: int = 0) -> MoEClassifier:
+    """Build a model with deterministic initial weights for ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MoEClassifier(spec, expert_ids)

@@ -1,0 +1,167 @@
+"""Per-round metrics history (``metrics.json`` / ``metrics.csv``) and matplotlib plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .files import atomic_write
+
+log = logging.getLogger(__name__)
+
+# Keys every round object carries (README, "Outputs"); extras follow.
+METRIC_KEYS = (
+    "round",
+    "accuracy",
+    "loss",
+    "bytes_down",
+    "bytes_up",
+    "dense_bytes_down",
+    "expert_load",
+    "load_cv",
+    "virtual_round_time_s",
+    "assignment",
+    "failures",
+)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    if isinstance(value, np.ndarray):
+        return [_jsonable(v) for v in value.tolist()]
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class RunRecorder:
+    """Accumulates one metrics object per round and keeps the files on disk current.
+
+    Parameters
+    ----------
+    out_dir : Path
+        ``outputs/<run-name>``; created if missing.
+    config : Mapping[str, Any]
+        Run config written to ``config.json``.
+    history : Sequence[Mapping[str, Any]]
+        Rounds already recorded (when resuming).
+
+    """
+
+    def __init__(
+        self, out_dir: Path, config: Mapping[str, Any], history: Sequence[Mapping[str, Any]] = ()
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.rounds: list[dict[str, Any]] = [dict(r) for r in history]
+        atomic_write(self.out_dir / "config.json", json.dumps(_jsonable(config), indent=2))
+
+    def add(self, row: Mapping[str, Any]) -> None:
+        """Record one round (replacing an earlier object of the same round)."""
+        row = {k: row.get(k) for k in METRIC_KEYS} | {k: v for k, v in row.items() if k not in METRIC_KEYS}
+        self.rounds = [r for r in self.rounds if r.get("round") != row["round"]] + [_jsonable(row)]
+        self.rounds.sort(key=lambda r: r["round"])
+        atomic_write(self.out_dir / "metrics.json", json.dumps(self.rounds, indent=1))
+        atomic_write(self.out_dir / "metrics.csv", rounds_to_csv(self.rounds))
+
+    def plot(self) -> list[Path]:
+        """Write the PNG plots; returns their paths."""
+        return write_plots(self.rounds, self.out_dir)
+
+
+def rounds_to_csv(rounds: Sequence[Mapping[str, Any]]) -> str:
+    """Flatten rounds into CSV: lists as ``;``-joined values, dicts as JSON."""
+    columns: list[str] = list(METRIC_KEYS)
+    for r in rounds:
+        columns += [k for k in r if k not in columns]
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(columns)
+    for r in rounds:
+        cells = []
+        for c in columns:
+            v = r.get(c)
+            if isinstance(v, list):
+                v = ";".join("" if x is None else f"{x:.6g}" if isinstance(x, float) else str(x) for x in v)
+            elif isinstance(v, dict):
+                v = json.dumps(v, separators=(",", ":"))
+            cells.append("" if v is None else v)
+        writer.writerow(cells)
+    return buf.getvalue()
+
+
+def write_plots(rounds: Sequence[Mapping[str, Any]], out_dir: Path) -> list[Path]:
+    """Accuracy/loss per round, expert-load heat-map and last assignment matrix."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    paths = []
+    x = [r["round"] for r in rounds]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, title in ((axes[0], "accuracy", "Accuracy"), (axes[1], "loss", "Loss")):
+        ax.plot(x, [_nan(r.get(key)) for r in rounds], marker="o", label="central (test set)")
+        client = [_nan(r.get(f"client_{key}")) for r in rounds]
+        if not all(np.isnan(client)):
+            ax.plot(x, client, marker="s", label="clients (local test)")
+        ax.set_xlabel("round")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    paths.append(out_dir / "accuracy_loss.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    loads = [r.get("expert_load") for r in rounds if r.get("expert_load")]
+    if loads:
+        mat = np.array(loads, dtype=float)
+        fig, ax = plt.subplots(figsize=(max(4, 0.5 * mat.shape[1] + 2), max(3, 0.25 * len(loads) + 2)))
+        im = ax.imshow(mat, aspect="auto", cmap="viridis")
+        ax.set_xlabel("expert")
+        ax.set_ylabel("round")
+        ax.set_yticks(range(len(loads)), [r["round"] for r in rounds if r.get("expert_load")])
+        ax.set_title("Expert load (tokens trained per round)")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        paths.append(out_dir / "expert_load.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
+    last = next((r["assignment"] for r in reversed(rounds) if r.get("assignment")), None)
+    if last:
+        ids = sorted(last, key=lambda c: (len(c), c))
+        num_e = max((len(r["expert_load"]) for r in rounds if r.get("expert_load")), default=0)
+        num_e = max(num_e, 1 + max((e for v in last.values() for e in v), default=0))
+        mat = np.zeros((len(ids), num_e))
+        for i, cid in enumerate(ids):
+            mat[i, last[cid]] = 1
+        fig, ax = plt.subplots(figsize=(max(4, 0.4 * num_e + 2), max(3, 0.25 * len(ids) + 1.5)))
+        ax.imshow(mat, aspect="auto", cmap="Greys", vmin=0, vmax=1)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("client-id")
+        ax.set_yticks(range(len(ids)), ids)
+        ax.set_title(f"Assignment, round {next(r['round'] for r in reversed(rounds) if r.get('assignment'))}")
+        fig.tight_layout()
+        paths.append(out_dir / "assignment.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def _nan(v: Any) -> float:
+    return float("nan") if v is None else float(v)

@@ -1,0 +1,68 @@
+"""Global tensor names of an MoE model and slicing of named-array dicts by expert.
+
+Weights travel as a flat ``dict[str, np.ndarray]`` with *global* names: shared tensors keep
+their module names (``stem.0.weight``, ``gate.weight``, ...) and every expert tensor is
+named ``experts.<global id>.<w1|b1|w2|b2>``. A message holds the shared part plus exactly
+the experts it names. Pure numpy: aggregation, capacity planning and checkpoints use these
+names without torch or Flower; ``fedmoe_app.models.arrays`` maps a torch model onto them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+EXPERT_PARAMS = ("w1", "b1", "w2", "b2")
+_EXPERT_KEY = re.compile(r"^experts\.(\d+)\.(w1|b1|w2|b2)$")
+
+Arrays = dict[str, np.ndarray]
+
+
+def expert_key(expert: int, name: str) -> str:
+    """Global name of one expert tensor."""
+    return f"experts.{expert}.{name}"
+
+
+def parse_expert_key(key: str) -> tuple[int, str] | None:
+    """Return ``(expert id, tensor name)`` for an expert key, ``None`` for shared keys."""
+    m = _EXPERT_KEY.match(key)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def shared_keys(arrays: Mapping[str, np.ndarray]) -> list[str]:
+    """Names of the shared (non-expert) tensors in ``arrays``."""
+    return [k for k in arrays if parse_expert_key(k) is None]
+
+
+def select(arrays: Mapping[str, np.ndarray], expert_ids: Iterable[int]) -> Arrays:
+    """Shared tensors plus the tensors of ``expert_ids`` (what one client receives)."""
+    ids = set(int(e) for e in expert_ids)
+    return {k: v for k, v in arrays.items() if (p := parse_expert_key(k)) is None or p[0] in ids}
+
+
+def experts_in(arrays: Mapping[str, np.ndarray]) -> list[int]:
+    """Sorted global ids of the experts present in ``arrays``."""
+    return sorted({p[0] for k in arrays if (p := parse_expert_key(k)) is not None})
+
+
+def raw_nbytes(arrays: Mapping[str, np.ndarray]) -> int:
+    """Raw bytes of the tensors' data (no framing)."""
+    return int(sum(v.nbytes for v in arrays.values()))
+
+
+def payload_nbytes(arrays: Mapping[str, np.ndarray]) -> tuple[int, int]:
+    """``(shared bytes, bytes of one expert)`` of a global-named array dict.
+
+    The per-expert figure is the mean over the experts present (0 if none).
+    """
+    shared, per_expert = 0, {}
+    for key, value in arrays.items():
+        parsed = parse_expert_key(key)
+        if parsed is None:
+            shared += int(value.nbytes)
+        else:
+            per_expert[parsed[0]] = per_expert.get(parsed[0], 0) + int(value.nbytes)
+    expert = round(sum(per_expert.values()) / len(per_expert)) if per_expert else 0
+    return shared, expert

@@ -1,0 +1,168 @@
+"""Helpers shared by the benchmarks: argument types, machine summary, threads, environment."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import numpy as np
+
+
+def int_list(text: str) -> list[int]:
+    """Parse ``"1000,10000"`` into ``[1000, 10000]`` (an ``argparse`` type).
+
+    Parameters
+    ----------
+    text : str
+        Comma-separated positive integers.
+
+    Returns
+    -------
+    list of int
+
+    Raises
+    ------
+    argparse.ArgumentTypeError
+        When an item is not an integer, is not positive, or there is none.
+
+    """
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def name_list(allowed: Collection[str], what: str) -> Callable[[str], list[str]]:
+    """Make an ``argparse`` type that parses ``"a,b"`` into ``["a", "b"]`` of known names.
+
+    Parameters
+    ----------
+    allowed : collection of str
+        The known names.
+    what : str
+        What the names are (plural), for the error message.
+
+    Returns
+    -------
+    callable
+        ``parse(text) -> list of str``; raises :class:`argparse.ArgumentTypeError` when a
+        name is not in ``allowed`` or there is none.
+
+    """
+
+    def parse(text: str) -> list[str]:
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        unknown = [v for v in values if v not in allowed]
+        if not values or unknown:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {unknown or text!r}; choose from {', '.join(allowed)}"
+            )
+        return values
+
+    return parse
+
+
+def cpu_count() -> int:
+    """Return the CPUs this process may run on (its affinity where the OS has one).
+
+    Returns
+    -------
+    int
+
+    """
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def machine_summary() -> str:
+    """Describe the machine the benchmark runs on (CPU count, processor, Python, numpy).
+
+    Returns
+    -------
+    str
+        One line.
+
+    """
+    cpu = platform.processor() or platform.machine()
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu_count()} cores ({model or cpu}), Python {platform.python_version()}, numpy {np.__version__}"
+
+
+def median_min(values: Sequence[float]) -> tuple[float, float]:
+    """Return the median and the minimum of ``values``.
+
+    Parameters
+    ----------
+    values : sequence of float
+        At least one value.
+
+    Returns
+    -------
+    tuple of float
+        ``(median, min)``.
+
+    """
+    return statistics.median(values), min(values)
+
+
+def set_threads(threads: int) -> int:
+    """Set torch's intra-op threads (when ``threads`` > 0) and return the count in use.
+
+    Parameters
+    ----------
+    threads : int
+        Threads to use; 0 or less keeps torch's setting.
+
+    Returns
+    -------
+    int
+        ``torch.get_num_threads()`` afterwards.
+
+    """
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+@contextmanager
+def environ(overrides: Mapping[str, str]) -> Iterator[None]:
+    """Temporarily set environment variables (inherited by the processes started meanwhile).
+
+    Parameters
+    ----------
+    overrides : mapping of str to str
+        Variables to set; each is restored (or removed again) on exit.
+
+    Yields
+    ------
+    None
+
+    """
+    saved = {k: os.environ.get(k) for k in overrides}
+    os.environ.update(overrides)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -1,0 +1,131 @@
+"""The experiment folder: where each run's outputs and log are, and its summary files.
+
+Layout::
+
+    <out>/experiment.json        the grid (base run config, settings, policies, seeds)
+    <out>/progress.json          live status of every run, ETA (rewritten every few seconds)
+    <out>/experiment.log         the progress lines printed on stdout
+    <out>/runs/<run-name>/       each run's outputs (metrics.json, plots, checkpoint, ...)
+    <out>/logs/<run-name>.log    each run's `flwr run` log
+    <out>/summary.{md,csv}, accuracy.png, expert_load.png
+
+:func:`write_summary` rewrites the summary files from the runs found complete.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ...run.files import atomic_write
+from .grid import ExperimentGrid, RunSpec
+from .metrics import FinishedRun, is_complete, read_metrics
+from .plots import plot_accuracy, plot_expert_load
+from .summary import SummaryRow, rows_to_csv, summarize, summary_markdown
+
+#: Keys whose change does not make an earlier run of the same name a different experiment
+#: (more rounds extend a run by resuming it).
+IGNORED_WHEN_COMPARING = ("num-server-rounds", "resume", "run-name", "output-dir", "round-timeout-s")
+
+
+def run_dir(exp_dir: Path, run: RunSpec) -> Path:
+    """Return the output folder of ``run`` (``output-dir`` ``runs`` under the experiment folder)."""
+    return Path(exp_dir) / str(run.run_config["output-dir"]) / run.name
+
+
+def log_path(exp_dir: Path, run: RunSpec) -> Path:
+    """Return the ``flwr run`` log of ``run``."""
+    return Path(exp_dir) / "logs" / f"{run.name}.log"
+
+
+def collect_results(exp_dir: Path, grid: ExperimentGrid) -> tuple[list[FinishedRun], int]:
+    """Find the finished runs of ``grid`` under ``exp_dir``.
+
+    Parameters
+    ----------
+    exp_dir : Path
+        Experiment folder.
+    grid : ExperimentGrid
+        The grid.
+
+    Returns
+    -------
+    results : list of FinishedRun
+        Runs whose ``metrics.json`` holds every round, rows past the grid's rounds dropped.
+    total : int
+        Runs of the grid.
+
+    """
+    runs = grid.runs()
+    out = []
+    for run in runs:
+        rows = read_metrics(run_dir(exp_dir, run))
+        if rows is not None and is_complete(rows, run.num_rounds):
+            rows = [r for r in rows if int(r["round"]) <= run.num_rounds]
+            out.append(FinishedRun(run.setting, run.policy, run.seed, rows))
+    return out, len(runs)
+
+
+def write_summary(exp_dir: Path, grid: ExperimentGrid, *, title: str | None = None) -> list[SummaryRow]:
+    """Rewrite ``summary.md``, ``summary.csv`` and the plots from the finished runs.
+
+    Parameters
+    ----------
+    exp_dir : Path
+        Experiment folder.
+    grid : ExperimentGrid
+        The grid (row, panel and legend order).
+    title : str, optional
+        Heading of ``summary.md`` (default: ``fedmoe policy comparison: <folder name>``).
+
+    Returns
+    -------
+    list of SummaryRow
+        The summary rows.
+
+    """
+    exp_dir = Path(exp_dir)
+    results, total = collect_results(exp_dir, grid)
+    rows = summarize(results, settings=[s.name for s in grid.settings], policies=list(grid.policies))
+    plots: list[str] = []
+    if results:
+        kw: dict[str, Any] = {"settings": grid.settings, "policies": grid.policies}
+        plots.append(str(plot_accuracy(results, exp_dir / "accuracy.png", **kw)))
+        plots.append(str(plot_expert_load(results, exp_dir / "expert_load.png", **kw)))
+    title = title or f"fedmoe policy comparison: {exp_dir.name}"
+    atomic_write(
+        exp_dir / "summary.md",
+        summary_markdown(rows, title=title, complete=len(results), total=total, plots=plots),
+    )
+    atomic_write(exp_dir / "summary.csv", rows_to_csv(rows))
+    return rows
+
+
+def config_mismatch(run_directory: Path, run_config: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Compare a run folder's ``config.json`` with ``run_config``.
+
+    Parameters
+    ----------
+    run_directory : Path
+        A run's output folder.
+    run_config : Mapping
+        The config the grid would run it with.
+
+    Returns
+    -------
+    dict
+        ``{key: (saved, new)}`` for every key both have with different values, except
+        :data:`IGNORED_WHEN_COMPARING`; empty if there is no readable ``config.json``.
+
+    """
+    try:
+        saved = json.loads((Path(run_directory) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {
+        k: (saved.get(k), v)
+        for k, v in run_config.items()
+        if k not in IGNORED_WHEN_COMPARING and k in saved and saved[k] != v
+    }

@@ -1,0 +1,136 @@
+"""One run's ``metrics.json``: reading it and the per-run figures the summary is made of.
+
+A run writes one row per round (round 0: the initial model) with its central accuracy,
+bytes sent, expert load and times. These functions read those rows and reduce them to
+numbers (final, best and last-rounds accuracy, rounds to a target, per-run totals); they
+ignore values that are missing, not numbers or not finite. Pure Python and numpy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class FinishedRun:
+    """Metrics of one finished run of a grid (``metrics.json`` rows, round 0 included).
+
+    Attributes
+    ----------
+    setting : str
+        Name of the run's data setting.
+    policy : str
+        Alignment policy.
+    seed : int
+        Seed.
+    rounds : list of dict
+        The run's ``metrics.json`` rows, sorted by round.
+
+    """
+
+    setting: str
+    policy: str
+    seed: int
+    rounds: list[dict[str, Any]]
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]] | None:
+    """Read the ``metrics.json`` of ``run_dir``.
+
+    Parameters
+    ----------
+    run_dir : Path
+        A run's output folder.
+
+    Returns
+    -------
+    list of dict or None
+        Its rows that have a ``round``, sorted by round; None if the file is absent or
+        unreadable.
+
+    """
+    path = Path(run_dir) / "metrics.json"
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(rows, list):
+        return None
+    return sorted((r for r in rows if isinstance(r, dict) and "round" in r), key=lambda r: r["round"])
+
+
+def rounds_done(rows: Sequence[Mapping[str, Any]] | None) -> int:
+    """Return the highest training round recorded (0 if none)."""
+    return max((int(r["round"]) for r in rows or ()), default=0)
+
+
+def is_complete(rows: Sequence[Mapping[str, Any]] | None, num_rounds: int) -> bool:
+    """Return whether ``rows`` hold every training round ``1..num_rounds``."""
+    have = {int(r["round"]) for r in rows or ()}
+    return all(r in have for r in range(1, num_rounds + 1))
+
+
+def finite_or_none(value: Any) -> float | None:
+    """Return ``value`` as a float if it is a finite int or float (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _training_rounds(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return sorted((r for r in rows if int(r["round"]) >= 1), key=lambda r: r["round"])
+
+
+def _accuracies(rows: Sequence[Mapping[str, Any]]) -> list[tuple[int, float]]:
+    out = []
+    for r in _training_rounds(rows):
+        a = finite_or_none(r.get("accuracy"))
+        if a is not None:
+            out.append((int(r["round"]), a))
+    return out
+
+
+def final_accuracy(rows: Sequence[Mapping[str, Any]]) -> float | None:
+    """Return the accuracy of the last training round that has one (None if none has)."""
+    acc = _accuracies(rows)
+    return acc[-1][1] if acc else None
+
+
+def best_accuracy(rows: Sequence[Mapping[str, Any]]) -> float | None:
+    """Return the best accuracy of any training round (None if none has one)."""
+    return max((a for _, a in _accuracies(rows)), default=None)
+
+
+def last_n_mean(rows: Sequence[Mapping[str, Any]], n: int = 5) -> float | None:
+    """Return the mean accuracy of the last ``n`` training rounds (fewer if the run is shorter)."""
+    acc = [a for _, a in _accuracies(rows)][-n:]
+    return float(np.mean(acc)) if acc else None
+
+
+def rounds_to_target(rows: Sequence[Mapping[str, Any]], target: float) -> int | None:
+    """Return the first training round whose accuracy is ``>= target``; None if never."""
+    return next((rnd for rnd, a in _accuracies(rows) if a >= target), None)
+
+
+def _round_values(rows: Sequence[Mapping[str, Any]], key: str) -> list[float]:
+    vals = [finite_or_none(r.get(key)) for r in _training_rounds(rows)]
+    return [v for v in vals if v is not None]
+
+
+def round_total(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
+    """Return the sum of ``key`` over the training rounds that have it (None if none has)."""
+    vals = _round_values(rows, key)
+    return float(sum(vals)) if vals else None
+
+
+def round_mean(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
+    """Return the mean of ``key`` over the training rounds that have it (None if none has)."""
+    vals = _round_values(rows, key)
+    return float(np.mean(vals)) if vals else None

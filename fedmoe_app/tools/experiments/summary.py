@@ -1,0 +1,320 @@
+"""The summary of a grid: one row per (setting, policy), as Markdown and CSV.
+
+:func:`summarize` aggregates finished runs over seeds (mean and sample std) and measures
+rounds to a target set by the dense baseline; :func:`format_table`, :func:`rows_to_csv`
+and :func:`summary_markdown` render the rows. Needs neither Flower nor torch.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .metrics import (
+    FinishedRun,
+    best_accuracy,
+    final_accuracy,
+    last_n_mean,
+    round_mean,
+    round_total,
+    rounds_to_target,
+)
+
+#: Cell of a value that does not exist.
+DASH = "—"
+
+
+@dataclass
+class SummaryRow:
+    """One (setting, policy) line of the summary; accuracies are fractions in [0, 1].
+
+    ``*_std`` are sample standard deviations over seeds (ddof = 1), None with one run.
+    ``rounds_to_target`` is the mean over the runs that reached ``target`` (``reached``
+    of ``runs``), None if none did or there is no target. Byte totals are summed over a
+    run's rounds and averaged over runs; ``virtual_time_s`` is a run's sum of
+    ``virtual_round_time_s`` (rounds where it is null skipped), averaged over runs that
+    have one.
+    """
+
+    setting: str
+    policy: str
+    runs: int
+    seeds: list[int]
+    final_acc: float | None
+    final_acc_std: float | None
+    best_acc: float | None
+    last_n_acc: float | None
+    last_n_acc_std: float | None
+    target: float | None
+    rounds_to_target: float | None
+    reached: int
+    mb_down: float | None
+    mb_up: float | None
+    dense_mb_down: float | None
+    load_cv: float | None
+    virtual_time_s: float | None
+    wall_time_s: float | None
+    last_n: int = 5
+
+
+def _megabytes(nbytes: float | None) -> float | None:
+    return None if nbytes is None else nbytes / 1e6
+
+
+def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    return float(np.mean(vals)), (float(np.std(vals, ddof=1)) if len(vals) > 1 else None)
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    return _mean_std(values)[0]
+
+
+def in_order(values: Sequence[str], order: Sequence[str] | None) -> list[str]:
+    """Return the distinct ``values``: those in ``order`` first, then the rest as they appear.
+
+    Parameters
+    ----------
+    values : sequence of str
+        Names, possibly repeated.
+    order : sequence of str, optional
+        Preferred order; names not in ``values`` are left out.
+
+    Returns
+    -------
+    list of str
+        Each name once.
+
+    """
+    first = [v for v in (order or ()) if v in values]
+    return first + sorted(set(values) - set(first), key=values.index)
+
+
+def summarize(
+    results: Sequence[FinishedRun],
+    *,
+    target_fraction: float = 0.95,
+    last_n: int = 5,
+    baseline: str = "dense",
+    settings: Sequence[str] | None = None,
+    policies: Sequence[str] | None = None,
+) -> list[SummaryRow]:
+    """Aggregate runs into one :class:`SummaryRow` per (setting, policy).
+
+    Parameters
+    ----------
+    results : sequence of FinishedRun
+        Finished runs.
+    target_fraction : float
+        The target accuracy of a setting is ``target_fraction`` x the mean (over seeds)
+        final accuracy of the ``baseline`` policy in that setting.
+    last_n : int
+        Rounds averaged for the "last rounds" accuracy.
+    baseline : str
+        Policy that defines the target (no target in a setting without it).
+    settings, policies : sequence of str, optional
+        Row order (others follow in order of appearance).
+
+    Returns
+    -------
+    list of SummaryRow
+        Setting-major, in the given order.
+
+    """
+    by_key: dict[tuple[str, str], list[FinishedRun]] = {}
+    for r in results:
+        by_key.setdefault((r.setting, r.policy), []).append(r)
+    targets: dict[str, float | None] = {}
+    for s in {r.setting for r in results}:
+        base_final = _mean([final_accuracy(r.rounds) for r in by_key.get((s, baseline), [])])
+        targets[s] = None if base_final is None else target_fraction * base_final
+    rows = []
+    for s in in_order([r.setting for r in results], settings):
+        for p in in_order([r.policy for r in results if r.setting == s], policies):
+            runs = sorted(by_key.get((s, p), []), key=lambda r: r.seed)
+            if not runs:
+                continue
+            final, final_std = _mean_std([final_accuracy(r.rounds) for r in runs])
+            lastn, lastn_std = _mean_std([last_n_mean(r.rounds, last_n) for r in runs])
+            target = targets.get(s)
+            hits = [rounds_to_target(r.rounds, target) for r in runs] if target is not None else []
+            hits = [h for h in hits if h is not None]
+            mb = {
+                k: _mean([_megabytes(round_total(r.rounds, k)) for r in runs])
+                for k in ("bytes_down", "bytes_up", "dense_bytes_down")
+            }
+            rows.append(
+                SummaryRow(
+                    setting=s,
+                    policy=p,
+                    runs=len(runs),
+                    seeds=[r.seed for r in runs],
+                    final_acc=final,
+                    final_acc_std=final_std,
+                    best_acc=_mean([best_accuracy(r.rounds) for r in runs]),
+                    last_n_acc=lastn,
+                    last_n_acc_std=lastn_std,
+                    target=target,
+                    rounds_to_target=float(np.mean(hits)) if hits else None,
+                    reached=len(hits),
+                    mb_down=mb["bytes_down"],
+                    mb_up=mb["bytes_up"],
+                    dense_mb_down=mb["dense_bytes_down"],
+                    load_cv=_mean([round_mean(r.rounds, "load_cv") for r in runs]),
+                    virtual_time_s=_mean([round_total(r.rounds, "virtual_round_time_s") for r in runs]),
+                    wall_time_s=_mean([round_total(r.rounds, "wall_time_s") for r in runs]),
+                    last_n=last_n,
+                )
+            )
+    return rows
+
+
+def fmt_percent(mean: float | None, std: float | None = None) -> str:
+    """Render a fraction as a percentage with two decimals (``± std`` if given); ``—`` for None."""
+    if mean is None:
+        return DASH
+    return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return DASH if v is None else format(v, spec)
+
+
+def _rounds_cell(row: SummaryRow) -> str:
+    if row.rounds_to_target is None:
+        return DASH
+    cell = f"{row.rounds_to_target:.1f}"
+    return cell if row.reached == row.runs else f"{cell} ({row.reached}/{row.runs})"
+
+
+#: Columns of :func:`format_table` (``{n}``: the summary's ``last_n``).
+TABLE_COLUMNS = (
+    "setting",
+    "policy",
+    "final acc. (%)",
+    "best acc. (%)",
+    "last-{n} mean (%)",
+    "rounds to target",
+    "MB down",
+    "MB up",
+    "load CV",
+    "virtual time (s)",
+    "runs",
+)
+
+
+def format_table(rows: Sequence[SummaryRow]) -> str:
+    """Render summary rows as a Markdown table (accuracies in %, mean ± sample std over seeds).
+
+    ``—`` marks a value that does not exist (a target never reached, no virtual time);
+    ``12.5 (2/3)`` means 2 of 3 runs reached the target, after 12.5 rounds on average.
+
+    Parameters
+    ----------
+    rows : sequence of SummaryRow
+        Rows from :func:`summarize`.
+
+    Returns
+    -------
+    str
+        The table, one line per row after the header, ending in a newline.
+
+    """
+    n = rows[0].last_n if rows else 5
+    header = [c.format(n=n) for c in TABLE_COLUMNS]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|",
+    ]
+    for r in rows:
+        cells = [
+            r.setting,
+            r.policy,
+            fmt_percent(r.final_acc, r.final_acc_std),
+            fmt_percent(r.best_acc),
+            fmt_percent(r.last_n_acc, r.last_n_acc_std),
+            _rounds_cell(r),
+            _fmt(r.mb_down, ".1f"),
+            _fmt(r.mb_up, ".1f"),
+            _fmt(r.load_cv, ".3f"),
+            _fmt(r.virtual_time_s, ".1f"),
+            str(r.runs),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def rows_to_csv(rows: Sequence[SummaryRow]) -> str:
+    """Render summary rows as CSV: raw numbers (accuracies as fractions), empty where None.
+
+    The header holds the :class:`SummaryRow` field names; then comes one line per row,
+    seeds joined with ``;``, floats to 6 significant digits.
+    """
+    buf = io.StringIO()
+    names = [f for f in SummaryRow.__dataclass_fields__]
+    writer = csv.writer(buf)
+    writer.writerow(names)
+    for r in rows:
+        d = asdict(r)
+        d["seeds"] = ";".join(str(s) for s in r.seeds)
+        writer.writerow(
+            ["" if d[k] is None else (f"{d[k]:.6g}" if isinstance(d[k], float) else d[k]) for k in names]
+        )
+    return buf.getvalue()
+
+
+def summary_markdown(
+    rows: Sequence[SummaryRow], *, title: str, complete: int, total: int, plots: Sequence[str] = ()
+) -> str:
+    """Render the ``summary.md`` document: table, definitions, targets and plots.
+
+    Parameters
+    ----------
+    rows : sequence of SummaryRow
+        Rows from :func:`summarize`.
+    title : str
+        Heading.
+    complete, total : int
+        Finished runs and runs of the grid.
+    plots : sequence of str
+        Image files next to ``summary.md``, linked by file name.
+
+    Returns
+    -------
+    str
+        The Markdown document.
+
+    """
+    targets = {r.setting: r.target for r in rows}
+    n = rows[0].last_n if rows else 5
+    lines = [
+        f"# {title}",
+        "",
+        f"{complete} of {total} runs complete (updated {dt.datetime.now().isoformat(timespec='seconds')}).",
+        "",
+        format_table(rows),
+        "Accuracy: central test accuracy, mean ± sample std over seeds (one seed: no ±); "
+        f"best: the run's best round; last-{n} mean: the mean of a run's last {n} rounds "
+        "(judge policies on this). Rounds to target: first round reaching 95% of "
+        "dense's mean final accuracy in the same setting, mean over the runs that reached it "
+        "((k/n): only k of n did; —: none). MB: bytes sent down/up over the whole run "
+        "(10^6 bytes), mean over runs. Load CV: mean over rounds of the coefficient of "
+        "variation of clients per expert. Virtual time: sum of the simulated round times "
+        "(slowest participant per round), — where not measured.",
+        "",
+    ]
+    if any(t is not None for t in targets.values()):
+        lines += [
+            "Targets: " + ", ".join(f"{s}: {fmt_percent(t)}%" for s, t in targets.items() if t is not None),
+            "",
+        ]
+    lines += [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,16 @@
+"""The package's layers are a checked contract: imports point down only (import-linter)."""
+
+import shutil
+import subprocess
+
+import pytest
+from conftest import ROOT
+
+
+def test_import_contracts_are_kept():
+    exe = shutil.which("lint-imports")
+    if exe is None:
+        pytest.fail("lint-imports is missing: install the test extra (pip install -e '.[test]')")
+    res = subprocess.run([exe], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert "Contracts: 3 kept, 0 broken." in res.stdout
