@@ -146,30 +146,28 @@ class RunConfig:
         cfg._check_relations()
         return cfg
 
-    def alignment_kwargs(self) -> dict[str, float | int]:
+    def _args(self, spec: str) -> dict[str, Any]:
+        """``{argument: value}`` for ``"arg=field arg ..."`` (a bare ``arg`` names its field)."""
+        pairs = (item.partition("=") for item in spec.split())
+        return {arg: getattr(self, field or arg) for arg, _, field in pairs}
+
+    def alignment_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`~fedmoe_app.alignment.AlignmentState` (all but ``E``)."""
-        return {
-            "fitness_ema": self.fitness_ema,
-            "fitness_decay": self.fitness_decay,
-            "usage_decay": self.usage_decay,
-            "w_fitness": self.w_fitness,
-            "w_usage": self.w_usage,
-            "load_slack": self.load_slack,
-            "loss_weight": self.fitness_loss_weight,
-            "seed": self.seed,
-        }
+        return self._args(
+            "fitness_ema fitness_decay usage_decay w_fitness w_usage load_slack "
+            "loss_weight=fitness_loss_weight seed"
+        )
+
+    def train_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``fedmoe_app.training.train`` set by the run config."""
+        return self._args("epochs=local_epochs batch_size lr momentum aux_weight=aux_loss_weight")
 
     def split_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``fedmoe_app.data.client_data``: how a client's data is split."""
-        return {
-            "partitioner": self.partitioner,
-            "alpha": self.dirichlet_alpha,
-            "shards": self.shards_per_client,
-            "test_fraction": self.local_test_fraction,
-            "max_samples": self.max_samples_per_client,
-            "data_dir": self.data_dir,
-            "seed": self.seed,
-        }
+        return self._args(
+            "partitioner alpha=dirichlet_alpha shards=shards_per_client test_fraction=local_test_fraction "
+            "max_samples=max_samples_per_client data_dir seed"
+        )
 
     def _check_relations(self) -> None:
         if self.top_k > self.num_experts:

@@ -17,6 +17,7 @@ import importlib.metadata
 import logging
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -102,6 +103,31 @@ def _fmnist_folder(candidates: list[Path]) -> Path | None:
     return None
 
 
+def _locate(
+    name: str,
+    data_dir: str | Path | None,
+    find: Callable[[list[Path]], Path | None],
+    fetch: Callable[[str], None],
+    download: bool,
+    system: list[Path],
+) -> Path | None:
+    """Find a dataset's folder in ``data_dir``, ``$FEDMOE_DATA_DIR``, ``system``; else download it.
+
+    A download goes into ``data_dir`` (or ``~/.cache/fedmoe``) with ``fetch``; any failure
+    is logged and leaves the caller to explain where the files may come from.
+    """
+    candidates = [Path(p) for p in (data_dir, os.environ.get("FEDMOE_DATA_DIR")) if p]
+    folder = find(candidates + system)
+    if folder is None and download:
+        root = Path(candidates[0] if candidates else Path.home() / ".cache" / "fedmoe")
+        try:
+            fetch(str(root))
+        except Exception as exc:  # noqa: BLE001 - any download failure gets the same advice
+            log.warning("%s download failed: %s", name, exc)
+        folder = find([root])
+    return folder
+
+
 def load_fashion_mnist(
     data_dir: str | Path | None = None, *, download: bool = True
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -111,18 +137,14 @@ def load_fashion_mnist(
     if none holds the files and ``download`` is set, downloads them with torchvision into
     ``data_dir`` (or ``~/.cache/fedmoe``).
     """
-    candidates = [Path(p) for p in (data_dir, os.environ.get("FEDMOE_DATA_DIR")) if p]
-    folder = _fmnist_folder(candidates + [FASHION_MNIST_SYSTEM_DIR])
-    if folder is None and download:
-        root = Path(candidates[0] if candidates else Path.home() / ".cache" / "fedmoe")
-        try:
-            from torchvision.datasets import FashionMNIST
 
-            for train in (True, False):
-                FashionMNIST(str(root), train=train, download=True)
-        except Exception as exc:  # noqa: BLE001 - any download failure gets the same advice
-            log.warning("Fashion-MNIST download failed: %s", exc)
-        folder = _fmnist_folder([root])
+    def fetch(root: str) -> None:
+        from torchvision.datasets import FashionMNIST
+
+        for train in (True, False):
+            FashionMNIST(root, train=train, download=True)
+
+    folder = _locate("Fashion-MNIST", data_dir, _fmnist_folder, fetch, download, [FASHION_MNIST_SYSTEM_DIR])
     if folder is None:
         raise DatasetUnavailable(
             "Fashion-MNIST not found. Either install Debian's package "
@@ -155,17 +177,13 @@ def load_cifar10(
     data_dir: str | Path | None = None, *, download: bool = True
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Return ``{"train": (uint8 [N,3,32,32], labels), "test": ...}`` from python batches."""
-    candidates = [Path(p) for p in (data_dir, os.environ.get("FEDMOE_DATA_DIR")) if p]
-    folder = _cifar_folder(candidates)
-    if folder is None and download:
-        root = Path(candidates[0] if candidates else Path.home() / ".cache" / "fedmoe")
-        try:
-            from torchvision.datasets import CIFAR10
 
-            CIFAR10(str(root), train=True, download=True)
-        except Exception as exc:  # noqa: BLE001
-            log.warning("CIFAR-10 download failed: %s", exc)
-        folder = _cifar_folder([root])
+    def fetch(root: str) -> None:
+        from torchvision.datasets import CIFAR10
+
+        CIFAR10(root, train=True, download=True)
+
+    folder = _locate("CIFAR-10", data_dir, _cifar_folder, fetch, download, [])
     if folder is None:
         raise DatasetUnavailable(
             "CIFAR-10 not found. Put torchvision's 'cifar-10-batches-py' folder in the folder "

@@ -72,14 +72,4 @@ def train_args(**overrides):
     from fedmoe_app.config import RunConfig
 
     cfg = RunConfig()
-    args = {
-        "epochs": cfg.local_epochs,
-        "batch_size": cfg.batch_size,
-        "lr": cfg.lr,
-        "momentum": cfg.momentum,
-        "aux_weight": cfg.aux_loss_weight,
-        "device": "cpu",
-        "seed": cfg.seed,
-        "max_samples": None,
-    }
-    return {**args, **overrides}
+    return {**cfg.train_kwargs(), "device": "cpu", "seed": cfg.seed, "max_samples": None, **overrides}

@@ -334,7 +334,12 @@ def test_capacity_for_profiles_and_virtual_round_time_on_stored_dicts():
     assert capacity_for_profiles([phone, edge, {}], mm, cfg).tolist() == [1, 8, 3]
     assert capacity_for_profiles([], mm, cfg).shape == (0,)
     t = virtual_round_time([phone, edge], np.array([1, 8]), mm, cfg)
-    assert t is not None and t > 0
+    # the slowest participant: the phone (600 samples at 1/8 of the speed, 5 Mbit/s uplink)
+    each = [
+        cap.round_time_s(n, p["gflops"], p["down-mbps"], p["up-mbps"], costs=model_costs(DEFAULT), samples=s)
+        for n, p, s in ((1, phone, 600), (8, edge, 0))
+    ]
+    assert t == pytest.approx(max(each)) and each[0] > each[1] > 0
     assert virtual_round_time([phone, {}], np.array([1, 1]), mm, cfg) is None
     arrays = cap.profile_arrays([cap.CapacityProfile.from_dict(phone | {"samples-per-s": 800.0})])
     assert arrays["samples_per_s"][0] == pytest.approx(100.0)  # 800 raw / phone slowdown 8

@@ -37,7 +37,10 @@ def test_flwr_run_trains_sparse_moe_and_writes_outputs(run_app):
     assert all(len(v) == 2 for v in last["assignment"].values())
     assert last["bytes_down"] <= 0.45 * last["dense_bytes_down"]
     assert last["bytes_up"] > 0 and last["failures"] == 0
-    assert len(last["expert_load"]) == 8 and np.isclose(sum(last["expert_load"]), sum(last["expert_load"]))
+    # tokens were trained exactly on the experts somebody was assigned
+    assigned = {e for v in last["assignment"].values() for e in v}
+    assert len(last["expert_load"]) == 8
+    assert {e for e, load in enumerate(last["expert_load"]) if load > 0} == assigned
     for name in (
         "config.json",
         "metrics.csv",
@@ -70,7 +73,10 @@ def test_policies_differ_and_never_exceed_capacity(run_app):
         assert code == 0, log[-3000:]
         rounds = read_metrics(out)[1:]
         for r in rounds:
-            assert r["assignment"] and r["expert_load"] and r["load_cv"] is not None
+            assert r["assignment"] and len(r["expert_load"]) == 8
+            clients_per_expert = np.bincount([e for v in r["assignment"].values() for e in v], minlength=8)
+            assert r["assigned_clients"] == clients_per_expert.tolist()
+            assert r["load_cv"] == pytest.approx(clients_per_expert.std() / clients_per_expert.mean())
             for cid, experts in r["assignment"].items():
                 assert 1 <= len(experts) <= max(r["capacity"][cid], 1), (policy, r["round"], cid)
         assert {c for r in rounds for c in r["capacity"].values()} == {1, 4}  # phones and laptops

@@ -1,4 +1,4 @@
-"""Performance work (issue 8): exact expert dispatch, device path, threads, benchmark CLIs.
+"""Performance work: exact expert dispatch, device path, threads, benchmark CLIs.
 
 No timing is asserted here; ``python -m fedmoe_app.tools.bench experts|dispatch|overhead`` measures
 (see docs/PERFORMANCE.md).
@@ -302,6 +302,12 @@ def test_plain_loop_runs_an_assignment():
     assert all(0.0 <= a <= 1.0 for a in result["accuracy"])
 
 
+def overhead_args(*, rounds: int, samples: int, central: int) -> list[str]:
+    """``fedmoe-bench overhead`` arguments for a tiny synthetic run of two clients."""
+    sizes = ["--clients", "2", "--rounds", str(rounds), "--max-samples-per-client", str(samples)]
+    return ["overhead", "--dataset", "synthetic", *sizes, "--central-eval-samples", str(central)]
+
+
 def test_bench_overhead_with_a_fake_app(monkeypatch, tmp_path, capsys):
     """The overhead report without Flower: a fake launch writes the app's metrics.json."""
     import fedmoe_app.tools.launch as launch_mod
@@ -320,21 +326,7 @@ def test_bench_overhead_with_a_fake_app(monkeypatch, tmp_path, capsys):
         return 0
 
     monkeypatch.setattr(launch_mod, "launch", fake_launch)
-    args = [
-        "overhead",
-        "--dataset",
-        "synthetic",
-        "--clients",
-        "2",
-        "--rounds",
-        "2",
-        "--max-samples-per-client",
-        "32",
-        "--central-eval-samples",
-        "50",
-        "--workdir",
-        str(tmp_path),
-    ]
+    args = overhead_args(rounds=2, samples=32, central=50) + ["--workdir", str(tmp_path)]
     code = bench.main(args)
     out = capsys.readouterr().out
     assert code in (0, 1)
@@ -345,21 +337,7 @@ def test_bench_overhead_with_a_fake_app(monkeypatch, tmp_path, capsys):
 @pytest.mark.slow
 def test_bench_overhead_through_flwr_run(capsys):
     """The real comparison on tiny settings (one `flwr run` + one plain loop, ~40-60 s)."""
-    args = [
-        "overhead",
-        "--dataset",
-        "synthetic",
-        "--clients",
-        "2",
-        "--rounds",
-        "1",
-        "--max-samples-per-client",
-        "64",
-        "--central-eval-samples",
-        "100",
-        "--timeout",
-        "300",
-    ]
+    args = overhead_args(rounds=1, samples=64, central=100) + ["--timeout", "300"]
     code = bench.main(args)
     out = capsys.readouterr().out
     assert code in (0, 1), out

@@ -106,14 +106,14 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
         load_arrays(model, {**model_to_arrays(model), **gate})
     frozen = bool(conf.get("frozen-experts", False))
     model.experts.requires_grad_(not frozen)
+    knobs = cfg.train_kwargs() | {
+        "epochs": int(conf.get("local-epochs", cfg.local_epochs)),  # the server's word wins
+        "lr": float(conf.get("lr", cfg.lr)),
+    }
     result = train(
         model,
         train_split,
-        epochs=int(conf.get("local-epochs", cfg.local_epochs)),
-        batch_size=cfg.batch_size,
-        lr=float(conf.get("lr", cfg.lr)),
-        momentum=cfg.momentum,
-        aux_weight=cfg.aux_loss_weight,
+        **knobs,
         device=resolve_device(cfg.device),
         seed=int(conf.get("seed", cfg.seed)),
         max_samples=int(conf.get("max-samples", 0)) or None,

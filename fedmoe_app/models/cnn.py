@@ -9,7 +9,7 @@ one logit per *global* expert; logits of absent experts are masked before top-k 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
 import torch
@@ -49,16 +49,8 @@ class ModelSpec:
             ``num_classes`` (e.g. :class:`fedmoe_app.data.DatasetInfo`).
 
         """
-        return cls(
-            in_channels=info.in_channels,
-            image_size=info.image_size,
-            num_classes=info.num_classes,
-            num_experts=cfg.num_experts,
-            top_k=cfg.top_k,
-            stem_channels=cfg.stem_channels,
-            feature_dim=cfg.feature_dim,
-            expert_hidden=cfg.expert_hidden,
-        )
+        data = ("in_channels", "image_size", "num_classes")  # the rest are run-config fields
+        return cls(**{f.name: getattr(info if f.name in data else cfg, f.name) for f in fields(cls)})
 
 
 #: The model the emulated device classes are calibrated at: the default CNN on Fashion-MNIST.

@@ -1,6 +1,6 @@
 """Run the app in local simulation with a private, self-cleaning SuperLink.
 
-``python -m fedmoe_app.launch [--num-supernodes N] [--run-config "k=v ..."]`` starts a
+``fedmoe-launch [--num-supernodes N] [--run-config "k=v ..."]`` starts a
 SuperLink in simulation mode on a free loopback port with its own ``FLWR_HOME``, runs
 ``flwr run . <connection> --stream`` against it, and stops the SuperLink (and every
 process it started) by PID when the run ends, fails or is interrupted. Runtime
@@ -270,16 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-gpus", type=float, default=0, help="GPUs per simulated client")
     parser.add_argument("--flwr-home", default=None, help="keep Flower's state here (default: temporary)")
     parser.add_argument("--timeout", type=float, default=None)
-    args = parser.parse_args(argv)
-    return launch(
-        args.app_dir,
-        num_supernodes=args.num_supernodes,
-        run_config=args.run_config,
-        flwr_home=args.flwr_home,
-        num_cpus=args.num_cpus,
-        num_gpus=args.num_gpus,
-        timeout=args.timeout,
-    )
+    options = vars(parser.parse_args(argv))  # every flag is a keyword of launch()
+    return launch(options.pop("app_dir"), **options)
 
 
 if __name__ == "__main__":

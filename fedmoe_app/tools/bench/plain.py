@@ -130,17 +130,9 @@ def plain_loop(
             train_split, _, _ = local(cid)
             model = build_model(spec, list(experts))
             load_arrays(model, select(global_arrays, experts))
+            # max_samples=None: client_data already capped the partition
             res = train(
-                model,
-                train_split,
-                epochs=cfg.local_epochs,
-                batch_size=cfg.batch_size,
-                lr=cfg.lr,
-                momentum=cfg.momentum,
-                aux_weight=cfg.aux_loss_weight,
-                device=device,
-                seed=cfg.seed + rnd,
-                max_samples=None,  # client_data already capped the partition
+                model, train_split, **cfg.train_kwargs(), device=device, seed=cfg.seed + rnd, max_samples=None
             )
             model.cpu()
             updates.append(ClientUpdate(model_to_arrays(model), res.num_examples, res.tokens))
