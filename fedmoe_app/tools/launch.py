@@ -48,7 +48,7 @@ def toml_value(value: Any) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _num(value: float) -> int | float:
+def _whole_if_integral(value: float) -> int | float:
     """``2.0`` → ``2``: Flower rejects floats where it expects whole resource counts."""
     return int(value) if float(value).is_integer() else float(value)
 
@@ -222,9 +222,10 @@ def launch(
         )
         try:
             wait_healthy(port, superlink)
+            cpus, gpus = (toml_value(_whole_if_integral(n)) for n in (num_cpus, num_gpus))
             federation = (
-                f"num_supernodes={num_supernodes} client_resources_num_cpus={toml_value(_num(num_cpus))} "
-                f"client_resources_num_gpus={toml_value(_num(num_gpus))}"
+                f"num_supernodes={num_supernodes} "
+                f"client_resources_num_cpus={cpus} client_resources_num_gpus={gpus}"
             )
             cmd = [
                 "flwr",

@@ -11,6 +11,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from ...capacity.probe import usable_cpus
+
 
 def int_list(text: str) -> list[int]:
     """Parse ``"1000,10000"`` into ``[1000, 10000]`` (an ``argparse`` type).
@@ -69,19 +71,6 @@ def name_list(allowed: Collection[str], what: str) -> Callable[[str], list[str]]
     return parse
 
 
-def cpu_count() -> int:
-    """Return the CPUs this process may run on (its affinity where the OS has one).
-
-    Returns
-    -------
-    int
-
-    """
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def machine_summary() -> str:
     """Describe the machine the benchmark runs on (CPU count, processor, Python, numpy).
 
@@ -101,7 +90,9 @@ def machine_summary() -> str:
                     break
     except OSError:
         pass
-    return f"{cpu_count()} cores ({model or cpu}), Python {platform.python_version()}, numpy {np.__version__}"
+    return (
+        f"{usable_cpus()} cores ({model or cpu}), Python {platform.python_version()}, numpy {np.__version__}"
+    )
 
 
 def median_min(values: Sequence[float]) -> tuple[float, float]:

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from fedmoe_app.capacity import MIB, MemoryModel
 from fedmoe_app.models import REFERENCE_SPEC, ModelSpec, build_model, model_costs
 
-from .common import cpu_count, environ, int_list, name_list
+from ...capacity.probe import usable_cpus
+from .common import environ, int_list, name_list
 
 #: Model specs to measure: the app's default model on Fashion-MNIST, a wide variant and
 #: the default model on CIFAR-10's 3 x 32 x 32 images.
@@ -142,7 +143,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _machine() -> str:
     return (
-        f"{cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.machine()}, "
+        f"{usable_cpus()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.machine()}, "
         f"Python {platform.python_version()}, torch {torch.__version__}"
     )
 

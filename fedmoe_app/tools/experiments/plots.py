@@ -15,19 +15,21 @@ from typing import Any
 
 import numpy as np
 
-from ...alignment import POLICIES
 from .grid import Setting
 from .metrics import FinishedRun, finite_or_none
 from .summary import in_order
+
+#: Policies in the order of their plot colours (tab10), kept so that plots stay comparable.
+COLOR_ORDER = ("load_balanced", "greedy", "random", "dense")
 
 
 def _policy_colors(policies: Sequence[str]) -> dict[str, Any]:
     import matplotlib
 
     cmap = matplotlib.colormaps["tab10"]
-    fixed = {p: cmap(i) for i, p in enumerate(POLICIES)}
+    fixed = {p: cmap(i) for i, p in enumerate(COLOR_ORDER)}
     extra = [p for p in policies if p not in fixed]
-    fixed.update({p: cmap(len(POLICIES) + i) for i, p in enumerate(extra)})
+    fixed.update({p: cmap(len(COLOR_ORDER) + i) for i, p in enumerate(extra)})
     return fixed
 
 
