@@ -68,6 +68,11 @@ class RunConfig:
     lr: float = _opt(0.02, _range(0.0, lo_open=True), "SGD learning rate")
     momentum: float = _opt(0.9, _range(0.0, 1.0), "SGD momentum")
     aux_loss_weight: float = _opt(0.01, _range(0.0), "Switch load-balancing loss weight")
+    route_loss_weight: float = _opt(
+        0.0,
+        _range(0.0),
+        "weight of -log P(held experts) under the full gate; > 0: every client trains the gate",
+    )
     seed: int = _opt(0, _range(0), "seed of data split, init, sampling and planning")
     # Data
     dataset: str = _opt("fashion-mnist", _choice(*DATASETS), "image dataset (synthetic: small, for tests)")
@@ -87,7 +92,7 @@ class RunConfig:
     gate_mode: str = _opt("global", _choice(*GATE_MODES), "aggregated gate, or each client keeps its own")
     # Alignment
     policy: str = _opt("load_balanced", _choice(*POLICIES), "client-expert assignment policy")
-    experts_per_client: int = _opt(2, _range(1), "experts per client (fixed) / at most (profiled)")
+    experts_per_client: int = _opt(4, _range(1), "experts per client (fixed) / at most (profiled)")
     fitness_ema: float = _opt(0.5, _range(0.0, 1.0, lo_open=True), "EMA weight of new fitness feedback")
     fitness_decay: float = _opt(0.9, _range(0.0, 1.0), "fitness kept per round without interaction")
     usage_decay: float = _opt(0.8, _range(0.0, 1.0), "usage kept per round")
@@ -160,7 +165,10 @@ class RunConfig:
 
     def train_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``fedmoe_app.training.train`` set by the run config."""
-        return self._args("epochs=local_epochs batch_size lr momentum aux_weight=aux_loss_weight")
+        return self._args(
+            "epochs=local_epochs batch_size lr momentum aux_weight=aux_loss_weight "
+            "route_weight=route_loss_weight"
+        )
 
     def split_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``fedmoe_app.data.client_data``: how a client's data is split."""

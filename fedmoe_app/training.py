@@ -118,6 +118,7 @@ def train(
     lr: float,
     momentum: float,
     aux_weight: float,
+    route_weight: float,
     device: torch.device | str,
     seed: int,
     max_samples: int | None,
@@ -155,7 +156,7 @@ def train(
             out = model(x, y)
             loss = F.cross_entropy(out.logits, y)
             opt.zero_grad(set_to_none=True)
-            (loss + aux_weight * out.aux_loss).backward()
+            (loss + aux_weight * out.aux_loss + route_weight * out.route_loss).backward()
             opt.step()
             with torch.no_grad():  # running sums stay on the device: no per-step host sync
                 tokens += out.tokens

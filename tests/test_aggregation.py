@@ -37,7 +37,7 @@ def test_per_expert_weighted_average_hand_computed():
         num_examples=30,
         tokens=np.array([0.0, 6.0, 0.0]),
     )
-    out = aggregate(g, [a, b])
+    out = aggregate(g, [a, b], gate_from_all=False)
     # shared: example-weighted (10, 30)
     np.testing.assert_allclose(out["stem.w"], [(10 * 1 + 30 * 5) / 40, (10 * 2 + 30 * 6) / 40])
     # expert 0: only a trained it -> its value
@@ -55,11 +55,16 @@ def test_per_expert_weighted_average_hand_computed():
     assert all(out[k].dtype == g[k].dtype for k in g)
     # the input is not modified
     np.testing.assert_array_equal(g["experts.1.w1"], [2.0])
+    # with a routing loss every client trained the whole gate: example-weighted over both
+    routed = aggregate(g, [a, b], gate_from_all=True)
+    np.testing.assert_allclose(routed["gate.bias"], [(10 * 1 + 30 * 7) / 40, (10 * 2 + 30 * 4) / 40, 9])
+    np.testing.assert_allclose(routed["gate.weight"][:, 0], routed["gate.bias"])
+    np.testing.assert_allclose(routed["experts.1.w1"], out["experts.1.w1"])  # experts unchanged
 
 
 def test_no_updates_keeps_model():
     g = _global()
-    out = aggregate(g, [])
+    out = aggregate(g, [], gate_from_all=False)
     for k in g:
         np.testing.assert_array_equal(out[k], g[k])
 
@@ -77,11 +82,13 @@ def test_gate_rows_token_weighted_over_multi_expert_holders():
             num_held=num_held,
         )
 
-    out = aggregate(g, [upd(3, [5, 15, 0], 2), upd(7, [0, 5, 0], 3), upd(100, [0, 40, 0], 1)])
+    out = aggregate(
+        g, [upd(3, [5, 15, 0], 2), upd(7, [0, 5, 0], 3), upd(100, [0, 40, 0], 1)], gate_from_all=False
+    )
     np.testing.assert_allclose(out["gate.weight"][1], [(15 * 3 + 5 * 7) / 20] * 2)
     np.testing.assert_allclose(out["gate.bias"], [0, (15 * 3 + 5 * 7) / 20, 0])
     # Only single-expert holders: the gate got no gradient anywhere, it keeps its value.
-    out = aggregate(g, [upd(100, [0, 40, 0], 1)])
+    out = aggregate(g, [upd(100, [0, 40, 0], 1)], gate_from_all=False)
     np.testing.assert_array_equal(out["gate.weight"], g["gate.weight"])
 
 
@@ -96,7 +103,7 @@ def test_read_only_holder_trains_neither_gate_row_nor_expert():
         num_examples=10,
         tokens=np.array([0.0, 0.0, 10.0]),
     )
-    out = aggregate(g, [frozen])
+    out = aggregate(g, [frozen], gate_from_all=False)
     np.testing.assert_array_equal(out["experts.2.w1"], g["experts.2.w1"])
     np.testing.assert_array_equal(out["gate.weight"], g["gate.weight"])  # one expert: no gate gradient
     np.testing.assert_allclose(out["stem.w"], [4, 4])

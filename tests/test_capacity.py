@@ -156,22 +156,22 @@ def test_device_class_for_is_deterministic_and_follows_the_mix():
 
 
 # --------------------------------------------------------------------------- emulation
-def test_emulate_takes_the_lesser_of_measured_and_emulated():
+def test_emulated_class_fully_determines_the_profile():
+    """Whatever the host measured (load, links, RAM), an emulated client's figures are its class's."""
     phone = cap.DEVICE_CLASSES["phone"]
-    measured = _profile(down_mbps=10.0, up_mbps=500.0, samples_per_s=800.0)
-    p = cap.emulate(measured, "phone")
+    quiet = _profile(down_mbps=10.0, up_mbps=500.0, samples_per_s=800.0)
+    loaded = _profile(client_id="c0", gflops=3.0, memory_bytes=2**20, down_mbps=1.0, samples_per_s=9.0)
+    p, q = cap.emulate(quiet, "phone"), cap.emulate(loaded, "phone")
     assert p.device_class == "phone"
-    assert p.memory_bytes == int(phone.memory_mb * cap.MIB)  # 8 GiB measured > budget
-    assert p.gflops == pytest.approx(100.0 / phone.compute_slowdown)
-    assert p.down_mbps == 10.0  # measured is lower
-    assert p.up_mbps == phone.up_mbps  # emulated is lower
-    assert p.samples_per_s == 800.0  # raw measurement kept ...
-    assert p.effective_samples_per_s == pytest.approx(800.0 / phone.compute_slowdown)  # ... slowed
-    small = cap.emulate(_profile(memory_bytes=1000), "edge")
-    assert small.memory_bytes == 1000
-    assert cap.emulate(measured, "measured") == measured
+    assert p.memory_bytes == int(phone.memory_mb * cap.MIB)
+    assert (p.gflops, p.down_mbps, p.up_mbps) == (phone.gflops, phone.down_mbps, phone.up_mbps)
+    assert p.samples_per_s == 800.0  # the raw measurement is kept ...
+    assert p.effective_samples_per_s is None  # ... but never used for round times
+    assert dataclasses.replace(q, samples_per_s=800.0, cpu_count=4, cpu_freq_mhz=2400.0) == p
+    assert quiet.effective_samples_per_s == 800.0  # measured hardware: its own throughput
+    assert cap.emulate(quiet, "measured") == quiet
     with pytest.raises(ValueError, match="laptop"):
-        cap.emulate(measured, "mainframe")
+        cap.emulate(quiet, "mainframe")
 
 
 def test_device_classes_hold_their_expert_counts_on_every_run_shape():
@@ -342,7 +342,9 @@ def test_capacity_for_profiles_and_virtual_round_time_on_stored_dicts():
     assert t == pytest.approx(max(each)) and each[0] > each[1] > 0
     assert virtual_round_time([phone, {}], np.array([1, 1]), mm, cfg) is None
     arrays = cap.profile_arrays([cap.CapacityProfile.from_dict(phone | {"samples-per-s": 800.0})])
-    assert arrays["samples_per_s"][0] == pytest.approx(100.0)  # 800 raw / phone slowdown 8
+    assert math.isnan(arrays["samples_per_s"][0])  # emulated: the class's GFLOP/s decide
+    arrays = cap.profile_arrays([measured.to_dict() | {"samples-per-s": 800.0}])
+    assert arrays["samples_per_s"][0] == 800.0
     assert math.isnan(cap.profile_arrays([{}])["gflops"][0])
 
 

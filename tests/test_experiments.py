@@ -32,6 +32,8 @@ def fake_rounds(accs, *, down=1e6, up=5e5, cv=0.2, vtime=2.0, num_experts=4):
                 "virtual_round_time_s": vtime,
                 "assignment": {"0": [0, 1]},
                 "failures": 0,
+                "client_accuracy": a + 0.1,  # personalized view: clients' own experts
+                "client_accuracy_worst10": a - 0.1,
                 "wall_time_s": 1.5,
             }
         )
@@ -100,12 +102,15 @@ def test_format_table_and_csv():
     assert lines[1].startswith("|---|---|---:|")
     cells = [c.strip() for c in lines[3].strip("|").split("|")]  # a / dense
     assert cells[:3] == ["a", "dense", "70.00 ± 14.14"]
-    assert cells[5] == "2.0 (1/2)"
-    assert cells[6:8] == ["3.0", "1.5"] and cells[-1] == "2"
+    assert "personalized last-2 (%)" in lines[0] and "worst 10% last-2 (%)" in lines[0]
+    # last 2 rounds: dense seeds (0.7, 0.8) and (0.5, 0.6) -> 0.75, 0.55; +0.1 personalized
+    assert cells[4:7] == ["65.00 ± 14.14", "75.00 ± 14.14", "55.00"]
+    assert cells[7] == "2.0 (1/2)"
+    assert cells[8:10] == ["3.0", "1.5"] and cells[-1] == "2"
     greedy = [c.strip() for c in lines[2].strip("|").split("|")]
-    assert greedy[9] == "—"  # no virtual time
+    assert greedy[11] == "—"  # no virtual time
     b = [c.strip() for c in lines[4].strip("|").split("|")]
-    assert b[2] == "90.00" and b[5] == "—"  # one seed: no ±; no dense: no target
+    assert b[2] == "90.00" and b[7] == "—"  # one seed: no ±; no dense: no target
     csv_text = ex.rows_to_csv(rows)
     header, first = csv_text.splitlines()[:2]
     assert header.startswith("setting,policy,runs,seeds,final_acc,final_acc_std")

@@ -73,3 +73,21 @@ def test_bad_expert_ids():
         build_model(SPEC, [8])
     with pytest.raises(ValueError):
         build_model(SPEC, [])
+
+
+def test_routing_loss_is_the_full_gates_mass_outside_the_held_experts():
+    x = torch.randn(16, 1, 28, 28)
+    full = build_model(SPEC, seed=0)
+    assert float(full(x).route_loss) == pytest.approx(0.0, abs=1e-6)  # every expert held
+    sub = build_model(SPEC, [2, 5], seed=0)
+    out = sub(x)
+    p = torch.softmax(sub.gate(sub.stem(x)), dim=1)
+    assert float(out.route_loss) == pytest.approx(float(-torch.log(p[:, [2, 5]].sum(1)).mean()), rel=1e-5)
+    # one step on the routing loss alone moves the full gate's mass towards the held experts,
+    # with gradient on the rows of experts the client does not hold
+    opt = torch.optim.SGD(sub.gate.parameters(), lr=1.0)
+    opt.zero_grad()
+    out.route_loss.backward()
+    assert sub.gate.weight.grad[[0, 1, 3, 4, 6, 7]].abs().sum() > 0
+    opt.step()
+    assert float(sub(x).route_loss) < float(out.route_loss)

@@ -21,8 +21,8 @@ from .devices import (
     REFERENCE_COSTS,
     DeviceClass,
     anchor_budget,
-    compute_slowdown,
     device_class_for,
+    is_emulated,
     parse_device_mix,
 )
 from .memory import MIB, MemoryModel, ModelCosts
@@ -42,10 +42,10 @@ __all__ = [
     "ModelCosts",
     "anchor_budget",
     "capacity_from_profiles",
-    "compute_slowdown",
     "device_class_for",
     "ema_update",
     "emulate",
+    "is_emulated",
     "parse_device_mix",
     "profile_arrays",
     "round_time_s",

@@ -77,8 +77,10 @@ class DeviceClass:
     memory_mb : float
         Training-memory budget for this app in MiB at the reference run (see
         :data:`DEVICE_CLASSES` and :meth:`budget_bytes`).
-    compute_slowdown : float
-        How many times slower than the machine running the simulation (> 0).
+    gflops : float
+        Dense float32 matmul speed in GFLOP/s (> 0). It replaces the host's benchmark and
+        measured throughput, so a simulated client's round time depends on its class only,
+        never on how loaded the machine running the simulation is.
     down_mbps, up_mbps : float
         Link speeds in Mbit/s.
     description : str
@@ -87,7 +89,7 @@ class DeviceClass:
     """
 
     memory_mb: float
-    compute_slowdown: float
+    gflops: float
     down_mbps: float
     up_mbps: float
     description: str = ""
@@ -113,19 +115,20 @@ def _budget_mb(n_experts: int) -> float:
 #: between two expert counts, so that a ``tiny`` device holds no expert, a ``phone`` 1, a
 #: ``laptop`` 4 and an ``edge`` server all 8. For another dataset, model size or batch
 #: size, :meth:`DeviceClass.budget_bytes` moves the budget to the same place on that run's
-#: memory curve, so the classes keep their expert counts (docs/CAPACITY.md).
+#: memory curve, so the classes keep their expert counts (docs/CAPACITY.md). ``gflops``
+#: are the quiet development machine's 150 GFLOP/s (edge) divided by 2 (laptop), 8 (phone)
+#: and 20 (tiny).
 DEVICE_CLASSES: dict[str, DeviceClass] = {
-    "tiny": DeviceClass(_budget_mb(0), 20.0, 5.0, 1.0, "microcontroller-like: no expert fits"),
-    "phone": DeviceClass(_budget_mb(1), 8.0, 20.0, 5.0, "phone: 1 expert, slow uplink"),
-    "laptop": DeviceClass(_budget_mb(4), 2.0, 100.0, 20.0, "laptop: 4 experts"),
-    "edge": DeviceClass(256.0, 1.0, 1000.0, 1000.0, "edge server: every expert"),
+    "tiny": DeviceClass(_budget_mb(0), 7.5, 5.0, 1.0, "microcontroller-like: no expert fits"),
+    "phone": DeviceClass(_budget_mb(1), 18.75, 20.0, 5.0, "phone: 1 expert, slow uplink"),
+    "laptop": DeviceClass(_budget_mb(4), 75.0, 100.0, 20.0, "laptop: 4 experts"),
+    "edge": DeviceClass(256.0, 150.0, 1000.0, 1000.0, "edge server: every expert"),
 }
 
 
-def compute_slowdown(device_class: str) -> float:
-    """Compute slowdown of ``device_class`` (1.0 for ``"measured"`` and unknown names)."""
-    dc = DEVICE_CLASSES.get(device_class)
-    return dc.compute_slowdown if dc is not None else 1.0
+def is_emulated(device_class: str) -> bool:
+    """Whether ``device_class`` names an emulated class (its figures replace measurements)."""
+    return device_class in DEVICE_CLASSES
 
 
 def _allowed_classes() -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .devices import DEVICE_CLASSES, MEASURED, _allowed_classes, compute_slowdown
+from .devices import DEVICE_CLASSES, MEASURED, _allowed_classes, is_emulated
 from .memory import ModelCosts
 
 
@@ -75,10 +75,15 @@ class CapacityProfile:
 
     @property
     def effective_samples_per_s(self) -> float | None:
-        """Measured training throughput slowed down by the emulated class (None if unknown)."""
-        if self.samples_per_s is None or self.samples_per_s <= 0:
+        """Measured training throughput, used for round times (None: unknown or emulated).
+
+        An emulated class's speed is its ``gflops`` alone: what the host measured says
+        nothing about the device it plays, and would make the virtual clock follow the
+        host's load.
+        """
+        if self.samples_per_s is None or self.samples_per_s <= 0 or is_emulated(self.device_class):
             return None
-        return self.samples_per_s / compute_slowdown(self.device_class)
+        return self.samples_per_s
 
     def to_dict(self) -> dict[str, int | float | str]:
         """Flat dict of scalars for a Flower ``ConfigRecord`` (``None`` fields are left out).
@@ -175,14 +180,14 @@ def emulate(
 ) -> CapacityProfile:
     """Effective profile of ``measured`` hardware playing ``device_class``.
 
-    Memory and link speeds are the lesser of the measured and the emulated values (the
-    emulated memory is :meth:`DeviceClass.budget_bytes` for ``costs`` and ``batch_size``,
-    i.e. ``memory_mb`` when no costs are given);
-    compute is ``measured.gflops / compute_slowdown`` (the emulated device is that many
-    times slower than this machine). Emulated devices have no GPU, so
-    ``gpu_memory_bytes`` is 0 and the emulated memory budget bounds training wherever
-    it runs. Training-refreshed fields are copied unchanged (they stay raw
-    measurements; see :attr:`CapacityProfile.effective_samples_per_s`).
+    Memory, compute and link speeds are the class's own: memory is
+    :meth:`DeviceClass.budget_bytes` for ``costs`` and ``batch_size`` (``memory_mb`` when no
+    costs are given), compute its ``gflops``, links its speeds. Nothing measured on the host
+    enters, so in simulation a client's capacity, sample budget and virtual round time
+    depend on its class and the run config only. Emulated devices have no GPU, so
+    ``gpu_memory_bytes`` is 0 and the emulated memory budget bounds training wherever it
+    runs. Training-refreshed fields are copied unchanged (they stay raw measurements and
+    are not used for round times; see :attr:`CapacityProfile.effective_samples_per_s`).
     ``"measured"`` returns an unchanged copy.
 
     Raises
@@ -200,10 +205,10 @@ def emulate(
     return dataclasses.replace(
         measured,
         device_class=device_class,
-        memory_bytes=min(int(measured.budget_bytes), dc.budget_bytes(costs, batch_size)),
-        gflops=measured.gflops / dc.compute_slowdown,
-        down_mbps=min(measured.down_mbps, dc.down_mbps),
-        up_mbps=min(measured.up_mbps, dc.up_mbps),
+        memory_bytes=dc.budget_bytes(costs, batch_size),
+        gflops=dc.gflops,
+        down_mbps=dc.down_mbps,
+        up_mbps=dc.up_mbps,
         gpu_memory_bytes=0,
     )
 
@@ -214,8 +219,9 @@ def profile_arrays(
     """Per-client arrays from profiles (objects or :meth:`CapacityProfile.to_dict` dicts).
 
     Returns float64 arrays ``memory_bytes`` (:attr:`CapacityProfile.budget_bytes`),
-    ``gflops``, ``down_mbps``, ``up_mbps``, ``samples_per_s`` (effective, i.e. slowed by
-    the emulated class) and ``num_examples``; NaN where a value is unknown.
+    ``gflops``, ``down_mbps``, ``up_mbps``, ``samples_per_s`` (measured throughput, NaN for
+    emulated classes: see :attr:`CapacityProfile.effective_samples_per_s`) and
+    ``num_examples``; NaN where a value is unknown.
     """
     fields = ("memory_bytes", "gflops", "down_mbps", "up_mbps", "samples_per_s", "num_examples")
     out = {f: np.full(len(profiles), np.nan) for f in fields}
@@ -232,5 +238,5 @@ def profile_arrays(
             out[f][i] = get(f)
         sps = get("samples_per_s")
         cls = d.get("device-class", d.get("device_class", MEASURED))
-        out["samples_per_s"][i] = sps / compute_slowdown(str(cls)) if sps > 0 else np.nan
+        out["samples_per_s"][i] = sps if sps > 0 and not is_emulated(str(cls)) else np.nan
     return out

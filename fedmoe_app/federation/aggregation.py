@@ -12,6 +12,9 @@ Weights
   softmax over one unmasked logit is constantly 1 (and so is its balance loss), so the
   gate gets no gradient; its unchanged copy, weighted by all of its tokens, would only
   drag the row back towards last round's value.
+  With a routing loss (``route-loss-weight > 0``) every client trains every row of the full
+  gate (it pulls the rows of its experts up on its data and the others down), so the gate
+  is then averaged over all replies like any shared tensor (``gate_from_all``).
 * every other tensor: average over all replies, weighted by ``num_examples``.
 
 An expert (or gate row) with zero total weight keeps its value.
@@ -39,7 +42,9 @@ class ClientUpdate:
     num_held: int | None = None  # experts the client held (unmasked); None: those with tokens
 
 
-def aggregate(global_arrays: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate]) -> Arrays:
+def aggregate(
+    global_arrays: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate], *, gate_from_all: bool
+) -> Arrays:
     """Return the new global arrays from ``updates`` (``global_arrays`` is not modified).
 
     Parameters
@@ -48,6 +53,9 @@ def aggregate(global_arrays: Mapping[str, np.ndarray], updates: Sequence[ClientU
         Current global model (shared + all experts).
     updates : Sequence[ClientUpdate]
         Validated replies; each holds the shared tensors and the experts it trained.
+    gate_from_all : bool
+        Average the gate over every reply (clients trained it with a routing loss) instead
+        of row by row over the clients that routed to the row's expert.
 
     Returns
     -------
@@ -83,7 +91,7 @@ def aggregate(global_arrays: Mapping[str, np.ndarray], updates: Sequence[ClientU
                 if w > 0:
                     acc += w * u.arrays[key]
             out[key] = (acc / expert_total[e]).astype(old.dtype)
-        elif key in GATE_KEYS:
+        elif key in GATE_KEYS and not gate_from_all:
             stacked = np.stack([u.arrays[key] for u in updates]).astype(np.float64)  # [C, E, ...]
             w = gate_tokens.reshape(gate_tokens.shape + (1,) * (old.ndim - 1))
             summed = (w * stacked).sum(axis=0)

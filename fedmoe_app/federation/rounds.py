@@ -49,12 +49,49 @@ class TrainOutcome:
         )
 
 
+@dataclass(frozen=True)
+class EvaluateOutcome:
+    """The clients' local test results of a round: each on its own experts (personalized view)."""
+
+    loss: float  # example-weighted mean
+    accuracy: float  # example-weighted mean
+    worst10_accuracy: float  # mean accuracy of the worst 10 % of the evaluated clients (at least one)
+    num_examples: int
+    by_client: dict[str, float]  # client id -> accuracy
+
+    @classmethod
+    def from_clients(cls, clients: dict[str, tuple[int, float, float]]) -> EvaluateOutcome:
+        """Summarize ``{client id: (examples, loss, accuracy)}`` (at least one client)."""
+        n = np.array([c[0] for c in clients.values()], dtype=np.float64)
+        loss = np.array([c[1] for c in clients.values()])
+        acc = np.array([c[2] for c in clients.values()])
+        worst = np.sort(acc)[: max(1, int(np.ceil(0.1 * len(acc))))]
+        return cls(
+            loss=float((n * loss).sum() / n.sum()),
+            accuracy=float((n * acc).sum() / n.sum()),
+            worst10_accuracy=float(worst.mean()),
+            num_examples=int(n.sum()),
+            by_client={cid: c[2] for cid, c in sorted(clients.items())},
+        )
+
+    def metric_record(self) -> MetricRecord:
+        """Return the outcome as Flower's ``evaluate_metrics_clientapp`` record."""
+        return MetricRecord(
+            {
+                "eval-loss": self.loss,
+                "eval-accuracy": self.accuracy,
+                "eval-accuracy-worst10": self.worst10_accuracy,
+                "num-examples": self.num_examples,
+            }
+        )
+
+
 def round_row(
     train_round: TrainRound,
     outcome: TrainOutcome,
     *,
     evaluate_query_failures: int,
-    client_eval: MetricRecord | None,
+    client_eval: EvaluateOutcome | None,
     central_eval: dict[str, float] | None,
     wall_time_s: float,
 ) -> dict[str, Any]:
@@ -80,7 +117,12 @@ def round_row(
         "train_loss": outcome.train_loss,
     }
     if client_eval is not None:
-        row.update(client_loss=client_eval["eval-loss"], client_accuracy=client_eval["eval-accuracy"])
+        row.update(
+            client_loss=client_eval.loss,
+            client_accuracy=client_eval.accuracy,
+            client_accuracy_worst10=client_eval.worst10_accuracy,
+            client_accuracies=client_eval.by_client,
+        )
     if central_eval:
         row.update(central_eval)
     row["wall_time_s"] = wall_time_s

@@ -41,9 +41,18 @@ from ..tensors import Arrays, select
 from .aggregation import aggregate
 from .discovery import Discovery
 from .planner import Planner
-from .protocol import ARRAYS, CONFIG, METRICS, ReplyRejected, Sent, TrainReply, parse_train_reply
+from .protocol import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    ReplyRejected,
+    Sent,
+    TrainReply,
+    parse_train_reply,
+    reply_client_id,
+)
 from .records import to_record, wire_nbytes
-from .rounds import TrainOutcome, TrainRound, log_round, round_row
+from .rounds import EvaluateOutcome, TrainOutcome, TrainRound, log_round, round_row
 
 EvaluateFn = Callable[[int, Arrays], dict[str, float] | None]
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -265,7 +274,9 @@ class FedMoE(Strategy):
 
     def _apply(self, valid: list[TrainReply]) -> None:
         """Fold valid replies into the global model, the alignment state and the profiles."""
-        self.global_arrays = aggregate(self.global_arrays, [r.update for r in valid])
+        self.global_arrays = aggregate(
+            self.global_arrays, [r.update for r in valid], gate_from_all=self.cfg.route_loss_weight > 0
+        )
         held = np.zeros((len(valid), self.num_experts), dtype=bool)
         for i, r in enumerate(valid):
             held[i, r.expert_ids] = True
@@ -316,28 +327,32 @@ class FedMoE(Strategy):
         return messages, query_failures
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Example-weighted mean of the clients' local test loss and accuracy."""
-        total, loss, acc = 0, 0.0, 0.0
+        """Example-weighted mean of the clients' local test loss and accuracy (+ the worst 10 %)."""
+        outcome = self.evaluate_round(replies)
+        return outcome.metric_record() if outcome is not None else None
+
+    def evaluate_round(self, replies: Iterable[Message]) -> EvaluateOutcome | None:
+        """Per-client local test results of a round (None without a valid reply).
+
+        A reply counts when it names its client and reports a positive example count and a
+        finite loss and an accuracy in ``[0, 1]``; others are logged and left out.
+        """
+        clients: dict[str, tuple[int, float, float]] = {}
         for msg in replies:
             if msg.has_error() or not msg.has_content() or METRICS not in msg.content:
                 continue
-            m = msg.content[METRICS]
-            n, l_, a = m.get("num-examples"), m.get("eval-loss"), m.get("eval-accuracy")
-            if not (
-                isinstance(n, int)
-                and n > 0
-                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in (l_, a))
-            ):
+            m, cid = msg.content[METRICS], reply_client_id(msg)
+            n, loss, acc = m.get("num-examples"), m.get("eval-loss"), m.get("eval-accuracy")
+            numbers = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (loss, acc))
+            if cid is None or not (isinstance(n, int) and n > 0 and numbers and 0.0 <= acc <= 1.0):
                 log(
                     WARNING,
                     "aggregate_evaluate: ignoring malformed reply from node %s",
                     msg.metadata.src_node_id,
                 )
                 continue
-            total, loss, acc = total + n, loss + n * l_, acc + n * a
-        if total == 0:
-            return None
-        return MetricRecord({"eval-loss": loss / total, "eval-accuracy": acc / total, "num-examples": total})
+            clients[cid] = (n, float(loss), float(acc))
+        return EvaluateOutcome.from_clients(clients) if clients else None
 
     # ------------------------------------------------------------------ run loop
     def start(
@@ -384,10 +399,10 @@ class FedMoE(Strategy):
             result.arrays = to_record(self.global_arrays)
             result.train_metrics_clientapp[rnd] = outcome.metric_record()
             ev_messages, ev_query_failures = self.plan_evaluate(rnd, grid)
-            ev = self.aggregate_evaluate(rnd, grid.send_and_receive(ev_messages, timeout=timeout))
+            ev = self.evaluate_round(grid.send_and_receive(ev_messages, timeout=timeout))
             central = central_eval(rnd, self.global_arrays) if central_eval is not None else None
             if ev is not None:
-                result.evaluate_metrics_clientapp[rnd] = ev
+                result.evaluate_metrics_clientapp[rnd] = ev.metric_record()
             if central is not None:
                 result.evaluate_metrics_serverapp[rnd] = MetricRecord(
                     {k: float(v) for k, v in central.items()}

@@ -68,6 +68,7 @@ class MoEOutput(NamedTuple):
 
     logits: Tensor  # [B, num_classes]
     aux_loss: Tensor  # scalar, Switch-Transformer load-balancing loss
+    route_loss: Tensor  # scalar, -log of the unmasked gate's probability mass on the held experts
     tokens: Tensor  # [E] (sample, expert) pairs routed to each expert
     expert_loss_sum: Tensor  # [E] summed CE of each expert's own logits on its tokens
     gate_hist: Tensor  # [E] top-k choices of the unmasked gate (all experts)
@@ -134,6 +135,9 @@ class MoEClassifier(nn.Module):
         probs = F.softmax(masked, dim=1)
         frac = torch.bincount(flat_idx, minlength=num_e).to(probs.dtype) / flat_idx.numel()
         aux = len(self.expert_ids) * (frac * probs.mean(dim=0)).sum()
+        # Routing loss: teach the *unmasked* gate (the one the global model routes with) that
+        # this data belongs with the experts trained on it. 0 when every expert is held.
+        route = (torch.logsumexp(gate_logits, dim=1) - torch.logsumexp(masked, dim=1)).mean()
 
         with torch.no_grad():
             tokens = torch.bincount(flat_idx, minlength=num_e).float()
@@ -143,7 +147,7 @@ class MoEClassifier(nn.Module):
             if y is not None:
                 ce = F.cross_entropy(out.detach(), y.repeat_interleave(k), reduction="none")
                 loss_sum.index_add_(0, flat_idx, ce)
-        return MoEOutput(logits, aux, tokens, loss_sum, gate_hist)
+        return MoEOutput(logits, aux, route, tokens, loss_sum, gate_hist)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

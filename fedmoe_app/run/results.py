@@ -117,7 +117,10 @@ def write_plots(rounds: Sequence[Mapping[str, Any]], out_dir: Path) -> list[Path
         ax.plot(x, [_nan(r.get(key)) for r in rounds], marker="o", label="central (test set)")
         client = [_nan(r.get(f"client_{key}")) for r in rounds]
         if not all(np.isnan(client)):
-            ax.plot(x, client, marker="s", label="clients (local test)")
+            ax.plot(x, client, marker="s", label="clients (local test, own experts)")
+        worst = [_nan(r.get(f"client_{key}_worst10")) for r in rounds]
+        if not all(np.isnan(worst)):
+            ax.plot(x, worst, marker="v", ls=":", label="worst 10% of clients")
         ax.set_xlabel("round")
         ax.set_title(title)
         ax.grid(alpha=0.3)

@@ -108,18 +108,8 @@ def bench_experts(args: argparse.Namespace) -> int:
             model.experts.dispatch = method
             used[(e, method)] = model.experts.method(data.images[:1])
             c0 = time.process_time()
-            res = train(
-                model,
-                data,
-                epochs=1,
-                batch_size=args.batch_size,
-                lr=cfg.lr,
-                momentum=cfg.momentum,
-                aux_weight=cfg.aux_loss_weight,
-                device="cpu",
-                seed=rep,
-                max_samples=None,
-            )
+            knobs = cfg.train_kwargs() | {"epochs": 1, "batch_size": args.batch_size}
+            res = train(model, data, **knobs, device="cpu", seed=rep, max_samples=None)
             if rep:
                 wall[(e, method)].append(1e6 * res.train_time_s / args.samples)
                 cpu[(e, method)].append(1e6 * (time.process_time() - c0) / args.samples)

@@ -93,6 +93,8 @@ def write_summary(exp_dir: Path, grid: ExperimentGrid, *, title: str | None = No
     if results:
         kw: dict[str, Any] = {"settings": grid.settings, "policies": grid.policies}
         plots.append(str(plot_accuracy(results, exp_dir / "accuracy.png", **kw)))
+        personal = {"key": "client_accuracy", "ylabel": "clients' local test accuracy, own experts (%)"}
+        plots.append(str(plot_accuracy(results, exp_dir / "personalized_accuracy.png", **kw, **personal)))
         plots.append(str(plot_expert_load(results, exp_dir / "expert_load.png", **kw)))
     title = title or f"fedmoe policy comparison: {exp_dir.name}"
     atomic_write(

@@ -88,10 +88,10 @@ def _training_rounds(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any
     return sorted((r for r in rows if int(r["round"]) >= 1), key=lambda r: r["round"])
 
 
-def _accuracies(rows: Sequence[Mapping[str, Any]]) -> list[tuple[int, float]]:
+def _accuracies(rows: Sequence[Mapping[str, Any]], key: str = "accuracy") -> list[tuple[int, float]]:
     out = []
     for r in _training_rounds(rows):
-        a = finite_or_none(r.get("accuracy"))
+        a = finite_or_none(r.get(key))
         if a is not None:
             out.append((int(r["round"]), a))
     return out
@@ -108,9 +108,14 @@ def best_accuracy(rows: Sequence[Mapping[str, Any]]) -> float | None:
     return max((a for _, a in _accuracies(rows)), default=None)
 
 
-def last_n_mean(rows: Sequence[Mapping[str, Any]], n: int = 5) -> float | None:
-    """Return the mean accuracy of the last ``n`` training rounds (fewer if the run is shorter)."""
-    acc = [a for _, a in _accuracies(rows)][-n:]
+def last_n_mean(rows: Sequence[Mapping[str, Any]], n: int = 5, key: str = "accuracy") -> float | None:
+    """Return the mean of ``key`` over the last ``n`` training rounds that have it.
+
+    ``key`` is ``accuracy`` (the global view: central test, full model) by default;
+    ``client_accuracy`` and ``client_accuracy_worst10`` give the personalized view (clients'
+    own experts on their local test) and its worst 10 % of clients.
+    """
+    acc = [a for _, a in _accuracies(rows, key)][-n:]
     return float(np.mean(acc)) if acc else None
 
 

@@ -40,13 +40,17 @@ def _quiet_nan_warnings() -> Iterator[None]:
         yield
 
 
-def accuracy_curves(results: Sequence[FinishedRun]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def accuracy_curves(
+    results: Sequence[FinishedRun], key: str = "accuracy"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Return accuracy per round over ``results``.
 
     Parameters
     ----------
     results : sequence of FinishedRun
         Runs to average.
+    key : str
+        Metric to average: ``accuracy`` (global view) or ``client_accuracy`` (personalized).
 
     Returns
     -------
@@ -60,7 +64,7 @@ def accuracy_curves(results: Sequence[FinishedRun]) -> tuple[np.ndarray, np.ndar
     pos = {rnd: i for i, rnd in enumerate(rounds)}
     for i, res in enumerate(results):
         for r in res.rounds:
-            a = finite_or_none(r.get("accuracy"))
+            a = finite_or_none(r.get(key))
             if a is not None:
                 mat[i, pos[int(r["round"])]] = a
     with np.errstate(all="ignore"), _quiet_nan_warnings():
@@ -123,8 +127,13 @@ def plot_accuracy(
     *,
     settings: Sequence[Setting] | None = None,
     policies: Sequence[str] | None = None,
+    key: str = "accuracy",
+    ylabel: str = "central test accuracy (%)",
 ) -> Path:
     """Plot accuracy per round, mean ± std band over seeds per policy, one panel per setting.
+
+    ``key`` picks the view: ``accuracy`` (global: central test, full model) or
+    ``client_accuracy`` (personalized: clients' own experts on their local test).
 
     Parameters
     ----------
@@ -136,6 +145,10 @@ def plot_accuracy(
         Panel order and titles.
     policies : sequence of str, optional
         Legend order.
+    key : str
+        Metric of each round to plot (see above).
+    ylabel : str
+        Label of the y axis.
 
     Returns
     -------
@@ -151,7 +164,7 @@ def plot_accuracy(
             runs = [r for r in results if r.setting == s and r.policy == p]
             if not runs:
                 continue
-            x, mean, std = accuracy_curves(runs)
+            x, mean, std = accuracy_curves(runs, key)
             label = f"{p} (n={len(runs)})"
             ax.plot(x, 100 * mean, color=colors[p], label=label, lw=1.6)
             if len(runs) > 1:
@@ -159,7 +172,7 @@ def plot_accuracy(
         ax.set_title(titles.get(s, s))
         ax.xaxis.set_major_locator(_integer_ticks())
         ax.set_xlabel("round")
-        ax.set_ylabel("central test accuracy (%)")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

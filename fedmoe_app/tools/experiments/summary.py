@@ -51,6 +51,9 @@ class SummaryRow:
     best_acc: float | None
     last_n_acc: float | None
     last_n_acc_std: float | None
+    personal_last_n: float | None  # clients' own experts on their local test (personalized view)
+    personal_last_n_std: float | None
+    worst10_last_n: float | None  # the worst 10 % of the evaluated clients, same view
     target: float | None
     rounds_to_target: float | None
     reached: int
@@ -144,6 +147,10 @@ def summarize(
                 continue
             final, final_std = _mean_std([final_accuracy(r.rounds) for r in runs])
             lastn, lastn_std = _mean_std([last_n_mean(r.rounds, last_n) for r in runs])
+            personal, personal_std = _mean_std(
+                [last_n_mean(r.rounds, last_n, "client_accuracy") for r in runs]
+            )
+            worst10 = _mean([last_n_mean(r.rounds, last_n, "client_accuracy_worst10") for r in runs])
             target = targets.get(s)
             hits = [rounds_to_target(r.rounds, target) for r in runs] if target is not None else []
             hits = [h for h in hits if h is not None]
@@ -162,6 +169,9 @@ def summarize(
                     best_acc=_mean([best_accuracy(r.rounds) for r in runs]),
                     last_n_acc=lastn,
                     last_n_acc_std=lastn_std,
+                    personal_last_n=personal,
+                    personal_last_n_std=personal_std,
+                    worst10_last_n=worst10,
                     target=target,
                     rounds_to_target=float(np.mean(hits)) if hits else None,
                     reached=len(hits),
@@ -202,6 +212,8 @@ TABLE_COLUMNS = (
     "final acc. (%)",
     "best acc. (%)",
     "last-{n} mean (%)",
+    "personalized last-{n} (%)",
+    "worst 10% last-{n} (%)",
     "rounds to target",
     "MB down",
     "MB up",
@@ -241,6 +253,8 @@ def format_table(rows: Sequence[SummaryRow]) -> str:
             fmt_percent(r.final_acc, r.final_acc_std),
             fmt_percent(r.best_acc),
             fmt_percent(r.last_n_acc, r.last_n_acc_std),
+            fmt_percent(r.personal_last_n, r.personal_last_n_std),
+            fmt_percent(r.worst10_last_n),
             _rounds_cell(r),
             _fmt(r.mb_down, ".1f"),
             _fmt(r.mb_up, ".1f"),
@@ -301,9 +315,12 @@ def summary_markdown(
         f"{complete} of {total} runs complete (updated {dt.datetime.now().isoformat(timespec='seconds')}).",
         "",
         format_table(rows),
-        "Accuracy: central test accuracy, mean ± sample std over seeds (one seed: no ±); "
-        f"best: the run's best round; last-{n} mean: the mean of a run's last {n} rounds "
-        "(judge policies on this). Rounds to target: first round reaching 95% of "
+        "Accuracy (global view): central test accuracy of the full model, mean ± sample std "
+        "over seeds (one seed: no ±); best: the run's best round; last-"
+        f"{n} mean: the mean of a run's last {n} rounds (judge policies on this). Personalized: "
+        "the clients' own experts on their local test split (example-weighted over the clients "
+        f"evaluated each round), last-{n} mean; worst 10%: the mean of the worst tenth of those "
+        "clients (at least one). Rounds to target: first round reaching 95% of "
         "dense's mean final accuracy in the same setting, mean over the runs that reached it "
         "((k/n): only k of n did; —: none). MB: bytes sent down/up over the whole run "
         "(10^6 bytes), mean over runs. Load CV: mean over rounds of the coefficient of "
