@@ -105,6 +105,9 @@ class RunConfig:
     device_mix: str = _opt("", None, 'e.g. "phone=0.5,laptop=0.3,edge=0.2"; empty: none')
     round_deadline_s: float = _opt(0.0, _range(0.0), "deadline for a client's round; 0: none")
     under_capacity: str = _opt("shared-only", _choice(*UNDER_CAPACITY), "client that cannot hold one expert")
+    min_trained_experts: int = _opt(
+        1, _range(1), "clients holding fewer experts train the shared part only (experts read-only)"
+    )
     # Reliability
     round_timeout_s: float = _opt(600.0, _range(0.0, lo_open=True), "seconds to wait for replies")
     min_replies: int = _opt(1, _range(1), "valid replies needed to update the model")

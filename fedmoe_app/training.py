@@ -133,6 +133,7 @@ def train(
     configure_threads()
     fmt = memory_format(device)
     model.to(device=device, memory_format=fmt).train()
+    model.route_loss_on = route_weight > 0
     num_e = model.spec.num_experts
     opt = make_sgd((p for p in model.parameters() if p.requires_grad), lr=lr, momentum=momentum)
     gen = torch.Generator().manual_seed(seed)

@@ -75,14 +75,24 @@ def test_bad_expert_ids():
         build_model(SPEC, [])
 
 
-def test_routing_loss_is_the_full_gates_mass_outside_the_held_experts():
-    x = torch.randn(16, 1, 28, 28)
+def test_routing_loss_teaches_the_full_gate_which_held_expert_fits():
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
     full = build_model(SPEC, seed=0)
-    assert float(full(x).route_loss) == pytest.approx(0.0, abs=1e-6)  # every expert held
+    full.route_loss_on = True
+    assert float(full(x, y).route_loss) == 0.0  # every expert held: nothing to teach
     sub = build_model(SPEC, [2, 5], seed=0)
-    out = sub(x)
-    p = torch.softmax(sub.gate(sub.stem(x)), dim=1)
-    assert float(out.route_loss) == pytest.approx(float(-torch.log(p[:, [2, 5]].sum(1)).mean()), rel=1e-5)
+    assert float(sub(x, y).route_loss) == 0.0  # off unless the run weights it
+    sub.route_loss_on = True
+    out = sub(x, y)
+    with torch.no_grad():
+        feats = sub.stem(x)
+        ce = torch.stack(
+            [F.cross_entropy(sub.experts(feats, torch.full((16,), s)), y, reduction="none") for s in (0, 1)],
+            1,
+        )
+        target = torch.softmax(-ce, dim=1)
+        log_p = torch.log_softmax(sub.gate(feats), dim=1)[:, [2, 5]]
+    assert float(out.route_loss) == pytest.approx(float(-(target * log_p).sum(1).mean()), rel=1e-5)
     # one step on the routing loss alone moves the full gate's mass towards the held experts,
     # with gradient on the rows of experts the client does not hold
     opt = torch.optim.SGD(sub.gate.parameters(), lr=1.0)
@@ -90,4 +100,4 @@ def test_routing_loss_is_the_full_gates_mass_outside_the_held_experts():
     out.route_loss.backward()
     assert sub.gate.weight.grad[[0, 1, 3, 4, 6, 7]].abs().sum() > 0
     opt.step()
-    assert float(sub(x).route_loss) < float(out.route_loss)
+    assert float(sub(x, y).route_loss) < float(out.route_loss)

@@ -44,6 +44,9 @@ class RoundPlan:
         against one read-only expert).
     assignment : np.ndarray
         bool ``[C, E]``: the experts each client receives.
+    frozen : np.ndarray
+        bool ``[C]``: clients that hold their experts read-only and train the shared part
+        only (capacity 0, or below ``min-trained-experts`` except under ``dense``).
     budgets : np.ndarray
         int64 ``[C]``: training samples asked of each client; 0 means its full local work.
     virtual_round_time_s : float or None
@@ -54,13 +57,9 @@ class RoundPlan:
     client_ids: list[str]
     capacity: np.ndarray
     assignment: np.ndarray
+    frozen: np.ndarray
     budgets: np.ndarray
     virtual_round_time_s: float | None
-
-    @property
-    def frozen(self) -> np.ndarray:
-        """Bool ``[C]``: clients that hold their expert read-only (capacity 0)."""
-        return self.capacity == 0
 
     def experts_of(self, row: int) -> list[int]:
         """Global expert ids assigned to client row ``row``."""
@@ -128,9 +127,19 @@ class Planner:
             client_ids=ids,
             capacity=capacity,
             assignment=assignment,
+            frozen=self._frozen(capacity),
             budgets=budgets,
             virtual_round_time_s=self._virtual_time(profiles, assignment, budgets, global_arrays),
         )
+
+    def _frozen(self, capacity: np.ndarray) -> np.ndarray:
+        """Clients that train the shared part only: capacity 0, or below ``min-trained-experts``.
+
+        ``dense`` (the FedAvg baseline) trains every expert on every client that can hold one.
+        """
+        if self.cfg.policy == "dense":
+            return capacity == 0
+        return capacity < max(self.cfg.min_trained_experts, 1)
 
     def _sample_budgets(
         self, profiles: Profiles, assignment: np.ndarray, global_arrays: Mapping[str, np.ndarray]

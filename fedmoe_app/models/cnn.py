@@ -68,7 +68,7 @@ class MoEOutput(NamedTuple):
 
     logits: Tensor  # [B, num_classes]
     aux_loss: Tensor  # scalar, Switch-Transformer load-balancing loss
-    route_loss: Tensor  # scalar, -log of the unmasked gate's probability mass on the held experts
+    route_loss: Tensor  # scalar, the unmasked gate's cross-entropy against the held experts' fit
     tokens: Tensor  # [E] (sample, expert) pairs routed to each expert
     expert_loss_sum: Tensor  # [E] summed CE of each expert's own logits on its tokens
     gate_hist: Tensor  # [E] top-k choices of the unmasked gate (all experts)
@@ -85,6 +85,10 @@ class MoEClassifier(nn.Module):
         Global ids of the experts this instance holds (sorted); ``None`` holds all.
 
     """
+
+    #: Compute the routing loss (:meth:`_route_loss`); the training loop sets it when the run
+    #: gives the loss a weight (it costs one extra no-grad pass of the held experts).
+    route_loss_on: bool = False
 
     def __init__(self, spec: ModelSpec, expert_ids: Sequence[int] | None = None) -> None:
         super().__init__()
@@ -119,6 +123,29 @@ class MoEClassifier(nn.Module):
         """Experts each sample is routed to: ``min(spec.top_k, experts held)``."""
         return min(self.spec.top_k, len(self.expert_ids))
 
+    def _route_loss(self, feats: Tensor, gate_logits: Tensor, y: Tensor | None) -> Tensor:
+        """Teach the *unmasked* gate (the global model's router) which held expert fits a sample.
+
+        The target is a distribution over the held experts, ``softmax(-CE_e(x))``: each held
+        expert's own cross-entropy on the sample (computed without gradient), so the gate learns
+        to send the sample where it is predicted best; the loss is the cross-entropy of the full
+        gate's softmax (over all ``E`` experts, so experts not held are pushed down) against it.
+        A client holding one expert teaches the gate that its data belongs with that expert.
+        0 when switched off (:attr:`route_loss_on`), without labels, or when every expert is
+        held (the dense model routes as it trains).
+        """
+        ids = self.expert_ids
+        if not self.route_loss_on or y is None or len(ids) == self.spec.num_experts:
+            return gate_logits.new_zeros(())
+        n, batch = len(ids), feats.shape[0]
+        with torch.no_grad():
+            slots = torch.arange(n, device=feats.device).repeat(batch)
+            out = self.experts(feats.detach().repeat_interleave(n, dim=0), slots)
+            ce = F.cross_entropy(out, y.repeat_interleave(n), reduction="none").view(batch, n)
+            target = F.softmax(-ce, dim=1)
+        log_p = F.log_softmax(gate_logits, dim=1)[:, ids]
+        return -(target * log_p).sum(dim=1).mean()
+
     def forward(self, x: Tensor, y: Tensor | None = None) -> MoEOutput:
         """Route every sample to its top-k held experts and mix their logits."""
         num_e, k = self.spec.num_experts, self.top_k
@@ -135,9 +162,7 @@ class MoEClassifier(nn.Module):
         probs = F.softmax(masked, dim=1)
         frac = torch.bincount(flat_idx, minlength=num_e).to(probs.dtype) / flat_idx.numel()
         aux = len(self.expert_ids) * (frac * probs.mean(dim=0)).sum()
-        # Routing loss: teach the *unmasked* gate (the one the global model routes with) that
-        # this data belongs with the experts trained on it. 0 when every expert is held.
-        route = (torch.logsumexp(gate_logits, dim=1) - torch.logsumexp(masked, dim=1)).mean()
+        route = self._route_loss(feats, gate_logits, y)
 
         with torch.no_grad():
             tokens = torch.bincount(flat_idx, minlength=num_e).float()

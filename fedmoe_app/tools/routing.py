@@ -1,0 +1,121 @@
+"""How a run's global MoE routes the official test set, and what better routing would give.
+
+``fedmoe-routing outputs/<run-name>`` (or ``python -m fedmoe_app.tools.routing``) loads the
+run's ``final_model.npz`` and ``config.json`` and reports, per class of the test set:
+
+* the share of the gate's top-k choices that goes to each expert;
+* each expert's accuracy on the class when it alone answers;
+* the accuracy of the experts the gate picks (share-weighted) against the best expert's;
+
+and for the whole test set: the global model's accuracy and the oracle's (a sample counts if
+any expert alone gets it right). A large gap between the routed and the best expert, with an
+oracle far above the global accuracy, says the experts are good and the gate sends samples to
+the wrong ones (docs/RESULTS.md uses it to explain the global model's lag).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import RunConfig
+from ..data import Split, server_test_data
+from ..models import ModelSpec, MoEClassifier, build_model, load_arrays
+
+
+@dataclass(frozen=True)
+class RoutingReport:
+    """Routing of a global MoE on a test set (fractions in ``[0, 1]``)."""
+
+    accuracy: float  # the global model (gate top-k mix)
+    oracle: float  # some expert alone is right
+    share: np.ndarray  # [classes, E]: share of the gate's top-k choices per expert
+    expert_accuracy: np.ndarray  # [E, classes]: each expert alone
+    routed_accuracy: np.ndarray  # [classes]: share-weighted accuracy of the chosen experts
+    best_accuracy: np.ndarray  # [classes]: the best single expert
+
+    def format(self) -> str:
+        """Render the report as text tables (percentages)."""
+        pct = np.vectorize(lambda v: f"{100 * v:4.0f}")
+        classes, num_e = self.share.shape
+        head = "class " + " ".join(f"e{e:<3d}" for e in range(num_e))
+        lines = [
+            f"global accuracy {100 * self.accuracy:.2f} %, "
+            f"oracle (any expert right) {100 * self.oracle:.2f} %",
+            "",
+            "routing share of the gate's top-k choices (%):",
+            head,
+            *(f"{c:5d} " + " ".join(pct(self.share[c])) for c in range(classes)),
+            "",
+            "accuracy of each expert alone (%):",
+            head,
+            *(f"{c:5d} " + " ".join(pct(self.expert_accuracy[:, c])) for c in range(classes)),
+            "",
+            "class  routed  best",
+            *(
+                f"{c:5d} {100 * self.routed_accuracy[c]:6.0f} {100 * self.best_accuracy[c]:5.0f}"
+                for c in range(classes)
+            ),
+        ]
+        return "\n".join(lines) + "\n"
+
+
+@torch.no_grad()
+def routing_report(model: MoEClassifier, data: Split, num_classes: int) -> RoutingReport:
+    """Measure how ``model`` (holding every expert) routes ``data``; see :class:`RoutingReport`."""
+    model.eval()
+    x, y = data.images, data.labels
+    feats = model.stem(x)
+    k = model.top_k
+    chosen = model.gate(feats).topk(k, dim=1).indices  # [N, k]
+    num_e = model.spec.num_experts
+    outs = torch.stack([model.experts(feats, torch.full((len(y),), e)) for e in range(num_e)], dim=1)
+    right = (outs.argmax(-1) == y[:, None]).numpy()  # [N, E]
+    labels, chosen = y.numpy(), chosen.numpy()
+    share = np.zeros((num_classes, num_e))
+    expert_acc = np.zeros((num_e, num_classes))
+    for c in range(num_classes):
+        sel = labels == c
+        if sel.any():
+            share[c] = np.bincount(chosen[sel].ravel(), minlength=num_e) / (k * sel.sum())
+            expert_acc[:, c] = right[sel].mean(axis=0)
+    accuracy = float((model(x).logits.argmax(1) == y).float().mean())
+    return RoutingReport(
+        accuracy=accuracy,
+        oracle=float(right.any(axis=1).mean()),
+        share=share,
+        expert_accuracy=expert_acc,
+        routed_accuracy=(share * expert_acc.T).sum(axis=1),
+        best_accuracy=expert_acc.max(axis=0),
+    )
+
+
+def load_run(run_dir: Path) -> tuple[MoEClassifier, Split, int]:
+    """Return a run's final global model, its test set and the number of classes."""
+    cfg = RunConfig.from_run_config(json.loads((run_dir / "config.json").read_text()))
+    test, info = server_test_data(cfg.dataset, max_samples=0, data_dir=cfg.data_dir, seed=cfg.seed)
+    model = build_model(ModelSpec.from_config(cfg, info))
+    with np.load(run_dir / "final_model.npz", allow_pickle=False) as npz:
+        load_arrays(model, {k: npz[k] for k in npz.files})
+    return model, test, info.num_classes
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point: print the routing report of a run folder."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="outputs/<run-name> of a finished run")
+    args = parser.parse_args(argv)
+    model, test, num_classes = load_run(args.run_dir)
+    print(routing_report(model, test, num_classes).format(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
