@@ -271,3 +271,16 @@ def test_compare_quick_end_to_end_and_resume(tmp_path):
     assert "2 complete, skipped" in again.stdout
     assert second < min(30.0, first / 2)
     assert json.loads((out / "progress.json").read_text())["skipped"] == 2
+
+
+def test_window_table_both_views():
+    from fedmoe_app.tools.experiments.summary import round_windows, window_table
+
+    assert round_windows(60) == [(1, 20), (21, 40), (41, 60)] and round_windows(3) == [(1, 1), (2, 2), (3, 3)]
+    table = window_table(results(), [(1, 2), (3, 3)], settings=["a", "b"], policies=["dense", "greedy"])
+    lines = table.strip().splitlines()
+    assert lines[0] == "| setting | policy | global 1-2 | global 3-3 | personalized 1-2 | personalized 3-3 |"
+    dense = [c.strip() for c in lines[2].strip("|").split("|")]
+    # dense seeds: rounds 1-2 means 0.6 and 0.4; round 3: 0.8 and 0.6; personalized = + 0.1
+    assert dense == ["a", "dense", "50.00 ± 14.14", "70.00 ± 14.14", "60.00 ± 14.14", "80.00 ± 14.14"]
+    assert lines[4].startswith("| b | greedy | 45.00 |")  # one seed: no ±

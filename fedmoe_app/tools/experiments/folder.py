@@ -23,7 +23,7 @@ from ...run.files import atomic_write
 from .grid import ExperimentGrid, RunSpec
 from .metrics import FinishedRun, is_complete, read_metrics
 from .plots import plot_accuracy, plot_expert_load
-from .summary import SummaryRow, rows_to_csv, summarize, summary_markdown
+from .summary import SummaryRow, round_windows, rows_to_csv, summarize, summary_markdown, window_table
 
 #: Keys whose change does not make an earlier run of the same name a different experiment
 #: (more rounds extend a run by resuming it).
@@ -88,7 +88,8 @@ def write_summary(exp_dir: Path, grid: ExperimentGrid, *, title: str | None = No
     """
     exp_dir = Path(exp_dir)
     results, total = collect_results(exp_dir, grid)
-    rows = summarize(results, settings=[s.name for s in grid.settings], policies=list(grid.policies))
+    order = {"settings": [s.name for s in grid.settings], "policies": list(grid.policies)}
+    rows = summarize(results, **order)
     plots: list[str] = []
     if results:
         kw: dict[str, Any] = {"settings": grid.settings, "policies": grid.policies}
@@ -99,7 +100,16 @@ def write_summary(exp_dir: Path, grid: ExperimentGrid, *, title: str | None = No
     title = title or f"fedmoe policy comparison: {exp_dir.name}"
     atomic_write(
         exp_dir / "summary.md",
-        summary_markdown(rows, title=title, complete=len(results), total=total, plots=plots),
+        summary_markdown(
+            rows,
+            title=title,
+            complete=len(results),
+            total=total,
+            plots=plots,
+            windows=window_table(results, round_windows(int(grid.base["num-server-rounds"])), **order)
+            if results
+            else "",
+        ),
     )
     atomic_write(exp_dir / "summary.csv", rows_to_csv(rows))
     return rows

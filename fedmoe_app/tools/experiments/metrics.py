@@ -139,3 +139,9 @@ def round_mean(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
     """Return the mean of ``key`` over the training rounds that have it (None if none has)."""
     vals = _round_values(rows, key)
     return float(np.mean(vals)) if vals else None
+
+
+def window_mean(rows: Sequence[Mapping[str, Any]], key: str, first: int, last: int) -> float | None:
+    """Return the mean of ``key`` over rounds ``first..last`` that have it (None if none has)."""
+    vals = [a for rnd, a in _accuracies(rows, key) if first <= rnd <= last]
+    return float(np.mean(vals)) if vals else None

@@ -24,6 +24,7 @@ from .metrics import (
     round_mean,
     round_total,
     rounds_to_target,
+    window_mean,
 )
 
 #: Cell of a value that does not exist.
@@ -285,8 +286,60 @@ def rows_to_csv(rows: Sequence[SummaryRow]) -> str:
     return buf.getvalue()
 
 
+def round_windows(num_rounds: int, parts: int = 3) -> list[tuple[int, int]]:
+    """Split rounds ``1..num_rounds`` into ``parts`` consecutive windows (1-20, 21-40, 41-60)."""
+    edges = np.linspace(0, num_rounds, parts + 1).round().astype(int)
+    return [(int(a) + 1, int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def window_table(
+    results: Sequence[FinishedRun],
+    windows: Sequence[tuple[int, int]],
+    *,
+    settings: Sequence[str] | None = None,
+    policies: Sequence[str] | None = None,
+) -> str:
+    """Mean accuracy per round window, mean ± std over seeds, global and personalized view.
+
+    Parameters
+    ----------
+    results : sequence of FinishedRun
+        Runs (complete or not: a window counts the rounds a run has).
+    windows : sequence of (int, int)
+        Inclusive round ranges.
+    settings, policies : sequence of str, optional
+        Row order.
+
+    Returns
+    -------
+    str
+        A Markdown table: one row per (setting, policy), ``global a-b`` and
+        ``personalized a-b`` columns per window, in %.
+
+    """
+    views = (("global", "accuracy"), ("personalized", "client_accuracy"))
+    header = ["setting", "policy"] + [f"{v} {a}-{b}" for v, _ in views for a, b in windows]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
+    for s in in_order([r.setting for r in results], settings):
+        for p in in_order([r.policy for r in results if r.setting == s], policies):
+            runs = [r for r in results if r.setting == s and r.policy == p]
+            cells = [s, p]
+            for _, key in views:
+                for a, b in windows:
+                    per_run = [window_mean(r.rounds, key, a, b) for r in runs]
+                    cells.append(fmt_percent(*_mean_std(per_run)))
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def summary_markdown(
-    rows: Sequence[SummaryRow], *, title: str, complete: int, total: int, plots: Sequence[str] = ()
+    rows: Sequence[SummaryRow],
+    *,
+    title: str,
+    complete: int,
+    total: int,
+    plots: Sequence[str] = (),
+    windows: str = "",
 ) -> str:
     """Render the ``summary.md`` document: table, definitions, targets and plots.
 
@@ -300,6 +353,8 @@ def summary_markdown(
         Finished runs and runs of the grid.
     plots : sequence of str
         Image files next to ``summary.md``, linked by file name.
+    windows : str
+        A :func:`window_table` to include (none if empty).
 
     Returns
     -------
@@ -333,5 +388,7 @@ def summary_markdown(
             "Targets: " + ", ".join(f"{s}: {fmt_percent(t)}%" for s, t in targets.items() if t is not None),
             "",
         ]
+    if windows:
+        lines += ["Mean accuracy per round window (%, mean ± std over seeds):", "", windows]
     lines += [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
     return "\n".join(lines) + "\n"
