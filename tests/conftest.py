@@ -73,3 +73,19 @@ def train_args(**overrides):
 
     cfg = RunConfig()
     return {**cfg.train_kwargs(), "device": "cpu", "seed": cfg.seed, "max_samples": None, **overrides}
+
+
+def shell_blocks(markdown):
+    """Contents of the fenced ``bash``/``sh``/``shell``/``console`` blocks of a Markdown text."""
+    blocks, lang, lines = [], None, []
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            if lang is None:
+                lang, lines = line[3:].strip() or "text", []
+            else:
+                if lang in ("bash", "sh", "shell", "console"):
+                    blocks.append("\n".join(lines))
+                lang = None
+        elif lang is not None:
+            lines.append(line)
+    return blocks

@@ -6,7 +6,7 @@ import shlex
 import flwr
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, shell_blocks
 from flwr.common.config import parse_config_args
 
 from deploy import compose, flags
@@ -174,22 +174,6 @@ def flower_commands(text):
                         cmd.append(subs[1])
             found.append((cmd, args))
     return found
-
-
-def shell_blocks(markdown):
-    """Contents of the fenced ``bash``/``sh``/``console`` blocks of a Markdown text."""
-    blocks, lang, lines = [], None, []
-    for line in markdown.splitlines():
-        if line.startswith("```"):
-            if lang is None:
-                lang, lines = line[3:].strip() or "text", []
-            else:
-                if lang in ("bash", "sh", "shell", "console"):
-                    blocks.append("\n".join(lines))
-                lang = None
-        elif lang is not None:
-            lines.append(line)
-    return blocks
 
 
 def test_docs_commands_use_existing_flags():

@@ -259,8 +259,8 @@ def launch(
                 shutil.rmtree(home, ignore_errors=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point."""
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command line's parser (``fedmoe-launch``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("app_dir", nargs="?", default=".", help="app folder (default: .)")
     parser.add_argument("--num-supernodes", type=int, default=10)
@@ -271,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-gpus", type=float, default=0, help="GPUs per simulated client")
     parser.add_argument("--flwr-home", default=None, help="keep Flower's state here (default: temporary)")
     parser.add_argument("--timeout", type=float, default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = build_parser()
     options = vars(parser.parse_args(argv))  # every flag is a keyword of launch()
     return launch(options.pop("app_dir"), **options)
 

@@ -109,13 +109,18 @@ def draw(layers: list[list[str]], modules: dict[str, list[str]], edges: Counter,
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point: write the picture and print the layers with their modules."""
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command line's parser."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "out", nargs="?", default=str(REPO_ROOT / "docs" / "layers.png"), help="PNG or SVG file"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point: write the picture and print the layers with their modules."""
+    args = build_parser().parse_args(argv)
     layers = contract_layers()
     modules, edges = layer_model(grimp.build_graph(PACKAGE), layers)
     draw(layers, modules, edges, Path(args.out))

@@ -107,10 +107,16 @@ def load_run(run_dir: Path) -> tuple[MoEClassifier, Split, int]:
     return model, test, info.num_classes
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point: print the routing report of a run folder."""
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command line's parser."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="outputs/<run-name> of a finished run")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point: print the routing report of a run folder."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     model, test, num_classes = load_run(args.run_dir)
     print(routing_report(model, test, num_classes).format(), end="")

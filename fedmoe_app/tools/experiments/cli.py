@@ -69,7 +69,8 @@ def _setup_logging(exp_dir: Path) -> list[logging.Handler]:
     return handlers
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command line's parser (``fedmoe-experiments``)."""
     parser = argparse.ArgumentParser(
         prog="python -m fedmoe_app.tools.experiments", description=__doc__.splitlines()[0]
     )
@@ -118,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         busy or mismatched experiment folder, 130 when interrupted.
 
     """
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.command == "summarize":
         grid = ExperimentGrid.from_dict(json.loads((args.out / "experiment.json").read_text()))
         rows = write_summary(args.out, grid)
