@@ -27,6 +27,7 @@ PARTITIONERS = ("dirichlet", "pathological", "iid")
 CAPACITY_MODES = ("profiled", "fixed")
 UNDER_CAPACITY = ("shared-only", "skip")
 GATE_MODES = ("global", "local")
+AGGREGATIONS = ("mean", "median", "trimmed-mean")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -111,6 +112,14 @@ class RunConfig:
     # Reliability
     round_timeout_s: float = _opt(600.0, _range(0.0, lo_open=True), "seconds to wait for replies")
     min_replies: int = _opt(1, _range(1), "valid replies needed to update the model")
+    update_bound: float = _opt(
+        0.0, _range(0.0), "leave out a group's update above this x the round's median relative size; 0: off"
+    )
+    weight_cap: float = _opt(
+        0.0, _range(0.0), "cap a client's example count at this x the round's median; 0: off"
+    )
+    aggregation: str = _opt("mean", _choice(*AGGREGATIONS), "per-group combination of the trainers' updates")
+    trim_fraction: float = _opt(0.1, _range(0.0, 0.49), "share cut at each end under trimmed-mean")
     fault_drop_prob: float = _opt(0.0, _range(0.0, 1.0), "simulation: client raises")
     fault_slow_prob: float = _opt(0.0, _range(0.0, 1.0), "simulation: client stalls past timeout")
     fault_corrupt_prob: float = _opt(0.0, _range(0.0, 1.0), "simulation: client sends garbage")

@@ -42,8 +42,29 @@ class ClientUpdate:
     num_held: int | None = None  # experts the client held (unmasked); None: those with tokens
 
 
+AGGREGATIONS = ("mean", "median", "trimmed-mean")
+
+
+def robust_combine(stacked: np.ndarray, method: str, trim_fraction: float) -> np.ndarray:
+    """Combine ``stacked`` coordinate-wise over axis 0: median, or trimmed mean (unweighted).
+
+    As Flower's FedMedian and FedTrimmedAvg compute them for dense models; ``trimmed-mean``
+    drops ``int(trim_fraction * n)`` values at each end of every coordinate.
+    """
+    if method == "median":
+        return np.median(stacked, axis=0)
+    cut = int(trim_fraction * stacked.shape[0])
+    ordered = np.sort(stacked, axis=0)
+    return ordered[cut : stacked.shape[0] - cut].mean(axis=0)
+
+
 def aggregate(
-    global_arrays: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate], *, gate_from_all: bool
+    global_arrays: Mapping[str, np.ndarray],
+    updates: Sequence[ClientUpdate],
+    *,
+    gate_from_all: bool,
+    method: str = "mean",
+    trim_fraction: float = 0.0,
 ) -> Arrays:
     """Return the new global arrays from ``updates`` (``global_arrays`` is not modified).
 
@@ -56,6 +77,13 @@ def aggregate(
     gate_from_all : bool
         Average the gate over every reply (clients trained it with a routing loss) instead
         of row by row over the clients that routed to the row's expert.
+    method : {"mean", "median", "trimmed-mean"}
+        ``mean``: the weighted averages above. The robust choices combine each group
+        coordinate-wise and unweighted over its trainers (each expert over the clients that
+        returned it, everything else, the gate included, over all replies):
+        :func:`robust_combine`.
+    trim_fraction : float
+        Share of values cut at each end under ``trimmed-mean``.
 
     Returns
     -------
@@ -82,6 +110,14 @@ def aggregate(
 
     for key, old in global_arrays.items():
         parsed = parse_expert_key(key)
+        if method != "mean":
+            trainers = (
+                updates if parsed is None else [u for u, r in zip(updates, returned[:, parsed[0]]) if r]
+            )
+            if trainers:
+                stacked = np.stack([u.arrays[key] for u in trainers]).astype(np.float64)
+                out[key] = robust_combine(stacked, method, trim_fraction).astype(old.dtype)
+            continue
         if parsed is not None:
             e = parsed[0]
             if expert_total[e] <= 0:

@@ -40,6 +40,8 @@ class TrainOutcome:
     bytes_up: int
     expert_load: np.ndarray  # [E] tokens trained per expert (zeros if the model was kept)
     train_loss: float  # example-weighted mean; NaN without valid replies
+    dropped_updates: int = 0  # (client, group) updates left out for their size (robust.py)
+    capped_weights: int = 0  # clients whose example count was capped
 
     def metric_record(self) -> MetricRecord:
         """Return the outcome as Flower's ``train_metrics_clientapp`` record."""
@@ -114,6 +116,8 @@ def round_row(
         "load_cv": load_cv(assigned_clients),
         "token_load_cv": load_cv(outcome.expert_load),
         "valid_replies": outcome.valid_replies,
+        "dropped_updates": outcome.dropped_updates,
+        "capped_weights": outcome.capped_weights,
         "train_loss": outcome.train_loss,
     }
     if client_eval is not None:

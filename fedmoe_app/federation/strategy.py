@@ -52,6 +52,7 @@ from .protocol import (
     reply_client_id,
 )
 from .records import to_record, wire_nbytes
+from .robust import Bounded, bound_updates
 from .rounds import EvaluateOutcome, TrainOutcome, TrainRound, log_round, round_row
 
 EvaluateFn = Callable[[int, Arrays], dict[str, float] | None]
@@ -250,10 +251,11 @@ class FedMoE(Strategy):
         if missing:
             log(WARNING, "aggregate_train: %d node(s) did not reply in time", len(missing))
 
-        tokens = np.zeros(self.num_experts)
+        tokens, bounded = np.zeros(self.num_experts), None
         if len(valid) >= self.cfg.min_replies:
-            self._apply(valid)
-            tokens = np.stack([r.update.tokens for r in valid]).sum(axis=0)
+            bounded = self._apply(valid)
+            if bounded.updates:
+                tokens = np.stack([u.tokens for u in bounded.updates]).sum(axis=0)
         else:
             log(
                 WARNING,
@@ -270,30 +272,48 @@ class FedMoE(Strategy):
             bytes_up=bytes_up,
             expert_load=tokens,
             train_loss=sum(r.loss * r.update.num_examples for r in valid) / n if n else math.nan,
+            dropped_updates=bounded.dropped if bounded else 0,
+            capped_weights=bounded.capped if bounded else 0,
         )
 
-    def _apply(self, valid: list[TrainReply]) -> None:
-        """Fold valid replies into the global model, the alignment state and the profiles."""
-        self.global_arrays = aggregate(
-            self.global_arrays, [r.update for r in valid], gate_from_all=self.cfg.route_loss_weight > 0
+    def _apply(self, valid: list[TrainReply]) -> Bounded:
+        """Bound the valid replies, fold them into the model, alignment state and profiles."""
+        bounded = bound_updates(
+            self.global_arrays,
+            [r.update for r in valid],
+            bound=self.cfg.update_bound,
+            weight_cap=self.cfg.weight_cap,
         )
-        held = np.zeros((len(valid), self.num_experts), dtype=bool)
-        for i, r in enumerate(valid):
+        kept = [valid[i] for i in bounded.kept]
+        if not kept:
+            return bounded
+        self.global_arrays = aggregate(
+            self.global_arrays,
+            bounded.updates,
+            gate_from_all=self.cfg.route_loss_weight > 0,
+            method=self.cfg.aggregation,
+            trim_fraction=self.cfg.trim_fraction,
+        )
+        held = np.zeros((len(kept), self.num_experts), dtype=bool)
+        for i, r in enumerate(kept):
             held[i, r.expert_ids] = True
         self.alignment.update(
-            [r.client_id for r in valid],
+            [r.client_id for r in kept],
             held,
-            np.stack([r.update.tokens for r in valid]),
-            np.stack([r.expert_loss for r in valid]),
-            np.stack([r.gate_hist for r in valid]),
+            np.stack([u.tokens for u in bounded.updates]),
+            np.stack([r.expert_loss for r in kept]),
+            np.stack([r.gate_hist for r in kept]),
         )
-        for r in valid:
+        for r in kept:
             self.last_experts[r.client_id] = r.expert_ids
             profile = self.profiles.setdefault(r.client_id, {})
             for key in ("train-time-s", "samples-per-s", "peak-memory-bytes"):
                 if key in r.metrics:
                     profile[key] = ema_update(profile.get(key), r.metrics[key], 0.5)
-            profile["num-examples"] = max(int(profile.get("num-examples", 0)), r.update.num_examples)
+            # the bound on a client's example count is what it first reported: a reply may
+            # stay under it but never raise it
+            profile.setdefault("num-examples", r.update.num_examples)
+        return bounded
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
