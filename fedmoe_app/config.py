@@ -112,6 +112,9 @@ class RunConfig:
     # Reliability
     round_timeout_s: float = _opt(600.0, _range(0.0, lo_open=True), "seconds to wait for replies")
     min_replies: int = _opt(1, _range(1), "valid replies needed to update the model")
+    max_failed_rounds: int = _opt(
+        5, _range(0), "stop the run, failed, after this many rounds in a row keep the model; 0: never"
+    )
     update_bound: float = _opt(
         0.0, _range(0.0), "leave out a group's update above this x the round's median relative size; 0: off"
     )

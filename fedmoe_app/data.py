@@ -73,8 +73,11 @@ def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file (optionally gzipped) into a numpy array."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:  # truncated or corrupt archive
+        raise DatasetUnavailable(f"cannot read {path}: {exc}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise ValueError(f"{path}: not an IDX file (bad magic number)")
     dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -113,10 +116,23 @@ def _locate(
 ) -> Path | None:
     """Find a dataset's folder in ``data_dir``, ``$FEDMOE_DATA_DIR``, ``system``; else download it.
 
-    A download goes into ``data_dir`` (or ``~/.cache/fedmoe``) with ``fetch``; any failure
-    is logged and leaves the caller to explain where the files may come from.
+    A ``data_dir`` the user named is the only place looked in (downloading into it if
+    allowed), and an error names it when it holds no dataset. Otherwise a download goes into
+    ``~/.cache/fedmoe`` with ``fetch``; any failure is logged and leaves the caller to explain
+    where the files may come from.
     """
-    candidates = [Path(p) for p in (data_dir, os.environ.get("FEDMOE_DATA_DIR")) if p]
+    if data_dir:  # a folder the user named: that one, or an error naming it
+        folder = find([Path(data_dir)])
+        if folder is None and download:
+            try:
+                fetch(str(data_dir))
+            except Exception as exc:  # noqa: BLE001 - any download failure gets the same advice
+                log.warning("%s download failed: %s", name, exc)
+            folder = find([Path(data_dir)])
+        if folder is None:
+            raise DatasetUnavailable(f"run-config key 'data-dir' = {str(data_dir)!r} does not hold {name}")
+        return folder
+    candidates = [Path(p) for p in (os.environ.get("FEDMOE_DATA_DIR"),) if p]
     folder = find(candidates + system)
     if folder is None and download:
         root = Path(candidates[0] if candidates else Path.home() / ".cache" / "fedmoe")
@@ -230,8 +246,17 @@ def load_splits(name: str, data_dir: str = "", seed: int = 0) -> tuple[Split, Sp
         raise ValueError(f"unknown dataset {name!r}")
     mean, std = _NORM.get(name, ((0.5,), (0.25,)))
     splits = []
+    classes = {"fashion-mnist": 10, "cifar10": 10}.get(name)
     for key in ("train", "test"):
         images, labels = raw[key]
+        labels = np.asarray(labels)
+        if len(images) != len(labels):
+            raise DatasetUnavailable(f"{name} {key} split: {len(images)} images but {len(labels)} labels")
+        if classes and labels.size and (labels.min() < 0 or labels.max() >= classes):
+            raise DatasetUnavailable(
+                f"{name} {key} split: labels must lie in 0..{classes - 1}, "
+                f"found {int(labels.min())}..{int(labels.max())}"
+            )
         x = torch.from_numpy(np.require(images, requirements=("C", "W"))).float().div_(255.0)
         if x.dim() == 3:
             x = x.unsqueeze(1)

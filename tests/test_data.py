@@ -69,8 +69,35 @@ def test_fashion_mnist_missing_names_both_ways(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "nothing")
     monkeypatch.delenv("FEDMOE_DATA_DIR", raising=False)
     with pytest.raises(data.DatasetUnavailable, match="dataset-fashion-mnist") as err:
-        data.load_fashion_mnist(tmp_path, download=False)
+        data.load_fashion_mnist(None, download=False)
     assert "data-dir" in str(err.value)
+
+
+def test_a_named_data_dir_without_the_data_is_an_error_not_a_fallback(tmp_path, monkeypatch):
+    system = tmp_path / "system"
+    system.mkdir()
+    make_fmnist_dir(system)  # a system copy exists ...
+    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", system)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.DatasetUnavailable, match=r"'data-dir' = '.*empty' does not hold Fashion-MNIST"):
+        data.load_fashion_mnist(tmp_path / "empty", download=False)  # ... but is not used
+
+
+def test_truncated_archive_names_the_file(tmp_path):
+    write_idx(tmp_path / "x.gz", np.zeros((100, 28, 28), np.uint8), gz=True)
+    (tmp_path / "x.gz").write_bytes((tmp_path / "x.gz").read_bytes()[:-20])
+    with pytest.raises(data.DatasetUnavailable, match=r"cannot read .*x\.gz"):
+        data.read_idx(tmp_path / "x.gz")
+
+
+@pytest.mark.parametrize(
+    "labels, match", [(np.full(40, 255), "labels must lie in 0..9"), (np.zeros(30), "40 images but 30")]
+)
+def test_labels_must_match_the_images(tmp_path, labels, match):
+    make_fmnist_dir(tmp_path)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", labels.astype(np.uint8), gz=True)
+    with pytest.raises(data.DatasetUnavailable, match=match):
+        data.load_splits("fashion-mnist", str(tmp_path), 0)
 
 
 def test_cifar10_reader_on_written_batches(tmp_path):

@@ -82,11 +82,30 @@ def test_resume_matches_an_uninterrupted_run(run_app):
     np.testing.assert_allclose(al_a["usage"], al_b["usage"], rtol=1e-6)
 
 
-@pytest.mark.parametrize("override, key", [({"top-k": 12}, "top-k")])
-def test_bad_config_stops_the_run_at_start_naming_the_key(run_app, override, key):
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ({"top-k": 12}, "run-config key 'top-k'"),
+        ({"device-mix": "phone=abc"}, "run-config key 'device-mix'"),
+        ({"lr": float("nan")}, "run-config key 'lr'"),
+        ({"num-server-round": 3}, "unknown run-config key(s) ['num-server-round']"),
+    ],
+)
+def test_bad_config_stops_the_run_at_start_naming_the_key(run_app, override, named):
     code, out, log = run_app(
         {"num-server-rounds": 1, **override}, num_supernodes=2, run_name="bad", timeout=120
     )
     assert code != 0
-    assert f"run-config key '{key}'" in log and "allowed" in log
+    assert named in log and "allowed" in log
     assert not (out / "metrics.json").exists()
+
+
+def test_a_run_whose_clients_all_fail_ends_failed(run_app):
+    code, out, log = run_app(
+        {"num-server-rounds": 4, "fault-drop-prob": 1.0, "max-failed-rounds": 2, "fraction-evaluate": 0.0},
+        num_supernodes=2,
+        run_name="all-fail",
+    )
+    assert code != 0, log[-2000:]
+    assert "no round updated the model for 2 rounds in a row" in log
+    assert [r["round"] for r in read_metrics(out)] == [0, 1, 2]  # stopped after round 2 of 4

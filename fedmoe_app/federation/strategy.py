@@ -56,6 +56,12 @@ from .robust import Bounded, bound_updates
 from .rounds import EvaluateOutcome, TrainOutcome, TrainRound, log_round, round_row
 
 EvaluateFn = Callable[[int, Arrays], dict[str, float] | None]
+
+
+class RunFailed(RuntimeError):
+    """The run cannot train: ``max-failed-rounds`` rounds in a row kept the model."""
+
+
 RoundCallback = Callable[[dict[str, Any]], None]
 
 
@@ -410,6 +416,7 @@ class FedMoE(Strategy):
             )
             if on_round:
                 on_round({"round": 0, "failures": 0, **res})
+        kept_in_a_row = 0
         for rnd in range(start_round, num_rounds + 1):
             t0 = time.perf_counter()
             log(INFO, "")
@@ -439,6 +446,13 @@ class FedMoE(Strategy):
             log_round(row)
             if on_round:
                 on_round(row)
+            kept_in_a_row = kept_in_a_row + 1 if outcome.valid_replies < self.cfg.min_replies else 0
+            if self.cfg.max_failed_rounds and kept_in_a_row >= self.cfg.max_failed_rounds:
+                raise RunFailed(
+                    f"no round updated the model for {kept_in_a_row} rounds in a row (round {rnd}; "
+                    f"run-config 'max-failed-rounds' = {self.cfg.max_failed_rounds}): every client failed "
+                    "or was rejected, see the log"
+                )
         return result
 
     # ------------------------------------------------------------------ nodes

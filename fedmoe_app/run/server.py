@@ -21,14 +21,61 @@ from ..training import evaluate, resolve_device
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .results import RunRecorder
 
+#: Run-config keys a resumed run may change: how long it runs and where its files go.
+RESUMABLE_KEYS = ("num-server-rounds", "resume", "round-timeout-s", "run-name", "output-dir", "device")
+
+
+class RunFolderError(ValueError):
+    """A run folder cannot be used as asked (name, reuse, resume)."""
+
 
 def output_dir(cfg: RunConfig) -> Path:
-    """``<output-dir>/<run-name>``; a relative output-dir is taken from ``$FEDMOE_OUTPUT_ROOT`` or cwd."""
+    """``<output-dir>/<run-name>``; a relative output-dir is taken from ``$FEDMOE_OUTPUT_ROOT`` or cwd.
+
+    Raises
+    ------
+    RunFolderError
+        If ``run-name`` is not a plain folder name (no separators, not ``.`` or ``..``).
+
+    """
     root = Path(cfg.output_dir)
     if not root.is_absolute():
         root = Path(os.environ.get("FEDMOE_OUTPUT_ROOT", os.getcwd())) / root
     name = cfg.run_name or dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
+    if name in (".", "..") or Path(name).name != name or "\\" in name:
+        raise RunFolderError(f"run-config key 'run-name' = {name!r} is invalid; allowed: a plain folder name")
     return root / name
+
+
+def check_run_folder(out: Path, cfg: RunConfig) -> dict | None:
+    """Decide whether ``out`` may be used; return the checkpoint state to resume from (or None).
+
+    A new run needs a folder without a checkpoint (a folder whose run never finished a round
+    may be reused); ``resume = true`` needs a checkpoint whose run config matches this one
+    except for :data:`RESUMABLE_KEYS`.
+
+    Raises
+    ------
+    RunFolderError
+        Naming the folder, and for a mismatch the keys with both values.
+
+    """
+    ckpt = checkpoint_path(out)
+    if not cfg.resume:
+        if ckpt.exists():
+            raise RunFolderError(
+                f"run folder {out} already holds a run; choose another 'run-name', or set resume=true"
+            )
+        return None
+    if not ckpt.is_file():
+        raise RunFolderError(f"run-config key 'resume' = True but {ckpt} does not exist: nothing to resume")
+    return load_checkpoint(ckpt)
+
+
+def config_changes(saved: dict, cfg: RunConfig) -> dict[str, tuple]:
+    """Run-config keys whose value differs from the checkpoint's (resumable keys left out)."""
+    now = cfg.to_dict()
+    return {k: (saved.get(k), now[k]) for k in now if k not in RESUMABLE_KEYS and saved.get(k) != now[k]}
 
 
 def run_server(grid: Grid, run_config: dict) -> Path:
@@ -42,12 +89,17 @@ def run_server(grid: Grid, run_config: dict) -> Path:
     out = output_dir(cfg)
     ckpt = checkpoint_path(out)
     start_round, history = 1, []
-    if cfg.resume and ckpt.is_file():
-        arrays, state = load_checkpoint(ckpt)
+    saved = check_run_folder(out, cfg)
+    if saved is not None:
+        arrays, state = saved
+        changed = config_changes(state.get("config", {}), cfg)
+        if changed:
+            detail = ", ".join(f"'{k}': {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            raise RunFolderError(f"cannot resume {out}: the run config changed ({detail})")
         try:
             strategy.load(arrays, state["strategy"])
         except ValueError as exc:
-            raise ValueError(f"checkpoint {ckpt}: {exc}") from None
+            raise RunFolderError(f"checkpoint {ckpt}: {exc}") from None
         start_round, history = int(state["round"]) + 1, state["history"]
         log(INFO, "Resuming run %s after round %d", out.name, start_round - 1)
     recorder = RunRecorder(out, cfg.to_dict(), history)
@@ -62,7 +114,12 @@ def run_server(grid: Grid, run_config: dict) -> Path:
     def on_round(row: dict[str, Any]) -> None:
         recorder.add(row)
         if row["round"] > 0:
-            state = {"round": row["round"], "strategy": strategy.state_dict(), "history": recorder.rounds}
+            state = {
+                "round": row["round"],
+                "config": cfg.to_dict(),
+                "strategy": strategy.state_dict(),
+                "history": recorder.rounds,
+            }
             save_checkpoint(ckpt, strategy.global_arrays, state)
 
     log(INFO, "fedmoe: outputs in %s", out)

@@ -25,6 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import tomllib
+from flwr.common.config import parse_config_args
+
+from ..config import ConfigError, RunConfig
 
 CONNECTION = "fedmoe-local"
 # Ray starts simulated clients at nice 15, so they yield the CPU to everything else; a client
@@ -60,6 +64,24 @@ def run_config_arg(run_config: Mapping[str, Any] | str | None) -> list[str]:
     if isinstance(run_config, str):
         return ["--run-config", run_config]
     return ["--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())]
+
+
+def run_config_problem(app_dir: Path, run_config: Mapping[str, Any] | str | None) -> str | None:
+    """Validate the overrides over the app's defaults as the ServerApp will; the error, or None.
+
+    Flower itself rejects an unknown key without naming it, and a value that only the
+    ServerApp checks would start (and fail) the whole federation first.
+    """
+    pyproject = Path(app_dir) / "pyproject.toml"
+    if not pyproject.is_file():
+        return None  # not this app's folder: Flower will say so
+    defaults = tomllib.loads(pyproject.read_text()).get("tool", {}).get("flwr", {}).get("app", {})
+    overrides = parse_config_args([run_config]) if isinstance(run_config, str) else dict(run_config or {})
+    try:
+        RunConfig.from_run_config({**defaults.get("config", {}), **overrides})
+    except ConfigError as exc:
+        return str(exc)
+    return None
 
 
 def write_flower_config(flwr_home: Path, address: str) -> None:
@@ -188,6 +210,11 @@ def launch(
 
     """
     app_dir = Path(app_dir).resolve()
+    out = stream_to if stream_to is not None else sys.stdout
+    problem = run_config_problem(app_dir, run_config)
+    if problem:
+        print(f"fedmoe: {problem}", file=out, flush=True)
+        return 2
     home = Path(flwr_home) if flwr_home else Path(tempfile.mkdtemp(prefix="fedmoe-flwr-"))
     port = free_port()
     write_flower_config(home, f"127.0.0.1:{port}")
@@ -210,7 +237,6 @@ def launch(
         "--port",
         str(port),
     ]
-    out = stream_to if stream_to is not None else sys.stdout
     with open(home / "superlink.log", "wb") as link_log:
         superlink = subprocess.Popen(
             superlink_cmd,
