@@ -53,3 +53,13 @@ def test_resume_refuses_a_changed_config_naming_the_keys():
     assert config_changes(saved, RunConfig(num_server_rounds=9, resume=True)) == {}  # may change
     changed = config_changes(saved, RunConfig(expert_hidden=64, lr=0.1))
     assert changed == {"expert-hidden": (256, 64), "lr": (0.02, 0.1)}
+
+
+def test_a_checkpoint_of_another_model_shape_is_refused():
+    from fedmoe_app.federation.strategy import FedMoE
+    from fedmoe_app.models import REFERENCE_SPEC, build_model, model_to_arrays
+
+    strategy = FedMoE(RunConfig(), REFERENCE_SPEC, model_to_arrays(build_model(REFERENCE_SPEC)))
+    other = dataclasses.replace(REFERENCE_SPEC, expert_hidden=64)
+    with pytest.raises(ValueError, match=r"does not match this model's tensors \(e\.g\. \['experts\.0\.b1'"):
+        strategy.load(model_to_arrays(build_model(other)), strategy.state_dict())

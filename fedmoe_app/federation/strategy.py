@@ -490,7 +490,11 @@ class FedMoE(Strategy):
 
     def load(self, arrays: Arrays, state: dict[str, Any]) -> None:
         """Restore the global model and :meth:`state_dict` from a checkpoint's contents."""
-        if set(arrays) != set(self.global_arrays):
-            raise ValueError("the checkpoint does not match this model's tensors")
+        shapes = {k: v.shape for k, v in arrays.items()}
+        if shapes != {k: v.shape for k, v in self.global_arrays.items()}:
+            differ = sorted(set(shapes) ^ set(self.global_arrays)) or sorted(
+                k for k in shapes if shapes[k] != self.global_arrays[k].shape
+            )
+            raise ValueError(f"the checkpoint does not match this model's tensors (e.g. {differ[:3]})")
         self.global_arrays = dict(arrays)
         self.load_state_dict(state)
