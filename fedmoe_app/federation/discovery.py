@@ -26,13 +26,18 @@ class Discovery:
     ----------
     timeout_s : float
         Seconds to wait for enough nodes to connect and for query replies.
+    retry_rounds : int
+        A node that did not answer its query is asked again this many rounds later (1: the
+        next round), not every time nodes are sampled; each failed query is counted once.
 
     """
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, retry_rounds: int) -> None:
         self.timeout_s = timeout_s
+        self.retry_rounds = max(int(retry_rounds), 1)
         self.clients: dict[int, str] = {}  # node id -> client id
         self.profiles: dict[str, dict[str, Any]] = {}  # client id -> capacity profile
+        self.unanswered: dict[int, int] = {}  # node id -> round its last query failed
 
     def client_of(self, node: int) -> str:
         """Client id of a known node."""
@@ -54,7 +59,11 @@ class Discovery:
 
     def _query_unknown(self, grid: Grid, nodes: list[int], server_round: int) -> int:
         """Ask nodes we have not met for their client id and profile; return how many failed."""
-        unknown = [n for n in nodes if n not in self.clients]
+        unknown = [
+            n
+            for n in nodes
+            if n not in self.clients and server_round - self.unanswered.get(n, -(10**9)) >= self.retry_rounds
+        ]
         if not unknown:
             return 0
         connected = set(nodes)
@@ -86,7 +95,11 @@ class Discovery:
                 del self.clients[owner]
             self.clients[node] = cid
             self.profiles[cid] = {**self.profiles.get(cid, {}), **self._profile(msg, node)}
+            self.unanswered.pop(node, None)
             answered += 1
+        for n in unknown:
+            if n not in self.clients:
+                self.unanswered[n] = server_round
         return len(unknown) - answered
 
     @staticmethod

@@ -87,7 +87,7 @@ class FedMoE(Strategy):
         self.alignment = AlignmentState(spec.num_experts, **cfg.alignment_kwargs())
         self.planner = Planner(cfg, model_costs(spec))
         self.rng = np.random.default_rng(cfg.seed)
-        self.nodes = Discovery(cfg.round_timeout_s)
+        self.nodes = Discovery(cfg.round_timeout_s, cfg.query_retry_rounds)
         self.last_experts: dict[str, list[int]] = {}  # client id -> experts last trained
         self.failures_total = 0
         self._pending: TrainRound | None = None  # sent by configure_train, awaiting replies
