@@ -3,6 +3,7 @@
 * :mod:`.protocol`    -- record keys, what was sent, reply validation;
 * :mod:`.records`     -- Flower ``ArrayRecord`` packing and wire bytes;
 * :mod:`.aggregation` -- each expert over its trainers, the shared part over everyone;
+* :mod:`.robust`      -- bounded influence: oversized updates left out, weights capped;
 * :mod:`.planner`     -- capacity -> assignment -> budgets: the :class:`~.planner.RoundPlan`;
 * :mod:`.discovery`   -- node ids -> client ids and capacity profiles (``query``);
 * :mod:`.rounds`      -- what a round sent and aggregated, and its metrics row;
