@@ -24,7 +24,9 @@ def flower_processes(flwr_home):
 
 
 def test_flwr_run_trains_sparse_moe_and_writes_outputs(run_app):
-    code, out, log = run_app({"num-server-rounds": 2, "policy": "random"}, num_supernodes=3)
+    code, out, log = run_app(
+        {"num-server-rounds": 2, "policy": "random", "experts-per-client": 2}, num_supernodes=3
+    )
     assert code == 0, log[-3000:]
     rounds = read_metrics(out)
     assert [r["round"] for r in rounds] == [0, 1, 2]
