@@ -74,6 +74,11 @@ class RunConfig:
         _range(0.0),
         "weight of -log P(held experts) under the full gate; > 0: every client trains the gate",
     )
+    gate_balance_rate: float = _opt(
+        0.0,
+        _range(0.0),
+        "server step on the gate's bias per round towards equal top-k load of the unmasked gate",
+    )
     seed: int = _opt(0, _range(0), "seed of data split, init, sampling and planning")
     # Data
     dataset: str = _opt("fashion-mnist", _choice(*DATASETS), "image dataset (synthetic: small, for tests)")

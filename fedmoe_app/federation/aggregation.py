@@ -18,6 +18,12 @@ Weights
 * every other tensor: average over all replies, weighted by ``num_examples``.
 
 An expert (or gate row) with zero total weight keeps its value.
+
+Gate balancing (:func:`balance_gate_bias`, ``gate-balance-rate > 0``): after aggregation the
+server moves the gate's bias, as Loss-Free Balancing (Wang et al. 2024, arXiv 2408.15664) moves
+a router bias, by a fixed step towards equal load: up for experts the *unmasked* gate chose
+less often than ``1/E`` of its top-k choices on the clients' data this round (the reported
+``gate-hist``), down for those chosen more often.
 """
 
 from __future__ import annotations
@@ -140,4 +146,31 @@ def aggregate(
             stacked = np.stack([u.arrays[key] for u in updates]).astype(np.float64)
             w = examples.reshape((-1,) + (1,) * old.ndim)
             out[key] = ((w * stacked).sum(axis=0) / examples.sum()).astype(old.dtype)
+    return out
+
+
+def balance_gate_bias(global_arrays: Mapping[str, np.ndarray], gate_hist: np.ndarray, rate: float) -> Arrays:
+    """Return ``global_arrays`` with ``gate.bias`` stepped by ``rate`` towards equal gate load.
+
+    Parameters
+    ----------
+    global_arrays : Mapping[str, np.ndarray]
+        The aggregated model (not modified).
+    gate_hist : np.ndarray
+        ``[C, E]`` top-k choices of the unmasked gate per replying client.
+    rate : float
+        Step per round: ``bias[e] += rate * sign(mean load - load[e])``.
+
+    Returns
+    -------
+    Arrays
+        The model with the new bias (unchanged when no choices were reported).
+
+    """
+    load = np.asarray(gate_hist, dtype=np.float64).sum(axis=0)
+    out = dict(global_arrays)
+    if rate <= 0 or load.sum() <= 0 or "gate.bias" not in out:
+        return out
+    bias = out["gate.bias"]
+    out["gate.bias"] = (bias + rate * np.sign(load.mean() - load)).astype(bias.dtype)
     return out

@@ -38,7 +38,7 @@ from ..capacity import ema_update
 from ..config import RunConfig
 from ..models import ModelSpec, model_costs
 from ..tensors import Arrays, select
-from .aggregation import aggregate
+from .aggregation import aggregate, balance_gate_bias
 from .discovery import Discovery
 from .planner import Planner
 from .protocol import (
@@ -303,6 +303,8 @@ class FedMoE(Strategy):
             method=self.cfg.aggregation,
             trim_fraction=self.cfg.trim_fraction,
         )
+        hist = np.stack([r.gate_hist for r in kept])
+        self.global_arrays = balance_gate_bias(self.global_arrays, hist, self.cfg.gate_balance_rate)
         held = np.zeros((len(kept), self.num_experts), dtype=bool)
         for i, r in enumerate(kept):
             held[i, r.expert_ids] = True
@@ -311,7 +313,7 @@ class FedMoE(Strategy):
             held,
             np.stack([u.tokens for u in bounded.updates]),
             np.stack([r.expert_loss for r in kept]),
-            np.stack([r.gate_hist for r in kept]),
+            hist,
         )
         for r in kept:
             self.last_experts[r.client_id] = r.expert_ids
