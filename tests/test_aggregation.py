@@ -113,9 +113,9 @@ def test_gate_balancing_raises_the_bias_of_experts_the_gate_neglects():
     from fedmoe_app.federation.aggregation import balance_gate_bias
 
     arrays = {"gate.bias": np.zeros(4, np.float32), "gate.weight": np.ones((4, 3), np.float32)}
-    hist = np.array([[10.0, 0.0, 5.0, 5.0], [10.0, 0.0, 5.0, 5.0]])  # mean load 10 per expert
+    hist = np.array([[10.0, 0.0, 5.0, 5.0], [10.0, 0.0, 5.0, 5.0]])  # load 20, 0, 10, 10: mean 10
     out = balance_gate_bias(arrays, hist, 0.25)
-    np.testing.assert_array_equal(out["gate.bias"], [-0.25, 0.25, 0.25, 0.25])
+    np.testing.assert_array_equal(out["gate.bias"], [-0.25, 0.25, 0.0, 0.0])
     assert out["gate.bias"].dtype == np.float32 and arrays["gate.bias"].sum() == 0  # input kept
     np.testing.assert_array_equal(out["gate.weight"], arrays["gate.weight"])
     assert balance_gate_bias(arrays, np.zeros((2, 4)), 0.25)["gate.bias"].sum() == 0  # no choices
