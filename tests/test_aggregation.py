@@ -58,6 +58,10 @@ def test_per_expert_weighted_average_hand_computed():
     # with a routing loss every client trained the whole gate: example-weighted over both
     routed = aggregate(g, [a, b], gate_from_all=True)
     np.testing.assert_allclose(routed["gate.bias"], [(10 * 1 + 30 * 7) / 40, (10 * 2 + 30 * 4) / 40, 9])
+    # or row by row with single holders counted (the loss gave b's row 1 a gradient):
+    # row 1 token-weighted 14 (a) and 6 (b); rows b does not hold stay a's
+    rows = aggregate(g, [a, b], gate_from_all=False, single_holders=True)
+    np.testing.assert_allclose(rows["gate.bias"], [1, (14 * 2 + 6 * 4) / 20, 0])
     np.testing.assert_allclose(routed["gate.weight"][:, 0], routed["gate.bias"])
     np.testing.assert_allclose(routed["experts.1.w1"], out["experts.1.w1"])  # experts unchanged
 

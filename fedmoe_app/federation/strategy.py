@@ -299,7 +299,8 @@ class FedMoE(Strategy):
         self.global_arrays = aggregate(
             self.global_arrays,
             bounded.updates,
-            gate_from_all=self.cfg.route_loss_weight > 0,
+            gate_from_all=self.cfg.gate_from_all,
+            single_holders=self.cfg.route_loss_weight > 0,
             method=self.cfg.aggregation,
             trim_fraction=self.cfg.trim_fraction,
         )
