@@ -183,3 +183,65 @@ def test_client_uses_its_data_path(tmp_path):
         handle_query(None, nameless)
     with pytest.raises(ValueError, match="data-path"):
         local_data(run_config(ctx), Context(0, 1, {}, RecordDict(), cfg))
+
+
+def _find(state, key):
+    """The first value under ``key`` anywhere in a nested checkpoint state."""
+    if isinstance(state, dict):
+        if key in state:
+            return state[key]
+        for value in state.values():
+            found = _find(value, key)
+            if found is not None:
+                return found
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_two_supernodes_train_on_their_own_folders(tmp_path):
+    """SuperLink + 2 SuperNodes, each with node config data-path: a PNG folder and a saved dataset."""
+    import datasets
+    from test_deploy import DEPLOY_FAST, left_over
+
+    from deploy.local import Deployment
+    from fedmoe_app.run.checkpoint import checkpoint_path, load_checkpoint
+
+    site_a = write_png_folder(tmp_path / "site-a", {"0": 15, "1": 15, "2": 10})  # 40 examples
+    rng = np.random.default_rng(1)
+    pixels = list(rng.integers(0, 256, (65, 12, 12), dtype=np.uint8))
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
+    site_b = tmp_path / "site-b"
+    datasets.Dataset.from_dict({"image": pixels, "label": [5, 6] * 32 + [5]}, features=features).save_to_disk(
+        str(site_b)
+    )
+    run_config = {**DEPLOY_FAST, "min-train-nodes": 2, "run-name": "own-data", "max-samples-per-client": 0}
+    workdir = tmp_path / "wd"
+    with Deployment(ROOT, workdir, output_root=tmp_path, env={"OMP_NUM_THREADS": "1"}) as dep:
+        dep.start_superlink()
+        nodes = [dep.start_supernode(None, None, client_id=p.name, data_path=p) for p in (site_a, site_b)]
+        assert all("partition-id" not in n.node_config for n in nodes)
+        dep.wait_activated()
+        with open(tmp_path / "run.log", "w") as log:
+            result = dep.run(run_config, timeout=300, stream_to=log)
+        assert result.ok, (result, (tmp_path / "run.log").read_text()[-3000:], dep.superlink_log()[-2000:])
+        logs = {n.name: n.log_text() for n in nodes}
+    # each node announced its own folder, split and label set
+    assert (
+        f"client site-a: {n_train(40)} train / 8 local test examples from {site_a.resolve()}"
+        in logs["node-site-a"]
+    )
+    assert (
+        f"client site-b: {n_train(65)} train / 13 local test examples from {site_b.resolve()}"
+        in logs["node-site-b"]
+    )
+    assert "labels [0, 1, 2]" in logs["node-site-a"] and "labels [5, 6]" in logs["node-site-b"]
+    assert "site-b" not in logs["node-site-a"] and "site-a" not in logs["node-site-b"]
+    # and the server saw the examples each one reported (not a shard of the global synthetic set)
+    _, state = load_checkpoint(checkpoint_path(tmp_path / "outputs" / "own-data"))
+    profiles = _find(state, "profiles")
+    assert {cid: p["num-examples"] for cid, p in profiles.items()} == {
+        "site-a": n_train(40),
+        "site-b": n_train(65),
+    }
+    assert not left_over(workdir)
