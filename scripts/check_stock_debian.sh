@@ -34,6 +34,7 @@ bind() {  # bind SRC [ro]: mount SRC at the same path inside the chroot
   mkdir -p "$DIR$1"
   mountpoint -q "$DIR$1" && return 0
   mount --rbind "$1" "$DIR$1"
+  mount --make-rslave "$DIR$1"  # unmounting the copy must never propagate to the host's mounts
   [ "${2:-}" = ro ] && mount -o remount,bind,ro "$DIR$1"
   mounted+=("$DIR$1")
 }
@@ -65,6 +66,12 @@ in_chroot() {
 echo "== stock python3 and its PEP 668 marker"
 in_chroot 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 git ca-certificates >/dev/null
 python3 --version; ls /usr/lib/python3*/EXTERNALLY-MANAGED; python3 -c "import ensurepip" 2>&1 | tail -1 || true'
+
+# pip's certificate bundle (e.g. one that trusts a proxy's CA), after ca-certificates wrote the chroot's own
+for f in $( (cat /etc/pip.conf /etc/xdg/pip/pip.conf "$HOME/.config/pip/pip.conf" 2>/dev/null; env | grep '^PIP_') \
+            | grep -iE '^\s*(cert|PIP_CERT)\s*=' | sed -E 's/^[^=]*=\s*//' | sort -u); do
+  [ -f "$f" ] && { mkdir -p "$DIR$(dirname "$f")"; cp "$f" "$DIR$f"; }
+done
 
 echo "== clean clone of $(git -C "$ROOT" rev-parse --short HEAD)"
 rm -rf "$DIR/root/fedmoe"
