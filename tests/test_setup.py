@@ -114,4 +114,5 @@ def test_flwr_run_in_the_venv_works_offline(tmp_path):
     status, log = _flwr_run_in_venv(
         tmp_path, "with-installs", "export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=0 &&"
     )
-    assert status and status != ["finished:completed"], log[-3000:]
+    assert status == ["finished:failed"], log[-3000:]
+    assert "Runtime installation of app dependencies failed" in log, log[-3000:]
