@@ -27,6 +27,7 @@ PARTITIONERS = ("dirichlet", "pathological", "iid")
 CAPACITY_MODES = ("profiled", "fixed")
 UNDER_CAPACITY = ("shared-only", "skip")
 GATE_MODES = ("global", "local")
+GATE_AGGREGATIONS = ("auto", "rows", "all")
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -73,6 +74,16 @@ class RunConfig:
         0.0,
         _range(0.0),
         "weight of -log P(held experts) under the full gate; > 0: every client trains the gate",
+    )
+    gate_aggregation: str = _opt(
+        "auto",
+        _choice(*GATE_AGGREGATIONS),
+        "gate rows over their experts' holders, or over all replies; auto: all with a route loss",
+    )
+    gate_balance_rate: float = _opt(
+        0.0,
+        _range(0.0),
+        "server step on the gate's bias per round towards equal top-k load of the unmasked gate",
     )
     seed: int = _opt(0, _range(0), "seed of data split, init, sampling and planning")
     # Data
@@ -173,6 +184,13 @@ class RunConfig:
         """``{argument: value}`` for ``"arg=field arg ..."`` (a bare ``arg`` names its field)."""
         pairs = (item.partition("=") for item in spec.split())
         return {arg: getattr(self, field or arg) for arg, _, field in pairs}
+
+    @property
+    def gate_from_all(self) -> bool:
+        """Whether the gate is averaged over all replies (``gate-aggregation``, resolved)."""
+        if self.gate_aggregation == "auto":
+            return self.route_loss_weight > 0
+        return self.gate_aggregation == "all"
 
     def alignment_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`~fedmoe_app.alignment.AlignmentState` (all but ``E``)."""

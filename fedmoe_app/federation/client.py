@@ -25,7 +25,7 @@ from ..data import DatasetInfo, Split, client_data
 from ..data.local import node_data
 from ..models import ModelSpec, build_model, load_arrays, model_costs, model_to_arrays
 from ..training import evaluate, resolve_device, train
-from .faults import corrupt, corruption_for, fault_for
+from .faults import corrupt, corrupt_eval, corruption_for, eval_corruption_for, fault_for
 from .protocol import ARRAYS, CLIENT, CONFIG, METRICS, PROFILE, client_record, train_reply_content
 from .records import from_record, to_record
 
@@ -95,7 +95,7 @@ def handle_query(msg: Message, context: Context) -> RecordDict:
     """Reply with the client id and its (measured, maybe emulated) capacity profile."""
     cfg = run_config(context)
     cid = identity(context)
-    train_split, _, info = local_data(cfg, context)
+    train_split, test_split, info = local_data(cfg, context)
     device = str(resolve_device(cfg.device))
     profile = client_profile(
         cid,
@@ -108,6 +108,7 @@ def handle_query(msg: Message, context: Context) -> RecordDict:
     )
     content = profile.to_dict()
     content["num-examples"] = len(train_split)
+    content["num-test-examples"] = len(test_split)
     return RecordDict({CLIENT: client_record(cid), PROFILE: ConfigRecord(content)})
 
 
@@ -181,9 +182,13 @@ def handle_evaluate(msg: Message, context: Context) -> RecordDict:
     _, test_split, info = local_data(cfg, context)
     model = _sub_model(msg, cfg, info)
     loss, acc = evaluate(model, test_split, device=resolve_device(cfg.device))
-    return RecordDict(
-        {
-            METRICS: MetricRecord({"eval-loss": loss, "eval-accuracy": acc, "num-examples": len(test_split)}),
-            CLIENT: client_record(cid),
-        }
+    metrics = {"eval-loss": loss, "eval-accuracy": acc, "num-examples": len(test_split)}
+    server_round = int(msg.content[CONFIG].get("server-round", 0))
+    fault = fault_for(
+        cfg.seed, server_round, cid, cfg.fault_drop_prob, cfg.fault_slow_prob, cfg.fault_corrupt_prob
     )
+    if fault == "corrupt":
+        kind = eval_corruption_for(cfg.seed, server_round, cid)
+        log.warning("injected fault: client %s reports corrupt evaluation metrics (%s)", cid, kind)
+        metrics = corrupt_eval(metrics, kind)
+    return RecordDict({METRICS: MetricRecord(metrics), CLIENT: client_record(cid)})

@@ -101,6 +101,45 @@ def content_client_id(content: RecordDict) -> str | None:
     return cid if isinstance(cid, str) and cid else None
 
 
+@dataclass(frozen=True)
+class EvalReply:
+    """A validated evaluation reply: one client's local test result."""
+
+    client_id: str
+    num_examples: int
+    loss: float
+    accuracy: float
+
+
+def parse_eval_reply(content: RecordDict, client_id: str | None, max_examples: int | None) -> EvalReply:
+    """Validate an evaluation reply; raise :class:`ReplyRejected`.
+
+    Checks: the metrics record exists; the reply names ``client_id`` (the client the server
+    knows behind the replying node; ``None``: not known, so any named client is refused);
+    ``num-examples`` is a positive integer, not above ``max_examples`` (the local test size
+    the client reported when first queried) when known; the loss is finite and ``>= 0``; the
+    accuracy is finite and in ``[0, 1]``.
+    """
+    try:
+        metrics = content[METRICS]
+    except (KeyError, TypeError, AttributeError):
+        raise ReplyRejected("malformed", "missing metrics record") from None
+    cid = content_client_id(content)
+    if cid is None or cid != client_id:
+        raise ReplyRejected("client-id", f"expected {client_id!r}, got {cid!r}")
+    n, loss, acc = metrics.get("num-examples"), metrics.get("eval-loss"), metrics.get("eval-accuracy")
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise ReplyRejected("num-examples", f"expected a positive int, got {n!r}")
+    if max_examples is not None and n > max_examples:
+        raise ReplyRejected("num-examples", f"{n} exceeds the client's test size {max_examples}")
+    for name, value, hi in (("eval-loss", loss, math.inf), ("eval-accuracy", acc, 1.0)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ReplyRejected("metrics", f"{name}: expected a finite number, got {value!r}")
+        if not 0.0 <= value <= hi:
+            raise ReplyRejected("metrics", f"{name}: {value!r} is outside [0, {hi}]")
+    return EvalReply(client_id=cid, num_examples=n, loss=float(loss), accuracy=float(acc))
+
+
 def parse_train_reply(
     content: RecordDict, node_id: int, sent: Sent, num_experts: int, top_k: int, local_epochs: int
 ) -> TrainReply:

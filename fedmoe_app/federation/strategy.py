@@ -38,22 +38,20 @@ from ..capacity import ema_update
 from ..config import RunConfig
 from ..models import ModelSpec, model_costs
 from ..tensors import Arrays, select
-from .aggregation import aggregate
+from .aggregation import aggregate, balance_gate_bias
 from .discovery import Discovery
 from .planner import Planner
 from .protocol import (
     ARRAYS,
     CONFIG,
-    METRICS,
     ReplyRejected,
     Sent,
     TrainReply,
     parse_train_reply,
-    reply_client_id,
 )
 from .records import to_record, wire_nbytes
 from .robust import Bounded, bound_updates
-from .rounds import EvaluateOutcome, TrainOutcome, TrainRound, log_round, round_row
+from .rounds import EvaluateOutcome, TrainOutcome, TrainRound, evaluate_outcome, log_round, round_row
 
 EvaluateFn = Callable[[int, Arrays], dict[str, float] | None]
 
@@ -269,7 +267,12 @@ class FedMoE(Strategy):
                 len(valid),
                 self.cfg.min_replies,
             )
-        n = sum(r.update.num_examples for r in valid)
+        # the loss of the replies that entered the model, at the weights they entered with
+        if bounded is not None:
+            pairs = [(valid[i].loss, u.num_examples) for i, u in zip(bounded.kept, bounded.updates)]
+        else:
+            pairs = [(r.loss, r.update.num_examples) for r in valid]
+        n = sum(k for _, k in pairs)
         return TrainOutcome(
             failures=failures,
             rejected=dict(rejected),
@@ -277,7 +280,7 @@ class FedMoE(Strategy):
             num_examples=n,
             bytes_up=bytes_up,
             expert_load=tokens,
-            train_loss=sum(r.loss * r.update.num_examples for r in valid) / n if n else math.nan,
+            train_loss=sum(loss * k for loss, k in pairs) / n if n else math.nan,
             dropped_updates=bounded.dropped if bounded else 0,
             capped_weights=bounded.capped if bounded else 0,
         )
@@ -296,10 +299,13 @@ class FedMoE(Strategy):
         self.global_arrays = aggregate(
             self.global_arrays,
             bounded.updates,
-            gate_from_all=self.cfg.route_loss_weight > 0,
+            gate_from_all=self.cfg.gate_from_all,
+            single_holders=self.cfg.route_loss_weight > 0,
             method=self.cfg.aggregation,
             trim_fraction=self.cfg.trim_fraction,
         )
+        hist = np.stack([r.gate_hist for r in kept])
+        self.global_arrays = balance_gate_bias(self.global_arrays, hist, self.cfg.gate_balance_rate)
         held = np.zeros((len(kept), self.num_experts), dtype=bool)
         for i, r in enumerate(kept):
             held[i, r.expert_ids] = True
@@ -308,7 +314,7 @@ class FedMoE(Strategy):
             held,
             np.stack([u.tokens for u in bounded.updates]),
             np.stack([r.expert_loss for r in kept]),
-            np.stack([r.gate_hist for r in kept]),
+            hist,
         )
         for r in kept:
             self.last_experts[r.client_id] = r.expert_ids
@@ -354,31 +360,11 @@ class FedMoE(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Example-weighted mean of the clients' local test loss and accuracy (+ the worst 10 %)."""
-        outcome = self.evaluate_round(replies)
-        return outcome.metric_record() if outcome is not None else None
+        return self.evaluate_round(replies).metric_record()
 
-    def evaluate_round(self, replies: Iterable[Message]) -> EvaluateOutcome | None:
-        """Per-client local test results of a round (None without a valid reply).
-
-        A reply counts when it names its client and reports a positive example count and a
-        finite loss and an accuracy in ``[0, 1]``; others are logged and left out.
-        """
-        clients: dict[str, tuple[int, float, float]] = {}
-        for msg in replies:
-            if msg.has_error() or not msg.has_content() or METRICS not in msg.content:
-                continue
-            m, cid = msg.content[METRICS], reply_client_id(msg)
-            n, loss, acc = m.get("num-examples"), m.get("eval-loss"), m.get("eval-accuracy")
-            numbers = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (loss, acc))
-            if cid is None or not (isinstance(n, int) and n > 0 and numbers and 0.0 <= acc <= 1.0):
-                log(
-                    WARNING,
-                    "aggregate_evaluate: ignoring malformed reply from node %s",
-                    msg.metadata.src_node_id,
-                )
-                continue
-            clients[cid] = (n, float(loss), float(acc))
-        return EvaluateOutcome.from_clients(clients) if clients else None
+    def evaluate_round(self, replies: Iterable[Message]) -> EvaluateOutcome:
+        """Per-client local test results of a round; invalid replies rejected and counted."""
+        return evaluate_outcome(replies, self.nodes.clients, self.profiles)
 
     # ------------------------------------------------------------------ run loop
     def start(
@@ -428,7 +414,7 @@ class FedMoE(Strategy):
             ev_messages, ev_query_failures = self.plan_evaluate(rnd, grid)
             ev = self.evaluate_round(grid.send_and_receive(ev_messages, timeout=timeout))
             central = central_eval(rnd, self.global_arrays) if central_eval is not None else None
-            if ev is not None:
+            if ev.by_client:
                 result.evaluate_metrics_clientapp[rnd] = ev.metric_record()
             if central is not None:
                 result.evaluate_metrics_serverapp[rnd] = MetricRecord(
