@@ -90,11 +90,12 @@ export FLWR_HOME=/root/flwr-home-check HTTPS_PROXY=http://127.0.0.1:9 HTTP_PROXY
 export NO_PROXY=127.0.0.1,localhost UV_OFFLINE=1 PIP_NO_INDEX=1
 flwr run . --stream --run-config "run-name='"'"'flwr-run-check'"'"'"
 flwr ls --format json | tee /root/flwr-ls.json | grep -E "\"status\""
-python - <<EOF   # stop the managed SuperLink (and its SuperExec) by PID
-import psutil
-procs = [p for p in psutil.process_iter(["environ"]) if (p.info["environ"] or {}).get("FLWR_HOME") == "/root/flwr-home-check"]
+python - <<EOF   # stop the managed SuperLink (and its SuperExec) by PID: not this script nor its shell
+import os, psutil
+home, mine = "/root/flwr-home-check", {os.getpid(), os.getppid()}
+procs = [p for p in psutil.process_iter(["environ"]) if (p.info["environ"] or {}).get("FLWR_HOME") == home and p.pid not in mine]
 for p in procs:
-    print("stopping", p.pid, " ".join(p.cmdline()[:2]))
+    print("stopping", p.pid, " ".join(p.cmdline()[:2]), flush=True)
     p.terminate()
 psutil.wait_procs(procs, timeout=15)
 EOF
