@@ -213,6 +213,10 @@ class RunConfig:
             "max_samples=max_samples_per_client data_dir seed"
         )
 
+    def node_data_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``fedmoe_app.data.local.node_data``: how a node's own folder is split."""
+        return self._args("test_fraction=local_test_fraction max_samples=max_samples_per_client seed")
+
     def _check_relations(self) -> None:
         if self.top_k > self.num_experts:
             raise ConfigError(

@@ -2,7 +2,10 @@
 
 ``client_app.py`` only wires these handlers to Flower's ``@app.query``, ``@app.train``
 and ``@app.evaluate``. A client is known by a stable ``client-id``: node config
-``client-id`` in deployment, else its ``partition-id`` (simulation).
+``client-id`` in deployment, else its ``partition-id`` (simulation). Its data is the
+folder named by node config ``data-path`` (a deployed site's own files, see
+:mod:`fedmoe_app.data.local`), else shard ``partition-id`` of ``num-partitions`` of the
+run's dataset.
 """
 
 from __future__ import annotations
@@ -10,13 +13,16 @@ from __future__ import annotations
 import logging
 import time
 from functools import lru_cache
+from logging import INFO
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common.logger import log as flwr_log
 
 from ..capacity.probe import client_profile
 from ..config import RunConfig
 from ..data import DatasetInfo, Split, client_data
+from ..data.local import node_data
 from ..models import ModelSpec, build_model, load_arrays, model_costs, model_to_arrays
 from ..training import evaluate, resolve_device, train
 from .faults import corrupt, corrupt_eval, corruption_for, eval_corruption_for, fault_for
@@ -37,31 +43,58 @@ def run_config(context: Context) -> RunConfig:
     return _config(tuple(sorted(context.run_config.items())))
 
 
-def identity(context: Context) -> tuple[str, int, int]:
-    """``(client-id, partition-id, num-partitions)`` from the node config."""
+def identity(context: Context) -> str:
+    """Return the node's client id: node config ``client-id``, else its ``partition-id``."""
+    nc = context.node_config
+    if "client-id" in nc:
+        return str(nc["client-id"])
+    if "partition-id" in nc:
+        return str(nc["partition-id"])
+    needs = "'client-id'" if nc.get("data-path") else "'partition-id' and 'num-partitions'"
+    raise ValueError(f"node config needs {needs}; it has {sorted(nc)}")
+
+
+def partition(context: Context) -> tuple[int, int]:
+    """``(partition-id, num-partitions)`` from the node config."""
     nc = context.node_config
     try:
-        pid, num = int(nc["partition-id"]), int(nc["num-partitions"])
+        return int(nc["partition-id"]), int(nc["num-partitions"])
     except KeyError as exc:
-        raise ValueError(f"node config needs 'partition-id' and 'num-partitions' (missing {exc})") from None
-    return str(nc.get("client-id", pid)), pid, num
+        raise ValueError(
+            f"node config needs 'partition-id' and 'num-partitions' (missing {exc}), "
+            "or 'data-path' naming the node's own data"
+        ) from None
+
+
+@lru_cache(maxsize=8)
+def _announce(cid: str, path: str, n_train: int, n_test: int, labels: tuple[int, ...]) -> None:
+    flwr_log(
+        INFO,
+        "client %s: %d train / %d local test examples from %s, labels %s",
+        cid,
+        n_train,
+        n_test,
+        path,
+        list(labels),
+    )
 
 
 def local_data(cfg: RunConfig, context: Context) -> tuple[Split, Split, DatasetInfo]:
     """Return this client's ``(train, local test, dataset info)``."""
-    _, pid, num = identity(context)
-    return client_data(
-        cfg.dataset,
-        pid,
-        num,
-        **cfg.split_kwargs(),
-    )
+    path = context.node_config.get("data-path")
+    if path:
+        train_split, test_split, info = node_data(str(path), cfg.dataset, **cfg.node_data_kwargs())
+        labels = tuple(int(v) for v in train_split.labels.unique())
+        _announce(identity(context), str(path), len(train_split), len(test_split), labels)
+        return train_split, test_split, info
+    pid, num = partition(context)
+    return client_data(cfg.dataset, pid, num, **cfg.split_kwargs())
 
 
 def handle_query(msg: Message, context: Context) -> RecordDict:
     """Reply with the client id and its (measured, maybe emulated) capacity profile."""
     cfg = run_config(context)
-    cid, _, _ = identity(context)
+    cid = identity(context)
     train_split, test_split, info = local_data(cfg, context)
     device = str(resolve_device(cfg.device))
     profile = client_profile(
@@ -89,7 +122,7 @@ def _sub_model(msg: Message, cfg: RunConfig, info: DatasetInfo):
 def handle_train(msg: Message, context: Context) -> RecordDict:
     """Train the received sub-model (shared + assigned experts) on local data."""
     cfg = run_config(context)
-    cid, _, _ = identity(context)
+    cid = identity(context)
     conf = msg.content[CONFIG]
     server_round = int(conf.get("server-round", 0))
     fault = fault_for(
@@ -145,7 +178,7 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
 def handle_evaluate(msg: Message, context: Context) -> RecordDict:
     """Evaluate the received sparse view on the local test split."""
     cfg = run_config(context)
-    cid, _, _ = identity(context)
+    cid = identity(context)
     _, test_split, info = local_data(cfg, context)
     model = _sub_model(msg, cfg, info)
     loss, acc = evaluate(model, test_split, device=resolve_device(cfg.device))
