@@ -20,7 +20,14 @@ from fedmoe_app.text import (
     windows,
 )
 
-SPLIT = {"partitioner": "natural", "alpha": 0.5, "shards": 2, "test_fraction": 0.2, "max_samples": 0, "seed": 0}
+SPLIT = {
+    "partitioner": "natural",
+    "alpha": 0.5,
+    "shards": 2,
+    "test_fraction": 0.2,
+    "max_samples": 0,
+    "seed": 0,
+}
 
 
 def fortunes(n, word):
@@ -96,7 +103,9 @@ def test_natural_partition_gives_each_client_one_language(fortune_tree):
     _, _, info = load_text("fortunes", str(fortune_tree), 16, 0)
     seen = []
     for pid in range(8):
-        train, test, _ = text_client_data("fortunes", pid, 8, data_dir=str(fortune_tree), context_length=16, **SPLIT)
+        train, test, _ = text_client_data(
+            "fortunes", pid, 8, data_dir=str(fortune_tree), context_length=16, **SPLIT
+        )
         assert set(train.groups.tolist()) == {pid % 4} and len(test) > 0
         seen.append(len(train) + len(test))
     full, _, _ = load_text("fortunes", str(fortune_tree), 16, 0)
@@ -113,7 +122,12 @@ def test_dirichlet_mixes_languages(fortune_tree):
 
 def test_server_split_caps_and_covers_groups(fortune_tree):
     cfg = RunConfig.from_run_config(
-        {"dataset": "fortunes", "model": "transformer-moe", "data-dir": str(fortune_tree), "context-length": 16}
+        {
+            "dataset": "fortunes",
+            "model": "transformer-moe",
+            "data-dir": str(fortune_tree),
+            "context-length": 16,
+        }
     )
     test, info = server_split(cfg)
     assert len(info.groups) == 4 and len(test) > 0
