@@ -22,8 +22,11 @@ from typing import Any
 from .alignment import POLICIES
 from .capacity import parse_device_mix
 
-DATASETS = ("fashion-mnist", "cifar10", "synthetic")
-PARTITIONERS = ("dirichlet", "pathological", "iid")
+IMAGE_DATASETS = ("fashion-mnist", "cifar10", "synthetic")
+TEXT_DATASETS = ("fortunes", "text")
+DATASETS = IMAGE_DATASETS + TEXT_DATASETS
+PARTITIONERS = ("dirichlet", "pathological", "iid", "natural")
+MODELS = ("cnn-moe", "transformer-moe")
 CAPACITY_MODES = ("profiled", "fixed")
 UNDER_CAPACITY = ("shared-only", "skip")
 GATE_MODES = ("global", "local")
@@ -87,20 +90,33 @@ class RunConfig:
     )
     seed: int = _opt(0, _range(0), "seed of data split, init, sampling and planning")
     # Data
-    dataset: str = _opt("fashion-mnist", _choice(*DATASETS), "image dataset (synthetic: small, for tests)")
+    dataset: str = _opt(
+        "fashion-mnist",
+        _choice(*DATASETS),
+        "images (synthetic: small, for tests) or byte-level text (fortunes; text: files in data-dir)",
+    )
     data_dir: str = _opt("", None, "dataset folder; empty: FEDMOE_DATA_DIR or system paths")
-    partitioner: str = _opt("dirichlet", _choice(*PARTITIONERS), "how data is split across clients")
+    partitioner: str = _opt(
+        "dirichlet",
+        _choice(*PARTITIONERS),
+        "how data is split across clients (natural: text by language/file)",
+    )
     dirichlet_alpha: float = _opt(0.1, _range(0.0, lo_open=True), "label skew (smaller: more non-IID)")
     shards_per_client: int = _opt(2, _range(1), "classes per client (pathological)")
     local_test_fraction: float = _opt(0.2, _range(0.0, 0.9), "share of a partition for local test")
     max_samples_per_client: int = _opt(0, _range(0), "cap on local train samples; 0: all")
     central_eval_samples: int = _opt(0, _range(0), "cap on server test samples; 0: all")
     # Model
+    model: str = _opt("cnn-moe", _choice(*MODELS), "cnn-moe for images, transformer-moe for text")
     num_experts: int = _opt(8, _range(1, 1024), "experts E in the model")
     top_k: int = _opt(2, _range(1), "experts each sample is routed to")
     stem_channels: int = _opt(16, _range(1), "channels of the shared conv stem")
     feature_dim: int = _opt(64, _range(1), "feature size fed to gate and experts")
     expert_hidden: int = _opt(256, _range(1), "hidden width of each expert MLP")
+    num_layers: int = _opt(2, _range(1, 64), "transformer-moe: blocks, each with an MoE feed-forward")
+    d_model: int = _opt(64, _range(2), "transformer-moe: model width")
+    num_heads: int = _opt(4, _range(1), "transformer-moe: attention heads (d-model / heads even)")
+    context_length: int = _opt(64, _range(2, 8192), "transformer-moe: bytes per training sequence")
     gate_mode: str = _opt("global", _choice(*GATE_MODES), "aggregated gate, or each client keeps its own")
     # Alignment
     policy: str = _opt("load_balanced", _choice(*POLICIES), "client-expert assignment policy")
@@ -217,7 +233,42 @@ class RunConfig:
         """Keyword arguments of ``fedmoe_app.data.local.node_data``: how a node's own folder is split."""
         return self._args("test_fraction=local_test_fraction max_samples=max_samples_per_client seed")
 
+    def _check_model(self) -> None:
+        text = self.dataset in TEXT_DATASETS
+        if (self.model == "transformer-moe") != text:
+            wanted = "transformer-moe" if text else "cnn-moe"
+            raise ConfigError(
+                f"run-config key 'model' = {self.model!r} is invalid for dataset {self.dataset!r}; "
+                f"allowed: {wanted!r}"
+            )
+        if self.partitioner == "natural" and not text:
+            raise ConfigError(
+                f"run-config key 'partitioner' = 'natural' is invalid for dataset {self.dataset!r}; "
+                f"allowed: a text dataset ({', '.join(TEXT_DATASETS)})"
+            )
+        if self.dataset == "text" and not self.data_dir:
+            raise ConfigError(
+                "run-config key 'data-dir' = '' is invalid for dataset 'text'; allowed: a folder of "
+                "UTF-8 text files"
+            )
+        if self.model != "transformer-moe":
+            return
+        if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:
+            raise ConfigError(
+                f"run-config key 'd-model' = {self.d_model} is invalid with num-heads = {self.num_heads}; "
+                "allowed: a multiple of num-heads with an even head size (RoPE)"
+            )
+        for key, value in (
+            ("route-loss-weight", self.route_loss_weight),
+            ("gate-balance-rate", self.gate_balance_rate),
+        ):
+            if value > 0:
+                raise ConfigError(
+                    f"run-config key '{key}' = {value} is invalid for model 'transformer-moe'; allowed: 0"
+                )
+
     def _check_relations(self) -> None:
+        self._check_model()
         if self.top_k > self.num_experts:
             raise ConfigError(
                 f"run-config key 'top-k' = {self.top_k} is invalid; allowed: "

@@ -36,9 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..tensors import Arrays, experts_in, parse_expert_key
-
-GATE_KEYS = ("gate.weight", "gate.bias")
+from ..tensors import Arrays, experts_in, is_gate_key, parse_expert_key
 
 
 @dataclass
@@ -141,7 +139,7 @@ def aggregate(
                 if w > 0:
                     acc += w * u.arrays[key]
             out[key] = (acc / expert_total[e]).astype(old.dtype)
-        elif key in GATE_KEYS and not gate_from_all:
+        elif is_gate_key(key) and not gate_from_all:
             stacked = np.stack([u.arrays[key] for u in updates]).astype(np.float64)  # [C, E, ...]
             w = gate_tokens.reshape(gate_tokens.shape + (1,) * (old.ndim - 1))
             summed = (w * stacked).sum(axis=0)

@@ -21,9 +21,10 @@ from flwr.common.logger import log as flwr_log
 
 from ..capacity.probe import client_profile
 from ..config import RunConfig
-from ..data import DatasetInfo, Split, client_data
 from ..data.local import node_data
-from ..models import ModelSpec, build_model, load_arrays, model_costs, model_to_arrays
+from ..models import build_model, load_arrays, model_costs, model_spec, model_to_arrays
+from ..tensors import is_gate_key, parse_expert_key
+from ..text import client_split
 from ..training import evaluate, resolve_device, train
 from .faults import corrupt, corrupt_eval, corruption_for, eval_corruption_for, fault_for
 from .protocol import ARRAYS, CLIENT, CONFIG, METRICS, PROFILE, client_record, train_reply_content
@@ -79,8 +80,12 @@ def _announce(cid: str, path: str, n_train: int, n_test: int, labels: tuple[int,
     )
 
 
-def local_data(cfg: RunConfig, context: Context) -> tuple[Split, Split, DatasetInfo]:
-    """Return this client's ``(train, local test, dataset info)``."""
+def local_data(cfg: RunConfig, context: Context) -> tuple[Any, Any, Any]:
+    """Return this client's ``(train, local test, dataset info)`` (images or text windows).
+
+    A node whose node config names a ``data-path`` trains on its own folder; otherwise it
+    takes its partition of the run's dataset.
+    """
     path = context.node_config.get("data-path")
     if path:
         train_split, test_split, info = node_data(str(path), cfg.dataset, **cfg.node_data_kwargs())
@@ -88,7 +93,7 @@ def local_data(cfg: RunConfig, context: Context) -> tuple[Split, Split, DatasetI
         _announce(identity(context), str(path), len(train_split), len(test_split), labels)
         return train_split, test_split, info
     pid, num = partition(context)
-    return client_data(cfg.dataset, pid, num, **cfg.split_kwargs())
+    return client_split(cfg, pid, num)
 
 
 def handle_query(msg: Message, context: Context) -> RecordDict:
@@ -102,7 +107,7 @@ def handle_query(msg: Message, context: Context) -> RecordDict:
         device_mix=cfg.device_mix,
         seed=cfg.seed,
         batch_size=cfg.batch_size,
-        costs=model_costs(ModelSpec.from_config(cfg, info)),
+        costs=model_costs(model_spec(cfg, info)),
         node_config=context.node_config,
         device=device,
     )
@@ -112,9 +117,9 @@ def handle_query(msg: Message, context: Context) -> RecordDict:
     return RecordDict({CLIENT: client_record(cid), PROFILE: ConfigRecord(content)})
 
 
-def _sub_model(msg: Message, cfg: RunConfig, info: DatasetInfo):
+def _sub_model(msg: Message, cfg: RunConfig, info: Any):
     expert_ids = [int(e) for e in msg.content[CONFIG]["expert-ids"]]
-    model = build_model(ModelSpec.from_config(cfg, info), expert_ids)
+    model = build_model(model_spec(cfg, info), expert_ids)
     load_arrays(model, from_record(msg.content[ARRAYS]))
     return model
 
@@ -139,7 +144,7 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
         gate = from_record(context.state[LOCAL_GATE])
         load_arrays(model, {**model_to_arrays(model), **gate})
     frozen = bool(conf.get("frozen-experts", False))
-    model.experts.requires_grad_(not frozen)
+    model.set_experts_trainable(not frozen)
     knobs = cfg.train_kwargs() | {
         "epochs": int(conf.get("local-epochs", cfg.local_epochs)),  # the server's word wins
         "lr": float(conf.get("lr", cfg.lr)),
@@ -155,7 +160,7 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
     model.cpu()
     arrays = model_to_arrays(model)
     if cfg.gate_mode == "local":
-        context.state[LOCAL_GATE] = to_record({k: v for k, v in arrays.items() if k.startswith("gate.")})
+        context.state[LOCAL_GATE] = to_record({k: v for k, v in arrays.items() if is_gate_key(k)})
     metrics = {
         "num-examples": result.num_examples,
         "train-loss": result.loss,
@@ -166,7 +171,7 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
     }
     feedback = {"tokens": result.tokens, "expert-loss": result.expert_loss, "gate-hist": result.gate_hist}
     if frozen:  # read-only experts are not sent back
-        arrays = {k: v for k, v in arrays.items() if not k.startswith("experts.")}
+        arrays = {k: v for k, v in arrays.items() if parse_expert_key(k) is None}
     content = train_reply_content(to_record(arrays), metrics, feedback, cid)
     if fault == "corrupt":
         kind = corruption_for(cfg.seed, server_round, cid)

@@ -141,7 +141,13 @@ def parse_eval_reply(content: RecordDict, client_id: str | None, max_examples: i
 
 
 def parse_train_reply(
-    content: RecordDict, node_id: int, sent: Sent, num_experts: int, top_k: int, local_epochs: int
+    content: RecordDict,
+    node_id: int,
+    sent: Sent,
+    num_experts: int,
+    top_k: int,
+    local_epochs: int,
+    routes_per_example: int = 1,
 ) -> TrainReply:
     """Validate a train reply against what was sent; raise :class:`ReplyRejected`.
 
@@ -149,7 +155,8 @@ def parse_train_reply(
     shapes and dtypes and finite values; ``num-examples`` is a positive integer (not
     above ``sent.max_examples`` when known); feedback vectors have length E, are finite
     and non-negative; tokens are zero for experts not held and consistent with
-    ``num-examples × top-k × local-epochs``; the client id matches.
+    ``num-examples × routes-per-example × top-k × local-epochs`` (routes per example: 1 for
+    an image through one MoE layer, tokens × MoE layers for a sequence); the client id matches.
     """
     try:
         arrays_rec, metrics, fb = content[ARRAYS], content[METRICS], content[FEEDBACK]
@@ -197,8 +204,11 @@ def parse_train_reply(
     if (tokens[~held] > 0).any():
         raise ReplyRejected("feedback", "tokens reported for experts the client was not sent")
     k = min(top_k, len(sent.expert_ids))
-    bound = n * k * local_epochs * 1.0001
-    if tokens.sum() > bound or vectors["gate-hist"].sum() > n * top_k * local_epochs * 1.0001:
+    bound = n * routes_per_example * k * local_epochs * 1.0001
+    if (
+        tokens.sum() > bound
+        or vectors["gate-hist"].sum() > n * routes_per_example * top_k * local_epochs * 1.0001
+    ):
         raise ReplyRejected("feedback", f"token counts exceed num-examples x top-k x epochs ({bound:.0f})")
 
     extra = {}

@@ -36,7 +36,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from ..alignment import AlignmentState
 from ..capacity import ema_update
 from ..config import RunConfig
-from ..models import ModelSpec, model_costs
+from ..models import AnySpec, model_costs
 from ..tensors import Arrays, select
 from .aggregation import aggregate, balance_gate_bias
 from .discovery import Discovery
@@ -70,14 +70,14 @@ class FedMoE(Strategy):
     ----------
     cfg : RunConfig
         Validated run config (policy, capacity, sampling, alignment knobs).
-    spec : ModelSpec
-        Model shape (number of experts, top-k, sizes).
+    spec : AnySpec
+        Model shape (number of experts, top-k, sizes) of the run's model.
     initial_arrays : Arrays
         Initial global model, global tensor names (see :mod:`fedmoe_app.tensors`).
 
     """
 
-    def __init__(self, cfg: RunConfig, spec: ModelSpec, initial_arrays: Arrays) -> None:
+    def __init__(self, cfg: RunConfig, spec: AnySpec, initial_arrays: Arrays) -> None:
         self.cfg = cfg
         self.spec = spec
         self.num_experts = spec.num_experts
@@ -237,7 +237,13 @@ class FedMoE(Strategy):
                 if msg.has_content() and ARRAYS in msg.content:
                     bytes_up += wire_nbytes(msg.content[ARRAYS])
                 reply = parse_train_reply(
-                    msg.content, node, node_sent, self.num_experts, self.spec.top_k, self.cfg.local_epochs
+                    msg.content,
+                    node,
+                    node_sent,
+                    self.num_experts,
+                    self.spec.top_k,
+                    self.cfg.local_epochs,
+                    self.spec.routes_per_example,
                 )
             except ReplyRejected as exc:
                 rejected[exc.reason] += 1
