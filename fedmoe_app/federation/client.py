@@ -12,6 +12,7 @@ import time
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from ..capacity.probe import client_profile
@@ -20,6 +21,7 @@ from ..data import DatasetInfo, Split, client_data
 from ..models import ModelSpec, build_model, load_arrays, model_costs, model_to_arrays
 from ..training import evaluate, resolve_device, train
 from .faults import corrupt, corruption_for, fault_for
+from .privacy import privatize
 from .protocol import ARRAYS, CLIENT, CONFIG, METRICS, PROFILE, client_record, train_reply_content
 from .records import from_record, to_record
 
@@ -133,6 +135,14 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
     feedback = {"tokens": result.tokens, "expert-loss": result.expert_loss, "gate-hist": result.gate_hist}
     if frozen:  # read-only experts are not sent back
         arrays = {k: v for k, v in arrays.items() if not k.startswith("experts.")}
+    if cfg.dp == "local":  # clip and noise the update before it leaves (privacy.py)
+        arrays = privatize(
+            from_record(msg.content[ARRAYS]),
+            arrays,
+            clip_norm=cfg.dp_clip_norm,
+            noise_multiplier=cfg.dp_noise_multiplier,
+            rng=np.random.default_rng(),
+        )
     content = train_reply_content(to_record(arrays), metrics, feedback, cid)
     if fault == "corrupt":
         kind = corruption_for(cfg.seed, server_round, cid)

@@ -41,6 +41,7 @@ from .aggregation import aggregate
 from .discovery import Discovery
 from .loop import EvaluateFn, RoundCallback, adopt_initial_arrays, check_same_tensors, run_rounds
 from .planner import Planner
+from .private_round import PrivateAggregation
 from .protocol import (
     ARRAYS,
     CONFIG,
@@ -82,6 +83,8 @@ class FedMoE(Strategy):
         self.last_experts: dict[str, list[int]] = {}  # client id -> experts last trained
         self.failures_total = 0
         self._pending: TrainRound | None = None  # sent by configure_train, awaiting replies
+        self.population = 0  # clients known when nodes were last sampled (the DP accountant's K)
+        self.privacy = PrivateAggregation(cfg, spec.num_experts) if cfg.dp != "off" else None
 
     @property
     def profiles(self) -> dict[str, dict[str, Any]]:
@@ -271,26 +274,33 @@ class FedMoE(Strategy):
             train_loss=sum(r.loss * r.update.num_examples for r in valid) / n if n else math.nan,
             dropped_updates=bounded.dropped if bounded else 0,
             capped_weights=bounded.capped if bounded else 0,
+            privacy=self.privacy.report() if self.privacy is not None else None,
         )
 
     def _apply(self, valid: list[TrainReply]) -> Bounded:
         """Bound the valid replies, fold them into the model, alignment state and profiles."""
-        bounded = bound_updates(
-            self.global_arrays,
-            [r.update for r in valid],
-            bound=self.cfg.update_bound,
-            weight_cap=self.cfg.weight_cap,
-        )
+        if self.privacy is not None:  # DP: clipping bounds every update (privacy.py)
+            bounded = Bounded([r.update for r in valid], list(range(len(valid))), 0, 0)
+        else:
+            bounded = bound_updates(
+                self.global_arrays,
+                [r.update for r in valid],
+                bound=self.cfg.update_bound,
+                weight_cap=self.cfg.weight_cap,
+            )
         kept = [valid[i] for i in bounded.kept]
         if not kept:
             return bounded
-        self.global_arrays = aggregate(
-            self.global_arrays,
-            bounded.updates,
-            gate_from_all=self.cfg.route_loss_weight > 0,
-            method=self.cfg.aggregation,
-            trim_fraction=self.cfg.trim_fraction,
-        )
+        if self.privacy is not None:
+            self.global_arrays = self.privacy.apply(self.global_arrays, kept, self.population)
+        else:
+            self.global_arrays = aggregate(
+                self.global_arrays,
+                bounded.updates,
+                gate_from_all=self.cfg.route_loss_weight > 0,
+                method=self.cfg.aggregation,
+                trim_fraction=self.cfg.trim_fraction,
+            )
         held = np.zeros((len(kept), self.num_experts), dtype=bool)
         for i, r in enumerate(kept):
             held[i, r.expert_ids] = True
@@ -420,6 +430,7 @@ class FedMoE(Strategy):
         (a resumed run). Returns the sampled nodes and the number of failed queries.
         """
         nodes, failed = self.nodes.known_nodes(grid, minimum, server_round)
+        self.population = len(nodes)
         if not nodes:
             return [], failed
         size = min(len(nodes), max(int(len(nodes) * fraction), minimum))
@@ -434,6 +445,7 @@ class FedMoE(Strategy):
             "profiles": self.profiles,
             "last_experts": self.last_experts,
             "failures_total": self.failures_total,
+            **({"accountant": self.privacy.accountant.state_dict()} if self.privacy is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -443,6 +455,8 @@ class FedMoE(Strategy):
         self.nodes.profiles = state["profiles"]
         self.last_experts = {k: list(v) for k, v in state["last_experts"].items()}
         self.failures_total = int(state["failures_total"])
+        if self.privacy is not None and "accountant" in state:
+            self.privacy.accountant.load_state_dict(state["accountant"])
 
     def load(self, arrays: Arrays, state: dict[str, Any]) -> None:
         """Restore the global model and :meth:`state_dict` from a checkpoint's contents."""
