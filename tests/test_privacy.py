@@ -123,6 +123,18 @@ def test_noise_has_the_configured_std_per_group():
         assert noise.std() == pytest.approx(z * clip / n, rel=0.03), key
 
 
+def test_an_expert_left_with_fewer_replies_than_the_minimum_is_not_released():
+    glob = {"stem.w": np.zeros(10), "experts.0.w1": np.full(10, 3.0), "experts.1.w1": np.zeros(10)}
+    replies = [{"stem.w": np.ones(10), "experts.0.w1": np.full(10, 4.0)}, {"stem.w": np.ones(10)}]
+    replies[1]["experts.1.w1"] = np.ones(10)
+    replies.append({"stem.w": np.ones(10), "experts.1.w1": np.ones(10)})
+    rng = np.random.default_rng(0)
+    res = private_mean(glob, replies, 2, clip_norm=None, noise_std=0.0, rng=rng, min_trainers=2)
+    assert np.array_equal(res.arrays["experts.0.w1"], glob["experts.0.w1"])  # one reply: kept
+    assert res.expert_trainers.tolist() == [0, 2]
+    assert np.allclose(res.arrays["experts.1.w1"], 1.0)
+
+
 def test_groups_without_trainers_keep_their_values_and_no_noise():
     glob = {"stem.w": np.ones(10), "experts.0.w1": np.full(10, 3.0)}
     res = private_mean(

@@ -108,6 +108,7 @@ def private_mean(
     clip_norm: float | None,
     noise_std: float,
     rng: np.random.Generator,
+    min_trainers: int = 1,
 ) -> PrivateMean:
     """Per-group unweighted mean of (clipped) deltas plus noise of std ``noise_std / n_g``.
 
@@ -126,6 +127,9 @@ def private_mean(
         ``z · C``, the noise std on a group's *sum* (0: no noise, local DP).
     rng : np.random.Generator
         Noise source.
+    min_trainers : int
+        An expert returned by fewer replies (planned to more, some replies lost or rejected)
+        keeps its value and counts 0 trainers: it is not released this round.
 
     Returns
     -------
@@ -149,6 +153,8 @@ def private_mean(
         n = len(held)
         group = group_of(key)
         if group != SHARED:
+            if n < min_trainers:
+                continue
             trainers[group] = n
         mean = np.mean(np.stack(held), axis=0)
         if noise_std > 0:

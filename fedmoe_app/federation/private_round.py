@@ -29,7 +29,7 @@ class PrivateAggregation:
     def __init__(self, cfg: RunConfig, num_experts: int) -> None:
         self.central = cfg.dp == "central"
         self.clip_norm, self.noise_multiplier = cfg.dp_clip_norm, cfg.dp_noise_multiplier
-        self.num_experts = num_experts
+        self.num_experts, self.min_trainers = num_experts, cfg.dp_min_trainers
         self.accountant = GroupAccountant(num_experts, cfg.dp, cfg.dp_noise_multiplier, cfg.dp_delta)
         self.rng = np.random.default_rng()  # never the run's seed (privacy.py)
         self.last: dict[str, Any] | None = None
@@ -45,11 +45,13 @@ class PrivateAggregation:
             clip_norm=self.clip_norm if self.central else None,
             noise_std=self.noise_multiplier * self.clip_norm if self.central else 0.0,
             rng=self.rng,
+            min_trainers=self.min_trainers,
         )
         trainers: dict[int, list[str]] = {-1: [r.client_id for r in kept]}
         for r in kept:
             for e in experts_in(r.update.arrays):
-                trainers.setdefault(e, []).append(r.client_id)
+                if res.expert_trainers[e] > 0:  # released this round
+                    trainers.setdefault(e, []).append(r.client_id)
         self.accountant.step(trainers, population)
         self.last = {"shared": res.shared_trainers, "experts": res.expert_trainers, "clipped": res.clipped}
         return res.arrays
