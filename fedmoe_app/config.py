@@ -33,6 +33,7 @@ GATE_MODES = ("global", "local")
 GATE_AGGREGATIONS = ("auto", "rows", "all")
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
 DEVICES = ("auto", "cpu", "cuda")
+DP_MODES = ("off", "central", "local")
 
 
 class ConfigError(ValueError):
@@ -153,6 +154,18 @@ class RunConfig:
     )
     aggregation: str = _opt("mean", _choice(*AGGREGATIONS), "per-group combination of the trainers' updates")
     trim_fraction: float = _opt(0.1, _range(0.0, 0.49), "share cut at each end under trimmed-mean")
+    # Privacy (docs/PRIVACY.md)
+    dp: str = _opt(
+        "off", _choice(*DP_MODES), "differential privacy: server adds the noise (central) or each client"
+    )
+    dp_clip_norm: float = _opt(
+        1.0, _range(0.0, lo_open=True), "DP: bound on a client's update norm (shared + its experts)"
+    )
+    dp_noise_multiplier: float = _opt(1.0, _range(0.0), "DP: Gaussian noise std as a multiple of clip norm")
+    dp_delta: float = _opt(1e-5, (lambda v: 0.0 < v < 1.0, "> 0 and < 1"), "DP: delta of reported epsilon")
+    dp_min_trainers: int = _opt(
+        2, _range(1), "DP: an expert is planned only to rounds with at least this many trainers"
+    )
     fault_drop_prob: float = _opt(0.0, _range(0.0, 1.0), "simulation: client raises")
     fault_slow_prob: float = _opt(0.0, _range(0.0, 1.0), "simulation: client stalls past timeout")
     fault_corrupt_prob: float = _opt(0.0, _range(0.0, 1.0), "simulation: client sends garbage")
@@ -283,6 +296,18 @@ class RunConfig:
             parse_device_mix(self.device_mix)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        if self.dp != "off":
+            for key, bad, allowed in (
+                (
+                    "aggregation",
+                    self.aggregation != "mean",
+                    "'mean' when dp is on (DP averages clipped deltas)",
+                ),
+                ("update-bound", self.update_bound > 0, "0 when dp is on (clipping bounds every update)"),
+            ):
+                if bad:
+                    value = getattr(self, key.replace("-", "_"))
+                    raise ConfigError(f"run-config key '{key}' = {value!r} is invalid; allowed: {allowed}")
         total = self.fault_drop_prob + self.fault_slow_prob + self.fault_corrupt_prob
         if total > 1.0:
             raise ConfigError(

@@ -16,6 +16,7 @@ from functools import lru_cache
 from logging import INFO
 from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.logger import log as flwr_log
 
@@ -27,6 +28,7 @@ from ..tensors import is_gate_key, parse_expert_key
 from ..text import client_split
 from ..training import evaluate, resolve_device, train
 from .faults import corrupt, corrupt_eval, corruption_for, eval_corruption_for, fault_for
+from .privacy import privatize
 from .protocol import ARRAYS, CLIENT, CONFIG, METRICS, PROFILE, client_record, train_reply_content
 from .records import from_record, to_record
 
@@ -172,6 +174,14 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
     feedback = {"tokens": result.tokens, "expert-loss": result.expert_loss, "gate-hist": result.gate_hist}
     if frozen:  # read-only experts are not sent back
         arrays = {k: v for k, v in arrays.items() if parse_expert_key(k) is None}
+    if cfg.dp == "local":  # clip and noise the update before it leaves (privacy.py)
+        arrays = privatize(
+            from_record(msg.content[ARRAYS]),
+            arrays,
+            clip_norm=cfg.dp_clip_norm,
+            noise_multiplier=cfg.dp_noise_multiplier,
+            rng=np.random.default_rng(),
+        )
     content = train_reply_content(to_record(arrays), metrics, feedback, cid)
     if fault == "corrupt":
         kind = corruption_for(cfg.seed, server_round, cid)

@@ -43,6 +43,7 @@ class TrainOutcome:
     train_loss: float  # example-weighted mean; NaN without valid replies
     dropped_updates: int = 0  # (client, group) updates left out for their size (robust.py)
     capped_weights: int = 0  # clients whose example count was capped
+    privacy: dict[str, Any] | None = None  # dp_* metrics (accounting.py); None with dp = "off"
 
     def metric_record(self) -> MetricRecord:
         """Return the outcome as Flower's ``train_metrics_clientapp`` record."""
@@ -156,6 +157,8 @@ def round_row(
         "capped_weights": outcome.capped_weights,
         "train_loss": outcome.train_loss,
     }
+    if outcome.privacy is not None:
+        row.update(outcome.privacy)
     if client_eval is not None:
         row["eval_rejected"] = client_eval.rejected
     if client_eval is not None and client_eval.by_client:
@@ -188,3 +191,15 @@ def log_round(row: dict[str, Any]) -> None:
         row.get("failures", 0),
         row.get("rejected") or {},
     )
+    if "dp_epsilon_shared" in row:
+        log(
+            INFO,
+            "[ROUND %d] DP epsilon (delta %s): shared %.3g, experts max %.3g %s | trainers %s | clipped %d",
+            row["round"],
+            row.get("dp_delta"),
+            row["dp_epsilon_shared"],
+            row["dp_epsilon_max_expert"],
+            [round(e, 3) for e in row["dp_epsilon_experts"]],
+            row["dp_trainers_experts"],
+            row.get("dp_clipped", 0),
+        )
