@@ -74,9 +74,14 @@ def check_run_folder(out: Path, cfg: RunConfig) -> dict | None:
 
 
 def config_changes(saved: dict, cfg: RunConfig) -> dict[str, tuple]:
-    """Run-config keys whose value differs from the checkpoint's (resumable keys left out)."""
-    now = cfg.to_dict()
-    return {k: (saved.get(k), now[k]) for k in now if k not in RESUMABLE_KEYS and saved.get(k) != now[k]}
+    """Run-config keys whose value differs from the checkpoint's (resumable keys left out).
+
+    A key the checkpoint does not know (added to the app after the run started) counts as
+    unchanged while it keeps its default: the run behaves as it did.
+    """
+    now, default = cfg.to_dict(), RunConfig().to_dict()
+    was = {k: saved.get(k, default[k]) for k in now}
+    return {k: (saved.get(k), now[k]) for k in now if k not in RESUMABLE_KEYS and was[k] != now[k]}
 
 
 def text_metrics(loss: float, acc: float, per_group: np.ndarray, names: tuple[str, ...]) -> dict[str, float]:
