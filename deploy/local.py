@@ -58,6 +58,7 @@ ACTIVATED = "SuperNode ID:"
 #: Log line of a SuperNode whose key the SuperLink refused.
 ACTIVATION_FAILED = "Failed to activate SuperNode"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_PATH = re.compile(r"^[A-Za-z0-9_./-]+$")
 _PROBE = (
     "import ssl,sys,urllib.request\n"
     "ctx=ssl.create_default_context(cafile=sys.argv[2]) if sys.argv[2] else None\n"
@@ -70,24 +71,30 @@ _PROBE = (
 
 
 def node_config(
-    partition_id: int,
-    num_partitions: int,
+    partition_id: int | None,
+    num_partitions: int | None,
     *,
     client_id: str | None = None,
     device_class: str | None = None,
+    data_path: str | Path | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> str:
     """Build the ``--node-config`` string of a fedmoe SuperNode.
 
     Parameters
     ----------
-    partition_id, num_partitions : int
-        Which data partition this node trains on, out of how many.
+    partition_id, num_partitions : int | None
+        Which data partition this node trains on, out of how many; ``None`` (both) for a
+        node with its own ``data_path``.
     client_id : str | None
-        Stable client id the server keys alignment state on (default: the partition id).
+        Stable client id the server keys alignment state on (default: the partition id;
+        required with ``data_path``).
     device_class : str | None
         Emulated device class reported in the capacity profile (``tiny``, ``phone``,
         ``laptop``, ``edge`` or ``measured``); ``None`` measures the machine.
+    data_path : str | Path | None
+        The node's own data folder (node config ``data-path``; see
+        ``fedmoe_app/data/local.py`` for the formats), used instead of a partition.
     extra : Mapping[str, Any] | None
         Further ``key=value`` pairs.
 
@@ -97,17 +104,25 @@ def node_config(
         E.g. ``partition-id=0 num-partitions=3 client-id="site-0" device-class="phone"``.
 
     """
-    if not 0 <= partition_id < num_partitions:
-        raise ValueError(f"partition-id {partition_id} not in [0, {num_partitions})")
-    items: dict[str, Any] = {"partition-id": partition_id, "num-partitions": num_partitions}
+    items: dict[str, Any] = {}
+    if partition_id is not None or num_partitions is not None or data_path is None:
+        if partition_id is None or num_partitions is None or not 0 <= partition_id < num_partitions:
+            raise ValueError(f"partition-id {partition_id} not in [0, {num_partitions})")
+        items = {"partition-id": partition_id, "num-partitions": num_partitions}
+    if data_path is not None and client_id is None:
+        raise ValueError("a node with a data-path needs a client-id")
     if client_id is not None:
         items["client-id"] = str(client_id)
     if device_class is not None:
         items["device-class"] = str(device_class)
+    if data_path is not None:
+        items["data-path"] = str(Path(data_path).resolve())
     items.update(extra or {})
     for key, value in items.items():
-        if isinstance(value, str) and not _NAME.match(value):
-            raise ValueError(f"node-config {key}={value!r}: use letters, digits, '_', '.', '-' only")
+        pattern = _PATH if key == "data-path" else _NAME
+        if isinstance(value, str) and not pattern.match(value):
+            allowed = "letters, digits, '_', '.', '-'" + (", '/'" if key == "data-path" else "")
+            raise ValueError(f"node-config {key}={value!r}: use {allowed} only")
     return " ".join(f"{k}={toml_value(v)}" for k, v in items.items())
 
 
@@ -454,11 +469,12 @@ class Deployment:
 
     def start_supernode(
         self,
-        partition_id: int,
-        num_partitions: int,
+        partition_id: int | None,
+        num_partitions: int | None,
         *,
         client_id: str | None = None,
         device_class: str | None = None,
+        data_path: str | Path | None = None,
         name: str | None = None,
         register: bool = True,
         key: Path | None = None,
@@ -470,10 +486,11 @@ class Deployment:
 
         Parameters
         ----------
-        partition_id, num_partitions, client_id, device_class
+        partition_id, num_partitions, client_id, device_class, data_path
             The node config (see :func:`node_config`).
         name : str | None
-            Label for its ``FLWR_HOME``, log and key files (default ``node-<partition>``).
+            Label for its ``FLWR_HOME``, log and key files (default ``node-<partition>``,
+            or ``node-<client-id>`` for a node with its own ``data_path``).
         register : bool
             With authentication, register the node's public key first; ``False`` starts a
             node the SuperLink does not know (it is refused).
@@ -492,8 +509,10 @@ class Deployment:
             The process, its log and (with auth) its key and registered node id.
 
         """
-        name = name or f"node-{partition_id}"
-        config = node_config(partition_id, num_partitions, client_id=client_id, device_class=device_class)
+        name = name or f"node-{partition_id if partition_id is not None else client_id}"
+        config = node_config(
+            partition_id, num_partitions, client_id=client_id, device_class=device_class, data_path=data_path
+        )
         node_id = None
         if self.auth:
             if key is None:
@@ -640,6 +659,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="device-class per SuperNode, cycled (comma-separated; '' to measure the machine)",
     )
     parser.add_argument("--client-id-prefix", default="site-", help="client-id = PREFIX<partition-id>")
+    parser.add_argument(
+        "--data-paths",
+        default="",
+        help="comma-separated data folders, one SuperNode each (node config data-path, client-id = "
+        "folder name; replaces --supernodes and partitions)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="SuperLink bind address")
     parser.add_argument("--port", type=int, default=None, help="SuperLink port (default: a free one)")
     parser.add_argument("--workdir", default=None, help="certs, FLWR_HOMEs and logs (default: temporary)")
@@ -669,12 +694,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         with dep:
             dep.start_superlink()
             print(f"fedmoe: SuperLink ({args.mode}) at {dep.link_address}; workdir {dep.workdir}", flush=True)
-            for i in range(args.supernodes):
+            paths = [Path(p) for p in args.data_paths.split(",") if p]
+            for i in range(len(paths) or args.supernodes):
                 h = dep.start_supernode(
-                    i,
-                    args.supernodes,
-                    client_id=f"{args.client_id_prefix}{i}",
+                    None if paths else i,
+                    None if paths else args.supernodes,
+                    client_id=paths[i].name if paths else f"{args.client_id_prefix}{i}",
                     device_class=classes[i % len(classes)] if classes else None,
+                    data_path=paths[i] if paths else None,
                 )
                 print(f"fedmoe: SuperNode {h.name}: {h.node_config}", flush=True)
             dep.wait_activated()

@@ -22,13 +22,18 @@ from typing import Any
 from .alignment import POLICIES
 from .capacity import parse_device_mix
 
-DATASETS = ("fashion-mnist", "cifar10", "synthetic")
-PARTITIONERS = ("dirichlet", "pathological", "iid")
+IMAGE_DATASETS = ("fashion-mnist", "cifar10", "synthetic")
+TEXT_DATASETS = ("fortunes", "text")
+DATASETS = IMAGE_DATASETS + TEXT_DATASETS
+PARTITIONERS = ("dirichlet", "pathological", "iid", "natural")
+MODELS = ("cnn-moe", "transformer-moe")
 CAPACITY_MODES = ("profiled", "fixed")
 UNDER_CAPACITY = ("shared-only", "skip")
 GATE_MODES = ("global", "local")
+GATE_AGGREGATIONS = ("auto", "rows", "all")
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
 DEVICES = ("auto", "cpu", "cuda")
+DP_MODES = ("off", "central", "local")
 
 
 class ConfigError(ValueError):
@@ -74,22 +79,45 @@ class RunConfig:
         _range(0.0),
         "weight of -log P(held experts) under the full gate; > 0: every client trains the gate",
     )
+    gate_aggregation: str = _opt(
+        "auto",
+        _choice(*GATE_AGGREGATIONS),
+        "gate rows over their experts' holders, or over all replies; auto: all with a route loss",
+    )
+    gate_balance_rate: float = _opt(
+        0.0,
+        _range(0.0),
+        "server step on the gate's bias per round towards equal top-k load of the unmasked gate",
+    )
     seed: int = _opt(0, _range(0), "seed of data split, init, sampling and planning")
     # Data
-    dataset: str = _opt("fashion-mnist", _choice(*DATASETS), "image dataset (synthetic: small, for tests)")
+    dataset: str = _opt(
+        "fashion-mnist",
+        _choice(*DATASETS),
+        "images (synthetic: small, for tests) or byte-level text (fortunes; text: files in data-dir)",
+    )
     data_dir: str = _opt("", None, "dataset folder; empty: FEDMOE_DATA_DIR or system paths")
-    partitioner: str = _opt("dirichlet", _choice(*PARTITIONERS), "how data is split across clients")
+    partitioner: str = _opt(
+        "dirichlet",
+        _choice(*PARTITIONERS),
+        "how data is split across clients (natural: text by language/file)",
+    )
     dirichlet_alpha: float = _opt(0.1, _range(0.0, lo_open=True), "label skew (smaller: more non-IID)")
     shards_per_client: int = _opt(2, _range(1), "classes per client (pathological)")
     local_test_fraction: float = _opt(0.2, _range(0.0, 0.9), "share of a partition for local test")
     max_samples_per_client: int = _opt(0, _range(0), "cap on local train samples; 0: all")
     central_eval_samples: int = _opt(0, _range(0), "cap on server test samples; 0: all")
     # Model
+    model: str = _opt("cnn-moe", _choice(*MODELS), "cnn-moe for images, transformer-moe for text")
     num_experts: int = _opt(8, _range(1, 1024), "experts E in the model")
     top_k: int = _opt(2, _range(1), "experts each sample is routed to")
     stem_channels: int = _opt(16, _range(1), "channels of the shared conv stem")
     feature_dim: int = _opt(64, _range(1), "feature size fed to gate and experts")
     expert_hidden: int = _opt(256, _range(1), "hidden width of each expert MLP")
+    num_layers: int = _opt(2, _range(1, 64), "transformer-moe: blocks, each with an MoE feed-forward")
+    d_model: int = _opt(64, _range(2), "transformer-moe: model width")
+    num_heads: int = _opt(4, _range(1), "transformer-moe: attention heads (d-model / heads even)")
+    context_length: int = _opt(64, _range(2, 8192), "transformer-moe: bytes per training sequence")
     gate_mode: str = _opt("global", _choice(*GATE_MODES), "aggregated gate, or each client keeps its own")
     # Alignment
     policy: str = _opt("load_balanced", _choice(*POLICIES), "client-expert assignment policy")
@@ -126,6 +154,18 @@ class RunConfig:
     )
     aggregation: str = _opt("mean", _choice(*AGGREGATIONS), "per-group combination of the trainers' updates")
     trim_fraction: float = _opt(0.1, _range(0.0, 0.49), "share cut at each end under trimmed-mean")
+    # Privacy (docs/PRIVACY.md)
+    dp: str = _opt(
+        "off", _choice(*DP_MODES), "differential privacy: server adds the noise (central) or each client"
+    )
+    dp_clip_norm: float = _opt(
+        1.0, _range(0.0, lo_open=True), "DP: bound on a client's update norm (shared + its experts)"
+    )
+    dp_noise_multiplier: float = _opt(1.0, _range(0.0), "DP: Gaussian noise std as a multiple of clip norm")
+    dp_delta: float = _opt(1e-5, (lambda v: 0.0 < v < 1.0, "> 0 and < 1"), "DP: delta of reported epsilon")
+    dp_min_trainers: int = _opt(
+        2, _range(1), "DP: an expert is planned only to rounds with at least this many trainers"
+    )
     fault_drop_prob: float = _opt(0.0, _range(0.0, 1.0), "simulation: client raises")
     fault_slow_prob: float = _opt(0.0, _range(0.0, 1.0), "simulation: client stalls past timeout")
     fault_corrupt_prob: float = _opt(0.0, _range(0.0, 1.0), "simulation: client sends garbage")
@@ -174,6 +214,13 @@ class RunConfig:
         pairs = (item.partition("=") for item in spec.split())
         return {arg: getattr(self, field or arg) for arg, _, field in pairs}
 
+    @property
+    def gate_from_all(self) -> bool:
+        """Whether the gate is averaged over all replies (``gate-aggregation``, resolved)."""
+        if self.gate_aggregation == "auto":
+            return self.route_loss_weight > 0
+        return self.gate_aggregation == "all"
+
     def alignment_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`~fedmoe_app.alignment.AlignmentState` (all but ``E``)."""
         return self._args(
@@ -195,7 +242,46 @@ class RunConfig:
             "max_samples=max_samples_per_client data_dir seed"
         )
 
+    def node_data_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``fedmoe_app.data.local.node_data``: how a node's own folder is split."""
+        return self._args("test_fraction=local_test_fraction max_samples=max_samples_per_client seed")
+
+    def _check_model(self) -> None:
+        text = self.dataset in TEXT_DATASETS
+        if (self.model == "transformer-moe") != text:
+            wanted = "transformer-moe" if text else "cnn-moe"
+            raise ConfigError(
+                f"run-config key 'model' = {self.model!r} is invalid for dataset {self.dataset!r}; "
+                f"allowed: {wanted!r}"
+            )
+        if self.partitioner == "natural" and not text:
+            raise ConfigError(
+                f"run-config key 'partitioner' = 'natural' is invalid for dataset {self.dataset!r}; "
+                f"allowed: a text dataset ({', '.join(TEXT_DATASETS)})"
+            )
+        if self.dataset == "text" and not self.data_dir:
+            raise ConfigError(
+                "run-config key 'data-dir' = '' is invalid for dataset 'text'; allowed: a folder of "
+                "UTF-8 text files"
+            )
+        if self.model != "transformer-moe":
+            return
+        if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:
+            raise ConfigError(
+                f"run-config key 'd-model' = {self.d_model} is invalid with num-heads = {self.num_heads}; "
+                "allowed: a multiple of num-heads with an even head size (RoPE)"
+            )
+        for key, value in (
+            ("route-loss-weight", self.route_loss_weight),
+            ("gate-balance-rate", self.gate_balance_rate),
+        ):
+            if value > 0:
+                raise ConfigError(
+                    f"run-config key '{key}' = {value} is invalid for model 'transformer-moe'; allowed: 0"
+                )
+
     def _check_relations(self) -> None:
+        self._check_model()
         if self.top_k > self.num_experts:
             raise ConfigError(
                 f"run-config key 'top-k' = {self.top_k} is invalid; allowed: "
@@ -210,6 +296,18 @@ class RunConfig:
             parse_device_mix(self.device_mix)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        if self.dp != "off":
+            for key, bad, allowed in (
+                (
+                    "aggregation",
+                    self.aggregation != "mean",
+                    "'mean' when dp is on (DP averages clipped deltas)",
+                ),
+                ("update-bound", self.update_bound > 0, "0 when dp is on (clipping bounds every update)"),
+            ):
+                if bad:
+                    value = getattr(self, key.replace("-", "_"))
+                    raise ConfigError(f"run-config key '{key}' = {value!r} is invalid; allowed: {allowed}")
         total = self.fault_drop_prob + self.fault_slow_prob + self.fault_corrupt_prob
         if total > 1.0:
             raise ConfigError(

@@ -2,8 +2,13 @@
 
 Weights travel as a flat ``dict[str, np.ndarray]`` with *global* names: shared tensors keep
 their module names (``stem.0.weight``, ``gate.weight``, ...) and every expert tensor is
-named ``experts.<global id>.<w1|b1|w2|b2>``. A message holds the shared part plus exactly
-the experts it names. Pure numpy: aggregation, capacity planning and checkpoints use these
+named ``experts.<global id>.<name>``: ``experts.3.w1`` for the CNN MoE's one MoE layer,
+``experts.3.blocks.1.moe.w1`` for expert 3 of block 1 of a transformer MoE. Expert ``e`` of
+every MoE layer travels together as "expert ``e``" (layers are tied), so slicing, wire bytes,
+aggregation and the alignment work per expert id for any model. A message holds the shared
+part plus exactly the experts it names. Router ("gate") tensors are the shared tensors named
+``gate.*`` or ``*.gate.*``; their first axis has one row per global expert
+(:func:`is_gate_key`). Pure numpy: aggregation, capacity planning and checkpoints use these
 names without torch or Flower; ``fedmoe_app.models.arrays`` maps a torch model onto them.
 """
 
@@ -14,8 +19,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-EXPERT_PARAMS = ("w1", "b1", "w2", "b2")
-_EXPERT_KEY = re.compile(r"^experts\.(\d+)\.(w1|b1|w2|b2)$")
+_EXPERT_KEY = re.compile(r"^experts\.(\d+)\.(.+)$")
 
 Arrays = dict[str, np.ndarray]
 
@@ -29,6 +33,11 @@ def parse_expert_key(key: str) -> tuple[int, str] | None:
     """Return ``(expert id, tensor name)`` for an expert key, ``None`` for shared keys."""
     m = _EXPERT_KEY.match(key)
     return (int(m.group(1)), m.group(2)) if m else None
+
+
+def is_gate_key(key: str) -> bool:
+    """Whether ``key`` names a router tensor (``gate.*`` or ``*.gate.*``, one row per expert)."""
+    return parse_expert_key(key) is None and (key.startswith("gate.") or ".gate." in key)
 
 
 def shared_keys(arrays: Mapping[str, np.ndarray]) -> list[str]:

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from .capacity.probe import usable_cpus
 from .data import Split
-from .models import MoEClassifier
+from .models import MoEModel
+from .text import TextSplit
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def memory_format(device: torch.device) -> torch.memory_format:
-    """Memory format for the conv stem: ``channels_last`` on CPU (measured faster), else NCHW."""
-    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+def _inputs_targets(data: Split | TextSplit, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return inputs and targets on ``device``: images and labels, or bytes ``[:, :-1]`` and ``[:, 1:]``."""
+    if isinstance(data, TextSplit):
+        tokens = data.tokens.to(device)
+        return tokens[:, :-1], tokens[:, 1:]
+    return data.images.to(device), data.labels.to(device)
 
 
 def make_sgd(params: Iterable[torch.nn.Parameter], *, lr: float, momentum: float) -> torch.optim.SGD:
@@ -110,8 +114,8 @@ def peak_rss_bytes() -> int:
 
 
 def train(
-    model: MoEClassifier,
-    data: Split,
+    model: MoEModel,
+    data: Split | TextSplit,
     *,
     epochs: int,
     batch_size: int,
@@ -131,19 +135,19 @@ def train(
     """
     device = torch.device(device)
     configure_threads()
-    fmt = memory_format(device)
+    fmt = model.memory_format(device)
     model.to(device=device, memory_format=fmt).train()
     model.route_loss_on = route_weight > 0
     num_e = model.spec.num_experts
     opt = make_sgd((p for p in model.parameters() if p.requires_grad), lr=lr, momentum=momentum)
     gen = torch.Generator().manual_seed(seed)
-    x_all, y_all = data.images.to(device), data.labels.to(device)
+    x_all, y_all = _inputs_targets(data, device)
     tokens = torch.zeros(num_e, device=device)
     loss_sum = torch.zeros(num_e, device=device)
     hist = torch.zeros(num_e, device=device)
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
-    seen = 0
+    seen = targets = 0
     start = time.perf_counter()
     limit = epochs * len(y_all) if max_samples is None else min(max_samples, epochs * len(y_all))
     for _ in range(epochs):
@@ -155,7 +159,7 @@ def train(
             x = x_all.index_select(0, idx).contiguous(memory_format=fmt)
             y = y_all.index_select(0, idx)
             out = model(x, y)
-            loss = F.cross_entropy(out.logits, y)
+            loss = model.task_loss(out.logits, y)
             opt.zero_grad(set_to_none=True)
             (loss + aux_weight * out.aux_loss + route_weight * out.route_loss).backward()
             opt.step()
@@ -164,8 +168,9 @@ def train(
                 loss_sum += out.expert_loss_sum
                 hist += out.gate_hist
                 total_loss += loss.detach() * len(y)
-                correct += (out.logits.argmax(1) == y).sum()
+                correct += model.correct(out.logits, y)
             seen += len(y)
+            targets += y.numel()
     mean_total = float(total_loss) / max(seen, 1)  # the one sync of the loop
     elapsed = time.perf_counter() - start
     if fmt != torch.contiguous_format:
@@ -175,7 +180,7 @@ def train(
     return TrainResult(
         num_examples=len(y_all),
         loss=mean_total,
-        accuracy=int(correct) / max(seen, 1),
+        accuracy=int(correct) / max(targets, 1),
         tokens=tok,
         expert_loss=mean_loss,
         gate_hist=hist.cpu().numpy().astype(np.float64),
@@ -187,14 +192,17 @@ def train(
 
 @torch.no_grad()
 def evaluate(
-    model: MoEClassifier, data: Split, *, batch_size: int = 512, device: torch.device | str = "cpu"
+    model: MoEModel, data: Split | TextSplit, *, batch_size: int = 512, device: torch.device | str = "cpu"
 ) -> tuple[float, float]:
-    """Return ``(mean cross-entropy, accuracy)`` of ``model`` on ``data``."""
+    """Return ``(mean cross-entropy, accuracy)`` of ``model`` on ``data`` (per target: image or byte)."""
+    if isinstance(data, TextSplit):
+        loss, acc, _ = evaluate_text(model, data, batch_size=batch_size, device=device)
+        return loss, acc
     if len(data) == 0:
         return 0.0, 0.0
     device = torch.device(device)
     configure_threads()
-    fmt = memory_format(device)
+    fmt = model.memory_format(device)
     model.to(device=device, memory_format=fmt).eval()
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
@@ -207,3 +215,34 @@ def evaluate(
     if fmt != torch.contiguous_format:
         model.to(memory_format=torch.contiguous_format)
     return float(total_loss) / len(data), int(correct) / len(data)
+
+
+@torch.no_grad()
+def evaluate_text(
+    model: MoEModel, data: TextSplit, *, batch_size: int, device: torch.device | str
+) -> tuple[float, float, np.ndarray]:
+    """``(mean CE per byte in nats, next-byte accuracy, mean CE per group [G])`` on ``data``.
+
+    Groups without windows get NaN. Bits per byte are these losses divided by ``ln 2``.
+    """
+    num_groups = int(data.groups.max()) + 1 if len(data) else 0
+    if len(data) == 0:
+        return 0.0, 0.0, np.zeros(0)
+    device = torch.device(device)
+    configure_threads()
+    model.to(device=device).eval()
+    group_loss = torch.zeros(num_groups, dtype=torch.float64, device=device)
+    group_count = torch.zeros(num_groups, dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    x_all, y_all = _inputs_targets(data, device)
+    groups = data.groups.to(device)
+    for i in range(0, len(data), batch_size):
+        x, y, g = x_all[i : i + batch_size], y_all[i : i + batch_size], groups[i : i + batch_size]
+        logits = model(x).logits
+        per_seq = model.task_loss(logits, y, reduction="none").view(len(y), -1).sum(dim=1)
+        group_loss.index_add_(0, g, per_seq.double())
+        group_count.index_add_(0, g, torch.full_like(per_seq, y.shape[1], dtype=torch.float64))
+        correct += model.correct(logits, y)
+    total, count = group_loss.cpu().numpy(), group_count.cpu().numpy()
+    per_group = np.divide(total, count, out=np.full(num_groups, np.nan), where=count > 0)
+    return float(total.sum() / count.sum()), int(correct) / float(count.sum()), per_group

@@ -58,6 +58,10 @@ def test_per_expert_weighted_average_hand_computed():
     # with a routing loss every client trained the whole gate: example-weighted over both
     routed = aggregate(g, [a, b], gate_from_all=True)
     np.testing.assert_allclose(routed["gate.bias"], [(10 * 1 + 30 * 7) / 40, (10 * 2 + 30 * 4) / 40, 9])
+    # or row by row with single holders counted (the loss gave b's row 1 a gradient):
+    # row 1 token-weighted 14 (a) and 6 (b); rows b does not hold stay a's
+    rows = aggregate(g, [a, b], gate_from_all=False, single_holders=True)
+    np.testing.assert_allclose(rows["gate.bias"], [1, (14 * 2 + 6 * 4) / 20, 0])
     np.testing.assert_allclose(routed["gate.weight"][:, 0], routed["gate.bias"])
     np.testing.assert_allclose(routed["experts.1.w1"], out["experts.1.w1"])  # experts unchanged
 
@@ -107,3 +111,16 @@ def test_read_only_holder_trains_neither_gate_row_nor_expert():
     np.testing.assert_array_equal(out["experts.2.w1"], g["experts.2.w1"])
     np.testing.assert_array_equal(out["gate.weight"], g["gate.weight"])  # one expert: no gate gradient
     np.testing.assert_allclose(out["stem.w"], [4, 4])
+
+
+def test_gate_balancing_raises_the_bias_of_experts_the_gate_neglects():
+    from fedmoe_app.federation.aggregation import balance_gate_bias
+
+    arrays = {"gate.bias": np.zeros(4, np.float32), "gate.weight": np.ones((4, 3), np.float32)}
+    hist = np.array([[10.0, 0.0, 5.0, 5.0], [10.0, 0.0, 5.0, 5.0]])  # load 20, 0, 10, 10: mean 10
+    out = balance_gate_bias(arrays, hist, 0.25)
+    np.testing.assert_array_equal(out["gate.bias"], [-0.25, 0.25, 0.0, 0.0])
+    assert out["gate.bias"].dtype == np.float32 and arrays["gate.bias"].sum() == 0  # input kept
+    np.testing.assert_array_equal(out["gate.weight"], arrays["gate.weight"])
+    assert balance_gate_bias(arrays, np.zeros((2, 4)), 0.25)["gate.bias"].sum() == 0  # no choices
+    assert balance_gate_bias(arrays, hist, 0.0)["gate.bias"].sum() == 0  # off

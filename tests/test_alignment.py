@@ -294,6 +294,26 @@ def test_pruned_network_equals_full_network(monkeypatch: pytest.MonkeyPatch, kin
     assert abs(float((d * pruned).sum()) - float((d * full).sum())) <= tol
 
 
+def test_unconstrained_optimum_within_bounds_skips_the_flow(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(5)
+    d = rng.random((3000, 16))
+    cap = rng.integers(1, 6, 3000)
+    lo, hi = load_bounds(cap, 16, 0.3)
+    monkeypatch.setattr(solver, "PRUNE_MIN_ARCS", 10**12)
+    full = solve_assignment(d, cap, min_load=lo, max_load=hi)
+    monkeypatch.setattr(solver, "PRUNE_MIN_ARCS", 0)
+    calls: list[bool] = []
+    solve = flow.min_cost_plan
+    monkeypatch.setattr(flow, "min_cost_plan", lambda *a: calls.append(True) or solve(*a))
+    fast = solve_assignment(d, cap, min_load=lo, max_load=hi)
+    assert calls == []  # top experts per client already meet the load bounds
+    np.testing.assert_array_equal(fast, full)
+    tight_lo, tight_hi = load_bounds(cap, 16, 0.0)
+    tight = solve_assignment(d, cap, min_load=tight_lo, max_load=tight_hi)
+    assert calls  # bounds binding: the flow is solved
+    assert np.all((tight.sum(0) >= tight_lo) & (tight.sum(0) <= tight_hi))
+
+
 def test_uncertified_pruned_plan_falls_back_to_full_network(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(3)
     d = rng.random((400, 12)) - rng.random(12)[None, :]

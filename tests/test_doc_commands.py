@@ -1,4 +1,4 @@
-"""Every fedmoe-* command written in the README and docs/ parses with the tool's own parser.
+"""Every fedmoe-* command (or ``python -m fedmoe_app.tools.*``) in the README and docs/ parses.
 
 The commands are taken from the Markdown code blocks (``\\``-continued lines joined, shell
 variables replaced by a word); each is parsed by the parser of the console script it names
@@ -12,7 +12,7 @@ import pytest
 import tomllib
 from conftest import ROOT, shell_blocks
 
-from fedmoe_app.tools import launch, layers, routing
+from fedmoe_app.tools import launch, layers, partition, routing
 from fedmoe_app.tools.bench import cli as bench_cli
 from fedmoe_app.tools.experiments import cli as experiments_cli
 
@@ -22,7 +22,18 @@ PARSERS = {
     "fedmoe-bench": bench_cli.build_parser,
     "fedmoe-layers": layers.build_parser,
     "fedmoe-routing": routing.build_parser,
+    "fedmoe-partition": partition.build_parser,
 }
+# `python -m <module>` runs the same tool as the console script
+MODULES = {
+    "fedmoe_app.tools.launch": "fedmoe-launch",
+    "fedmoe_app.tools.experiments": "fedmoe-experiments",
+    "fedmoe_app.tools.bench": "fedmoe-bench",
+    "fedmoe_app.tools.layers": "fedmoe-layers",
+    "fedmoe_app.tools.routing": "fedmoe-routing",
+    "fedmoe_app.tools.partition": "fedmoe-partition",
+}
+PYTHON = re.compile(r"^(\S*/)?python3?$")
 
 
 def documented_commands():
@@ -38,6 +49,8 @@ def documented_commands():
                     if set(token) <= set("&;|<>()"):  # a shell operator ends a command
                         if command and command[0] == "nohup":
                             command = command[1:]
+                        if len(command) > 2 and PYTHON.match(command[0]) and command[1] == "-m":
+                            command = [MODULES.get(command[2], command[2]), *command[3:]]
                         if command and command[0] in PARSERS:
                             found.append((path.name, command))
                         command = []

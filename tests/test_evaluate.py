@@ -1,4 +1,4 @@
-"""Client evaluation: the personalized view per client, its worst 10 %, and bad replies left out."""
+"""Client evaluation: the personalized view per client, its worst 10 %, and bad replies rejected."""
 
 import math
 
@@ -31,9 +31,13 @@ def reply(node, client_id, n, loss, acc):
     return Message(content=content, metadata=meta)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def strategy():
-    return FedMoE(RunConfig(), REFERENCE_SPEC, model_to_arrays(build_model(REFERENCE_SPEC)))
+    s = FedMoE(RunConfig(), REFERENCE_SPEC, model_to_arrays(build_model(REFERENCE_SPEC)))
+    # as discovery leaves it: node i is client c<i> with a local test split of 500 examples
+    s.nodes.clients = {i: f"c{i}" for i in range(20)}
+    s.nodes.profiles = {f"c{i}": {"num-test-examples": 500} for i in range(20)}
+    return s
 
 
 def test_per_client_accuracy_and_worst_ten_percent(strategy):
@@ -52,16 +56,31 @@ def test_per_client_accuracy_and_worst_ten_percent(strategy):
 
 
 @pytest.mark.parametrize(
-    "bad",
+    ("bad", "reason"),
     [
-        (None, 10, 0.5, 0.5),  # names no client
-        ("x", 10, 0.5, 999999.9998),  # accuracy out of [0, 1]
-        ("x", 10, math.nan, 0.5),  # non-finite loss
-        ("x", 0, 0.5, 0.5),  # no examples
+        ((None, 10, 0.5, 0.5), "client-id"),  # names no client
+        (("c1", 10, 0.5, 0.5), "client-id"),  # another node's client (spoofed id)
+        (("c2", 10, 0.5, 999999.9998), "metrics"),  # accuracy out of [0, 1]
+        (("c2", 10, math.nan, 0.5), "metrics"),  # non-finite loss
+        (("c2", 10, -1.0, 0.5), "metrics"),  # negative loss
+        (("c2", 10, 0.5, [0.5]), "metrics"),  # a list, not a number
+        (("c2", 0, 0.5, 0.5), "num-examples"),  # no examples
+        (("c2", 10**12, 0.5, 0.5), "num-examples"),  # more than its test split: would outweigh all
     ],
 )
-def test_malformed_evaluation_replies_are_left_out(strategy, bad):
-    good = reply(1, "ok", 20, 0.7, 0.8)
+def test_malformed_evaluation_replies_are_rejected_and_counted(strategy, bad, reason):
+    good = reply(1, "c1", 20, 0.7, 0.8)
     out = strategy.evaluate_round([good, reply(2, *bad)])
-    assert out.by_client == {"ok": 0.8} and out.accuracy == 0.8 and out.worst10_accuracy == 0.8
-    assert strategy.evaluate_round([reply(2, *bad)]) is None
+    assert out.by_client == {"c1": 0.8} and out.accuracy == 0.8 and out.worst10_accuracy == 0.8
+    assert out.rejected == {reason: 1}
+    alone = strategy.evaluate_round([reply(2, *bad)])
+    assert alone.by_client == {} and alone.metric_record() is None and alone.rejected == {reason: 1}
+    assert math.isnan(alone.accuracy)
+
+
+def test_rejections_reach_the_metrics_row(strategy):
+    from fedmoe_app.federation.rounds import EvaluateOutcome
+
+    out = strategy.evaluate_round([reply(1, "c1", 20, 0.7, 0.8), reply(2, "c2", 20, 0.7, 2.0)])
+    assert isinstance(out, EvaluateOutcome) and out.rejected == {"metrics": 1}
+    assert out.metric_record()["eval-accuracy"] == pytest.approx(0.8)

@@ -32,7 +32,7 @@ def test_dropping_and_corrupting_clients_never_reach_the_model(run_app):
     assert code == 0, log[-3000:]
     metrics = read_metrics(out)
     assert [r["round"] for r in metrics] == list(range(rounds + 1))
-    injected = {"drop": 0, "corrupt": 0}
+    injected = {"drop": 0, "corrupt": 0, "eval-rejected": 0}
     for r in metrics[1:]:
         trained = list(r["assignment"])
         plan = {c: faults.fault_for(seed, r["round"], c, 0.3, 0.0, 0.2) for c in trained}
@@ -48,7 +48,13 @@ def test_dropping_and_corrupting_clients_never_reach_the_model(run_app):
         assert r["rejected"] == expected, r["round"]
         assert r["failures"] == drops, r["round"]
         assert r["valid_replies"] == len(trained) - drops - len(corrupt)
-    assert injected["drop"] > 0 and injected["corrupt"] > 0
+        # a corrupting client's evaluation reply is rejected too (and never averaged in)
+        for c, v in r.get("client_accuracies", {}).items():
+            assert faults.fault_for(seed, r["round"], c, 0.3, 0.0, 0.2) != "corrupt", (r["round"], c)
+            assert 0.0 <= v <= 1.0, (r["round"], c)
+        injected["eval-rejected"] += sum(r["eval_rejected"].values())
+        assert set(r["eval_rejected"]) <= set(faults.EVAL_CORRUPTIONS.values())
+    assert injected["drop"] > 0 and injected["corrupt"] > 0 and injected["eval-rejected"] > 0
     final = np.load(out / "final_model.npz")
     assert all(np.isfinite(final[k]).all() for k in final.files)
     assert metrics[-1]["accuracy"] > metrics[0]["accuracy"] + 0.2

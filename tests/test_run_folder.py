@@ -55,6 +55,13 @@ def test_resume_refuses_a_changed_config_naming_the_keys():
     assert changed == {"expert-hidden": (256, 64), "lr": (0.02, 0.1)}
 
 
+def test_a_key_added_after_the_checkpoint_resumes_only_at_its_default():
+    saved = RunConfig().to_dict()
+    del saved["gate-balance-rate"]  # a checkpoint written before the key existed
+    assert config_changes(saved, RunConfig(resume=True)) == {}
+    assert config_changes(saved, RunConfig(gate_balance_rate=0.1)) == {"gate-balance-rate": (None, 0.1)}
+
+
 def test_a_checkpoint_of_another_model_shape_is_refused():
     from fedmoe_app.federation.strategy import FedMoE
     from fedmoe_app.models import REFERENCE_SPEC, build_model, model_to_arrays

@@ -8,14 +8,24 @@ its own.
   desirability ``D = w_fitness * norm(F) - w_usage * norm(U)``;
 * :mod:`.policies`  -- ``random``, ``greedy``, ``load_balanced`` and ``dense``;
 * :mod:`.solver`    -- :func:`solve_assignment`, exact b-matching under per-expert load bounds;
+* :mod:`.minimum`   -- :func:`enforce_min_trainers`, at least ``m`` trainers per planned expert;
 * :mod:`.flow`, :mod:`.pricing` -- its min-cost-flow network and, for large instances, the
   pruned network with an optimality certificate.
 
 docs/ALIGNMENT.md explains the formulas and shows the planner's speed.
 """
 
+from .minimum import enforce_min_trainers
 from .policies import POLICIES, plan_experts
 from .solver import load_bounds, load_cv, solve_assignment
 from .state import AlignmentState
 
-__all__ = ["POLICIES", "AlignmentState", "load_bounds", "load_cv", "plan_experts", "solve_assignment"]
+__all__ = [
+    "POLICIES",
+    "AlignmentState",
+    "enforce_min_trainers",
+    "load_bounds",
+    "load_cv",
+    "plan_experts",
+    "solve_assignment",
+]

@@ -194,6 +194,29 @@ def price_violations(k: np.ndarray, plan: np.ndarray, pot: np.ndarray) -> np.nda
     return ~plan & (v > worst_held)
 
 
+def top_at_prices(k: np.ndarray, r: np.ndarray, prices: np.ndarray) -> np.ndarray:
+    """Each client's ``r[c]`` best experts by ``k + prices`` (the warm-start plan).
+
+    Ignores the load bounds; :func:`repair` then re-optimizes the least decided clients
+    within them, and only a certified result is used.
+    """
+    num_clients, num_experts = k.shape
+    plan = np.zeros(k.shape, dtype=bool)
+    kmax = int(r.max()) if r.size else 0
+    if kmax == 0:
+        return plan
+    score = k + prices[None, :]
+    if kmax >= num_experts:
+        order = np.argsort(-score, axis=1, kind="stable")
+    else:
+        top = np.argpartition(-score, kmax - 1, axis=1)[:, :kmax]
+        sub = np.take_along_axis(score, top, axis=1)
+        order = np.take_along_axis(top, np.argsort(-sub, axis=1, kind="stable"), axis=1)
+    take = np.arange(order.shape[1])[None, :] < r[:, None]
+    np.put_along_axis(plan, order, take, axis=1)
+    return plan
+
+
 def repair(
     k: np.ndarray,
     r: np.ndarray,
@@ -223,6 +246,8 @@ def repair(
     free[np.argpartition(margin, n_free)[: n_free + 1]] = True
     fixed_load = plan[~free].sum(axis=0)
     hi_sub = hi - fixed_load
+    if np.any(hi_sub < 0):
+        return None  # the fixed clients alone overfill an expert
     lo_sub = np.minimum(np.maximum(lo - fixed_load, 0), hi_sub)
     sub = flow.min_cost_plan(k[free], r[free], lo_sub, hi_sub, cand[free])
     if sub is None:

@@ -143,6 +143,10 @@ def solve_assignment(
     k = np.rint(d * scale).astype(np.int64)  # integer desirability
     expected_arcs = int(np.minimum(r + pricing.PRUNE_EXTRA, num_experts).sum())
     if num_clients * num_experts >= PRUNE_MIN_ARCS and expected_arcs < 0.5 * k.size:
+        top = pricing.top_at_prices(k, r, np.zeros(num_experts, dtype=np.int64))
+        load = top.sum(axis=0)
+        if np.all(load >= lo) and np.all(load <= hi):
+            return top  # the unconstrained optimum meets the bounds, hence is optimal
         cand = pricing.candidates(k, r, hi, pricing.estimate_prices(k, r, lo, hi))
         for _ in range(PRICING_ROUNDS):
             if cand.sum() >= 0.6 * cand.size:

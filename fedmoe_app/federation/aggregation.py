@@ -14,10 +14,19 @@ Weights
   drag the row back towards last round's value.
   With a routing loss (``route-loss-weight > 0``) every client trains every row of the full
   gate (it pulls the rows of its experts up on its data and the others down), so the gate
-  is then averaged over all replies like any shared tensor (``gate_from_all``).
+  is then either averaged over all replies like any shared tensor (``gate_from_all``), or
+  still row by row over the experts' holders, now including clients that hold a single
+  expert (``single_holders``: the loss gives their row a gradient); the push-down of rows a
+  client does not hold is then left out.
 * every other tensor: average over all replies, weighted by ``num_examples``.
 
 An expert (or gate row) with zero total weight keeps its value.
+
+Gate balancing (:func:`balance_gate_bias`, ``gate-balance-rate > 0``): after aggregation the
+server moves the gate's bias, as Loss-Free Balancing (Wang et al. 2024, arXiv 2408.15664) moves
+a router bias, by a fixed step towards equal load: up for experts the *unmasked* gate chose
+less often than ``1/E`` of its top-k choices on the clients' data this round (the reported
+``gate-hist``), down for those chosen more often.
 """
 
 from __future__ import annotations
@@ -27,9 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..tensors import Arrays, experts_in, parse_expert_key
-
-GATE_KEYS = ("gate.weight", "gate.bias")
+from ..tensors import Arrays, experts_in, is_gate_key, parse_expert_key
 
 
 @dataclass
@@ -63,6 +70,7 @@ def aggregate(
     updates: Sequence[ClientUpdate],
     *,
     gate_from_all: bool,
+    single_holders: bool = False,
     method: str = "mean",
     trim_fraction: float = 0.0,
 ) -> Arrays:
@@ -77,6 +85,9 @@ def aggregate(
     gate_from_all : bool
         Average the gate over every reply (clients trained it with a routing loss) instead
         of row by row over the clients that routed to the row's expert.
+    single_holders : bool
+        Row by row, count clients holding a single expert too (they train its row only with
+        a routing loss).
     method : {"mean", "median", "trimmed-mean"}
         ``mean``: the weighted averages above. The robust choices combine each group
         coordinate-wise and unweighted over its trainers (each expert over the clients that
@@ -99,7 +110,8 @@ def aggregate(
     held = np.array(
         [u.num_held if u.num_held is not None else int(np.count_nonzero(u.tokens)) for u in updates]
     )
-    gate_tokens = np.where((held >= 2)[:, None], tokens, 0.0)  # one held expert: no gate gradient
+    # one held expert: no gate gradient, unless a routing loss trains its row
+    gate_tokens = np.where((held >= (1 if single_holders else 2))[:, None], tokens, 0.0)
     col_total = gate_tokens.sum(axis=0)  # [E]
     # Experts: only clients that returned expert e (read-only holders send none back).
     returned = np.zeros_like(tokens, dtype=bool)
@@ -127,7 +139,7 @@ def aggregate(
                 if w > 0:
                     acc += w * u.arrays[key]
             out[key] = (acc / expert_total[e]).astype(old.dtype)
-        elif key in GATE_KEYS and not gate_from_all:
+        elif is_gate_key(key) and not gate_from_all:
             stacked = np.stack([u.arrays[key] for u in updates]).astype(np.float64)  # [C, E, ...]
             w = gate_tokens.reshape(gate_tokens.shape + (1,) * (old.ndim - 1))
             summed = (w * stacked).sum(axis=0)
@@ -140,4 +152,31 @@ def aggregate(
             stacked = np.stack([u.arrays[key] for u in updates]).astype(np.float64)
             w = examples.reshape((-1,) + (1,) * old.ndim)
             out[key] = ((w * stacked).sum(axis=0) / examples.sum()).astype(old.dtype)
+    return out
+
+
+def balance_gate_bias(global_arrays: Mapping[str, np.ndarray], gate_hist: np.ndarray, rate: float) -> Arrays:
+    """Return ``global_arrays`` with ``gate.bias`` stepped by ``rate`` towards equal gate load.
+
+    Parameters
+    ----------
+    global_arrays : Mapping[str, np.ndarray]
+        The aggregated model (not modified).
+    gate_hist : np.ndarray
+        ``[C, E]`` top-k choices of the unmasked gate per replying client.
+    rate : float
+        Step per round: ``bias[e] += rate * sign(mean load - load[e])``.
+
+    Returns
+    -------
+    Arrays
+        The model with the new bias (unchanged when no choices were reported).
+
+    """
+    load = np.asarray(gate_hist, dtype=np.float64).sum(axis=0)
+    out = dict(global_arrays)
+    if rate <= 0 or load.sum() <= 0 or "gate.bias" not in out:
+        return out
+    bias = out["gate.bias"]
+    out["gate.bias"] = (bias + rate * np.sign(load.mean() - load)).astype(bias.dtype)
     return out

@@ -2,7 +2,10 @@
 
 ``client_app.py`` only wires these handlers to Flower's ``@app.query``, ``@app.train``
 and ``@app.evaluate``. A client is known by a stable ``client-id``: node config
-``client-id`` in deployment, else its ``partition-id`` (simulation).
+``client-id`` in deployment, else its ``partition-id`` (simulation). Its data is the
+folder named by node config ``data-path`` (a deployed site's own files, see
+:mod:`fedmoe_app.data.local`), else shard ``partition-id`` of ``num-partitions`` of the
+run's dataset.
 """
 
 from __future__ import annotations
@@ -10,16 +13,22 @@ from __future__ import annotations
 import logging
 import time
 from functools import lru_cache
+from logging import INFO
 from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common.logger import log as flwr_log
 
 from ..capacity.probe import client_profile
 from ..config import RunConfig
-from ..data import DatasetInfo, Split, client_data
-from ..models import ModelSpec, build_model, load_arrays, model_costs, model_to_arrays
+from ..data.local import node_data
+from ..models import build_model, load_arrays, model_costs, model_spec, model_to_arrays
+from ..tensors import is_gate_key, parse_expert_key
+from ..text import client_split
 from ..training import evaluate, resolve_device, train
-from .faults import corrupt, corruption_for, fault_for
+from .faults import corrupt, corrupt_eval, corruption_for, eval_corruption_for, fault_for
+from .privacy import privatize
 from .protocol import ARRAYS, CLIENT, CONFIG, METRICS, PROFILE, client_record, train_reply_content
 from .records import from_record, to_record
 
@@ -37,50 +46,82 @@ def run_config(context: Context) -> RunConfig:
     return _config(tuple(sorted(context.run_config.items())))
 
 
-def identity(context: Context) -> tuple[str, int, int]:
-    """``(client-id, partition-id, num-partitions)`` from the node config."""
+def identity(context: Context) -> str:
+    """Return the node's client id: node config ``client-id``, else its ``partition-id``."""
+    nc = context.node_config
+    if "client-id" in nc:
+        return str(nc["client-id"])
+    if "partition-id" in nc:
+        return str(nc["partition-id"])
+    needs = "'client-id'" if nc.get("data-path") else "'partition-id' and 'num-partitions'"
+    raise ValueError(f"node config needs {needs}; it has {sorted(nc)}")
+
+
+def partition(context: Context) -> tuple[int, int]:
+    """``(partition-id, num-partitions)`` from the node config."""
     nc = context.node_config
     try:
-        pid, num = int(nc["partition-id"]), int(nc["num-partitions"])
+        return int(nc["partition-id"]), int(nc["num-partitions"])
     except KeyError as exc:
-        raise ValueError(f"node config needs 'partition-id' and 'num-partitions' (missing {exc})") from None
-    return str(nc.get("client-id", pid)), pid, num
+        raise ValueError(
+            f"node config needs 'partition-id' and 'num-partitions' (missing {exc}), "
+            "or 'data-path' naming the node's own data"
+        ) from None
 
 
-def local_data(cfg: RunConfig, context: Context) -> tuple[Split, Split, DatasetInfo]:
-    """Return this client's ``(train, local test, dataset info)``."""
-    _, pid, num = identity(context)
-    return client_data(
-        cfg.dataset,
-        pid,
-        num,
-        **cfg.split_kwargs(),
+@lru_cache(maxsize=8)
+def _announce(cid: str, path: str, n_train: int, n_test: int, labels: tuple[int, ...]) -> None:
+    flwr_log(
+        INFO,
+        "client %s: %d train / %d local test examples from %s, labels %s",
+        cid,
+        n_train,
+        n_test,
+        path,
+        list(labels),
     )
+
+
+def local_data(cfg: RunConfig, context: Context) -> tuple[Any, Any, Any]:
+    """Return this client's ``(train, local test, dataset info)`` (images or text windows).
+
+    A node whose node config names a ``data-path`` trains on its own folder; otherwise it
+    takes its partition of the run's dataset.
+    """
+    path = context.node_config.get("data-path")
+    if path:
+        train_split, test_split, info = node_data(str(path), cfg.dataset, **cfg.node_data_kwargs())
+        labels = tuple(int(v) for v in train_split.labels.unique())
+        _announce(identity(context), str(path), len(train_split), len(test_split), labels)
+        return train_split, test_split, info
+    pid, num = partition(context)
+    return client_split(cfg, pid, num)
 
 
 def handle_query(msg: Message, context: Context) -> RecordDict:
     """Reply with the client id and its (measured, maybe emulated) capacity profile."""
     cfg = run_config(context)
-    cid, _, _ = identity(context)
-    train_split, _, info = local_data(cfg, context)
+    cid = identity(context)
+    train_split, test_split, info = local_data(cfg, context)
     device = str(resolve_device(cfg.device))
     profile = client_profile(
         cid,
         device_mix=cfg.device_mix,
         seed=cfg.seed,
         batch_size=cfg.batch_size,
-        costs=model_costs(ModelSpec.from_config(cfg, info)),
+        costs=model_costs(model_spec(cfg, info)),
         node_config=context.node_config,
         device=device,
     )
     content = profile.to_dict()
     content["num-examples"] = len(train_split)
+    content["num-test-examples"] = len(test_split)
     return RecordDict({CLIENT: client_record(cid), PROFILE: ConfigRecord(content)})
 
 
-def _sub_model(msg: Message, cfg: RunConfig, info: DatasetInfo):
+def _sub_model(msg: Message, cfg: RunConfig, info: Any):
     expert_ids = [int(e) for e in msg.content[CONFIG]["expert-ids"]]
-    model = build_model(ModelSpec.from_config(cfg, info), expert_ids)
+    model = build_model(model_spec(cfg, info), expert_ids)
     load_arrays(model, from_record(msg.content[ARRAYS]))
     return model
 
@@ -88,7 +129,7 @@ def _sub_model(msg: Message, cfg: RunConfig, info: DatasetInfo):
 def handle_train(msg: Message, context: Context) -> RecordDict:
     """Train the received sub-model (shared + assigned experts) on local data."""
     cfg = run_config(context)
-    cid, _, _ = identity(context)
+    cid = identity(context)
     conf = msg.content[CONFIG]
     server_round = int(conf.get("server-round", 0))
     fault = fault_for(
@@ -105,7 +146,7 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
         gate = from_record(context.state[LOCAL_GATE])
         load_arrays(model, {**model_to_arrays(model), **gate})
     frozen = bool(conf.get("frozen-experts", False))
-    model.experts.requires_grad_(not frozen)
+    model.set_experts_trainable(not frozen)
     knobs = cfg.train_kwargs() | {
         "epochs": int(conf.get("local-epochs", cfg.local_epochs)),  # the server's word wins
         "lr": float(conf.get("lr", cfg.lr)),
@@ -121,7 +162,7 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
     model.cpu()
     arrays = model_to_arrays(model)
     if cfg.gate_mode == "local":
-        context.state[LOCAL_GATE] = to_record({k: v for k, v in arrays.items() if k.startswith("gate.")})
+        context.state[LOCAL_GATE] = to_record({k: v for k, v in arrays.items() if is_gate_key(k)})
     metrics = {
         "num-examples": result.num_examples,
         "train-loss": result.loss,
@@ -132,7 +173,15 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
     }
     feedback = {"tokens": result.tokens, "expert-loss": result.expert_loss, "gate-hist": result.gate_hist}
     if frozen:  # read-only experts are not sent back
-        arrays = {k: v for k, v in arrays.items() if not k.startswith("experts.")}
+        arrays = {k: v for k, v in arrays.items() if parse_expert_key(k) is None}
+    if cfg.dp == "local":  # clip and noise the update before it leaves (privacy.py)
+        arrays = privatize(
+            from_record(msg.content[ARRAYS]),
+            arrays,
+            clip_norm=cfg.dp_clip_norm,
+            noise_multiplier=cfg.dp_noise_multiplier,
+            rng=np.random.default_rng(),
+        )
     content = train_reply_content(to_record(arrays), metrics, feedback, cid)
     if fault == "corrupt":
         kind = corruption_for(cfg.seed, server_round, cid)
@@ -144,13 +193,17 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
 def handle_evaluate(msg: Message, context: Context) -> RecordDict:
     """Evaluate the received sparse view on the local test split."""
     cfg = run_config(context)
-    cid, _, _ = identity(context)
+    cid = identity(context)
     _, test_split, info = local_data(cfg, context)
     model = _sub_model(msg, cfg, info)
     loss, acc = evaluate(model, test_split, device=resolve_device(cfg.device))
-    return RecordDict(
-        {
-            METRICS: MetricRecord({"eval-loss": loss, "eval-accuracy": acc, "num-examples": len(test_split)}),
-            CLIENT: client_record(cid),
-        }
+    metrics = {"eval-loss": loss, "eval-accuracy": acc, "num-examples": len(test_split)}
+    server_round = int(msg.content[CONFIG].get("server-round", 0))
+    fault = fault_for(
+        cfg.seed, server_round, cid, cfg.fault_drop_prob, cfg.fault_slow_prob, cfg.fault_corrupt_prob
     )
+    if fault == "corrupt":
+        kind = eval_corruption_for(cfg.seed, server_round, cid)
+        log.warning("injected fault: client %s reports corrupt evaluation metrics (%s)", cid, kind)
+        metrics = corrupt_eval(metrics, kind)
+    return RecordDict({METRICS: MetricRecord(metrics), CLIENT: client_record(cid)})

@@ -112,7 +112,8 @@ class Discovery:
             profile = CapacityProfile.from_dict(dict(msg.content[PROFILE])).to_dict()
         except ValueError as exc:
             log(WARNING, "query: node %s sent an invalid profile: %s", node, exc)
-        n = msg.content[PROFILE].get("num-examples")
-        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
-            profile["num-examples"] = n
+        for key in ("num-examples", "num-test-examples"):
+            n = msg.content[PROFILE].get(key)
+            if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+                profile[key] = n
         return profile

@@ -27,6 +27,9 @@ EXPECTED_REASON = {
     "num-examples": "num-examples",
     "feedback": "feedback",
 }
+# A corrupting client's evaluation reply: an impossible accuracy, or an example count that would
+# outweigh every other client; each with the rejection reason it must get.
+EVAL_CORRUPTIONS = {"accuracy": "metrics", "num-examples": "num-examples"}
 
 
 def _unit(*parts: object) -> float:
@@ -49,6 +52,21 @@ def fault_for(
 def corruption_for(seed: int, server_round: int, client_id: str) -> str:
     """Which kind of garbage a corrupting client sends."""
     return CORRUPTIONS[int(_unit("kind", seed, server_round, client_id) * len(CORRUPTIONS))]
+
+
+def eval_corruption_for(seed: int, server_round: int, client_id: str) -> str:
+    """Which kind of garbage a corrupting client reports from evaluation."""
+    kinds = list(EVAL_CORRUPTIONS)
+    return kinds[int(_unit("eval-kind", seed, server_round, client_id) * len(kinds))]
+
+
+def corrupt_eval(metrics: dict[str, float | int], kind: str) -> dict[str, float | int]:
+    """Return a copy of evaluation metrics damaged in the way ``kind`` names."""
+    if kind == "accuracy":
+        return {**metrics, "eval-accuracy": 999999.9998}
+    if kind == "num-examples":
+        return {**metrics, "num-examples": 10**12}
+    raise ValueError(f"unknown corruption {kind!r}; allowed: {', '.join(EVAL_CORRUPTIONS)}")
 
 
 def corrupt(content: RecordDict, kind: str) -> RecordDict:

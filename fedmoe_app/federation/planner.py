@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..alignment import AlignmentState
+from ..alignment import AlignmentState, enforce_min_trainers
 from ..capacity import (
     CapacityProfile,
     MemoryModel,
@@ -25,7 +25,7 @@ from ..capacity import (
     round_time_s,
     virtual_round_time_s,
 )
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..tensors import payload_nbytes
 
 Profiles = Sequence[CapacityProfile | Mapping[str, Any]]
@@ -122,15 +122,31 @@ class Planner:
             assignment = alignment.plan(ids, np.maximum(capacity, 1), self.cfg.policy, rng)
         else:
             assignment = np.zeros((0, num_experts), dtype=bool)
+        frozen = self._frozen(capacity)
+        if self.cfg.dp != "off" and ids:
+            assignment = self._min_trainers(alignment, ids, assignment, frozen)
         budgets = self._sample_budgets(profiles, assignment, global_arrays)
         return RoundPlan(
             client_ids=ids,
             capacity=capacity,
             assignment=assignment,
-            frozen=self._frozen(capacity),
+            frozen=frozen,
             budgets=budgets,
             virtual_round_time_s=self._virtual_time(profiles, assignment, budgets, global_arrays),
         )
+
+    def _min_trainers(
+        self, alignment: AlignmentState, ids: list[str], assignment: np.ndarray, frozen: np.ndarray
+    ) -> np.ndarray:
+        """Plan no expert to fewer than ``dp-min-trainers`` trainers (:func:`enforce_min_trainers`)."""
+        m = self.cfg.dp_min_trainers
+        try:
+            return enforce_min_trainers(assignment, ~frozen, alignment.desirability(ids), m)
+        except ValueError as exc:
+            raise ConfigError(
+                f"run-config key 'dp-min-trainers' = {m} is invalid; allowed: at most the clients "
+                f"that train experts in a round ({exc})"
+            ) from None
 
     def _frozen(self, capacity: np.ndarray) -> np.ndarray:
         """Clients that train the shared part only: capacity 0, or below ``min-trained-experts``.

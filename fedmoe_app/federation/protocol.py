@@ -101,8 +101,53 @@ def content_client_id(content: RecordDict) -> str | None:
     return cid if isinstance(cid, str) and cid else None
 
 
+@dataclass(frozen=True)
+class EvalReply:
+    """A validated evaluation reply: one client's local test result."""
+
+    client_id: str
+    num_examples: int
+    loss: float
+    accuracy: float
+
+
+def parse_eval_reply(content: RecordDict, client_id: str | None, max_examples: int | None) -> EvalReply:
+    """Validate an evaluation reply; raise :class:`ReplyRejected`.
+
+    Checks: the metrics record exists; the reply names ``client_id`` (the client the server
+    knows behind the replying node; ``None``: not known, so any named client is refused);
+    ``num-examples`` is a positive integer, not above ``max_examples`` (the local test size
+    the client reported when first queried) when known; the loss is finite and ``>= 0``; the
+    accuracy is finite and in ``[0, 1]``.
+    """
+    try:
+        metrics = content[METRICS]
+    except (KeyError, TypeError, AttributeError):
+        raise ReplyRejected("malformed", "missing metrics record") from None
+    cid = content_client_id(content)
+    if cid is None or cid != client_id:
+        raise ReplyRejected("client-id", f"expected {client_id!r}, got {cid!r}")
+    n, loss, acc = metrics.get("num-examples"), metrics.get("eval-loss"), metrics.get("eval-accuracy")
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise ReplyRejected("num-examples", f"expected a positive int, got {n!r}")
+    if max_examples is not None and n > max_examples:
+        raise ReplyRejected("num-examples", f"{n} exceeds the client's test size {max_examples}")
+    for name, value, hi in (("eval-loss", loss, math.inf), ("eval-accuracy", acc, 1.0)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ReplyRejected("metrics", f"{name}: expected a finite number, got {value!r}")
+        if not 0.0 <= value <= hi:
+            raise ReplyRejected("metrics", f"{name}: {value!r} is outside [0, {hi}]")
+    return EvalReply(client_id=cid, num_examples=n, loss=float(loss), accuracy=float(acc))
+
+
 def parse_train_reply(
-    content: RecordDict, node_id: int, sent: Sent, num_experts: int, top_k: int, local_epochs: int
+    content: RecordDict,
+    node_id: int,
+    sent: Sent,
+    num_experts: int,
+    top_k: int,
+    local_epochs: int,
+    routes_per_example: int = 1,
 ) -> TrainReply:
     """Validate a train reply against what was sent; raise :class:`ReplyRejected`.
 
@@ -110,7 +155,8 @@ def parse_train_reply(
     shapes and dtypes and finite values; ``num-examples`` is a positive integer (not
     above ``sent.max_examples`` when known); feedback vectors have length E, are finite
     and non-negative; tokens are zero for experts not held and consistent with
-    ``num-examples × top-k × local-epochs``; the client id matches.
+    ``num-examples × routes-per-example × top-k × local-epochs`` (routes per example: 1 for
+    an image through one MoE layer, tokens × MoE layers for a sequence); the client id matches.
     """
     try:
         arrays_rec, metrics, fb = content[ARRAYS], content[METRICS], content[FEEDBACK]
@@ -158,8 +204,11 @@ def parse_train_reply(
     if (tokens[~held] > 0).any():
         raise ReplyRejected("feedback", "tokens reported for experts the client was not sent")
     k = min(top_k, len(sent.expert_ids))
-    bound = n * k * local_epochs * 1.0001
-    if tokens.sum() > bound or vectors["gate-hist"].sum() > n * top_k * local_epochs * 1.0001:
+    bound = n * routes_per_example * k * local_epochs * 1.0001
+    if (
+        tokens.sum() > bound
+        or vectors["gate-hist"].sum() > n * routes_per_example * top_k * local_epochs * 1.0001
+    ):
         raise ReplyRejected("feedback", f"token counts exceed num-examples x top-k x epochs ({bound:.0f})")
 
     extra = {}

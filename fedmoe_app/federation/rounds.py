@@ -1,10 +1,11 @@
-"""What one training round sent and aggregated, and the metrics row recorded from both."""
+"""What one round sent, aggregated and evaluated, and the metrics row recorded from them."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,7 @@ from flwr.common import log
 
 from ..alignment import load_cv
 from .planner import RoundPlan
-from .protocol import Sent
+from .protocol import ReplyRejected, Sent, parse_eval_reply
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class TrainOutcome:
     train_loss: float  # example-weighted mean; NaN without valid replies
     dropped_updates: int = 0  # (client, group) updates left out for their size (robust.py)
     capped_weights: int = 0  # clients whose example count was capped
+    privacy: dict[str, Any] | None = None  # dp_* metrics (accounting.py); None with dp = "off"
 
     def metric_record(self) -> MetricRecord:
         """Return the outcome as Flower's ``train_metrics_clientapp`` record."""
@@ -55,15 +57,20 @@ class TrainOutcome:
 class EvaluateOutcome:
     """The clients' local test results of a round: each on its own experts (personalized view)."""
 
-    loss: float  # example-weighted mean
-    accuracy: float  # example-weighted mean
+    loss: float  # example-weighted mean (NaN without a valid reply)
+    accuracy: float  # example-weighted mean (NaN without a valid reply)
     worst10_accuracy: float  # mean accuracy of the worst 10 % of the evaluated clients (at least one)
     num_examples: int
     by_client: dict[str, float]  # client id -> accuracy
+    rejected: dict[str, int]  # rejected replies by reason
 
     @classmethod
-    def from_clients(cls, clients: dict[str, tuple[int, float, float]]) -> EvaluateOutcome:
-        """Summarize ``{client id: (examples, loss, accuracy)}`` (at least one client)."""
+    def from_clients(
+        cls, clients: dict[str, tuple[int, float, float]], rejected: dict[str, int]
+    ) -> EvaluateOutcome:
+        """Summarize ``{client id: (examples, loss, accuracy)}`` and the rejections by reason."""
+        if not clients:
+            return cls(math.nan, math.nan, math.nan, 0, {}, dict(rejected))
         n = np.array([c[0] for c in clients.values()], dtype=np.float64)
         loss = np.array([c[1] for c in clients.values()])
         acc = np.array([c[2] for c in clients.values()])
@@ -74,10 +81,13 @@ class EvaluateOutcome:
             worst10_accuracy=float(worst.mean()),
             num_examples=int(n.sum()),
             by_client={cid: c[2] for cid, c in sorted(clients.items())},
+            rejected=dict(rejected),
         )
 
-    def metric_record(self) -> MetricRecord:
-        """Return the outcome as Flower's ``evaluate_metrics_clientapp`` record."""
+    def metric_record(self) -> MetricRecord | None:
+        """Return the outcome as Flower's ``evaluate_metrics_clientapp`` record (None if empty)."""
+        if not self.by_client:
+            return None
         return MetricRecord(
             {
                 "eval-loss": self.loss,
@@ -86,6 +96,33 @@ class EvaluateOutcome:
                 "num-examples": self.num_examples,
             }
         )
+
+
+def evaluate_outcome(
+    replies: Iterable[Message], clients: Mapping[int, str], profiles: Mapping[str, Mapping[str, Any]]
+) -> EvaluateOutcome:
+    """Validate a round's evaluation replies and summarize the valid ones.
+
+    Each reply is checked by :func:`~.protocol.parse_eval_reply` against the client known
+    behind its node (``clients``: node id -> client id) and the test size that client reported
+    when first queried (``profiles[cid]["num-test-examples"]``); invalid replies are logged and
+    counted by reason. Replies that carry an error (a failed client) are not counted here.
+    """
+    valid: dict[str, tuple[int, float, float]] = {}
+    rejected: dict[str, int] = {}
+    for msg in replies:
+        if msg.has_error() or not msg.has_content():
+            continue
+        node = msg.metadata.src_node_id
+        cid = clients.get(node)
+        try:
+            r = parse_eval_reply(msg.content, cid, profiles.get(cid, {}).get("num-test-examples"))
+        except ReplyRejected as exc:
+            rejected[exc.reason] = rejected.get(exc.reason, 0) + 1
+            log(WARNING, "aggregate_evaluate: rejected reply from node %s: %s", node, exc)
+            continue
+        valid[r.client_id] = (r.num_examples, r.loss, r.accuracy)
+    return EvaluateOutcome.from_clients(valid, rejected)
 
 
 def round_row(
@@ -120,7 +157,11 @@ def round_row(
         "capped_weights": outcome.capped_weights,
         "train_loss": outcome.train_loss,
     }
+    if outcome.privacy is not None:
+        row.update(outcome.privacy)
     if client_eval is not None:
+        row["eval_rejected"] = client_eval.rejected
+    if client_eval is not None and client_eval.by_client:
         row.update(
             client_loss=client_eval.loss,
             client_accuracy=client_eval.accuracy,
@@ -150,3 +191,15 @@ def log_round(row: dict[str, Any]) -> None:
         row.get("failures", 0),
         row.get("rejected") or {},
     )
+    if "dp_epsilon_shared" in row:
+        log(
+            INFO,
+            "[ROUND %d] DP epsilon (delta %s): shared %.3g, experts max %.3g %s | trainers %s | clipped %d",
+            row["round"],
+            row.get("dp_delta"),
+            row["dp_epsilon_shared"],
+            row["dp_epsilon_max_expert"],
+            [round(e, 3) for e in row["dp_epsilon_experts"]],
+            row["dp_trainers_experts"],
+            row.get("dp_clipped", 0),
+        )

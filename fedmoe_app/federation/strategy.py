@@ -21,7 +21,6 @@ handed to the ``on_round`` callback (the run layer records it and writes a check
 from __future__ import annotations
 
 import math
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
@@ -36,33 +35,24 @@ from flwr.serverapp.strategy import Result, Strategy
 from ..alignment import AlignmentState
 from ..capacity import ema_update
 from ..config import RunConfig
-from ..models import ModelSpec, model_costs
+from ..models import AnySpec, model_costs
 from ..tensors import Arrays, select
-from .aggregation import aggregate
+from .aggregation import aggregate, balance_gate_bias
 from .discovery import Discovery
+from .loop import EvaluateFn, RoundCallback, adopt_initial_arrays, check_same_tensors, run_rounds
 from .planner import Planner
+from .private_round import PrivateAggregation
 from .protocol import (
     ARRAYS,
     CONFIG,
-    METRICS,
     ReplyRejected,
     Sent,
     TrainReply,
     parse_train_reply,
-    reply_client_id,
 )
 from .records import to_record, wire_nbytes
 from .robust import Bounded, bound_updates
-from .rounds import EvaluateOutcome, TrainOutcome, TrainRound, log_round, round_row
-
-EvaluateFn = Callable[[int, Arrays], dict[str, float] | None]
-
-
-class RunFailed(RuntimeError):
-    """The run cannot train: ``max-failed-rounds`` rounds in a row kept the model."""
-
-
-RoundCallback = Callable[[dict[str, Any]], None]
+from .rounds import EvaluateOutcome, TrainOutcome, TrainRound, evaluate_outcome
 
 
 class FedMoE(Strategy):
@@ -72,14 +62,14 @@ class FedMoE(Strategy):
     ----------
     cfg : RunConfig
         Validated run config (policy, capacity, sampling, alignment knobs).
-    spec : ModelSpec
-        Model shape (number of experts, top-k, sizes).
+    spec : AnySpec
+        Model shape (number of experts, top-k, sizes) of the run's model.
     initial_arrays : Arrays
         Initial global model, global tensor names (see :mod:`fedmoe_app.tensors`).
 
     """
 
-    def __init__(self, cfg: RunConfig, spec: ModelSpec, initial_arrays: Arrays) -> None:
+    def __init__(self, cfg: RunConfig, spec: AnySpec, initial_arrays: Arrays) -> None:
         self.cfg = cfg
         self.spec = spec
         self.num_experts = spec.num_experts
@@ -91,6 +81,8 @@ class FedMoE(Strategy):
         self.last_experts: dict[str, list[int]] = {}  # client id -> experts last trained
         self.failures_total = 0
         self._pending: TrainRound | None = None  # sent by configure_train, awaiting replies
+        self.population = 0  # clients known when nodes were last sampled (the DP accountant's K)
+        self.privacy = PrivateAggregation(cfg, spec.num_experts) if cfg.dp != "off" else None
 
     @property
     def profiles(self) -> dict[str, dict[str, Any]]:
@@ -239,7 +231,13 @@ class FedMoE(Strategy):
                 if msg.has_content() and ARRAYS in msg.content:
                     bytes_up += wire_nbytes(msg.content[ARRAYS])
                 reply = parse_train_reply(
-                    msg.content, node, node_sent, self.num_experts, self.spec.top_k, self.cfg.local_epochs
+                    msg.content,
+                    node,
+                    node_sent,
+                    self.num_experts,
+                    self.spec.top_k,
+                    self.cfg.local_epochs,
+                    self.spec.routes_per_example,
                 )
             except ReplyRejected as exc:
                 rejected[exc.reason] += 1
@@ -269,7 +267,12 @@ class FedMoE(Strategy):
                 len(valid),
                 self.cfg.min_replies,
             )
-        n = sum(r.update.num_examples for r in valid)
+        # the loss of the replies that entered the model, at the weights they entered with
+        if bounded is not None:
+            pairs = [(valid[i].loss, u.num_examples) for i, u in zip(bounded.kept, bounded.updates)]
+        else:
+            pairs = [(r.loss, r.update.num_examples) for r in valid]
+        n = sum(k for _, k in pairs)
         return TrainOutcome(
             failures=failures,
             rejected=dict(rejected),
@@ -277,29 +280,39 @@ class FedMoE(Strategy):
             num_examples=n,
             bytes_up=bytes_up,
             expert_load=tokens,
-            train_loss=sum(r.loss * r.update.num_examples for r in valid) / n if n else math.nan,
+            train_loss=sum(loss * k for loss, k in pairs) / n if n else math.nan,
             dropped_updates=bounded.dropped if bounded else 0,
             capped_weights=bounded.capped if bounded else 0,
+            privacy=self.privacy.report() if self.privacy is not None else None,
         )
 
     def _apply(self, valid: list[TrainReply]) -> Bounded:
         """Bound the valid replies, fold them into the model, alignment state and profiles."""
-        bounded = bound_updates(
-            self.global_arrays,
-            [r.update for r in valid],
-            bound=self.cfg.update_bound,
-            weight_cap=self.cfg.weight_cap,
-        )
+        if self.privacy is not None:  # DP: clipping bounds every update (privacy.py)
+            bounded = Bounded([r.update for r in valid], list(range(len(valid))), 0, 0)
+        else:
+            bounded = bound_updates(
+                self.global_arrays,
+                [r.update for r in valid],
+                bound=self.cfg.update_bound,
+                weight_cap=self.cfg.weight_cap,
+            )
         kept = [valid[i] for i in bounded.kept]
         if not kept:
             return bounded
-        self.global_arrays = aggregate(
-            self.global_arrays,
-            bounded.updates,
-            gate_from_all=self.cfg.route_loss_weight > 0,
-            method=self.cfg.aggregation,
-            trim_fraction=self.cfg.trim_fraction,
-        )
+        if self.privacy is not None:
+            self.global_arrays = self.privacy.apply(self.global_arrays, kept, self.population)
+        else:
+            self.global_arrays = aggregate(
+                self.global_arrays,
+                bounded.updates,
+                gate_from_all=self.cfg.gate_from_all,
+                single_holders=self.cfg.route_loss_weight > 0,
+                method=self.cfg.aggregation,
+                trim_fraction=self.cfg.trim_fraction,
+            )
+        hist = np.stack([r.gate_hist for r in kept])
+        self.global_arrays = balance_gate_bias(self.global_arrays, hist, self.cfg.gate_balance_rate)
         held = np.zeros((len(kept), self.num_experts), dtype=bool)
         for i, r in enumerate(kept):
             held[i, r.expert_ids] = True
@@ -308,7 +321,7 @@ class FedMoE(Strategy):
             held,
             np.stack([u.tokens for u in bounded.updates]),
             np.stack([r.expert_loss for r in kept]),
-            np.stack([r.gate_hist for r in kept]),
+            hist,
         )
         for r in kept:
             self.last_experts[r.client_id] = r.expert_ids
@@ -354,31 +367,11 @@ class FedMoE(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Example-weighted mean of the clients' local test loss and accuracy (+ the worst 10 %)."""
-        outcome = self.evaluate_round(replies)
-        return outcome.metric_record() if outcome is not None else None
+        return self.evaluate_round(replies).metric_record()
 
-    def evaluate_round(self, replies: Iterable[Message]) -> EvaluateOutcome | None:
-        """Per-client local test results of a round (None without a valid reply).
-
-        A reply counts when it names its client and reports a positive example count and a
-        finite loss and an accuracy in ``[0, 1]``; others are logged and left out.
-        """
-        clients: dict[str, tuple[int, float, float]] = {}
-        for msg in replies:
-            if msg.has_error() or not msg.has_content() or METRICS not in msg.content:
-                continue
-            m, cid = msg.content[METRICS], reply_client_id(msg)
-            n, loss, acc = m.get("num-examples"), m.get("eval-loss"), m.get("eval-accuracy")
-            numbers = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (loss, acc))
-            if cid is None or not (isinstance(n, int) and n > 0 and numbers and 0.0 <= acc <= 1.0):
-                log(
-                    WARNING,
-                    "aggregate_evaluate: ignoring malformed reply from node %s",
-                    msg.metadata.src_node_id,
-                )
-                continue
-            clients[cid] = (n, float(loss), float(acc))
-        return EvaluateOutcome.from_clients(clients) if clients else None
+    def evaluate_round(self, replies: Iterable[Message]) -> EvaluateOutcome:
+        """Per-client local test results of a round; invalid replies rejected and counted."""
+        return evaluate_outcome(replies, self.nodes.clients, self.profiles)
 
     # ------------------------------------------------------------------ run loop
     def start(
@@ -397,63 +390,28 @@ class FedMoE(Strategy):
     ) -> Result:
         """Run rounds ``start_round..num_rounds``; hand each round's metrics row to ``on_round``.
 
-        Same loop as :meth:`flwr.serverapp.strategy.Strategy.start`, plus central evaluation
-        on global numpy arrays (``central_eval``, also before round 1 as round 0) and a
-        metrics row per round (:func:`~.rounds.round_row`) given to ``on_round`` after the
-        round (the run layer records it and writes a checkpoint).
+        Same loop and semantics as :meth:`flwr.serverapp.strategy.Strategy.start`
+        (:func:`~.loop.run_rounds`): ``initial_arrays``, when given, replaces the model the
+        strategy was built with (same tensor names and shapes, else ValueError);
+        ``evaluate_fn(round, arrays)`` runs before round 1 (as round 0) and after every round,
+        its metrics kept in ``Result.evaluate_metrics_serverapp`` and the round's metrics row.
+        Besides: ``central_eval`` evaluates the global numpy arrays the same way, and a
+        metrics row per round (:func:`~.rounds.round_row`) is given to ``on_round`` after
+        the round (the run layer records it and writes a checkpoint). ``train_config`` and
+        ``evaluate_config`` are not used: each message's config comes from the run config.
         """
-        del initial_arrays, evaluate_fn, train_config, evaluate_config  # the model is self.global_arrays
-        result = Result()
-        log(INFO, "Starting FedMoE (rounds %d..%d):", start_round, num_rounds)
-        self.summary()
-        if start_round == 1 and central_eval is not None:
-            res = central_eval(0, self.global_arrays) or {}
-            log(
-                INFO,
-                "[ROUND 0] central accuracy %.4f loss %.4f",
-                res.get("accuracy", math.nan),
-                res.get("loss", math.nan),
-            )
-            if on_round:
-                on_round({"round": 0, "failures": 0, **res})
-        kept_in_a_row = 0
-        for rnd in range(start_round, num_rounds + 1):
-            t0 = time.perf_counter()
-            log(INFO, "")
-            log(INFO, "[ROUND %d/%d]", rnd, num_rounds)
-            train_round = self.plan_train(rnd, grid)
-            outcome = self.aggregate_round(rnd, grid.send_and_receive(train_round.messages, timeout=timeout))
-            result.arrays = to_record(self.global_arrays)
-            result.train_metrics_clientapp[rnd] = outcome.metric_record()
-            ev_messages, ev_query_failures = self.plan_evaluate(rnd, grid)
-            ev = self.evaluate_round(grid.send_and_receive(ev_messages, timeout=timeout))
-            central = central_eval(rnd, self.global_arrays) if central_eval is not None else None
-            if ev is not None:
-                result.evaluate_metrics_clientapp[rnd] = ev.metric_record()
-            if central is not None:
-                result.evaluate_metrics_serverapp[rnd] = MetricRecord(
-                    {k: float(v) for k, v in central.items()}
-                )
-            self.failures_total += train_round.query_failures + outcome.failures + ev_query_failures
-            row = round_row(
-                train_round,
-                outcome,
-                evaluate_query_failures=ev_query_failures,
-                client_eval=ev,
-                central_eval=central,
-                wall_time_s=time.perf_counter() - t0,
-            )
-            log_round(row)
-            if on_round:
-                on_round(row)
-            kept_in_a_row = kept_in_a_row + 1 if outcome.valid_replies < self.cfg.min_replies else 0
-            if self.cfg.max_failed_rounds and kept_in_a_row >= self.cfg.max_failed_rounds:
-                raise RunFailed(
-                    f"no round updated the model for {kept_in_a_row} rounds in a row (round {rnd}; "
-                    f"run-config 'max-failed-rounds' = {self.cfg.max_failed_rounds}): every client failed "
-                    "or was rejected, see the log"
-                )
-        return result
+        del train_config, evaluate_config  # every message's config is built from the run config
+        adopt_initial_arrays(self, initial_arrays)
+        return run_rounds(
+            self,
+            grid,
+            num_rounds=num_rounds,
+            timeout=timeout,
+            central_eval=central_eval,
+            evaluate_fn=evaluate_fn,
+            on_round=on_round,
+            start_round=start_round,
+        )
 
     # ------------------------------------------------------------------ nodes
     def _sample(self, grid: Grid, fraction: float, minimum: int, server_round: int) -> tuple[list[int], int]:
@@ -464,6 +422,7 @@ class FedMoE(Strategy):
         (a resumed run). Returns the sampled nodes and the number of failed queries.
         """
         nodes, failed = self.nodes.known_nodes(grid, minimum, server_round)
+        self.population = len(nodes)
         if not nodes:
             return [], failed
         size = min(len(nodes), max(int(len(nodes) * fraction), minimum))
@@ -478,6 +437,7 @@ class FedMoE(Strategy):
             "profiles": self.profiles,
             "last_experts": self.last_experts,
             "failures_total": self.failures_total,
+            **({"accountant": self.privacy.accountant.state_dict()} if self.privacy is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -487,14 +447,11 @@ class FedMoE(Strategy):
         self.nodes.profiles = state["profiles"]
         self.last_experts = {k: list(v) for k, v in state["last_experts"].items()}
         self.failures_total = int(state["failures_total"])
+        if self.privacy is not None and "accountant" in state:
+            self.privacy.accountant.load_state_dict(state["accountant"])
 
     def load(self, arrays: Arrays, state: dict[str, Any]) -> None:
         """Restore the global model and :meth:`state_dict` from a checkpoint's contents."""
-        shapes = {k: v.shape for k, v in arrays.items()}
-        if shapes != {k: v.shape for k, v in self.global_arrays.items()}:
-            differ = sorted(set(shapes) ^ set(self.global_arrays)) or sorted(
-                k for k in shapes if shapes[k] != self.global_arrays[k].shape
-            )
-            raise ValueError(f"the checkpoint does not match this model's tensors (e.g. {differ[:3]})")
+        check_same_tensors(arrays, self.global_arrays, "the checkpoint")
         self.global_arrays = dict(arrays)
         self.load_state_dict(state)

@@ -1,25 +1,38 @@
-"""The MoE model, its shape and costs, and the bridge between torch weights and named arrays.
+"""The MoE models, their shapes and costs, and the bridge between torch weights and named arrays.
 
-* :mod:`.cnn`      -- :class:`ModelSpec` and :class:`MoEClassifier` (conv stem, top-k gate,
-  MLP experts), :func:`build_model`;
-* :mod:`.experts`  -- stacked MLP experts and their grouped-matmul / gather dispatch;
-* :mod:`.costs`    -- :func:`model_costs`: parameters, activations and FLOPs for capacity;
-* :mod:`.arrays`   -- :func:`model_to_arrays` / :func:`load_arrays` under global tensor names.
+* :mod:`.interface`   -- :class:`MoEModel`, what every model offers the app (expert tensors,
+  sub-models with masked routers, feedback, task loss) and :class:`MoEOutput`;
+* :mod:`.registry`    -- :func:`model_spec`, :func:`build_model`, :func:`model_costs` for the
+  run's ``model``;
+* :mod:`.cnn`         -- ``cnn-moe``: :class:`ModelSpec` and :class:`MoEClassifier` (conv stem,
+  top-k gate, MLP experts);
+* :mod:`.transformer` -- ``transformer-moe``: :class:`TransformerSpec` and
+  :class:`TransformerMoE` (Mixtral-style decoder, an MoE in every block);
+* :mod:`.experts`     -- stacked MLP experts and their grouped-matmul / gather dispatch;
+* :mod:`.costs`       -- the CNN's parameters, activations and FLOPs for capacity;
+* :mod:`.arrays`      -- :func:`model_to_arrays` / :func:`load_arrays` under global tensor names.
 """
 
 from .arrays import expected_keys, load_arrays, model_to_arrays
-from .cnn import REFERENCE_SPEC, ModelSpec, MoEClassifier, MoEOutput, build_model, count_parameters
-from .costs import model_costs
+from .cnn import REFERENCE_SPEC, ModelSpec, MoEClassifier, count_parameters
+from .interface import MoEModel, MoEOutput
+from .registry import AnySpec, build_model, model_costs, model_spec
+from .transformer import TransformerMoE, TransformerSpec
 
 __all__ = [
     "REFERENCE_SPEC",
+    "AnySpec",
     "ModelSpec",
     "MoEClassifier",
+    "MoEModel",
     "MoEOutput",
+    "TransformerMoE",
+    "TransformerSpec",
     "build_model",
     "count_parameters",
     "expected_keys",
     "load_arrays",
     "model_costs",
+    "model_spec",
     "model_to_arrays",
 ]

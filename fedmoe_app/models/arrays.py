@@ -1,8 +1,10 @@
 """Torch model <-> named arrays: a model's weights under their global names, and back.
 
-A model stores its experts stacked by slot; :func:`model_to_arrays` names every tensor
-globally (:mod:`fedmoe_app.tensors`) and :func:`load_arrays` loads such a dict back, so a
-message holds the shared part plus exactly the experts it names.
+A model stores its experts stacked by slot (:class:`~fedmoe_app.models.interface.MoEModel`);
+:func:`model_to_arrays` names every tensor globally (:mod:`fedmoe_app.tensors`: slot ``s`` of
+a stacked tensor becomes ``experts.<expert_ids[s]>.<suffix>``) and :func:`load_arrays` loads
+such a dict back, so a message holds the shared part plus exactly the experts it names. The
+same two functions serve every model: the CNN MoE's one MoE layer and a transformer's many.
 """
 
 from __future__ import annotations
@@ -12,23 +14,25 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from ..tensors import EXPERT_PARAMS, Arrays, expert_key
-from .cnn import MoEClassifier
+from ..tensors import Arrays, expert_key
+from .interface import MoEModel
 
 
-def model_to_arrays(model: MoEClassifier) -> Arrays:
+def model_to_arrays(model: MoEModel) -> Arrays:
     """Flatten a model's weights into global names (shared + the experts it holds)."""
+    stacked = model.expert_tensor_names()
+    state = model.state_dict()
     out: Arrays = {}
-    for name, tensor in model.state_dict().items():
-        if not name.startswith("experts."):
+    for name, tensor in state.items():
+        if name not in stacked:
             out[name] = tensor.detach().cpu().numpy().copy()
     for slot, e in enumerate(model.expert_ids.tolist()):
-        for name in EXPERT_PARAMS:
-            out[expert_key(e, name)] = getattr(model.experts, name)[slot].detach().cpu().numpy().copy()
+        for name, suffix in stacked.items():
+            out[expert_key(e, suffix)] = state[name][slot].detach().cpu().numpy().copy()
     return out
 
 
-def load_arrays(model: MoEClassifier, arrays: Mapping[str, np.ndarray]) -> None:
+def load_arrays(model: MoEModel, arrays: Mapping[str, np.ndarray]) -> None:
     """Load global-named arrays into ``model``; they must cover exactly what it holds.
 
     Raises
@@ -43,13 +47,11 @@ def load_arrays(model: MoEClassifier, arrays: Mapping[str, np.ndarray]) -> None:
     missing, extra = expected - set(arrays), set(arrays) - expected
     if missing or extra:
         raise KeyError(f"arrays do not match the model: missing={sorted(missing)}, extra={sorted(extra)}")
-    state = model.state_dict()
+    stacked = model.expert_tensor_names()
     new_state = {}
-    for name, tensor in state.items():
-        if name.startswith("experts."):
-            pname = name.split(".", 1)[1]
-            parts = [arrays[expert_key(e, pname)] for e in model.expert_ids.tolist()]
-            value = np.stack(parts)
+    for name, tensor in model.state_dict().items():
+        if name in stacked:
+            value = np.stack([arrays[expert_key(e, stacked[name])] for e in model.expert_ids.tolist()])
         else:
             value = arrays[name]
         if tuple(value.shape) != tuple(tensor.shape):
@@ -58,7 +60,8 @@ def load_arrays(model: MoEClassifier, arrays: Mapping[str, np.ndarray]) -> None:
     model.load_state_dict(new_state)
 
 
-def expected_keys(model: MoEClassifier) -> list[str]:
+def expected_keys(model: MoEModel) -> list[str]:
     """Global names of every tensor ``model`` holds."""
-    shared = [n for n in model.state_dict() if not n.startswith("experts.")]
-    return shared + [expert_key(e, n) for e in model.expert_ids.tolist() for n in EXPERT_PARAMS]
+    stacked = model.expert_tensor_names()
+    shared = [n for n in model.state_dict() if n not in stacked]
+    return shared + [expert_key(e, s) for e in model.expert_ids.tolist() for s in stacked.values()]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..config import RunConfig
 from .experts import Experts
+from .interface import MoEModel, MoEOutput
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,11 @@ class ModelSpec:
         data = ("in_channels", "image_size", "num_classes")  # the rest are run-config fields
         return cls(**{f.name: getattr(info if f.name in data else cfg, f.name) for f in fields(cls)})
 
+    @property
+    def routes_per_example(self) -> int:
+        """Routing decisions per example and chosen expert: one per image (one MoE layer)."""
+        return 1
+
 
 #: The model the emulated device classes are calibrated at: the default CNN on Fashion-MNIST.
 REFERENCE_SPEC = ModelSpec(
@@ -59,22 +65,7 @@ REFERENCE_SPEC = ModelSpec(
 )
 
 
-class MoEOutput(NamedTuple):
-    """What a forward pass returns: logits plus the feedback the server needs.
-
-    ``tokens``, ``expert_loss_sum`` and ``gate_hist`` are detached, length-E vectors
-    indexed by *global* expert id.
-    """
-
-    logits: Tensor  # [B, num_classes]
-    aux_loss: Tensor  # scalar, Switch-Transformer load-balancing loss
-    route_loss: Tensor  # scalar, the unmasked gate's cross-entropy against the held experts' fit
-    tokens: Tensor  # [E] (sample, expert) pairs routed to each expert
-    expert_loss_sum: Tensor  # [E] summed CE of each expert's own logits on its tokens
-    gate_hist: Tensor  # [E] top-k choices of the unmasked gate (all experts)
-
-
-class MoEClassifier(nn.Module):
+class MoEClassifier(MoEModel):
     """Conv stem → gate (top-k, softmax over the chosen k) → weighted sum of expert logits.
 
     Parameters
@@ -93,15 +84,8 @@ class MoEClassifier(nn.Module):
     def __init__(self, spec: ModelSpec, expert_ids: Sequence[int] | None = None) -> None:
         super().__init__()
         num_e = spec.num_experts
-        ids = sorted(set(range(num_e) if expert_ids is None else (int(e) for e in expert_ids)))
-        if not ids or ids[0] < 0 or ids[-1] >= num_e:
-            raise ValueError(f"expert_ids must be a non-empty subset of 0..{num_e - 1}, got {ids}")
+        ids = self._hold(num_e, expert_ids)
         self.spec = spec
-        slot_of = torch.full((num_e,), -1, dtype=torch.long)
-        slot_of[ids] = torch.arange(len(ids))
-        self.register_buffer("expert_ids", torch.tensor(ids), persistent=False)
-        self.register_buffer("slot_of", slot_of, persistent=False)
-        self.register_buffer("held", slot_of >= 0, persistent=False)
         c, d = spec.stem_channels, spec.feature_dim
         self.stem = nn.Sequential(
             nn.Conv2d(spec.in_channels, c, 3, padding=1),
@@ -118,10 +102,9 @@ class MoEClassifier(nn.Module):
         self.gate = nn.Linear(d, num_e)
         self.experts = Experts(len(ids), d, spec.expert_hidden, spec.num_classes)
 
-    @property
-    def top_k(self) -> int:
-        """Experts each sample is routed to: ``min(spec.top_k, experts held)``."""
-        return min(self.spec.top_k, len(self.expert_ids))
+    def memory_format(self, device: torch.device) -> torch.memory_format:
+        """``channels_last`` on CPU (measured faster for the conv stem), else NCHW."""
+        return torch.channels_last if device.type == "cpu" else torch.contiguous_format
 
     def _route_loss(self, feats: Tensor, gate_logits: Tensor, y: Tensor | None) -> Tensor:
         """Teach the *unmasked* gate (the global model's router) which held expert fits a sample.
@@ -181,7 +164,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in model.parameters()) - experts, experts
 
 
-def build_model(spec: ModelSpec, expert_ids: Sequence[int] | None = None, seed: int = 0) -> MoEClassifier:
+def build_cnn(spec: ModelSpec, expert_ids: Sequence[int] | None = None, seed: int = 0) -> MoEClassifier:
     """Build a model with deterministic initial weights for ``seed``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -1,6 +1,6 @@
 """What capacity planning needs to know of the CNN MoE: parameters, activations and FLOPs.
 
-:func:`model_costs` counts them for a :class:`~fedmoe_app.models.cnn.ModelSpec` and returns
+:func:`cnn_costs` counts them for a :class:`~fedmoe_app.models.cnn.ModelSpec` and returns
 the model-independent :class:`~fedmoe_app.capacity.ModelCosts` that the memory and time
 models use (docs/CAPACITY.md checks the memory prediction against measured peaks).
 """
@@ -41,7 +41,7 @@ def flops_per_sample(spec: ModelSpec) -> tuple[float, float]:
     return 3.0 * fwd_stem, 3.0 * fwd_experts
 
 
-def model_costs(spec: ModelSpec) -> ModelCosts:
+def cnn_costs(spec: ModelSpec) -> ModelCosts:
     """Parameter, activation and FLOP counts of the CNN MoE ``spec``.
 
     Activations saved for backward, per sample:

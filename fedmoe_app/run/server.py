@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 from logging import INFO
 from pathlib import Path
@@ -13,11 +14,11 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from ..config import RunConfig
-from ..data import server_test_data
 from ..federation.strategy import FedMoE
-from ..models import ModelSpec, build_model, load_arrays, model_to_arrays
+from ..models import build_model, load_arrays, model_spec, model_to_arrays
 from ..tensors import Arrays
-from ..training import evaluate, resolve_device
+from ..text import TextSplit, server_split
+from ..training import evaluate, evaluate_text, resolve_device
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .results import RunRecorder
 
@@ -73,18 +74,28 @@ def check_run_folder(out: Path, cfg: RunConfig) -> dict | None:
 
 
 def config_changes(saved: dict, cfg: RunConfig) -> dict[str, tuple]:
-    """Run-config keys whose value differs from the checkpoint's (resumable keys left out)."""
-    now = cfg.to_dict()
-    return {k: (saved.get(k), now[k]) for k in now if k not in RESUMABLE_KEYS and saved.get(k) != now[k]}
+    """Run-config keys whose value differs from the checkpoint's (resumable keys left out).
+
+    A key the checkpoint does not know (added to the app after the run started) counts as
+    unchanged while it keeps its default: the run behaves as it did.
+    """
+    now, default = cfg.to_dict(), RunConfig().to_dict()
+    was = {k: saved.get(k, default[k]) for k in now}
+    return {k: (saved.get(k), now[k]) for k in now if k not in RESUMABLE_KEYS and was[k] != now[k]}
+
+
+def text_metrics(loss: float, acc: float, per_group: np.ndarray, names: tuple[str, ...]) -> dict[str, float]:
+    """Central metrics of a text run: loss (nats/byte), accuracy, bits per byte overall and per group."""
+    out = {"accuracy": acc, "loss": loss, "bpb": loss / math.log(2)}
+    out.update({f"bpb_{name}": float(v) / math.log(2) for name, v in zip(names, per_group)})
+    return out
 
 
 def run_server(grid: Grid, run_config: dict) -> Path:
     """Run a whole fedmoe job on ``grid``; return the output folder."""
     cfg = RunConfig.from_run_config(run_config)
-    test, info = server_test_data(
-        cfg.dataset, max_samples=cfg.central_eval_samples, data_dir=cfg.data_dir, seed=cfg.seed
-    )
-    spec = ModelSpec.from_config(cfg, info)
+    test, info = server_split(cfg)
+    spec = model_spec(cfg, info)
     strategy = FedMoE(cfg, spec, model_to_arrays(build_model(spec, seed=cfg.seed)))
     out = output_dir(cfg)
     ckpt = checkpoint_path(out)
@@ -108,6 +119,8 @@ def run_server(grid: Grid, run_config: dict) -> Path:
 
     def central_eval(server_round: int, arrays: Arrays) -> dict[str, float]:
         load_arrays(eval_model, arrays)
+        if isinstance(test, TextSplit):
+            return text_metrics(*evaluate_text(eval_model, test, batch_size=64, device=device), info.groups)
         loss, acc = evaluate(eval_model, test, device=device)
         return {"accuracy": acc, "loss": loss}
 

@@ -100,6 +100,8 @@ def routing_report(model: MoEClassifier, data: Split, num_classes: int) -> Routi
 def load_run(run_dir: Path) -> tuple[MoEClassifier, Split, int]:
     """Return a run's final global model, its test set and the number of classes."""
     cfg = RunConfig.from_run_config(json.loads((run_dir / "config.json").read_text()))
+    if cfg.model != "cnn-moe":
+        raise ValueError(f"{run_dir}: the routing report covers model 'cnn-moe' only, not {cfg.model!r}")
     test, info = server_test_data(cfg.dataset, max_samples=0, data_dir=cfg.data_dir, seed=cfg.seed)
     model = build_model(ModelSpec.from_config(cfg, info))
     with np.load(run_dir / "final_model.npz", allow_pickle=False) as npz:
@@ -118,7 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: print the routing report of a run folder."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    model, test, num_classes = load_run(args.run_dir)
+    try:
+        model, test, num_classes = load_run(args.run_dir)
+    except ValueError as exc:
+        parser.error(str(exc))
     print(routing_report(model, test, num_classes).format(), end="")
     return 0
 

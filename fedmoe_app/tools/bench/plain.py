@@ -136,7 +136,7 @@ def plain_loop(
             )
             model.cpu()
             updates.append(ClientUpdate(model_to_arrays(model), res.num_examples, res.tokens))
-        global_arrays = aggregate(global_arrays, updates, gate_from_all=cfg.route_loss_weight > 0)
+        global_arrays = aggregate(global_arrays, updates, gate_from_all=cfg.gate_from_all)
         load_arrays(eval_model, global_arrays)
         accuracy.append(evaluate(eval_model, test)[1])
         round_s.append(time.perf_counter() - t0)

@@ -233,6 +233,17 @@ def make_synthetic(
 
 
 # --------------------------------------------------------------------------- tensors
+def to_split(images: np.ndarray, labels: np.ndarray, name: str) -> Split:
+    """Normalise uint8 ``images`` (``[N, H, W]`` or ``[N, C, H, W]``) the way dataset ``name`` is."""
+    mean, std = _NORM.get(name, ((0.5,), (0.25,)))
+    x = torch.from_numpy(np.require(images, requirements=("C", "W"))).float().div_(255.0)
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    return Split((x - m) / s, torch.from_numpy(np.asarray(labels, dtype=np.int64)))
+
+
 @lru_cache(maxsize=4)
 def load_splits(name: str, data_dir: str = "", seed: int = 0) -> tuple[Split, Split, DatasetInfo]:
     """Load ``name`` as normalised tensors: ``(train, test, info)`` (cached per process)."""
@@ -244,7 +255,6 @@ def load_splits(name: str, data_dir: str = "", seed: int = 0) -> tuple[Split, Sp
         raw = make_synthetic(seed)
     else:
         raise ValueError(f"unknown dataset {name!r}")
-    mean, std = _NORM.get(name, ((0.5,), (0.25,)))
     splits = []
     classes = {"fashion-mnist": 10, "cifar10": 10}.get(name)
     for key in ("train", "test"):
@@ -257,12 +267,7 @@ def load_splits(name: str, data_dir: str = "", seed: int = 0) -> tuple[Split, Sp
                 f"{name} {key} split: labels must lie in 0..{classes - 1}, "
                 f"found {int(labels.min())}..{int(labels.max())}"
             )
-        x = torch.from_numpy(np.require(images, requirements=("C", "W"))).float().div_(255.0)
-        if x.dim() == 3:
-            x = x.unsqueeze(1)
-        m = torch.tensor(mean).view(1, -1, 1, 1)
-        s = torch.tensor(std).view(1, -1, 1, 1)
-        splits.append(Split((x - m) / s, torch.from_numpy(np.asarray(labels, dtype=np.int64))))
+        splits.append(to_split(images, labels, name))
     train, test = splits
     info = DatasetInfo(int(train.images.shape[1]), int(train.images.shape[2]), int(train.labels.max()) + 1)
     return train, test, info

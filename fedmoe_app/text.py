@@ -1,0 +1,274 @@
+"""Byte-level text datasets, naturally federated: fortunes by language, or a folder of UTF-8 files.
+
+* ``fortunes``: Debian's fortune-cookie collections (``apt-get install fortunes fortunes-de
+  fortunes-ru fortunes-zh fortunes-es fortunes-it fortunes-pl fortunes-cs``), read from
+  ``data-dir`` or ``/usr/share/games/fortunes``. One group per language: the top-level files
+  are English (``en``) except the Chinese ``chinese``, ``song100`` and ``tang300`` (``zh``);
+  the sub-folders ``cs de es it pl ru`` hold the other languages. Index files (``.dat``),
+  ``.u8`` duplicates, symbolic links (other languages' files linked into the top level, the
+  ``cz``/``sk`` aliases) and the ``off`` (offensive) sub-folders are left out.
+* ``text``: a user's folder (``data-dir``): every top-level file is a group, every sub-folder
+  (all files below it) is a group.
+
+A file that is not valid UTF-8 is skipped with a warning; ANSI colour codes are removed.
+Texts are split into documents (fortunes separated by ``%`` lines, else paragraphs), and a
+seeded tenth of each group's documents (at most :data:`HELDOUT_BYTES`) is held out: the
+server evaluates it for every group. The rest is cut into windows of ``context-length + 1``
+bytes (stride ``context-length``), the examples a client trains on.
+
+Partitions: ``natural`` gives client ``c`` group ``c mod G`` (a group's windows shared among
+its clients) or, with fewer clients than groups, every group ``g`` with ``g mod C = c``; the
+other partitioners run the flwr-datasets ones on the windows' group labels (``dirichlet``:
+a Dirichlet mix of languages per client). A client's local test windows are capped at
+``HELDOUT_BYTES / context-length``, like each group's held-out text on the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import TEXT_DATASETS, RunConfig
+from .data import DatasetInfo, DatasetUnavailable, Split, client_data, partition_indices, server_test_data
+
+log = logging.getLogger(__name__)
+
+FORTUNES_DIR = Path("/usr/share/games/fortunes")
+FORTUNE_LANGUAGES = ("cs", "de", "es", "it", "pl", "ru")
+CHINESE_FORTUNES = ("chinese", "song100", "tang300")
+VOCAB_SIZE = 256
+HELDOUT_SHARE = 0.1
+HELDOUT_BYTES = 64 * 1024
+_ANSI = re.compile(rb"\x1b\[[0-9;]*[A-Za-z]")
+_FORTUNE_SEP = re.compile(rb"\n%\n")
+
+
+@dataclass(frozen=True)
+class TextSplit:
+    """Windows of bytes ``tokens`` (uint8 ``[N, T + 1]``) and each one's group id ``groups [N]``."""
+
+    tokens: torch.Tensor
+    groups: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def subset(self, idx: np.ndarray) -> TextSplit:
+        """Windows ``idx`` of this split."""
+        t = torch.as_tensor(idx, dtype=torch.long)
+        return TextSplit(self.tokens[t], self.groups[t])
+
+
+@dataclass(frozen=True)
+class TextInfo:
+    """What the model and the metrics need to know of a text dataset."""
+
+    vocab_size: int
+    context_length: int
+    groups: tuple[str, ...]  # group (language / file) names, indexed by group id
+
+
+def _is_text_name(path: Path) -> bool:
+    return not path.name.startswith(".") and path.suffix not in (".dat", ".u8")
+
+
+def fortune_groups(root: Path) -> dict[str, list[Path]]:
+    """Language → fortune files under ``root`` (see the module docstring for what is left out)."""
+    groups: dict[str, list[Path]] = {}
+    for path in sorted(root.iterdir()):
+        if path.is_symlink() or not _is_text_name(path):
+            continue
+        if path.is_file():
+            groups.setdefault("zh" if path.name in CHINESE_FORTUNES else "en", []).append(path)
+        elif path.is_dir() and path.name in FORTUNE_LANGUAGES:
+            files = [
+                f for f in sorted(path.iterdir()) if f.is_file() and not f.is_symlink() and _is_text_name(f)
+            ]
+            if files:
+                groups[path.name] = files
+    return groups
+
+
+def folder_groups(root: Path) -> dict[str, list[Path]]:
+    """Group → files of a user's folder: each top-level file, and each sub-folder's files."""
+    groups: dict[str, list[Path]] = {}
+    for path in sorted(root.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if path.is_file():
+            groups[path.name] = [path]
+        elif path.is_dir():
+            files = [f for f in sorted(path.rglob("*")) if f.is_file() and not f.name.startswith(".")]
+            if files:
+                groups[path.name] = files
+    return groups
+
+
+def read_text(path: Path) -> bytes | None:
+    """UTF-8 bytes of ``path`` without ANSI colour codes; ``None`` (logged) if unreadable or not UTF-8."""
+    try:
+        data = path.read_bytes()
+        data.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        log.warning("text: skipping %s (%s)", path, type(exc).__name__)
+        return None
+    return _ANSI.sub(b"", data)
+
+
+def documents(data: bytes) -> list[bytes]:
+    """Split a text into documents: fortunes at ``%`` lines, other texts at blank lines."""
+    data = data.replace(b"\r\n", b"\n")
+    parts = _FORTUNE_SEP.split(data) if _FORTUNE_SEP.search(data) else data.split(b"\n\n")
+    return [p.strip(b"%\n ") for p in parts if p.strip(b"%\n ")]
+
+
+def windows(data: bytes, context_length: int) -> np.ndarray:
+    """Windows ``[n, T + 1]`` (uint8) of ``data`` at stride ``T``; none if shorter than ``T + 1``."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    n = max(0, (len(buf) - 1) // context_length)
+    idx = np.arange(n)[:, None] * context_length + np.arange(context_length + 1)[None, :]
+    return buf[idx] if n else np.zeros((0, context_length + 1), np.uint8)
+
+
+def _groups_of(name: str, data_dir: str) -> tuple[Path, dict[str, list[Path]]]:
+    if name == "fortunes":
+        root = Path(data_dir) if data_dir else FORTUNES_DIR
+        if not root.is_dir():
+            where = f"run-config key 'data-dir' = {data_dir!r}" if data_dir else f"{root}"
+            raise DatasetUnavailable(
+                f"fortunes not found ({where} is not a folder); install Debian's packages "
+                "(apt-get install fortunes fortunes-de fortunes-ru fortunes-zh fortunes-es fortunes-it "
+                "fortunes-pl fortunes-cs) or name their folder in 'data-dir'"
+            )
+        return root, fortune_groups(root)
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DatasetUnavailable(f"run-config key 'data-dir' = {data_dir!r} is not a folder")
+    return root, folder_groups(root)
+
+
+@lru_cache(maxsize=4)
+def load_text(
+    name: str, data_dir: str, context_length: int, seed: int
+) -> tuple[TextSplit, TextSplit, TextInfo]:
+    """``(train windows, held-out windows, info)`` of a text dataset (cached per process).
+
+    Raises
+    ------
+    DatasetUnavailable
+        Naming ``data-dir`` (or the fortunes folder) when no group has a readable UTF-8 text
+        of at least ``context_length + 1`` bytes.
+
+    """
+    if name not in TEXT_DATASETS:
+        raise ValueError(f"unknown text dataset {name!r}")
+    root, found = _groups_of(name, data_dir)
+    rng = np.random.default_rng([seed, 1789])
+    names: list[str] = []
+    train_parts, test_parts = [], []
+    for group, files in sorted(found.items()):
+        docs = [d for f in files if (text := read_text(f)) is not None for d in documents(text)]
+        order = rng.permutation(len(docs))
+        held = sorted(order[: max(1, int(round(len(docs) * HELDOUT_SHARE))) if len(docs) >= 2 else 0])
+        held_set = set(held)
+        train = windows(b"\n\n".join(d for i, d in enumerate(docs) if i not in held_set), context_length)
+        test = windows(b"\n\n".join(docs[i] for i in held)[:HELDOUT_BYTES], context_length)
+        if len(train) == 0:
+            log.warning(
+                "text: group %r under %s has under %d bytes of text; left out", group, root, context_length
+            )
+            continue
+        names.append(group)
+        train_parts.append(train)
+        test_parts.append(test)
+    if not names:
+        key = f"run-config key 'data-dir' = {data_dir!r}" if data_dir else f"fortunes folder {str(root)!r}"
+        raise DatasetUnavailable(
+            f"{key} holds no readable UTF-8 text file of at least context-length + 1 = "
+            f"{context_length + 1} bytes"
+        )
+
+    def split(parts: list[np.ndarray]) -> TextSplit:
+        groups = np.concatenate([np.full(len(p), g, np.int64) for g, p in enumerate(parts)])
+        return TextSplit(torch.from_numpy(np.concatenate(parts)), torch.from_numpy(groups))
+
+    return split(train_parts), split(test_parts), TextInfo(VOCAB_SIZE, context_length, tuple(names))
+
+
+def natural_partitions(
+    groups: np.ndarray, num_groups: int, num_partitions: int, seed: int
+) -> list[np.ndarray]:
+    """Window indices per client under the ``natural`` partitioner (module docstring)."""
+    rng = np.random.default_rng([seed, 2024])
+    parts: list[list[np.ndarray]] = [[] for _ in range(num_partitions)]
+    for g in range(num_groups):
+        idx = rng.permutation(np.flatnonzero(groups == g))
+        if num_partitions >= num_groups:
+            owners = list(range(g, num_partitions, num_groups))
+            for owner, chunk in zip(owners, np.array_split(idx, len(owners))):
+                parts[owner].append(chunk)
+        else:
+            parts[g % num_partitions].append(idx)
+    return [np.sort(np.concatenate(p)) if p else np.zeros(0, np.int64) for p in parts]
+
+
+def text_client_data(
+    name: str,
+    partition_id: int,
+    num_partitions: int,
+    *,
+    partitioner: str,
+    alpha: float,
+    shards: int,
+    test_fraction: float,
+    max_samples: int,
+    data_dir: str,
+    seed: int,
+    context_length: int,
+) -> tuple[TextSplit, TextSplit, TextInfo]:
+    """One client's ``(train, local test, info)`` windows of a text dataset."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    train, _, info = load_text(name, data_dir, context_length, seed)
+    groups = train.groups.numpy()
+    if partitioner == "natural":
+        part = natural_partitions(groups, len(info.groups), num_partitions, seed)[partition_id]
+    else:
+        kw = {"alpha": alpha, "shards": shards, "seed": seed}
+        part = partition_indices(groups.tobytes(), num_partitions, partitioner, **kw)[partition_id]
+    idx = np.random.default_rng([seed, partition_id]).permutation(part)
+    n_test = int(round(len(idx) * test_fraction))
+    train_idx = idx[n_test:][:max_samples] if max_samples else idx[n_test:]
+    test_idx = idx[: min(n_test, HELDOUT_BYTES // context_length)]  # as much as the server's per group
+    return train.subset(train_idx), train.subset(test_idx), info
+
+
+def client_split(cfg: RunConfig, partition_id: int, num_partitions: int):
+    """Return a client's ``(train, local test, info)`` for the run's dataset, image or text."""
+    if cfg.dataset in TEXT_DATASETS:
+        return text_client_data(
+            cfg.dataset, partition_id, num_partitions, **cfg.split_kwargs(), context_length=cfg.context_length
+        )
+    return client_data(cfg.dataset, partition_id, num_partitions, **cfg.split_kwargs())
+
+
+def server_split(cfg: RunConfig) -> tuple[Split | TextSplit, DatasetInfo | TextInfo]:
+    """Return the server's evaluation data: the image test set, or every group's held-out text.
+
+    ``central-eval-samples`` caps either (a seeded subsample; 0: all).
+    """
+    if cfg.dataset not in TEXT_DATASETS:
+        return server_test_data(
+            cfg.dataset, max_samples=cfg.central_eval_samples, data_dir=cfg.data_dir, seed=cfg.seed
+        )
+    _, test, info = load_text(cfg.dataset, cfg.data_dir, cfg.context_length, cfg.seed)
+    cap = cfg.central_eval_samples
+    if cap and cap < len(test):
+        test = test.subset(np.sort(np.random.default_rng(cfg.seed).permutation(len(test))[:cap]))
+    return test, info

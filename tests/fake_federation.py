@@ -1,0 +1,65 @@
+"""An in-process federation for strategy tests: a Grid whose nodes answer with numpy updates.
+
+Each node ``n`` is client ``c<n>``; it answers a query with its client id, a training message
+with the arrays it was sent plus ``scale`` times a seeded random direction (and honest
+feedback), and an evaluation message with a fixed accuracy.
+"""
+
+import numpy as np
+from flwr.app import Message, Metadata, MetricRecord, RecordDict
+
+from fedmoe_app.federation.protocol import ARRAYS, CLIENT, CONFIG, METRICS, client_record, train_reply_content
+from fedmoe_app.federation.records import from_record, to_record
+
+EXAMPLES = 100
+
+
+class FakeGrid:
+    """Nodes 1..n answering every message in process."""
+
+    def __init__(self, n, *, num_experts, top_k, scale=1.0, seed=0):
+        self.n, self.num_experts, self.top_k, self.scale = n, num_experts, top_k, scale
+        self.rng = np.random.default_rng(seed)
+        self.sent = []  # (node, arrays sent) of every training message
+        self.replied = []  # (node, arrays replied) of every training reply
+
+    def get_node_ids(self):
+        return list(range(1, self.n + 1))
+
+    def _meta(self, node, kind):
+        return Metadata(1, "m", node, 0, "", "1", 0.0, 60.0, kind)
+
+    def send_and_receive(self, messages, timeout):
+        replies = []
+        for m in messages:
+            node, kind = m.metadata.dst_node_id, m.metadata.message_type
+            if kind == "query":
+                content = RecordDict({CLIENT: client_record(f"c{node}")})
+            elif kind == "train":
+                content = self._train(node, m)
+            else:
+                metrics = MetricRecord({"eval-loss": 1.0, "eval-accuracy": 0.5, "num-examples": 10})
+                content = RecordDict({METRICS: metrics, CLIENT: client_record(f"c{node}")})
+            replies.append(Message(content=content, metadata=self._meta(node, kind)))
+        return replies
+
+    def _train(self, node, m):
+        arrays = from_record(m.content[ARRAYS])
+        conf = m.content[CONFIG]
+        experts = [int(e) for e in conf["expert-ids"]]
+        if conf["frozen-experts"]:
+            arrays = {k: v for k, v in arrays.items() if not k.startswith("experts.")}
+        direction = {k: self.rng.normal(size=v.shape) for k, v in arrays.items()}
+        norm = np.sqrt(sum(float((d**2).sum()) for d in direction.values()))
+        out = {k: (v + self.scale * direction[k] / norm).astype(v.dtype) for k, v in arrays.items()}
+        self.sent.append((node, from_record(m.content[ARRAYS])))
+        self.replied.append((node, out))
+        tokens = np.zeros(self.num_experts)
+        tokens[experts] = EXAMPLES * min(self.top_k, len(experts)) / len(experts)
+        feedback = {
+            "tokens": tokens,
+            "expert-loss": np.ones(self.num_experts),
+            "gate-hist": np.full(self.num_experts, EXAMPLES * self.top_k / self.num_experts),
+        }
+        metrics = {"num-examples": EXAMPLES, "train-loss": 1.0, "train-accuracy": 0.5}
+        return train_reply_content(to_record(out), metrics, feedback, f"c{node}")
