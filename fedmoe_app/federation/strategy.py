@@ -284,6 +284,7 @@ class FedMoE(Strategy):
             dropped_updates=bounded.dropped if bounded else 0,
             capped_weights=bounded.capped if bounded else 0,
             privacy=self.privacy.report() if self.privacy is not None else None,
+            ray_nodes={r.client_id: r.ray_node for r in valid if r.ray_node is not None},
         )
 
     def _apply(self, valid: list[TrainReply]) -> Bounded:
