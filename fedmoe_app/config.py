@@ -155,7 +155,12 @@ class RunConfig:
     round_timeout_s: float = _opt(600.0, _range(0.0, lo_open=True), "seconds to wait for replies")
     min_replies: int = _opt(1, _range(1), "valid replies needed to update the model")
     query_retry_rounds: int = _opt(
-        1, _range(1), "rounds before a node that did not answer a query is asked again"
+        1, _range(1), "rounds before a node that did not answer a query is asked again (doubling per miss)"
+    )
+    discovery: str = _opt(
+        "all",
+        _choice("all", "sampled"),
+        "query every new node before sampling (all) or only the sampled new ones (sampled: many clients)",
     )
     max_failed_rounds: int = _opt(
         5, _range(0), "stop the run, failed, after this many rounds in a row keep the model; 0: never"
