@@ -21,12 +21,14 @@ from typing import Any
 
 from .alignment import POLICIES
 from .capacity import parse_device_mix
+from .hf_config import HF_PRESETS, check_hf_config
 
 IMAGE_DATASETS = ("fashion-mnist", "cifar10", "synthetic")
 TEXT_DATASETS = ("fortunes", "text")
 DATASETS = IMAGE_DATASETS + TEXT_DATASETS
 PARTITIONERS = ("dirichlet", "pathological", "iid", "natural")
-MODELS = ("cnn-moe", "transformer-moe")
+MODELS = ("cnn-moe", "transformer-moe", "hf")
+TEXT_MODELS = ("transformer-moe", "hf")
 CAPACITY_MODES = ("profiled", "fixed")
 UNDER_CAPACITY = ("shared-only", "skip")
 GATE_MODES = ("global", "local")
@@ -108,7 +110,9 @@ class RunConfig:
     max_samples_per_client: int = _opt(0, _range(0), "cap on local train samples; 0: all")
     central_eval_samples: int = _opt(0, _range(0), "cap on server test samples; 0: all")
     # Model
-    model: str = _opt("cnn-moe", _choice(*MODELS), "cnn-moe for images, transformer-moe for text")
+    model: str = _opt(
+        "cnn-moe", _choice(*MODELS), "cnn-moe for images; transformer-moe or hf (Hugging Face MoE) for text"
+    )
     num_experts: int = _opt(8, _range(1, 1024), "experts E in the model")
     top_k: int = _opt(2, _range(1), "experts each sample is routed to")
     stem_channels: int = _opt(16, _range(1), "channels of the shared conv stem")
@@ -118,6 +122,16 @@ class RunConfig:
     d_model: int = _opt(64, _range(2), "transformer-moe: model width")
     num_heads: int = _opt(4, _range(1), "transformer-moe: attention heads (d-model / heads even)")
     context_length: int = _opt(64, _range(2, 8192), "transformer-moe: bytes per training sequence")
+    hf_config: str = _opt(
+        "tiny-mixtral",
+        None,
+        "hf: a transformers MoE config.json, or a preset ("
+        + ", ".join(HF_PRESETS)
+        + ") sized by the keys above",
+    )
+    hf_weights: str = _opt(
+        "", None, "hf: local safetensors file or folder with the model's weights; empty: random init"
+    )
     gate_mode: str = _opt("global", _choice(*GATE_MODES), "aggregated gate, or each client keeps its own")
     # Alignment
     policy: str = _opt("load_balanced", _choice(*POLICIES), "client-expert assignment policy")
@@ -141,7 +155,12 @@ class RunConfig:
     round_timeout_s: float = _opt(600.0, _range(0.0, lo_open=True), "seconds to wait for replies")
     min_replies: int = _opt(1, _range(1), "valid replies needed to update the model")
     query_retry_rounds: int = _opt(
-        1, _range(1), "rounds before a node that did not answer a query is asked again"
+        1, _range(1), "rounds before a node that did not answer a query is asked again (doubling per miss)"
+    )
+    discovery: str = _opt(
+        "all",
+        _choice("all", "sampled"),
+        "query every new node before sampling (all) or only the sampled new ones (sampled: many clients)",
     )
     max_failed_rounds: int = _opt(
         5, _range(0), "stop the run, failed, after this many rounds in a row keep the model; 0: never"
@@ -242,17 +261,21 @@ class RunConfig:
             "max_samples=max_samples_per_client data_dir seed"
         )
 
+    def hf_sizes(self) -> dict[str, int]:
+        """Sizes of an ``hf`` preset (keyword arguments of ``fedmoe_app.hf_config.resolve_hf_config``)."""
+        return self._args("num_layers d_model num_heads expert_hidden num_experts top_k context_length")
+
     def node_data_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``fedmoe_app.data.local.node_data``: how a node's own folder is split."""
         return self._args("test_fraction=local_test_fraction max_samples=max_samples_per_client seed")
 
     def _check_model(self) -> None:
         text = self.dataset in TEXT_DATASETS
-        if (self.model == "transformer-moe") != text:
-            wanted = "transformer-moe" if text else "cnn-moe"
+        if (self.model in TEXT_MODELS) != text:
+            wanted = " or ".join(repr(m) for m in TEXT_MODELS) if text else "'cnn-moe'"
             raise ConfigError(
                 f"run-config key 'model' = {self.model!r} is invalid for dataset {self.dataset!r}; "
-                f"allowed: {wanted!r}"
+                f"allowed: {wanted}"
             )
         if self.partitioner == "natural" and not text:
             raise ConfigError(
@@ -264,8 +287,15 @@ class RunConfig:
                 "run-config key 'data-dir' = '' is invalid for dataset 'text'; allowed: a folder of "
                 "UTF-8 text files"
             )
-        if self.model != "transformer-moe":
+        if self.model not in TEXT_MODELS:
             return
+        if self.model == "hf":
+            try:
+                check_hf_config(
+                    self.hf_config, self.hf_weights, self.num_experts, self.top_k, self.context_length
+                )
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:
             raise ConfigError(
                 f"run-config key 'd-model' = {self.d_model} is invalid with num-heads = {self.num_heads}; "
@@ -277,7 +307,7 @@ class RunConfig:
         ):
             if value > 0:
                 raise ConfigError(
-                    f"run-config key '{key}' = {value} is invalid for model 'transformer-moe'; allowed: 0"
+                    f"run-config key '{key}' = {value} is invalid for model {self.model!r}; allowed: 0"
                 )
 
     def _check_relations(self) -> None:

@@ -2,8 +2,11 @@
 
 Each node ``n`` is client ``c<n>``; it answers a query with its client id, a training message
 with the arrays it was sent plus ``scale`` times a seeded random direction (and honest
-feedback), and an evaluation message with a fixed accuracy.
+feedback), and an evaluation message with a fixed accuracy. Nodes in ``silent`` never answer;
+``asked`` counts the messages each node was sent, by message type.
 """
+
+from collections import Counter
 
 import numpy as np
 from flwr.app import Message, Metadata, MetricRecord, RecordDict
@@ -17,8 +20,10 @@ EXAMPLES = 100
 class FakeGrid:
     """Nodes 1..n answering every message in process."""
 
-    def __init__(self, n, *, num_experts, top_k, scale=1.0, seed=0):
+    def __init__(self, n, *, num_experts, top_k, scale=1.0, seed=0, silent=()):
         self.n, self.num_experts, self.top_k, self.scale = n, num_experts, top_k, scale
+        self.silent = set(silent)
+        self.asked = {}  # message type -> Counter of node ids
         self.rng = np.random.default_rng(seed)
         self.sent = []  # (node, arrays sent) of every training message
         self.replied = []  # (node, arrays replied) of every training reply
@@ -33,6 +38,9 @@ class FakeGrid:
         replies = []
         for m in messages:
             node, kind = m.metadata.dst_node_id, m.metadata.message_type
+            self.asked.setdefault(kind, Counter())[node] += 1
+            if node in self.silent:
+                continue
             if kind == "query":
                 content = RecordDict({CLIENT: client_record(f"c{node}")})
             elif kind == "train":

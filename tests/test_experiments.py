@@ -151,6 +151,17 @@ def test_default_and_quick_grids():
     assert ex.ExperimentGrid.from_dict(json.loads(json.dumps(grid.to_dict()))).runs() == runs
 
 
+def test_grid_of_a_natural_partition_has_one_setting():
+    text = {"dataset": "fortunes", "model": "transformer-moe", "partitioner": "natural"}
+    grid = ex.build_grid(policies=["dense", "random"], seeds=[0, 1], clients=8, overrides=text)
+    names = [r.name for r in grid.runs()]
+    assert sorted(names) == ["natural-dense-s0", "natural-dense-s1", "natural-random-s0", "natural-random-s1"]
+    assert {r.run_config["partitioner"] for r in grid.runs()} == {"natural"}
+    grid.validate()
+    with pytest.raises(ConfigError, match="--alphas needs partitioner 'dirichlet'"):
+        ex.build_grid(alphas=[0.1], overrides=text)
+
+
 def test_parse_set():
     assert ex.parse_set(["dataset=cifar10", "data-dir=/d/x", "lr=0.01", "batch-size=64"]) == {
         "dataset": "cifar10",

@@ -113,3 +113,16 @@ def test_fault_plan_is_deterministic_and_follows_probabilities():
     assert all(faults.fault_for(0, r, "x", 0, 0, 0) is None for r in range(100))
     kinds = {faults.corruption_for(0, r, c) for r in range(20) for c in ids[:50]}
     assert kinds == set(faults.CORRUPTIONS)
+
+
+def test_ray_node_id_is_read_when_plausible_and_ignored_otherwise(reply):
+    from fedmoe_app.federation.placement import ray_node_id
+    from fedmoe_app.federation.protocol import RAY_NODE
+
+    content, sent = reply
+    assert parse(content, sent).ray_node is None  # outside Ray a client names no node
+    assert ray_node_id() is None  # this test process is no Ray worker
+    for value, expected in (("ab12", "ab12"), ("", None), ("x" * 129, None), (7, None)):
+        record = ConfigRecord({"client-id": "c7", RAY_NODE: value})
+        tampered = RecordDict({**{k: content[k] for k in content}, CLIENT: record})
+        assert parse(tampered, sent).ray_node == expected, value

@@ -28,8 +28,9 @@ from ..tensors import is_gate_key, parse_expert_key
 from ..text import client_split
 from ..training import evaluate, resolve_device, train
 from .faults import corrupt, corrupt_eval, corruption_for, eval_corruption_for, fault_for
+from .placement import ray_node_id
 from .privacy import privatize
-from .protocol import ARRAYS, CLIENT, CONFIG, METRICS, PROFILE, client_record, train_reply_content
+from .protocol import ARRAYS, CLIENT, CONFIG, METRICS, PROFILE, RAY_NODE, client_record, train_reply_content
 from .records import from_record, to_record
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,9 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
             rng=np.random.default_rng(),
         )
     content = train_reply_content(to_record(arrays), metrics, feedback, cid)
+    node = ray_node_id()
+    if node is not None:  # simulation: the Ray node this client ran on (placement.py)
+        content[CLIENT][RAY_NODE] = node
     if fault == "corrupt":
         kind = corruption_for(cfg.seed, server_round, cid)
         log.warning("injected fault: client %s sends a corrupt reply (%s)", cid, kind)

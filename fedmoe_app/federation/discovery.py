@@ -28,9 +28,13 @@ class Discovery:
         Seconds to wait for enough nodes to connect and for query replies.
     retry_rounds : int
         A node that did not answer its query is asked again this many rounds later (1: the
-        next round), not every time nodes are sampled; each failed query is counted once.
+        next round), not every time nodes are sampled, and the wait doubles with every
+        further miss (``retry_rounds * 2**(misses - 1)``, at most ``MAX_BACKOFF_ROUNDS``): a
+        node that never answers costs O(log rounds) queries. Each failed query is counted once.
 
     """
+
+    MAX_BACKOFF_ROUNDS = 64
 
     def __init__(self, timeout_s: float, retry_rounds: int) -> None:
         self.timeout_s = timeout_s
@@ -38,6 +42,8 @@ class Discovery:
         self.clients: dict[int, str] = {}  # node id -> client id
         self.profiles: dict[str, dict[str, Any]] = {}  # client id -> capacity profile
         self.unanswered: dict[int, int] = {}  # node id -> round its last query failed
+        self.misses: dict[int, int] = {}  # node id -> failed queries in a row
+        self.queries_sent = 0  # query messages sent so far (what discovery costs)
 
     def client_of(self, node: int) -> str:
         """Client id of a known node."""
@@ -49,21 +55,42 @@ class Discovery:
         Waits (up to ``timeout_s``) until at least ``minimum`` nodes are connected, then
         queries the connected nodes not met before.
         """
+        return self.identify(grid, self.connected(grid, minimum), server_round)
+
+    def connected(self, grid: Grid, minimum: int) -> list[int]:
+        """Return the connected node ids, sorted, after waiting (up to ``timeout_s``) for ``minimum``."""
         deadline = time.monotonic() + self.timeout_s
         while len(nodes := sorted(grid.get_node_ids())) < minimum and time.monotonic() < deadline:
             log(INFO, "Waiting for nodes to connect: %d connected (minimum %d)", len(nodes), minimum)
             time.sleep(1.0)
+        return nodes
+
+    def ordered(self, nodes: list[int]) -> list[int]:
+        """Return ``nodes`` with the known ones first, by client id, then the others by node id."""
+        known = sorted((n for n in nodes if n in self.clients), key=self.clients.__getitem__)
+        return known + sorted(n for n in nodes if n not in self.clients)
+
+    def identify(self, grid: Grid, nodes: list[int], server_round: int) -> tuple[list[int], int]:
+        """Query the unknown ones of ``nodes``; return those of ``nodes`` now known (by client id).
+
+        Only ``nodes`` are asked (each new node once; a silent one again after its back-off),
+        so a caller that samples first pays one query per sampled new node, not one per
+        connected node. Also returns the number of failed queries.
+        """
         failed = self._query_unknown(grid, nodes, server_round)
         known = [n for n in nodes if n in self.clients]
         return sorted(known, key=self.clients.__getitem__), failed
 
+    def _due(self, node: int, server_round: int) -> bool:
+        """Whether an unknown node may be asked in ``server_round`` (its back-off is over)."""
+        if node not in self.unanswered:
+            return True
+        wait = min(self.retry_rounds * 2 ** (self.misses.get(node, 1) - 1), self.MAX_BACKOFF_ROUNDS)
+        return server_round - self.unanswered[node] >= wait
+
     def _query_unknown(self, grid: Grid, nodes: list[int], server_round: int) -> int:
         """Ask nodes we have not met for their client id and profile; return how many failed."""
-        unknown = [
-            n
-            for n in nodes
-            if n not in self.clients and server_round - self.unanswered.get(n, -(10**9)) >= self.retry_rounds
-        ]
+        unknown = [n for n in nodes if n not in self.clients and self._due(n, server_round)]
         if not unknown:
             return 0
         connected = set(nodes)
@@ -76,6 +103,7 @@ class Discovery:
             for n in unknown
         ]
         answered = 0
+        self.queries_sent += len(queries)
         for msg in grid.send_and_receive(queries, timeout=self.timeout_s):
             node = msg.metadata.src_node_id
             cid = None if msg.has_error() else reply_client_id(msg)
@@ -96,10 +124,12 @@ class Discovery:
             self.clients[node] = cid
             self.profiles[cid] = {**self.profiles.get(cid, {}), **self._profile(msg, node)}
             self.unanswered.pop(node, None)
+            self.misses.pop(node, None)
             answered += 1
         for n in unknown:
             if n not in self.clients:
                 self.unanswered[n] = server_round
+                self.misses[n] = self.misses.get(n, 0) + 1
         return len(unknown) - answered
 
     @staticmethod

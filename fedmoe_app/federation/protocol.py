@@ -5,7 +5,8 @@ Train message (server → client): ``arrays`` (ArrayRecord: shared + assigned ex
 ``seed``). Train reply: ``arrays`` (the same keys, trained), ``metrics`` (MetricRecord:
 ``num-examples``, ``train-loss``, ``train-accuracy``, ``train-time-s``,
 ``samples-per-s``, ``peak-memory-bytes``), ``feedback`` (MetricRecord of length-E lists:
-``tokens``, ``expert-loss``, ``gate-hist``) and ``client`` (ConfigRecord: ``client-id``).
+``tokens``, ``expert-loss``, ``gate-hist``) and ``client`` (ConfigRecord: ``client-id``;
+under Ray also ``ray-node-id``, the Ray node the client ran on).
 Query reply: ``client`` (client id) and ``profile`` (ConfigRecord of CapacityProfile).
 """
 
@@ -31,6 +32,8 @@ ARRAYS, CONFIG, METRICS, FEEDBACK, CLIENT, PROFILE = (
     "profile",
 )
 FEEDBACK_KEYS = ("tokens", "expert-loss", "gate-hist")
+RAY_NODE = "ray-node-id"
+MAX_RAY_NODE_CHARS = 128
 
 
 class ReplyRejected(ValueError):
@@ -64,6 +67,7 @@ class TrainReply:
     expert_loss: np.ndarray
     gate_hist: np.ndarray
     metrics: dict[str, float] = field(default_factory=dict)
+    ray_node: str | None = None  # the Ray node the client ran on (simulation), if it said
 
 
 def client_record(client_id: str, **extra: str) -> ConfigRecord:
@@ -85,6 +89,15 @@ def train_reply_content(
             CLIENT: client_record(client_id),
         }
     )
+
+
+def content_ray_node(content: RecordDict) -> str | None:
+    """Return the Ray node id a reply names, if it names a plausible one (else None)."""
+    try:
+        node = content[CLIENT].get(RAY_NODE)
+    except (KeyError, TypeError, AttributeError):
+        return None
+    return node if isinstance(node, str) and 0 < len(node) <= MAX_RAY_NODE_CHARS else None
 
 
 def reply_client_id(msg: Message) -> str | None:
@@ -226,4 +239,5 @@ def parse_train_reply(
         expert_loss=vectors["expert-loss"],
         gate_hist=vectors["gate-hist"],
         metrics=extra,
+        ray_node=content_ray_node(content),
     )

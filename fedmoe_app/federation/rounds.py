@@ -44,6 +44,7 @@ class TrainOutcome:
     dropped_updates: int = 0  # (client, group) updates left out for their size (robust.py)
     capped_weights: int = 0  # clients whose example count was capped
     privacy: dict[str, Any] | None = None  # dp_* metrics (accounting.py); None with dp = "off"
+    ray_nodes: dict[str, str] | None = None  # client id -> Ray node it trained on (simulation)
 
     def metric_record(self) -> MetricRecord:
         """Return the outcome as Flower's ``train_metrics_clientapp`` record."""
@@ -159,6 +160,8 @@ def round_row(
     }
     if outcome.privacy is not None:
         row.update(outcome.privacy)
+    if outcome.ray_nodes:
+        row["ray_nodes"] = dict(sorted(outcome.ray_nodes.items()))
     if client_eval is not None:
         row["eval_rejected"] = client_eval.rejected
     if client_eval is not None and client_eval.by_client:

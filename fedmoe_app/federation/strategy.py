@@ -284,6 +284,7 @@ class FedMoE(Strategy):
             dropped_updates=bounded.dropped if bounded else 0,
             capped_weights=bounded.capped if bounded else 0,
             privacy=self.privacy.report() if self.privacy is not None else None,
+            ray_nodes={r.client_id: r.ray_node for r in valid if r.ray_node is not None},
         )
 
     def _apply(self, valid: list[TrainReply]) -> Bounded:
@@ -419,14 +420,25 @@ class FedMoE(Strategy):
 
         Nodes are identified first (:class:`~.discovery.Discovery`), and sampling runs over
         sorted client ids, so the same seed picks the same clients even when node ids change
-        (a resumed run). Returns the sampled nodes and the number of failed queries.
+        (a resumed run). With run-config ``discovery = "sampled"`` the draw runs over the
+        connected nodes (known ones by client id, new ones by node id) and only the sampled
+        new nodes are queried; a sampled node that does not answer sits the round out.
+        Returns the sampled nodes and the number of failed queries.
         """
+        if self.cfg.discovery == "sampled":  # sample first, then query only the sampled new nodes
+            nodes = self.nodes.ordered(self.nodes.connected(grid, minimum))
+            self.population = len(nodes)
+            return self.nodes.identify(grid, self._pick(nodes, fraction, minimum), server_round)
         nodes, failed = self.nodes.known_nodes(grid, minimum, server_round)
         self.population = len(nodes)
+        return self._pick(nodes, fraction, minimum), failed
+
+    def _pick(self, nodes: list[int], fraction: float, minimum: int) -> list[int]:
+        """Draw ``fraction`` of ``nodes`` (at least ``minimum``), keeping their order."""
         if not nodes:
-            return [], failed
+            return []
         size = min(len(nodes), max(int(len(nodes) * fraction), minimum))
-        return [nodes[i] for i in sorted(self.rng.choice(len(nodes), size=size, replace=False))], failed
+        return [nodes[i] for i in sorted(self.rng.choice(len(nodes), size=size, replace=False))]
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:

@@ -8,6 +8,8 @@
   top-k gate, MLP experts);
 * :mod:`.transformer` -- ``transformer-moe``: :class:`TransformerSpec` and
   :class:`TransformerMoE` (Mixtral-style decoder, an MoE in every block);
+* :mod:`.hf_spec`     -- ``hf``: :class:`HFSpec` (a transformers MoE config); :mod:`.hf` builds
+  it (imported lazily: ``transformers`` is an optional extra);
 * :mod:`.experts`     -- stacked MLP experts and their grouped-matmul / gather dispatch;
 * :mod:`.costs`       -- the CNN's parameters, activations and FLOPs for capacity;
 * :mod:`.arrays`      -- :func:`model_to_arrays` / :func:`load_arrays` under global tensor names.
@@ -15,6 +17,7 @@
 
 from .arrays import expected_keys, load_arrays, model_to_arrays
 from .cnn import REFERENCE_SPEC, ModelSpec, MoEClassifier, count_parameters
+from .hf_spec import HFSpec
 from .interface import MoEModel, MoEOutput
 from .registry import AnySpec, build_model, model_costs, model_spec
 from .transformer import TransformerMoE, TransformerSpec
@@ -22,6 +25,7 @@ from .transformer import TransformerMoE, TransformerSpec
 __all__ = [
     "REFERENCE_SPEC",
     "AnySpec",
+    "HFSpec",
     "ModelSpec",
     "MoEClassifier",
     "MoEModel",

@@ -186,6 +186,7 @@ def launch(
     output_root: str | Path | None = None,
     timeout: float | None = None,
     stream_to: Any = None,
+    ray_address: str | None = None,
 ) -> int:
     """Run the Flower app at ``app_dir`` in local simulation; return ``flwr run``'s exit code.
 
@@ -207,6 +208,10 @@ def launch(
         Seconds after which the run is stopped (exit code 124).
     stream_to : file object | None
         Where the run's log goes (default: this process's stdout).
+    ray_address : str | None
+        ``host:port`` of a running Ray cluster (``ray start --head``) the simulation joins
+        instead of starting its own Ray (set as ``RAY_ADDRESS`` for the SuperLink, which
+        runs the simulation; docs/SCALE.md); ``None``: the environment's ``RAY_ADDRESS``, if any.
 
     """
     app_dir = Path(app_dir).resolve()
@@ -227,6 +232,8 @@ def launch(
         FEDMOE_OUTPUT_ROOT=str(Path(output_root).resolve() if output_root else app_dir),
         PYTHONPATH=os.pathsep.join(p for p in (str(app_dir), env.get("PYTHONPATH", "")) if p),
     )
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
     superlink_cmd = [
         "flower-superlink",
         "--insecure",
@@ -297,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-gpus", type=float, default=0, help="GPUs per simulated client")
     parser.add_argument("--flwr-home", default=None, help="keep Flower's state here (default: temporary)")
     parser.add_argument("--timeout", type=float, default=None)
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        help="join this running Ray cluster (host:port of `ray start --head`) instead of a private Ray",
+    )
     return parser
 
 

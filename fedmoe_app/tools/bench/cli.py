@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from . import alignment, dispatch, experts, memory, overhead
+from . import alignment, dispatch, experts, memory, overhead, tokens
 
 
 class Command(NamedTuple):
@@ -44,6 +44,12 @@ COMMANDS: dict[str, Command] = {
         memory.add_arguments,
         memory.bench_memory,
         memory.__doc__,
+    ),
+    "tokens": Command(
+        "transformer-moe training tokens/s: the app's loop vs a plain PyTorch loop",
+        tokens.add_arguments,
+        tokens.bench_tokens,
+        tokens.__doc__,
     ),
 }
 

@@ -131,6 +131,25 @@ def alpha_setting(alpha: float, seeds: Sequence[int]) -> Setting:
     )
 
 
+def partitioner_setting(partitioner: str, seeds: Sequence[int]) -> Setting:
+    """Return the one setting of a grid whose ``partitioner`` is not Dirichlet (e.g. ``natural``).
+
+    Parameters
+    ----------
+    partitioner : str
+        The run config's ``partitioner``; it names the setting.
+    seeds : sequence of int
+        Seeds to run it with.
+
+    Returns
+    -------
+    Setting
+        Setting without overrides of its own.
+
+    """
+    return Setting(partitioner, {}, tuple(seeds), f"partitioner {partitioner}")
+
+
 #: Seeds of the default grid per Dirichlet alpha (others: seed 0).
 DEFAULT_SEEDS: dict[float, tuple[int, ...]] = {0.1: (0, 1, 2), 0.5: (0,)}
 DEFAULT_SETTINGS: tuple[Setting, ...] = tuple(alpha_setting(a, s) for a, s in DEFAULT_SEEDS.items())
@@ -373,14 +392,22 @@ def build_grid(
     base.update(overrides or {})
     if rounds is not None:
         base["num-server-rounds"] = int(rounds)
-    if alphas is None:
-        alphas = (0.5,) if quick else tuple(DEFAULT_SEEDS)
-    if overrides and "dirichlet-alpha" in overrides:
-        logger.warning("--set dirichlet-alpha is overridden by the settings; use --alphas")
-    settings = tuple(
-        alpha_setting(a, seeds if seeds is not None else ((0,) if quick else DEFAULT_SEEDS.get(a, (0,))))
-        for a in alphas
-    )
+    partitioner = str(base.get("partitioner", "dirichlet"))
+    if partitioner != "dirichlet":
+        if alphas:
+            raise ConfigError(
+                f"--alphas needs partitioner 'dirichlet'; the grid's partitioner is {partitioner!r}"
+            )
+        settings = (partitioner_setting(partitioner, seeds if seeds is not None else (0,)),)
+    else:
+        if alphas is None:
+            alphas = (0.5,) if quick else tuple(DEFAULT_SEEDS)
+        if overrides and "dirichlet-alpha" in overrides:
+            logger.warning("--set dirichlet-alpha is overridden by the settings; use --alphas")
+        settings = tuple(
+            alpha_setting(a, seeds if seeds is not None else ((0,) if quick else DEFAULT_SEEDS.get(a, (0,))))
+            for a in alphas
+        )
     pol = tuple(policies) if policies else (QUICK_POLICIES if quick else DEFAULT_POLICIES)
     unknown = [p for p in pol if p not in POLICIES]
     if unknown:

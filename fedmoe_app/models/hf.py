@@ -1,0 +1,230 @@
+"""``hf``: a Hugging Face ``transformers`` MoE causal LM as an :class:`MoEModel`.
+
+Imported only when a run chooses ``model = "hf"`` (``transformers`` is the optional extra
+``hf``). :class:`HFMoE` builds ``AutoModelForCausalLM.from_config`` (random init, or local
+weights) and adapts every MoE block (a module with a router ``gate`` and stacked ``experts``,
+the layout of Mixtral, Qwen2/Qwen3-MoE and OLMoE in transformers 5):
+
+* the experts' stacked tensors (``gate_up_proj [E, 2h, d]``, ``down_proj [E, d, h]``) are cut
+  to the held experts' rows, so slot ``s`` holds global expert ``expert_ids[s]``; their state
+  names (``model.layers.<l>.mlp.experts.gate_up_proj``) carry the ``experts`` component the
+  interface needs, so expert ``e`` of every layer travels together (tied layers);
+* the router is replaced by :class:`MaskedRouter`, which keeps its weight (one row per global
+  expert, same state name) and masks the logits of absent experts before the top-k choice,
+  then hands the experts module slot indices; it records the feedback of the pass.
+
+:func:`hf_costs` measures what capacity planning needs on the built model: parameters from the
+actual tensors, training FLOPs per sequence with :class:`torch.utils.flop_counter.FlopCounterMode`
+(split into the experts' modules and the rest) and the values saved for backward with
+:func:`torch.autograd.graph.saved_tensors_hooks` (holding one expert vs two gives the routed part).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..capacity import ModelCosts
+from .hf_spec import HFSpec
+from .interface import MoEModel, MoEOutput
+
+
+class MaskedRouter(nn.Module):
+    """Top-k router over the held experts; returns ``(logits, weights, slots)`` like transformers'.
+
+    ``ctx`` (set by :class:`HFMoE` before each pass) is ``(held [E] bool, slot_of [E], k, hist_k)``;
+    each call appends ``(chosen global ids [N k], unmasked top-k [N hist_k], aux loss)`` to
+    ``records``.
+    """
+
+    def __init__(self, weight: nn.Parameter, normalize: bool) -> None:
+        super().__init__()
+        self.weight = weight
+        self.normalize = normalize
+        self.ctx: tuple[Tensor, Tensor, int, int] | None = None
+        self.records: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    def forward(self, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Route rows of ``hidden [..., d]``; slot indices ``[N, k]`` for the cut experts module."""
+        held, slot_of, k, hist_k = self.ctx
+        logits = F.linear(hidden.reshape(-1, self.weight.shape[1]), self.weight)  # [N, E]
+        masked = logits.masked_fill(~held, float("-inf"))
+        probs = F.softmax(masked.float(), dim=-1)
+        top_val, top_idx = probs.topk(k, dim=-1)
+        if self.normalize:
+            top_val = top_val / top_val.sum(dim=-1, keepdim=True)
+        flat = top_idx.reshape(-1)
+        frac = torch.bincount(flat, minlength=held.numel()).to(probs.dtype) / flat.numel()
+        aux = int(held.sum()) * (frac * probs.mean(dim=0)).sum()  # Switch balance loss over held
+        self.records.append((flat, logits.detach().topk(hist_k, dim=-1).indices.reshape(-1), aux))
+        return logits, top_val.to(logits.dtype), slot_of[top_idx]
+
+
+def moe_blocks(net: nn.Module) -> list[nn.Module]:
+    """Return the MoE blocks of a transformers model (a router ``gate`` and stacked ``experts``)."""
+    return [
+        m
+        for m in net.modules()
+        if hasattr(m, "gate") and hasattr(getattr(m, "experts", None), "gate_up_proj")
+    ]
+
+
+def _load_weights(net: nn.Module, weights: str) -> None:
+    """Load a safetensors file, or every ``*.safetensors`` of a folder, into ``net`` (strict)."""
+    from safetensors.torch import load_file
+
+    path = Path(weights).expanduser()
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    state: dict[str, Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise ValueError(
+            f"run-config key 'hf-weights' = {weights!r} does not match hf-config: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+
+
+class HFMoE(MoEModel):
+    """A transformers MoE causal LM holding ``expert_ids`` of every MoE layer.
+
+    Parameters
+    ----------
+    spec : HFSpec
+        The config (and optional weights).
+    expert_ids : Sequence[int] | None
+        Global ids held in every MoE layer; ``None`` holds all.
+
+    """
+
+    def __init__(self, spec: HFSpec, expert_ids: Sequence[int] | None = None) -> None:
+        super().__init__()
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.spec = spec
+        ids = self._hold(spec.num_experts, expert_ids)
+        config = spec.config
+        hf_cfg = AutoConfig.for_model(config.pop("model_type"), **config)
+        hf_cfg.use_cache = False
+        self.net = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa")
+        if spec.weights:
+            _load_weights(self.net, spec.weights)
+        index = torch.tensor(ids)
+        for block in moe_blocks(self.net):
+            experts = block.experts
+            for name, p in list(experts.named_parameters(recurse=False)):
+                setattr(experts, name, nn.Parameter(p.detach().index_select(0, index).clone()))
+            experts.num_experts = len(ids)
+            block.gate = MaskedRouter(block.gate.weight, bool(getattr(block.gate, "norm_topk_prob", True)))
+        self.routers = [b.gate for b in moe_blocks(self.net)]
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> MoEOutput:
+        """Next-byte logits ``[B, T, V]`` of ``x [B, T]``, with feedback summed over MoE layers."""
+        b, t = x.shape
+        if t > self.spec.context_length:
+            raise ValueError(f"sequence length {t} exceeds context-length {self.spec.context_length}")
+        num_e, k = self.spec.num_experts, self.top_k
+        for r in self.routers:
+            r.ctx = (self.held, self.slot_of, k, min(self.spec.top_k, num_e))
+            r.records = []
+        logits = self.net(input_ids=x.long(), use_cache=False).logits.float()
+        chosen = [rec[0] for r in self.routers for rec in r.records]
+        hist = [rec[1] for r in self.routers for rec in r.records]
+        aux = torch.stack([rec[2] for r in self.routers for rec in r.records]).mean()
+        for r in self.routers:
+            r.records = []
+        with torch.no_grad():
+            flat_all = torch.cat(chosen)
+            tokens = torch.bincount(flat_all, minlength=num_e).float()
+            gate_hist = torch.bincount(torch.cat(hist), minlength=num_e).float()
+            loss_sum = torch.zeros(num_e, device=x.device)
+            if y is not None:
+                ce = self.task_loss(logits.detach(), y, reduction="none")
+                loss_sum.index_add_(0, flat_all, ce.reshape(-1).repeat_interleave(k).repeat(len(chosen)))
+        return MoEOutput(logits, aux, logits.new_zeros(()), tokens, loss_sum, gate_hist)
+
+
+def build_hf(spec: HFSpec, expert_ids: Sequence[int] | None = None, seed: int = 0) -> HFMoE:
+    """Build the ``hf`` model with deterministic initial weights for ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return HFMoE(spec, expert_ids)
+
+
+def _saved_values(model: HFMoE, x: Tensor) -> tuple[int, int]:
+    """``(float values, other bytes)`` saved for backward by one training pass on ``x``."""
+    params = {p.data_ptr() for p in model.parameters()}
+    seen: set[tuple[int, int]] = set()
+    counts = [0, 0]
+
+    def pack(t: Tensor) -> Tensor:
+        key = (t.data_ptr(), t.numel())
+        if key not in seen and t.data_ptr() not in params:
+            seen.add(key)
+            if t.is_floating_point():
+                counts[0] += t.numel()
+            else:
+                counts[1] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x, x)
+        (model.task_loss(out.logits, x) + out.aux_loss).backward()
+    return counts[0], counts[1]
+
+
+def hf_costs(spec: HFSpec) -> ModelCosts:
+    """Measure parameters, FLOPs and saved activations of ``spec`` per sequence of context-length.
+
+    * parameters: of one expert (global expert 0's rows of every stacked tensor) and of the rest,
+      counted on the built model;
+    * FLOPs: one forward + backward of a random sequence under ``FlopCounterMode`` (experts in
+      transformers' eager implementation, whose matmuls it counts); ``flops_experts`` is every
+      experts module alone on the same number of (token, expert) rows (``top_k`` per token), and
+      ``flops_shared`` the rest;
+    * activations: values saved for backward (parameters excluded) with one and with two experts
+      held; the difference is the routed part per visited expert.
+    """
+    full = build_hf(spec, seed=0)
+    stacked = full.expert_tensor_names()
+    state = full.state_dict()
+    expert = sum(state[n][0].numel() for n in stacked)
+    shared = sum(t.numel() for n, t in state.items() if n not in stacked)
+    full.net.set_experts_implementation("eager")  # FlopCounterMode counts mm, not grouped_mm
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (1, spec.context_length), generator=gen)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = full(x, x)
+        (full.task_loss(out.logits, x) + out.aux_loss).backward()
+    total = float(counter.get_total_flops())
+    experts_flops = 0.0
+    for block in moe_blocks(full.net):  # the experts alone on the same rows: T tokens x top-k
+        rows = torch.randn(spec.context_length, block.gate.weight.shape[1], generator=gen, requires_grad=True)
+        slots = torch.randint(0, spec.num_experts, (spec.context_length, spec.top_k), generator=gen)
+        weights = torch.full((spec.context_length, spec.top_k), 1.0 / spec.top_k, requires_grad=True)
+        with FlopCounterMode(display=False) as probe:
+            block.experts(rows, slots, weights).sum().backward()
+        experts_flops += float(probe.get_total_flops())
+    one = _saved_values(build_hf(spec, [0], seed=0), x)
+    two = _saved_values(build_hf(spec, [0, 1], seed=0), x) if spec.num_experts > 1 else one
+    routed = max(0, two[0] - one[0])
+    return ModelCosts(
+        num_experts=spec.num_experts,
+        top_k=spec.top_k,
+        shared_params=shared,
+        expert_params=expert,
+        fixed_activation_values=max(0, one[0] - routed),
+        fixed_activation_bytes=two[1],
+        routed_activation_values=routed,
+        transient_activation_values=0,
+        flops_shared=total - experts_flops,
+        flops_experts=experts_flops,
+    )

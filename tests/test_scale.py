@@ -1,0 +1,87 @@
+"""Many clients: discovery asks only sampled nodes, once; server state grows with clients seen.
+
+The in-process federation (``fake_federation.FakeGrid``) counts the messages every node is
+sent, so these tests count what discovery costs at 200 nodes of which a few never answer.
+"""
+
+import json
+
+import pytest
+from conftest import make_spec
+from fake_federation import FakeGrid
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedmoe_app.config import RunConfig
+from fedmoe_app.federation.strategy import FedMoE
+from fedmoe_app.models import build_model, model_to_arrays
+
+SPEC = make_spec(num_experts=4, top_k=2, stem_channels=2, feature_dim=4, expert_hidden=8)
+NODES, SILENT, ROUNDS = 200, {7, 50, 123, 199}, 6
+
+
+@pytest.fixture(autouse=True)
+def _serverapp_identity(monkeypatch):
+    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value, raising=False)
+
+
+def run(discovery, rounds=ROUNDS):
+    cfg = RunConfig.from_run_config(
+        {
+            "capacity": "fixed",
+            "experts-per-client": 2,
+            "num-experts": 4,
+            "fraction-train": 0.05,
+            "min-train-nodes": 2,
+            "fraction-evaluate": 0.0,
+            "min-evaluate-nodes": 0,
+            "discovery": discovery,
+            "round-timeout-s": 1.0,
+        }
+    )
+    s = FedMoE(cfg, SPEC, model_to_arrays(build_model(SPEC, seed=0)))
+    grid = FakeGrid(NODES, num_experts=4, top_k=2, scale=0.1, silent=SILENT)
+    rows = []
+    s.start(grid, num_rounds=rounds, on_round=rows.append)
+    return s, grid, rows
+
+
+def test_sampled_discovery_queries_only_sampled_nodes_and_each_once():
+    s, grid, rows = run("sampled")
+    queries, trained = grid.asked["query"], grid.asked["train"]
+    assert len(rows) == ROUNDS
+    assert all(n == 1 for node, n in queries.items() if node not in SILENT)  # asked once, ever
+    assert set(trained) <= set(queries) and not set(trained) & SILENT  # only sampled nodes asked
+    per_round = int(NODES * 0.05)
+    assert sum(queries.values()) <= per_round * ROUNDS < NODES  # not the whole federation
+    assert s.nodes.queries_sent == sum(queries.values())
+    # every round trains its sample minus the silent nodes drawn into it
+    assert sum(r["valid_replies"] for r in rows) == sum(trained.values())
+    assert all(per_round - len(SILENT) <= r["valid_replies"] <= per_round for r in rows)
+    # state on the server: the clients seen, not the federation
+    seen = {f"c{n}" for n in queries if n not in SILENT}
+    assert set(s.profiles) <= seen and set(s.alignment.client_ids) <= seen
+    assert set(s.last_experts) == {f"c{n}" for n in trained}
+
+
+def test_all_discovery_queries_everyone_first_and_backs_off_silent_nodes():
+    s, grid, rows = run("all", rounds=9)
+    queries = grid.asked["query"]
+    assert set(queries) == set(range(1, NODES + 1))
+    assert all(queries[n] == 1 for n in queries if n not in SILENT)
+    # a silent node is asked in rounds 1, 2, 4 and 8 (waits 1, 2, 4 rounds), not in all 9
+    assert all(queries[n] == 4 for n in SILENT)
+    assert all(r["failures"] == (len(SILENT) if r["round"] in (1, 2, 4, 8) else 0) for r in rows)
+
+
+def test_checkpoint_state_grows_with_clients_seen_not_with_the_federation():
+    sizes = {}
+    for rounds in (2, 6):
+        s, grid, _ = run("sampled", rounds=rounds)
+        seen = len([n for n in grid.asked["query"] if n not in SILENT])
+        sizes[rounds] = (seen, len(json.dumps(s.state_dict())))
+    (seen2, size2), (seen6, size6) = sizes[2], sizes[6]
+    assert seen6 > seen2
+    per_client = (size6 - size2) / (seen6 - seen2)
+    assert 0 < per_client < 2000  # bytes of JSON per client seen (fitness row, profile, experts)
+    assert size6 < 2000 * seen6 + 20000  # nothing per unseen node
