@@ -163,11 +163,12 @@ def test_insecure_stack_runs_survives_a_killed_supernode_and_keeps_state(stack_f
     # the SuperLink's state lives on its volume: a restarted SuperLink still lists the run
     stack.restart("superlink")
 
-    def listed():
+    def listed():  # {} while the SuperLink restarts (no answer, or an error answer without runs)
         try:
-            return {r["run-id"]: r["status"] for r in dep._flwr_json("ls", "fedmoe-local")["runs"]}
+            runs = dep._flwr_json("ls", "fedmoe-local").get("runs", [])
         except RuntimeError:
             return {}
+        return {r["run-id"]: r["status"] for r in runs}
 
     wait_for(lambda: listed().get(result.run_id) == "finished:completed", 120, "the run after a restart")
     print(f"insecure docker stack took {time.monotonic() - t0:.0f}s")
