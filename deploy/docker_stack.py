@@ -69,9 +69,8 @@ def run(
     cmd: Sequence[str], *, timeout: float = 600, check: bool = True, **kw: Any
 ) -> subprocess.CompletedProcess:
     """Run ``cmd`` capturing text output; on failure raise with the output's tail."""
-    proc = subprocess.run(
-        list(cmd), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, **kw
-    )
+    kw.setdefault("stdin", subprocess.DEVNULL)
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, **kw)
     if check and proc.returncode != 0:
         raise RuntimeError(
             f"`{' '.join(cmd)}` exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
