@@ -11,6 +11,10 @@ and for the whole test set: the global model's accuracy and the oracle's (a samp
 any expert alone gets it right). A large gap between the routed and the best expert, with an
 oracle far above the global accuracy, says the experts are good and the gate sends samples to
 the wrong ones (docs/RESULTS.md uses it to explain the global model's lag).
+
+For a text run (``fortunes``, ``text``) it reports instead the share of each group's
+(language's) routings per expert on the held-out text, with the specialisation figure of
+:mod:`fedmoe_app.tools.routing_text`; ``--heatmap FILE.png`` draws it.
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import RunConfig
+from ..config import TEXT_DATASETS, RunConfig
 from ..data import Split, server_test_data
-from ..models import ModelSpec, MoEClassifier, build_model, load_arrays
+from ..models import ModelSpec, MoEClassifier, build_model, load_arrays, model_spec
+from ..text import server_split
+from .routing_text import group_routing, plot_heatmaps, routing_share, specialisation
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,11 @@ def routing_report(model: MoEClassifier, data: Split, num_classes: int) -> Routi
     )
 
 
+def _load_final(run_dir: Path, model: torch.nn.Module) -> None:
+    with np.load(run_dir / "final_model.npz", allow_pickle=False) as npz:
+        load_arrays(model, {k: npz[k] for k in npz.files})
+
+
 def load_run(run_dir: Path) -> tuple[MoEClassifier, Split, int]:
     """Return a run's final global model, its test set and the number of classes."""
     cfg = RunConfig.from_run_config(json.loads((run_dir / "config.json").read_text()))
@@ -104,15 +115,35 @@ def load_run(run_dir: Path) -> tuple[MoEClassifier, Split, int]:
         raise ValueError(f"{run_dir}: the routing report covers model 'cnn-moe' only, not {cfg.model!r}")
     test, info = server_test_data(cfg.dataset, max_samples=0, data_dir=cfg.data_dir, seed=cfg.seed)
     model = build_model(ModelSpec.from_config(cfg, info))
-    with np.load(run_dir / "final_model.npz", allow_pickle=False) as npz:
-        load_arrays(model, {k: npz[k] for k in npz.files})
+    _load_final(run_dir, model)
     return model, test, info.num_classes
+
+
+def text_run_share(run_dir: Path) -> tuple[np.ndarray, tuple[str, ...]]:
+    """``([G, E] routing share, group names)`` of a text run's final model on its held-out text."""
+    cfg = RunConfig.from_run_config(json.loads((run_dir / "config.json").read_text()))
+    test, info = server_split(cfg)
+    model = build_model(model_spec(cfg, info))
+    _load_final(run_dir, model)
+    return routing_share(group_routing(model, test, len(info.groups))), info.groups
+
+
+def format_share(share: np.ndarray, groups: Sequence[str]) -> str:
+    """Render a ``[G, E]`` routing share as a text table (%), with the specialisation figure."""
+    width = max(len(g) for g in groups)
+    lines = [
+        f"routing share per group and expert (%), specialisation {specialisation(share):.3f}:",
+        " " * width + " " + " ".join(f"e{e:<3d}" for e in range(share.shape[1])),
+        *(f"{g:>{width}} " + " ".join(f"{100 * v:4.0f}" for v in row) for g, row in zip(groups, share)),
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the command line's parser."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="outputs/<run-name> of a finished run")
+    parser.add_argument("--heatmap", type=Path, help="text runs: draw the routing share to this PNG")
     return parser
 
 
@@ -120,6 +151,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: print the routing report of a run folder."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        saved = json.loads((args.run_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        parser.error(f"{args.run_dir}: no readable config.json ({exc})")
+    if saved.get("dataset") in TEXT_DATASETS:
+        share, groups = text_run_share(args.run_dir)
+        print(format_share(share, groups), end="")
+        if args.heatmap:
+            plot_heatmaps({args.run_dir.name: share}, groups, args.heatmap)
+        return 0
     try:
         model, test, num_classes = load_run(args.run_dir)
     except ValueError as exc:
