@@ -69,3 +69,29 @@ def test_cli_prints_the_share_and_draws_the_heat_map(text_run, capsys):
     assert out.startswith("routing share per group and expert (%), specialisation")
     assert "latin.txt" in out and "cyrillic.txt" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_grid_mode_reports_every_policy_over_its_seeds(text_run, tmp_path, capsys):
+    from fedmoe_app.tools import experiments as ex
+
+    run, model, *_ = text_run
+    cfg = json.loads((run / "config.json").read_text())
+    overrides = {k: cfg[k] for k in (*TINY, "data-dir")} | {"partitioner": "natural"}
+    grid = ex.build_grid(rounds=1, policies=["random", "dense"], seeds=[0, 1], clients=2, overrides=overrides)
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "experiment.json").write_text(json.dumps(grid.to_dict()))
+    for spec in grid.runs():
+        if spec.policy == "dense" and spec.seed == 1:
+            continue  # an unfinished run is left out
+        out = ex.run_dir(exp, spec)
+        out.mkdir(parents=True)
+        (out / "config.json").write_text(json.dumps(dict(spec.run_config)))
+        (out / "final_model.npz").write_bytes((run / "final_model.npz").read_bytes())
+    png = exp / "routing.png"
+    assert routing.main(["--grid", str(exp), "--heatmap", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "| random | 2 |" in out and "| dense | 1 |" in out
+    assert "random, mean over 2 seed(s):" in out and png.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit):
+        routing.main(["--grid", str(tmp_path)])  # no experiment.json

@@ -14,7 +14,10 @@ the wrong ones (docs/RESULTS.md uses it to explain the global model's lag).
 
 For a text run (``fortunes``, ``text``) it reports instead the share of each group's
 (language's) routings per expert on the held-out text, with the specialisation figure of
-:mod:`fedmoe_app.tools.routing_text`; ``--heatmap FILE.png`` draws it.
+:mod:`fedmoe_app.tools.routing_text`; ``--heatmap FILE.png`` draws it. ``--grid EXP_DIR``
+does this for every finished text run of an experiment grid (``fedmoe-experiments``): the
+specialisation per policy (mean ± std over seeds) and one heat map per policy (share
+averaged over seeds).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from ..config import TEXT_DATASETS, RunConfig
 from ..data import Split, server_test_data
 from ..models import ModelSpec, MoEClassifier, build_model, load_arrays, model_spec
 from ..text import server_split
+from .experiments import ExperimentGrid, run_dir
 from .routing_text import group_routing, plot_heatmaps, routing_share, specialisation
 
 
@@ -139,18 +143,60 @@ def format_share(share: np.ndarray, groups: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def grid_shares(exp_dir: Path) -> tuple[dict[str, list[np.ndarray]], tuple[str, ...]]:
+    """Routing shares of a text grid's finished runs, per policy in grid order (one per seed)."""
+    grid = ExperimentGrid.from_dict(json.loads((exp_dir / "experiment.json").read_text()))
+    shares: dict[str, list[np.ndarray]] = {}
+    groups: tuple[str, ...] = ()
+    for run in grid.runs():
+        folder = run_dir(exp_dir, run)
+        if (folder / "final_model.npz").is_file():
+            share, groups = text_run_share(folder)
+            shares.setdefault(run.policy, []).append(share)
+    return {p: shares[p] for p in grid.policies if p in shares}, groups
+
+
+def format_grid(shares: dict[str, list[np.ndarray]]) -> str:
+    """Render the specialisation per policy (mean ± std over seeds) as a Markdown table."""
+    lines = ["| policy | runs | specialisation |", "|---|---:|---:|"]
+    for policy, per_seed in shares.items():
+        vals = [specialisation(s) for s in per_seed]
+        std = f" ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else ""
+        lines.append(f"| {policy} | {len(vals)} | {np.mean(vals):.3f}{std} |")
+    return "\n".join(lines) + "\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the command line's parser."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path, help="outputs/<run-name> of a finished run")
+    parser.add_argument("run_dir", type=Path, nargs="?", help="outputs/<run-name> of a finished run")
+    parser.add_argument("--grid", type=Path, help="text runs: every finished run of this experiment folder")
     parser.add_argument("--heatmap", type=Path, help="text runs: draw the routing share to this PNG")
     return parser
+
+
+def grid_main(exp_dir: Path, heatmap: Path | None) -> int:
+    """Print (and draw) the routing share of every finished text run of a grid."""
+    shares, groups = grid_shares(exp_dir)
+    print(format_grid(shares), end="")
+    for policy, per_seed in shares.items():
+        print(f"\n{policy}, mean over {len(per_seed)} seed(s):")
+        print(format_share(np.mean(per_seed, axis=0), groups), end="")
+    if heatmap and shares:
+        plot_heatmaps({p: np.mean(v, axis=0) for p, v in shares.items()}, groups, heatmap)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: print the routing report of a run folder."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if (args.grid is None) == (args.run_dir is None):
+        parser.error("give a run folder or --grid EXP_DIR (one of them)")
+    if args.grid is not None:
+        if not (args.grid / "experiment.json").is_file():
+            parser.error(f"--grid {args.grid}: no experiment.json (not an experiment folder)")
+        return grid_main(args.grid, args.heatmap)
     try:
         saved = json.loads((args.run_dir / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
