@@ -571,3 +571,37 @@ def test_multilevel_certificate_rejects_a_suboptimal_plan() -> None:
     free = np.zeros(300, dtype=bool)
     free[[a, b]] = True  # only the two swapped clients are "free": the check covers all
     assert not multilevel.certify(k, worse, free, np.ones((2, 8), dtype=bool), lo_i, hi_i)[0]
+
+
+def test_state_growth_by_doubling_matches_concatenation() -> None:
+    """Clients arriving one by one: same state as all rows made at once, and O(log) copies."""
+    rng = np.random.default_rng(4)
+    batches = [[f"c{i}"] if i % 7 else [f"c{i}", f"c{i}-b"] for i in range(3000)]
+    ids = [c for b in batches for c in b]
+    st, at_once = new_state(8), new_state(8)
+    at_once.index(ids)  # one allocation, as the old concatenation did for a single batch
+    buffers = set()
+    for batch in batches:
+        st.index(batch)
+        assert not st.fitness[-len(batch) :].any()  # new rows start at 0
+        held = np.zeros((len(batch), 8), dtype=bool)
+        held[:, rng.integers(0, 8)] = True
+        feedback = (
+            held,
+            rng.random((len(batch), 8)),
+            rng.random((len(batch), 8)),
+            rng.random((len(batch), 8)),
+        )
+        st.update(batch, *feedback)
+        at_once.update(batch, *feedback)
+        buffers.add(id(st._fitness))
+    assert st.client_ids == ids
+    np.testing.assert_array_equal(st.fitness, at_once.fitness)
+    np.testing.assert_array_equal(st.usage, at_once.usage)
+    assert st.fitness.shape == (len(ids), 8) and st.fitness.any()
+    assert len(buffers) <= 2 + math.ceil(math.log2(len(ids)))  # doubling, not a copy per client
+    assert st.state_dict() == at_once.state_dict()  # the checkpoint holds C rows, not the buffer
+    back = AlignmentState.from_state_dict(json.loads(json.dumps(st.state_dict())))
+    np.testing.assert_array_equal(back.fitness, st.fitness)
+    with pytest.raises(ValueError, match="fitness must have shape"):
+        st.fitness = np.zeros((1, 8))
