@@ -10,7 +10,9 @@ its own.
 * :mod:`.solver`    -- :func:`solve_assignment`, exact b-matching under per-expert load bounds;
 * :mod:`.minimum`   -- :func:`enforce_min_trainers`, at least ``m`` trainers per planned expert;
 * :mod:`.flow`, :mod:`.pricing` -- its min-cost-flow network and, for large instances, the
-  pruned network with an optimality certificate.
+  pruned network with an optimality certificate;
+* :mod:`.multilevel` -- for very large rounds, multi-level prices, fix-and-free and a cheap
+  exact certificate (tried first; certified plans only).
 
 docs/ALIGNMENT.md explains the formulas and shows the planner's speed.
 """

@@ -143,10 +143,24 @@ class AlignmentState:
         self.rng = np.random.default_rng(self.seed)
         self.client_ids: list[str] = []
         self._row: dict[str, int] = {}
-        self.fitness = np.zeros((0, self.num_experts), dtype=np.float64)
+        self._fitness = np.zeros((0, self.num_experts), dtype=np.float64)
         self.usage = np.zeros(self.num_experts, dtype=np.float64)
 
     # -- rows -------------------------------------------------------------------------------
+
+    @property
+    def fitness(self) -> np.ndarray:
+        """float64 ``[C, E]`` fitness rows (a view of a buffer that grows by doubling)."""
+        return self._fitness[: len(self.client_ids)]
+
+    @fitness.setter
+    def fitness(self, value: np.ndarray) -> None:
+        arr = np.asarray(value, dtype=np.float64)
+        if arr.shape != (len(self.client_ids), self.num_experts):
+            raise ValueError(
+                f"fitness must have shape {(len(self.client_ids), self.num_experts)}, got {arr.shape}"
+            )
+        self._fitness = arr
 
     def index(self, client_ids: Sequence[str]) -> np.ndarray:
         """Rows of ``client_ids`` in :attr:`fitness`, adding unseen clients (zero rows).
@@ -168,10 +182,15 @@ class AlignmentState:
         new = [c for c in ids if c not in self._row]
         if new:
             start = len(self.client_ids)
+            needed = start + len(new)
+            if needed > self._fitness.shape[0]:  # amortized O(1) per client: double the buffer
+                grown = np.zeros((max(needed, 2 * self._fitness.shape[0]), self.num_experts))
+                grown[:start] = self._fitness[:start]
+                self._fitness = grown
+            else:
+                self._fitness[start:needed] = 0.0
             self._row.update({c: start + i for i, c in enumerate(new)})
             self.client_ids.extend(new)
-            grow = np.zeros((len(new), self.num_experts), dtype=np.float64)
-            self.fitness = np.concatenate([self.fitness, grow], axis=0)
         return np.fromiter((self._row[c] for c in ids), dtype=np.int64, count=len(ids))
 
     # -- scores -----------------------------------------------------------------------------
