@@ -9,7 +9,7 @@ from conftest import read_metrics, train_args
 
 from fedmoe_app.config import ConfigError, RunConfig
 from fedmoe_app.federation.aggregation import ClientUpdate, aggregate
-from fedmoe_app.federation.protocol import Sent, parse_train_reply, train_reply_content
+from fedmoe_app.federation.protocol import Sent, parse_train_reply, result_feedback, train_reply_content
 from fedmoe_app.federation.records import to_record, wire_nbytes
 from fedmoe_app.models import (
     TransformerSpec,
@@ -110,10 +110,10 @@ def test_local_training_lowers_the_loss_and_its_reply_is_accepted():
     assert res.tokens.sum() == 48 * 3 * 16 * 3 * 2  # examples x epochs x tokens x layers x top-k
     arrays = model_to_arrays(model)
     metrics = {"num-examples": res.num_examples, "train-loss": res.loss}
-    feedback = {"tokens": res.tokens, "expert-loss": res.expert_loss, "gate-hist": res.gate_hist}
+    feedback = result_feedback(res)
     sent = Sent("c1", HELD, {k: (tuple(v.shape), str(v.dtype)) for k, v in arrays.items()}, max_examples=48)
     content = train_reply_content(to_record(arrays), metrics, feedback, "c1")
-    reply = parse_train_reply(content, 1, sent, 8, 2, 3, SPEC.routes_per_example)
+    reply = parse_train_reply(content, 1, sent, 8, 2, 3, SPEC.routes_per_example, SPEC.num_layers)
     assert reply.update.tokens.sum() == res.tokens.sum()
     loss, _, per_group = evaluate_text(model, data, batch_size=7, device="cpu")
     assert loss == pytest.approx(after, rel=1e-9) and per_group.shape == (2,)
