@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import read_metrics, train_args
+from conftest import text_run, train_args
 
 from fedmoe_app.config import ConfigError, RunConfig
 from fedmoe_app.federation.aggregation import ClientUpdate, aggregate
@@ -29,6 +29,11 @@ SPEC = TransformerSpec(
     expert_hidden=48,
 )  # fmt: skip
 HELD = [1, 5]
+TEXTS = {
+    "en.txt": "The cat sat on the mat. The dog sat on the log. ",
+    "de.txt": "Der Hund sitzt auf dem Baum. Die Katze liegt im Gras. ",
+    "ru.txt": "Кошка сидит на окне. Собака спит у двери. ",
+}
 
 
 def text_split(n=48, t=16, seed=0):
@@ -183,34 +188,15 @@ def test_config_selects_and_validates_the_transformer():
 
 @pytest.mark.slow
 def test_flwr_run_trains_the_transformer_on_text_files(run_app, tmp_path):
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    texts = {
-        "en.txt": "The cat sat on the mat. The dog sat on the log. ",
-        "de.txt": "Der Hund sitzt auf dem Baum. Die Katze liegt im Gras. ",
-        "ru.txt": "Кошка сидит на окне. Собака спит у двери. ",
-    }
-    for name, sentence in texts.items():
-        (folder / name).write_text("\n\n".join(sentence * 3 for _ in range(60)), encoding="utf-8")
-    run_config = {
-        "dataset": "text",
-        "data-dir": str(folder),
-        "model": "transformer-moe",
-        "partitioner": "natural",
-        "num-server-rounds": 2,
-        "num-layers": 2,
-        "d-model": 32,
-        "expert-hidden": 64,
-        "context-length": 32,
-        "experts-per-client": 2,
-        "capacity": "fixed",
-        "max-samples-per-client": 96,
-        "lr": 0.3,
-    }
-    code, out, log = run_app(run_config, num_supernodes=3, run_name="text-e2e")
-    assert code == 0, log[-3000:]
-    rows = read_metrics(out)
-    assert [r["round"] for r in rows] == [0, 1, 2]
+    rows, out = text_run(
+        run_app,
+        tmp_path / "corpus",
+        TEXTS,
+        {"model": "transformer-moe", "num-layers": 2, "d-model": 32, "expert-hidden": 64},
+        num_supernodes=3,
+        run_name="text-e2e",
+    )
     assert rows[-1]["bpb"] < rows[0]["bpb"] - 1.0
     assert {"bpb_en.txt", "bpb_de.txt", "bpb_ru.txt"} <= set(rows[-1])
-    assert rows[-1]["bytes_down"] < rows[-1]["dense_bytes_down"]
+    assert np.array(rows[-1]["expert_load_per_layer"]).shape == (2, 8)
+    assert (out / "expert_load_per_layer.png").stat().st_size > 0
