@@ -136,6 +136,9 @@ class RunConfig:
     # Alignment
     policy: str = _opt("load_balanced", _choice(*POLICIES), "client-expert assignment policy")
     experts_per_client: int = _opt(4, _range(1), "experts per client (fixed) / at most (profiled)")
+    tie_layers: bool = _opt(
+        True, None, "expert e of every MoE layer travels together; false: fitness, usage, plan per layer"
+    )
     fitness_ema: float = _opt(0.5, _range(0.0, 1.0, lo_open=True), "EMA weight of new fitness feedback")
     fitness_decay: float = _opt(0.9, _range(0.0, 1.0), "fitness kept per round without interaction")
     usage_decay: float = _opt(0.8, _range(0.0, 1.0), "usage kept per round")
@@ -334,6 +337,7 @@ class RunConfig:
                     "'mean' when dp is on (DP averages clipped deltas)",
                 ),
                 ("update-bound", self.update_bound > 0, "0 when dp is on (clipping bounds every update)"),
+                ("tie-layers", not self.tie_layers, "true when dp is on (privacy accounts per expert)"),
             ):
                 if bad:
                     value = getattr(self, key.replace("-", "_"))
