@@ -224,7 +224,13 @@ def test_flwr_run_with_untied_layers(run_app, tmp_path):
     assert rows[-1]["bpb"] < rows[0]["bpb"] - 1.0
     plans = [p for r in rows[1:] for p in r["layer_assignment"].values()]
     assert all(len(p) == 2 and len(p[0]) == len(p[1]) == 2 for p in plans)
-    assert any(p[0] != p[1] for p in plans), "no client held different experts in its two layers"
+    # each layer's load lies on the experts that layer was sent (the per-layer plans of a
+    # 3-round run may coincide; tests above hold different sets per layer)
+    for r in rows[1:]:
+        load = np.array(r["expert_load_per_layer"])
+        for layer in range(2):
+            sent = {e for p in r["layer_assignment"].values() for e in p[layer]}
+            assert set(np.flatnonzero(load[layer] > 0)) <= sent, (r["round"], layer)
     assert all(sum(r["rejected"].values()) == 0 for r in rows[1:])
     load = np.array(rows[-1]["expert_load_per_layer"])
     assert load.shape == (2, 8) and (load.sum(axis=1) > 0).all()
