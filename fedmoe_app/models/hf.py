@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..capacity import ModelCosts
 from .hf_spec import HFSpec
-from .interface import HeldExperts, MoEModel, MoEOutput, layer_feedback
+from .interface import HeldExperts, MoEModel, MoEOutput
 
 
 class MaskedRouter(nn.Module):
@@ -141,13 +141,7 @@ class HFMoE(MoEModel):
         aux = torch.stack([rec[2] for r in self.routers for rec in r.records]).mean()
         for r in self.routers:
             r.records = []
-        rows = None
-        if y is not None:  # every route of a token carries the token's loss
-            ce = self.task_loss(logits.detach(), y, reduction="none").reshape(-1).repeat_interleave(k)
-            rows = [ce] * len(chosen)
-        fb = layer_feedback(chosen, hist, rows, num_e)
-        sums = [f.sum(dim=0) for f in fb]
-        return MoEOutput(logits, aux, logits.new_zeros(()), *sums, *fb)
+        return self.token_routed_output(logits, aux, y, chosen, hist, k)
 
 
 def build_hf(spec: HFSpec, expert_ids: HeldExperts | None = None, seed: int = 0) -> HFMoE:

@@ -165,6 +165,20 @@ class MoEModel(nn.Module):
         self.layer_ids = per_layer
         return per_layer
 
+    def token_routed_output(
+        self, logits: Tensor, aux: Tensor, y: Tensor | None, chosen: list[Tensor], hist: list[Tensor], k: int
+    ) -> MoEOutput:
+        """Return the :class:`MoEOutput` of a token-routed pass; each route of a token carries its loss.
+
+        ``chosen`` and ``hist`` are per MoE layer, as for :func:`layer_feedback`; ``k`` routes per token.
+        """
+        rows = None
+        if y is not None:
+            ce = self.task_loss(logits.detach(), y, reduction="none").reshape(-1).repeat_interleave(k)
+            rows = [ce] * len(chosen)
+        fb = layer_feedback(chosen, hist, rows, self.spec.num_experts)
+        return MoEOutput(logits, aux, logits.new_zeros(()), *(f.sum(dim=0) for f in fb), *fb)
+
     @property
     def top_k(self) -> int:
         """Experts each token is routed to: ``min(spec.top_k, fewest experts held in a layer)``."""

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..capacity import ModelCosts
 from ..config import RunConfig
 from .experts import _grouped_matmul, grouped_supported
-from .interface import HeldExperts, MoEModel, MoEOutput, layer_feedback
+from .interface import HeldExperts, MoEModel, MoEOutput
 
 INIT_STD = 0.02
 
@@ -195,7 +195,7 @@ class TransformerMoE(MoEModel):
         b, t = x.shape
         if t > self.spec.context_length:
             raise ValueError(f"sequence length {t} exceeds context-length {self.spec.context_length}")
-        num_e, k, hist_k = self.spec.num_experts, self.top_k, min(self.spec.top_k, self.spec.num_experts)
+        k, hist_k = self.top_k, min(self.spec.top_k, self.spec.num_experts)
         cos, sin = self.cos[:t], self.sin[:t]
         h = self.embed(x.long())
         aux, chosen, hist = [], [], []
@@ -208,13 +208,7 @@ class TransformerMoE(MoEModel):
             chosen.append(flat)
             hist.append(top)
         logits = self.head(self.norm(h))
-        rows = None
-        if y is not None:  # every route of a token carries the token's loss
-            ce = self.task_loss(logits.detach(), y, reduction="none").reshape(-1).repeat_interleave(k)
-            rows = [ce] * len(chosen)
-        fb = layer_feedback(chosen, hist, rows, num_e)
-        sums = [f.sum(dim=0) for f in fb]
-        return MoEOutput(logits, torch.stack(aux).mean(), logits.new_zeros(()), *sums, *fb)
+        return self.token_routed_output(logits, torch.stack(aux).mean(), y, chosen, hist, k)
 
 
 def build_transformer(
