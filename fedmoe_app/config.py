@@ -146,6 +146,9 @@ class RunConfig:
     w_usage: float = _opt(0.5, _range(0.0), "weight of the usage penalty in desirability")
     fitness_loss_weight: float = _opt(0.5, _range(0.0, 1.0), "share of exp(-expert loss) in fitness feedback")
     load_slack: float = _opt(0.0, _range(0.0), "per-expert load bounds: mean x (1 +- slack)")
+    approx_min_clients: int = _opt(
+        0, _range(0), "load_balanced rounds of this many clients or more: fast approximate plan; 0: exact"
+    )
     # Capacity
     capacity: str = _opt("profiled", _choice(*CAPACITY_MODES), "experts per client: measured or fixed")
     device_mix: str = _opt("", None, 'e.g. "phone=0.5,laptop=0.3,edge=0.2"; empty: none')
@@ -246,7 +249,7 @@ class RunConfig:
     def alignment_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`~fedmoe_app.alignment.AlignmentState` (all but ``E``)."""
         return self._args(
-            "fitness_ema fitness_decay usage_decay w_fitness w_usage load_slack "
+            "fitness_ema fitness_decay usage_decay w_fitness w_usage load_slack approx_min_clients "
             "loss_weight=fitness_loss_weight seed"
         )
 

@@ -605,3 +605,54 @@ def test_state_growth_by_doubling_matches_concatenation() -> None:
     np.testing.assert_array_equal(back.fitness, st.fitness)
     with pytest.raises(ValueError, match="fitness must have shape"):
         st.fitness = np.zeros((1, 8))
+
+
+@pytest.mark.parametrize("kind", ["usage", "skewed"])
+def test_approximate_plan_is_feasible_and_near_optimal(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """From approx_min_clients on, the uncertified fix-and-free plan: feasible, gap < 5e-3.
+
+    The bound is loose for this small instance and sample; ``fedmoe-bench alignment --gap``
+    measures the gap at full size.
+    """
+    rng = np.random.default_rng(5)
+    num_clients, num_experts = 6000, 16
+    d = rng.random((num_clients, num_experts)) - 0.5 * rng.random(num_experts)[None, :]
+    if kind == "skewed":
+        d[rng.random(num_clients) < 0.5, :2] += 1.0
+    cap = rng.integers(0, 6, num_clients)
+    lo, hi = load_bounds(cap, num_experts, 0.0)
+    monkeypatch.setattr(solver, "PRUNE_MIN_ARCS", 0)
+    monkeypatch.setattr(pricing, "PRICE_SAMPLE", 500)
+    calls = []
+    approx = multilevel.solve_approx
+    monkeypatch.setattr(multilevel, "solve_approx", lambda *a: calls.append(1) or approx(*a))
+    exact = solve_assignment(d, cap, min_load=lo, max_load=hi)
+    above = solve_assignment(d, cap, min_load=lo, max_load=hi, approx_min_clients=num_clients + 1)
+    assert not calls
+    np.testing.assert_array_equal(above, exact)  # below the threshold: the exact plan
+    plan = solve_assignment(d, cap, min_load=lo, max_load=hi, approx_min_clients=num_clients)
+    assert calls == [1]
+    np.testing.assert_array_equal(plan.sum(1), np.minimum(cap, num_experts))
+    assert np.all((plan.sum(0) >= lo) & (plan.sum(0) <= hi))
+    best, got = float((d * exact).sum()), float((d * plan).sum())
+    assert got <= best + 1e-6 * abs(best)
+    assert (best - got) <= 5e-3 * abs(best)
+    with pytest.raises(ValueError, match="approx_min_clients"):
+        solve_assignment(d, cap, min_load=lo, max_load=hi, approx_min_clients=-1)
+
+
+def test_bench_alignment_prints_the_gap_of_the_approximation(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedmoe_app.tools import bench
+
+    monkeypatch.setattr(solver, "PRUNE_MIN_ARCS", 0)
+    monkeypatch.setattr(pricing, "PRICE_SAMPLE", 500)
+    argv = ["alignment", "--sizes", "6000", "--experts", "16", "--repeats", "1", "--gap"]
+    assert bench.main([*argv, "--policies", "greedy,load_balanced", "--approx-min-clients", "5000"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("    6000")]
+    assert [row[1] for row in rows] == ["greedy", "load_balanced"] and rows[0][-1] == "-"
+    assert 0.0 < float(rows[1][-1]) < 5e-3  # approximate: a small, nonzero loss
+    assert bench.main([*argv, "--policies", "load_balanced"]) == 0  # exact: no loss
+    out = capsys.readouterr().out
+    assert float(out.splitlines()[-1].split()[-1]) == 0.0

@@ -23,6 +23,9 @@ the min-cost flow:
    residual network, which has no negative cycle, so the plan is optimal. If the check
    fails, steps 2-4 are repeated once at ``pi*``; failing that, the caller solves the problem
    its other way. Only certified plans are returned: exactness never depends on the prices.
+
+:func:`solve_approx` is the opt-in approximation (run config ``approx-min-clients``): steps
+1 (first level only), 2 and 3 without the certificate, a feasible plan close to optimal.
 """
 
 from __future__ import annotations
@@ -117,10 +120,11 @@ def free_clients(v: np.ndarray, plan: np.ndarray, margin: np.ndarray, lo: np.nda
 
 def fix_and_free(
     k: np.ndarray, r: np.ndarray, lo: np.ndarray, hi: np.ndarray, prices: np.ndarray
-) -> tuple[np.ndarray, np.ndarray] | None:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Fix clients at their best experts by ``k + prices``, solve the free ones exactly.
 
-    Returns the combined plan (capacities and bounds met) and the free-client mask, or None
+    Returns the combined plan (capacities and bounds met), the free-client mask and the free
+    clients' arcs of the sub-solve, or None
     when the free clients cannot meet the bounds left by the fixed ones.
     """
     plan, margin = top_with_margin(k + prices[None, :], r)
@@ -211,3 +215,27 @@ def solve_large(k: np.ndarray, r: np.ndarray, lo: np.ndarray, hi: np.ndarray) ->
             return None
         prices = pot
     return None
+
+
+def solve_approx(k: np.ndarray, r: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray | None:
+    """Feasible plan by one fix-and-free round at sampled prices, **not** certified.
+
+    Steps 1 (its first level only, :func:`.pricing.estimate_prices`), 2 and 3 of the module
+    docstring without the certificate: the plan meets the capacities and load bounds and its
+    objective is close to the optimum (the gap measured in ``docs/ALIGNMENT.md``), but it is
+    not proven optimal.
+
+    Parameters are those of :func:`solve_large`.
+
+    Returns
+    -------
+    np.ndarray or None
+        A boolean ``[C, E]`` plan within the bounds, or None when the price sample or the
+        free clients' sub-solve fails (the caller then solves exactly).
+
+    """
+    prices = pricing.estimate_prices(k, r, lo, hi)
+    if prices is None:
+        return None
+    found = fix_and_free(k, r, lo, hi, prices)
+    return None if found is None else found[0]

@@ -93,6 +93,7 @@ def solve_assignment(
     *,
     min_load: np.ndarray | int | None = None,
     max_load: np.ndarray | int | None = None,
+    approx_min_clients: int = 0,
 ) -> np.ndarray:
     """Exact max-desirability client-expert plan under capacity and per-expert load bounds.
 
@@ -109,13 +110,17 @@ def solve_assignment(
     min_load, max_load : np.ndarray or int or None, optional
         Integer ``[E]`` bounds on each expert's number of clients (scalars broadcast).
         Defaults: 0 and ``C``.
+    approx_min_clients : int, optional
+        From this many clients on (0: never), large instances take the uncertified
+        fix-and-free plan of :func:`.multilevel.solve_approx`: feasible, close to optimal,
+        faster. Default 0: always exact.
 
     Returns
     -------
     np.ndarray
         Boolean ``[C, E]`` plan. Its true desirability is within
         ``S * max|D| * 2**-30`` of the optimum, ``S = sum(min(capacity, E))`` (integer cost
-        rounding; see the module docstring).
+        rounding; see the module docstring), unless the approximation was used.
 
     Raises
     ------
@@ -124,11 +129,13 @@ def solve_assignment(
         (``min_load`` / ``max_load``) and why.
 
     """
+    if int(approx_min_clients) < 0:
+        raise ValueError(f"approx_min_clients must be >= 0, got {approx_min_clients}")
     k, r, lo, hi = integer_problem(desirability, capacity, min_load, max_load)
     num_clients, num_experts = k.shape
     if num_experts == 0 or int(r.sum()) == 0:
         return np.zeros((num_clients, num_experts), dtype=bool)
-    return solve_integer(k, r, lo, hi)
+    return solve_integer(k, r, lo, hi, int(approx_min_clients))
 
 
 def integer_problem(
@@ -165,8 +172,14 @@ def integer_problem(
     return np.rint(d * scale).astype(np.int64), r, lo, hi
 
 
-def solve_integer(k: np.ndarray, r: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Exact plan of the integer problem of :func:`integer_problem` (pruned + certified if large)."""
+def solve_integer(
+    k: np.ndarray, r: np.ndarray, lo: np.ndarray, hi: np.ndarray, approx_min_clients: int
+) -> np.ndarray:
+    """Plan of the integer problem of :func:`integer_problem`.
+
+    Exact (pruned and certified when large), or from ``approx_min_clients`` clients on (if
+    > 0) the fix-and-free approximation of :func:`.multilevel.solve_approx`.
+    """
     num_clients, num_experts = k.shape
     expected_arcs = int(np.minimum(r + pricing.PRUNE_EXTRA, num_experts).sum())
     if num_clients * num_experts >= PRUNE_MIN_ARCS and expected_arcs < 0.5 * k.size:
@@ -174,6 +187,10 @@ def solve_integer(k: np.ndarray, r: np.ndarray, lo: np.ndarray, hi: np.ndarray) 
         load = top.sum(axis=0)
         if np.all(load >= lo) and np.all(load <= hi):
             return top  # the unconstrained optimum meets the bounds, hence is optimal
+        if 0 < approx_min_clients <= num_clients:
+            plan = multilevel.solve_approx(k, r, lo, hi)
+            if plan is not None:
+                return plan  # feasible, not certified (opt-in)
         plan = multilevel.solve_large(k, r, lo, hi)
         if plan is not None:
             return plan  # certified optimal (fix-and-free at multi-level prices)
