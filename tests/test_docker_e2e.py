@@ -191,9 +191,9 @@ def test_tls_auth_stack_runs_and_survives_a_killed_supernode(stack_for, tmp_path
     stack = stack_for("tls", certs.ca_cert.parent)
     stack.up("superlink", "superexec-serverapp")
     dep = cli(tmp_path, certs.ca_cert)
-    wait_for(lambda: _answers(dep), 180, "the TLS SuperLink")
+    wait_for(lambda: _answers(dep), 180, "a successful TLS call to the SuperLink")
     for i in range(3):
-        dep.register(certs.public_key(i))
+        _register(dep, certs.public_key(i))
     stack.up()
     wait_online(dep, 3)
     # each container mounts exactly the files it uses (never ca.key, never another node's key)
@@ -211,8 +211,20 @@ def test_tls_auth_stack_runs_and_survives_a_killed_supernode(stack_for, tmp_path
 
 
 def _answers(dep):
+    """True once `flwr supernode ls` succeeds over TLS (an error reply does not count)."""
     try:
         dep.list_supernodes()
         return True
     except RuntimeError:
         return False
+
+
+def _register(dep, public_key, tries=10):
+    """``flwr supernode register``, retried a few times while the SuperLink settles."""
+    for attempt in range(tries):
+        try:
+            return dep.register(public_key)
+        except RuntimeError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(2)
