@@ -2,6 +2,7 @@
 
 import re
 import shlex
+import subprocess
 
 import flwr
 import pytest
@@ -218,3 +219,48 @@ def test_docs_deploy_scripts_parse():
                     parsers[script].parse_args(tokens[2:])  # SystemExit on a bad flag
                     seen.add(script)
     assert seen == set(parsers)
+
+
+def _stub_path(tmp_path, uid):
+    """A PATH with only stub ``id`` and ``apt-get`` (which logs its arguments): no Docker tools."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "apt.log"
+    (bin_dir / "id").write_text(f"#!/bin/bash\necho {uid}\n")
+    (bin_dir / "apt-get").write_text(f'#!/bin/bash\necho "$@" >> {log}\n')
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    return str(bin_dir), log
+
+
+@pytest.mark.parametrize("uid", [0, 1000])
+def test_install_docker_installs_the_missing_tools_as_root_with_apt(tmp_path, uid):
+    path, log = _stub_path(tmp_path, uid)
+    proc = subprocess.run(
+        ["/bin/bash", str(ROOT / "scripts" / "install-docker.sh")],
+        env={"PATH": path},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    calls = log.read_text().splitlines() if log.exists() else []
+    if uid == 0:
+        assert calls[0] == "update -qq"
+        assert calls[1].split()[-3:] == ["docker.io", "docker-compose", "debootstrap"], calls
+    else:  # not root: nothing installed, the missing tools named
+        assert calls == []
+        assert "docker.io docker-compose debootstrap missing" in proc.stderr
+
+
+def test_setup_test_installs_the_docker_tools():
+    """``scripts/setup.sh --test`` (what ``.ci/run`` runs) calls ``scripts/install-docker.sh``."""
+    code = [
+        line.split("#")[0]
+        for line in (ROOT / "scripts" / "setup.sh").read_text().splitlines()
+        if not line.lstrip().startswith("#")
+    ]
+    assert any(
+        re.search(r'\[ "\$\{1:-\}" = "--test" \] && bash scripts/install-docker\.sh', line) for line in code
+    )
+    assert "bash scripts/setup.sh --test" in (ROOT / ".ci" / "run").read_text()
