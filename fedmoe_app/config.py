@@ -35,6 +35,7 @@ GATE_MODES = ("global", "local")
 GATE_AGGREGATIONS = ("auto", "rows", "all")
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
 DP_MODES = ("off", "central", "local")
 
 
@@ -193,6 +194,9 @@ class RunConfig:
     run_name: str = _opt("", None, "output folder name; empty: timestamp")
     output_dir: str = _opt("outputs", None, "root of run outputs")
     device: str = _opt("auto", _choice(*DEVICES), "client training device")
+    precision: str = _opt(
+        "fp32", _choice(*PRECISIONS), "train and evaluate in fp32, or under bf16 autocast (weights stay fp32)"
+    )
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -251,7 +255,7 @@ class RunConfig:
         """Keyword arguments of ``fedmoe_app.training.train`` set by the run config."""
         return self._args(
             "epochs=local_epochs batch_size lr momentum aux_weight=aux_loss_weight "
-            "route_weight=route_loss_weight"
+            "route_weight=route_loss_weight precision"
         )
 
     def split_kwargs(self) -> dict[str, Any]:

@@ -120,8 +120,9 @@ def run_server(grid: Grid, run_config: dict) -> Path:
     def central_eval(server_round: int, arrays: Arrays) -> dict[str, float]:
         load_arrays(eval_model, arrays)
         if isinstance(test, TextSplit):
-            return text_metrics(*evaluate_text(eval_model, test, batch_size=64, device=device), info.groups)
-        loss, acc = evaluate(eval_model, test, device=device)
+            per = evaluate_text(eval_model, test, batch_size=64, device=device, precision=cfg.precision)
+            return text_metrics(*per, info.groups)
+        loss, acc = evaluate(eval_model, test, device=device, precision=cfg.precision)
         return {"accuracy": acc, "loss": loss}
 
     def on_round(row: dict[str, Any]) -> None:
