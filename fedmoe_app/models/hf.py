@@ -203,8 +203,8 @@ def hf_costs(spec: HFSpec) -> ModelCosts:
         top_k=spec.top_k,
         shared_params=shared,
         expert_params=expert,
-        fixed_activation_values=0,
-        fixed_activation_bytes=fixed,
+        fixed_activation_values=fixed // 4,  # float32 values (the memory model's unit)
+        fixed_activation_bytes=fixed % 4,
         routed_activation_values=-(-routed // 4),  # float32 values (the memory model's unit)
         transient_activation_values=0,
         flops_shared=total - experts_flops,
