@@ -137,6 +137,9 @@ class RunConfig:
     # Alignment
     policy: str = _opt("load_balanced", _choice(*POLICIES), "client-expert assignment policy")
     experts_per_client: int = _opt(4, _range(1), "experts per client (fixed) / at most (profiled)")
+    tie_layers: bool = _opt(
+        True, None, "expert e of every MoE layer travels together; false: fitness, usage, plan per layer"
+    )
     fitness_ema: float = _opt(0.5, _range(0.0, 1.0, lo_open=True), "EMA weight of new fitness feedback")
     fitness_decay: float = _opt(0.9, _range(0.0, 1.0), "fitness kept per round without interaction")
     usage_decay: float = _opt(0.8, _range(0.0, 1.0), "usage kept per round")
@@ -144,6 +147,9 @@ class RunConfig:
     w_usage: float = _opt(0.5, _range(0.0), "weight of the usage penalty in desirability")
     fitness_loss_weight: float = _opt(0.5, _range(0.0, 1.0), "share of exp(-expert loss) in fitness feedback")
     load_slack: float = _opt(0.0, _range(0.0), "per-expert load bounds: mean x (1 +- slack)")
+    approx_min_clients: int = _opt(
+        0, _range(0), "load_balanced rounds of this many clients or more: fast approximate plan; 0: exact"
+    )
     # Capacity
     capacity: str = _opt("profiled", _choice(*CAPACITY_MODES), "experts per client: measured or fixed")
     device_mix: str = _opt("", None, 'e.g. "phone=0.5,laptop=0.3,edge=0.2"; empty: none')
@@ -247,7 +253,7 @@ class RunConfig:
     def alignment_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`~fedmoe_app.alignment.AlignmentState` (all but ``E``)."""
         return self._args(
-            "fitness_ema fitness_decay usage_decay w_fitness w_usage load_slack "
+            "fitness_ema fitness_decay usage_decay w_fitness w_usage load_slack approx_min_clients "
             "loss_weight=fitness_loss_weight seed"
         )
 
@@ -338,6 +344,7 @@ class RunConfig:
                     "'mean' when dp is on (DP averages clipped deltas)",
                 ),
                 ("update-bound", self.update_bound > 0, "0 when dp is on (clipping bounds every update)"),
+                ("tie-layers", not self.tie_layers, "true when dp is on (privacy accounts per expert)"),
             ):
                 if bad:
                     value = getattr(self, key.replace("-", "_"))

@@ -8,14 +8,24 @@ every MoE layer travels together as "expert ``e``" (layers are tied), so slicing
 aggregation and the alignment work per expert id for any model. A message holds the shared
 part plus exactly the experts it names. Router ("gate") tensors are the shared tensors named
 ``gate.*`` or ``*.gate.*``; their first axis has one row per global expert
-(:func:`is_gate_key`). Pure numpy: aggregation, capacity planning and checkpoints use these
-names without torch or Flower; ``fedmoe_app.models.arrays`` maps a torch model onto them.
+(:func:`is_gate_key`).
+
+MoE layers: a stacked expert tensor is a direct attribute of its layer's ``experts`` module, so
+the *layer* of an expert tensor name is the name without its last component
+(:func:`layer_prefix`: ``blocks.1.moe`` for ``blocks.1.moe.w1``, ``""`` for the CNN's ``w1``) and
+the router of that layer is the gate whose name starts with the same prefix. The model's MoE
+layers are these prefixes in natural order (:func:`moe_layers`, ``blocks.2`` before
+``blocks.10``). With untied layers a client holds a different set of experts in every layer
+(a boolean ``[L, E]`` matrix): :func:`select_layers` cuts a message to it and
+:func:`layer_holdings` reads it back from a message. Pure numpy: aggregation, capacity
+planning and checkpoints use these names without torch or Flower; ``fedmoe_app.models.arrays``
+maps a torch model onto them.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -54,6 +64,60 @@ def select(arrays: Mapping[str, np.ndarray], expert_ids: Iterable[int]) -> Array
 def experts_in(arrays: Mapping[str, np.ndarray]) -> list[int]:
     """Sorted global ids of the experts present in ``arrays``."""
     return sorted({p[0] for k in arrays if (p := parse_expert_key(k)) is not None})
+
+
+def layer_prefix(name: str) -> str:
+    """MoE layer of an expert tensor's name (``experts.<e>.`` removed): all but its last component."""
+    return name.rpartition(".")[0]
+
+
+def gate_prefix(key: str) -> str:
+    """MoE layer of a router key: the components before ``gate`` (``""`` for ``gate.weight``)."""
+    parts = key.split(".")
+    return ".".join(parts[: parts.index("gate")])
+
+
+def _natural(text: str) -> tuple[tuple[int, int | str], ...]:
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in text.split("."))
+
+
+def moe_layers(names: Iterable[str]) -> list[str]:
+    """Return the MoE layers (prefixes) named by the expert keys among ``names``, in natural order."""
+    prefixes = {layer_prefix(p[1]) for k in names if (p := parse_expert_key(k)) is not None}
+    return sorted(prefixes, key=_natural)
+
+
+def select_layers(arrays: Mapping[str, np.ndarray], held: np.ndarray, layers: Sequence[str]) -> Arrays:
+    """Shared tensors plus expert ``e`` of layer ``l`` wherever ``held[l, e]`` (one client's message).
+
+    Parameters
+    ----------
+    arrays : Mapping[str, np.ndarray]
+        Global-named arrays (the global model).
+    held : np.ndarray
+        bool ``[L, E]``, the experts to keep in every MoE layer.
+    layers : Sequence[str]
+        The model's MoE layers (:func:`moe_layers`), row order of ``held``.
+
+    """
+    row = {p: i for i, p in enumerate(layers)}
+    out: Arrays = {}
+    for k, v in arrays.items():
+        p = parse_expert_key(k)
+        if p is None or held[row[layer_prefix(p[1])], p[0]]:
+            out[k] = v
+    return out
+
+
+def layer_holdings(names: Iterable[str], layers: Sequence[str], num_experts: int) -> np.ndarray:
+    """Bool ``[L, E]``: the (layer, expert) pairs with a tensor among ``names``."""
+    row = {p: i for i, p in enumerate(layers)}
+    held = np.zeros((len(layers), num_experts), dtype=bool)
+    for k in names:
+        p = parse_expert_key(k)
+        if p is not None and layer_prefix(p[1]) in row and 0 <= p[0] < num_experts:
+            held[row[layer_prefix(p[1])], p[0]] = True
+    return held
 
 
 def raw_nbytes(arrays: Mapping[str, np.ndarray]) -> int:

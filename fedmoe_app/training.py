@@ -42,6 +42,9 @@ class TrainResult:
     train_time_s: float
     samples_per_s: float
     peak_memory_bytes: int
+    layer_tokens: np.ndarray  # [L, E] tokens per MoE layer
+    layer_expert_loss: np.ndarray  # [L, E] mean loss signal per MoE layer (0 if no tokens)
+    layer_gate_hist: np.ndarray  # [L, E] unmasked top-k choices per MoE layer
 
 
 def resolve_device(name: str) -> torch.device:
@@ -162,6 +165,7 @@ def train(
     tokens = torch.zeros(num_e, device=device)
     loss_sum = torch.zeros(num_e, device=device)
     hist = torch.zeros(num_e, device=device)
+    layers = torch.zeros(3, model.layer_held.shape[0], num_e, device=device)  # tokens, loss, hist
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = targets = 0
@@ -185,6 +189,7 @@ def train(
                 tokens += out.tokens
                 loss_sum += out.expert_loss_sum
                 hist += out.gate_hist
+                layers += torch.stack((out.layer_tokens, out.layer_loss_sum, out.layer_gate_hist))
                 total_loss += loss.detach() * len(y)
                 correct += model.correct(out.logits, y)
             seen += len(y)
@@ -195,6 +200,7 @@ def train(
         model.to(memory_format=torch.contiguous_format)
     tok = tokens.cpu().numpy().astype(np.float64)
     mean_loss = np.divide(loss_sum.cpu().numpy(), tok, out=np.zeros(num_e), where=tok > 0)
+    l_tok, l_loss, l_hist = layers.cpu().numpy().astype(np.float64)
     return TrainResult(
         num_examples=len(y_all),
         loss=mean_total,
@@ -205,6 +211,9 @@ def train(
         train_time_s=elapsed,
         samples_per_s=seen / elapsed if elapsed > 0 else 0.0,
         peak_memory_bytes=peak_rss_bytes(),
+        layer_tokens=l_tok,
+        layer_expert_loss=np.divide(l_loss, l_tok, out=np.zeros_like(l_tok), where=l_tok > 0),
+        layer_gate_hist=l_hist,
     )
 
 

@@ -55,6 +55,36 @@ def read_metrics(out_dir):
     return json.loads((Path(out_dir) / "metrics.json").read_text())
 
 
+def text_run(run_app, folder, texts, run_config, *, num_supernodes, run_name):
+    """Run the app on a folder of text files (one client per file); check it ran, return its rows.
+
+    ``texts`` maps a file name to a sentence, written 180 times in 60 paragraphs. The run has
+    two rounds unless ``run_config`` says otherwise; every round must be recorded and every
+    client download less than the dense model.
+    """
+    folder.mkdir()
+    for name, sentence in texts.items():
+        (folder / name).write_text("\n\n".join(sentence * 3 for _ in range(60)), encoding="utf-8")
+    cfg = {
+        "dataset": "text",
+        "data-dir": str(folder),
+        "partitioner": "natural",
+        "num-server-rounds": 2,
+        "context-length": 32,
+        "experts-per-client": 2,
+        "capacity": "fixed",
+        "max-samples-per-client": 96,
+        "lr": 0.3,
+        **run_config,
+    }
+    code, out, log = run_app(cfg, num_supernodes=num_supernodes, run_name=run_name)
+    assert code == 0, log[-3000:]
+    rows = read_metrics(out)
+    assert [r["round"] for r in rows] == list(range(cfg["num-server-rounds"] + 1))
+    assert rows[-1]["bytes_down"] < rows[-1]["dense_bytes_down"]
+    return rows, out
+
+
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 

@@ -13,6 +13,7 @@ from flwr.app import Message, Metadata, MetricRecord, RecordDict
 
 from fedmoe_app.federation.protocol import ARRAYS, CLIENT, CONFIG, METRICS, client_record, train_reply_content
 from fedmoe_app.federation.records import from_record, to_record
+from fedmoe_app.tensors import moe_layers
 
 EXAMPLES = 100
 
@@ -64,10 +65,12 @@ class FakeGrid:
         self.replied.append((node, out))
         tokens = np.zeros(self.num_experts)
         tokens[experts] = EXAMPLES * min(self.top_k, len(experts)) / len(experts)
-        feedback = {
-            "tokens": tokens,
-            "expert-loss": np.ones(self.num_experts),
-            "gate-hist": np.full(self.num_experts, EXAMPLES * self.top_k / self.num_experts),
-        }
+        hist = np.full(self.num_experts, EXAMPLES * self.top_k / self.num_experts)
+        layers = max(1, len(moe_layers(m.content[ARRAYS].keys())))  # the same share in every layer
+        feedback = {"tokens": tokens, "expert-loss": np.ones(self.num_experts), "gate-hist": hist}
+        for key in ("tokens", "expert-loss", "gate-hist"):
+            feedback[f"layer-{key}"] = np.tile(
+                feedback[key] / (layers if key != "expert-loss" else 1), (layers, 1)
+            )
         metrics = {"num-examples": EXAMPLES, "train-loss": 1.0, "train-accuracy": 0.5}
         return train_reply_content(to_record(out), metrics, feedback, f"c{node}")

@@ -296,3 +296,33 @@ def test_window_table_both_views():
     # dense seeds: rounds 1-2 means 0.6 and 0.4; round 3: 0.8 and 0.6; personalized = + 0.1
     assert dense == ["a", "dense", "50.00 ± 14.14", "70.00 ± 14.14", "60.00 ± 14.14", "80.00 ± 14.14"]
     assert lines[4].startswith("| b | greedy | 45.00 |")  # one seed: no ±
+
+
+def test_text_grid_summary_reports_bits_per_byte_per_group(tmp_path):
+    text = {"dataset": "fortunes", "model": "transformer-moe", "partitioner": "natural"}
+    grid = ex.build_grid(rounds=3, policies=["load_balanced", "dense"], seeds=[0, 1], overrides=text)
+    for run in grid.runs():
+        rows = fake_rounds([0.2, 0.3, 0.4])
+        worse = run.policy == "dense"
+        for r in rows:  # bits per byte fall over rounds; dense is 1 bit worse; de differs by seed
+            r.update({"bpb": 8.0 - r["round"] + worse, "bpb_en": 7.0 - r["round"], "bpb_de": 6.0 + run.seed})
+            r["client_loss"] = math.log(2) * (5.0 - r["round"])  # nats: 4, 3, 2 bits
+        out = ex.run_dir(tmp_path, run)
+        out.mkdir(parents=True)
+        (out / "metrics.json").write_text(json.dumps(rows))
+        (out / "config.json").write_text(json.dumps(dict(run.run_config)))
+    ex.write_summary(tmp_path, grid)
+    md = (tmp_path / "summary.md").read_text()
+    assert (
+        "| setting | policy | runs | global bpb | personalized bpb | de | en | MB down/round (dense) |" in md
+    )
+    # last-5 of rounds 1..3: global 7, 6, 5 -> 6 (+1 for dense); personalized 3; de 6 and 7 by seed
+    assert (
+        "| natural | load_balanced | 2 | 6.00 ± 0.00 | 3.00 ± 0.00 | 6.50 ± 0.71 | 5.00 ± 0.00 "
+        "| 1.00 (2.00) |" in md
+    )
+    assert (
+        "| natural | dense | 2 | 7.00 ± 0.00 | 3.00 ± 0.00 | 6.50 ± 0.71 | 5.00 ± 0.00 | 1.00 (2.00) |" in md
+    )
+    for png in ("bpb.png", "personalized_bpb.png", "bpb_per_group.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG" and f"({png})" in md

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_spec, read_metrics, train_args
+from conftest import make_spec, text_run, train_args
 from test_transformer_moe import text_split
 
 from fedmoe_app.config import ConfigError, RunConfig
@@ -73,8 +73,8 @@ def test_experts_of_every_layer_travel_as_one_expert_and_round_trip(spec):
     x = text_split(2).tokens[:, :-1]
     masked_full = build_model(spec, seed=0)
     load_arrays(masked_full, full)
-    masked_full.held[:] = False
-    masked_full.held[HELD] = True
+    masked_full.layer_held[:] = False
+    masked_full.layer_held[:, HELD] = True
     torch.testing.assert_close(sub(x).logits, masked_full(x).logits, rtol=1e-4, atol=1e-5)
 
 
@@ -222,30 +222,12 @@ def test_bad_hf_input_stops_the_run_naming_the_key(tmp_path):
 
 @pytest.mark.slow
 def test_flwr_run_trains_tiny_mixtral_on_text_files(run_app, tmp_path):
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    for name, sentence in {
-        "en.txt": "The cat sat on the mat. ",
-        "de.txt": "Der Hund sitzt im Gras. ",
-    }.items():
-        (folder / name).write_text("\n\n".join(sentence * 3 for _ in range(60)), encoding="utf-8")
-    run_config = {
-        "dataset": "text",
-        "data-dir": str(folder),
-        "model": "hf",
-        "hf-config": "tiny-mixtral",
-        "partitioner": "natural",
-        "num-server-rounds": 2,
-        **TINY,
-        "context-length": 32,
-        "experts-per-client": 2,
-        "capacity": "fixed",
-        "max-samples-per-client": 96,
-        "lr": 0.3,
-    }
-    code, out, log = run_app(run_config, num_supernodes=2, run_name="hf-e2e")
-    assert code == 0, log[-3000:]
-    rows = read_metrics(out)
-    assert [r["round"] for r in rows] == [0, 1, 2]
+    rows, _ = text_run(
+        run_app,
+        tmp_path / "corpus",
+        {"en.txt": "The cat sat on the mat. ", "de.txt": "Der Hund sitzt im Gras. "},
+        {"model": "hf", "hf-config": "tiny-mixtral", **TINY, "context-length": 32},
+        num_supernodes=2,
+        run_name="hf-e2e",
+    )
     assert rows[-1]["bpb"] < rows[0]["bpb"] - 0.5
-    assert rows[-1]["bytes_down"] < rows[-1]["dense_bytes_down"]

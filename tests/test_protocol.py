@@ -15,6 +15,7 @@ from fedmoe_app.federation.protocol import (
     ReplyRejected,
     Sent,
     parse_train_reply,
+    result_feedback,
     train_reply_content,
 )
 from fedmoe_app.federation.records import to_record
@@ -35,7 +36,7 @@ def reply():
     res = train(model, data, **train_args(epochs=1, batch_size=32, lr=0.05))
     arrays = model_to_arrays(model)
     metrics = {"num-examples": res.num_examples, "train-loss": res.loss}
-    feedback = {"tokens": res.tokens, "expert-loss": res.expert_loss, "gate-hist": res.gate_hist}
+    feedback = result_feedback(res)
     content = train_reply_content(to_record(arrays), metrics, feedback, "c7")
     sent = Sent(
         "c7", EXPERTS, {k: (tuple(v.shape), str(v.dtype)) for k, v in arrays.items()}, max_examples=64

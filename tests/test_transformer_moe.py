@@ -5,11 +5,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import read_metrics, train_args
+from conftest import text_run, train_args
 
 from fedmoe_app.config import ConfigError, RunConfig
 from fedmoe_app.federation.aggregation import ClientUpdate, aggregate
-from fedmoe_app.federation.protocol import Sent, parse_train_reply, train_reply_content
+from fedmoe_app.federation.protocol import Sent, parse_train_reply, result_feedback, train_reply_content
 from fedmoe_app.federation.records import to_record, wire_nbytes
 from fedmoe_app.models import (
     TransformerSpec,
@@ -29,6 +29,11 @@ SPEC = TransformerSpec(
     expert_hidden=48,
 )  # fmt: skip
 HELD = [1, 5]
+TEXTS = {
+    "en.txt": "The cat sat on the mat. The dog sat on the log. ",
+    "de.txt": "Der Hund sitzt auf dem Baum. Die Katze liegt im Gras. ",
+    "ru.txt": "Кошка сидит на окне. Собака спит у двери. ",
+}
 
 
 def text_split(n=48, t=16, seed=0):
@@ -110,10 +115,10 @@ def test_local_training_lowers_the_loss_and_its_reply_is_accepted():
     assert res.tokens.sum() == 48 * 3 * 16 * 3 * 2  # examples x epochs x tokens x layers x top-k
     arrays = model_to_arrays(model)
     metrics = {"num-examples": res.num_examples, "train-loss": res.loss}
-    feedback = {"tokens": res.tokens, "expert-loss": res.expert_loss, "gate-hist": res.gate_hist}
+    feedback = result_feedback(res)
     sent = Sent("c1", HELD, {k: (tuple(v.shape), str(v.dtype)) for k, v in arrays.items()}, max_examples=48)
     content = train_reply_content(to_record(arrays), metrics, feedback, "c1")
-    reply = parse_train_reply(content, 1, sent, 8, 2, 3, SPEC.routes_per_example)
+    reply = parse_train_reply(content, 1, sent, 8, 2, 3, SPEC.routes_per_example, SPEC.num_layers)
     assert reply.update.tokens.sum() == res.tokens.sum()
     loss, _, per_group = evaluate_text(model, data, batch_size=7, device="cpu")
     assert loss == pytest.approx(after, rel=1e-9) and per_group.shape == (2,)
@@ -183,34 +188,15 @@ def test_config_selects_and_validates_the_transformer():
 
 @pytest.mark.slow
 def test_flwr_run_trains_the_transformer_on_text_files(run_app, tmp_path):
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    texts = {
-        "en.txt": "The cat sat on the mat. The dog sat on the log. ",
-        "de.txt": "Der Hund sitzt auf dem Baum. Die Katze liegt im Gras. ",
-        "ru.txt": "Кошка сидит на окне. Собака спит у двери. ",
-    }
-    for name, sentence in texts.items():
-        (folder / name).write_text("\n\n".join(sentence * 3 for _ in range(60)), encoding="utf-8")
-    run_config = {
-        "dataset": "text",
-        "data-dir": str(folder),
-        "model": "transformer-moe",
-        "partitioner": "natural",
-        "num-server-rounds": 2,
-        "num-layers": 2,
-        "d-model": 32,
-        "expert-hidden": 64,
-        "context-length": 32,
-        "experts-per-client": 2,
-        "capacity": "fixed",
-        "max-samples-per-client": 96,
-        "lr": 0.3,
-    }
-    code, out, log = run_app(run_config, num_supernodes=3, run_name="text-e2e")
-    assert code == 0, log[-3000:]
-    rows = read_metrics(out)
-    assert [r["round"] for r in rows] == [0, 1, 2]
+    rows, out = text_run(
+        run_app,
+        tmp_path / "corpus",
+        TEXTS,
+        {"model": "transformer-moe", "num-layers": 2, "d-model": 32, "expert-hidden": 64},
+        num_supernodes=3,
+        run_name="text-e2e",
+    )
     assert rows[-1]["bpb"] < rows[0]["bpb"] - 1.0
     assert {"bpb_en.txt", "bpb_de.txt", "bpb_ru.txt"} <= set(rows[-1])
-    assert rows[-1]["bytes_down"] < rows[-1]["dense_bytes_down"]
+    assert np.array(rows[-1]["expert_load_per_layer"]).shape == (2, 8)
+    assert (out / "expert_load_per_layer.png").stat().st_size > 0

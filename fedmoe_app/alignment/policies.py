@@ -63,10 +63,16 @@ def greedy_plan(score: np.ndarray, r: np.ndarray, rng: np.random.Generator) -> n
     return top_by_order(order, r)
 
 
-def balanced_plan(desirability: np.ndarray, r: np.ndarray, load_slack: float) -> np.ndarray:
-    """Exact max-desirability plan with every expert's load inside :func:`load_bounds`."""
+def balanced_plan(
+    desirability: np.ndarray, r: np.ndarray, load_slack: float, approx_min_clients: int
+) -> np.ndarray:
+    """Max-desirability plan with every expert's load inside :func:`load_bounds`.
+
+    Exact, except from ``approx_min_clients`` clients on (if > 0): then feasible and close to
+    optimal (:func:`~.solver.solve_assignment`).
+    """
     lo, hi = load_bounds(r, desirability.shape[1], load_slack)
-    return solve_assignment(desirability, r, min_load=lo, max_load=hi)
+    return solve_assignment(desirability, r, min_load=lo, max_load=hi, approx_min_clients=approx_min_clients)
 
 
 def plan_experts(
@@ -76,6 +82,7 @@ def plan_experts(
     desirability: np.ndarray | None,
     *,
     load_slack: float,
+    approx_min_clients: int,
     rng: np.random.Generator,
 ) -> np.ndarray:
     """Assign experts to this round's clients under ``policy``.
@@ -92,6 +99,9 @@ def plan_experts(
         float64 ``[C, E]``, this round's rows of ``D``; required by ``load_balanced`` only.
     load_slack : float
         Relative slack of the ``load_balanced`` load bounds.
+    approx_min_clients : int
+        ``load_balanced`` rounds with at least this many clients take the fix-and-free
+        approximation (0: always exact).
     rng : np.random.Generator
         Randomness of ``random`` and of greedy tie-breaking.
 
@@ -111,4 +121,4 @@ def plan_experts(
         return greedy_plan(fitness, r, rng)
     if desirability is None:
         raise ValueError("policy 'load_balanced' needs the desirability matrix")
-    return balanced_plan(desirability, r, load_slack)
+    return balanced_plan(desirability, r, load_slack, approx_min_clients)

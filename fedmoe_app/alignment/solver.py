@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from . import flow, pricing
+from . import flow, multilevel, pricing
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ def solve_assignment(
     *,
     min_load: np.ndarray | int | None = None,
     max_load: np.ndarray | int | None = None,
+    approx_min_clients: int = 0,
 ) -> np.ndarray:
     """Exact max-desirability client-expert plan under capacity and per-expert load bounds.
 
@@ -109,19 +110,50 @@ def solve_assignment(
     min_load, max_load : np.ndarray or int or None, optional
         Integer ``[E]`` bounds on each expert's number of clients (scalars broadcast).
         Defaults: 0 and ``C``.
+    approx_min_clients : int, optional
+        From this many clients on (0: never), large instances take the uncertified
+        fix-and-free plan of :func:`.multilevel.solve_approx`: feasible, close to optimal,
+        faster. Default 0: always exact.
 
     Returns
     -------
     np.ndarray
         Boolean ``[C, E]`` plan. Its true desirability is within
         ``S * max|D| * 2**-30`` of the optimum, ``S = sum(min(capacity, E))`` (integer cost
-        rounding; see the module docstring).
+        rounding; see the module docstring), unless the approximation was used.
 
     Raises
     ------
     ValueError
         On malformed input, or when the bounds cannot be met; the message names the bound
         (``min_load`` / ``max_load``) and why.
+
+    """
+    if int(approx_min_clients) < 0:
+        raise ValueError(f"approx_min_clients must be >= 0, got {approx_min_clients}")
+    k, r, lo, hi = integer_problem(desirability, capacity, min_load, max_load)
+    num_clients, num_experts = k.shape
+    if num_experts == 0 or int(r.sum()) == 0:
+        return np.zeros((num_clients, num_experts), dtype=bool)
+    return solve_integer(k, r, lo, hi, int(approx_min_clients))
+
+
+def integer_problem(
+    desirability: np.ndarray,
+    capacity: np.ndarray,
+    min_load: np.ndarray | int | None,
+    max_load: np.ndarray | int | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Validate an assignment problem and return it in integers: ``(K, r, min_load, max_load)``.
+
+    ``K = round(D * 2**30 / max|D|)`` (int64 ``[C, E]``), ``r = min(capacity, E)``, the bounds
+    broadcast to int64 ``[E]`` with ``max_load`` clipped to the clients with capacity.
+
+    Raises
+    ------
+    ValueError
+        On malformed input or bounds that violate the necessary feasibility conditions
+        (:func:`.flow.check_feasible`).
 
     """
     d = np.asarray(desirability, dtype=np.float64)
@@ -134,19 +166,34 @@ def solve_assignment(
     lo = flow.as_bound(min_load, 0, num_experts, "min_load")
     hi = flow.as_bound(max_load, num_clients, num_experts, "max_load")
     flow.check_feasible(r, lo, hi)
-    plan = np.zeros((num_clients, num_experts), dtype=bool)
-    if num_experts == 0 or int(r.sum()) == 0:
-        return plan
     hi = np.minimum(hi, np.count_nonzero(r))
-    max_abs = float(np.abs(d).max())
+    max_abs = float(np.abs(d).max()) if d.size else 0.0
     scale = flow.COST_RANGE / max_abs if max_abs > 0 else 1.0
-    k = np.rint(d * scale).astype(np.int64)  # integer desirability
+    return np.rint(d * scale).astype(np.int64), r, lo, hi
+
+
+def solve_integer(
+    k: np.ndarray, r: np.ndarray, lo: np.ndarray, hi: np.ndarray, approx_min_clients: int
+) -> np.ndarray:
+    """Plan of the integer problem of :func:`integer_problem`.
+
+    Exact (pruned and certified when large), or from ``approx_min_clients`` clients on (if
+    > 0) the fix-and-free approximation of :func:`.multilevel.solve_approx`.
+    """
+    num_clients, num_experts = k.shape
     expected_arcs = int(np.minimum(r + pricing.PRUNE_EXTRA, num_experts).sum())
     if num_clients * num_experts >= PRUNE_MIN_ARCS and expected_arcs < 0.5 * k.size:
         top = pricing.top_at_prices(k, r, np.zeros(num_experts, dtype=np.int64))
         load = top.sum(axis=0)
         if np.all(load >= lo) and np.all(load <= hi):
             return top  # the unconstrained optimum meets the bounds, hence is optimal
+        if 0 < approx_min_clients <= num_clients:
+            plan = multilevel.solve_approx(k, r, lo, hi)
+            if plan is not None:
+                return plan  # feasible, not certified (opt-in)
+        plan = multilevel.solve_large(k, r, lo, hi)
+        if plan is not None:
+            return plan  # certified optimal (fix-and-free at multi-level prices)
         cand = pricing.candidates(k, r, hi, pricing.estimate_prices(k, r, lo, hi))
         for _ in range(PRICING_ROUNDS):
             if cand.sum() >= 0.6 * cand.size:

@@ -65,6 +65,7 @@ KNOBS = (
     "w_fitness",
     "w_usage",
     "load_slack",
+    "approx_min_clients",
     "loss_weight",
     "seed",
 )
@@ -90,6 +91,9 @@ class AlignmentState:
         Weights of normalized fitness and usage in the desirability.
     load_slack : float
         Relative slack of the ``load_balanced`` load bounds around the mean load.
+    approx_min_clients : int
+        ``load_balanced`` rounds of at least this many clients use the fix-and-free
+        approximation instead of the exact plan (0: always exact).
     loss_weight : float
         ``lam``: held signal ``(1 - lam) * token_share + lam * exp(-loss)``.
     seed : int
@@ -116,6 +120,7 @@ class AlignmentState:
         w_fitness: float,
         w_usage: float,
         load_slack: float,
+        approx_min_clients: int,
         loss_weight: float,
         seed: int,
     ) -> None:
@@ -131,6 +136,8 @@ class AlignmentState:
                 raise ValueError(f"{name} must be in [0, 1], got {val}")
         if float(load_slack) < 0 or float(w_fitness) < 0 or float(w_usage) < 0:
             raise ValueError("load_slack, w_fitness and w_usage must be >= 0")
+        if int(approx_min_clients) < 0:
+            raise ValueError(f"approx_min_clients must be >= 0, got {approx_min_clients}")
         self.num_experts = int(num_experts)
         self.fitness_ema = float(fitness_ema)
         self.fitness_decay = float(fitness_decay)
@@ -138,15 +145,30 @@ class AlignmentState:
         self.w_fitness = float(w_fitness)
         self.w_usage = float(w_usage)
         self.load_slack = float(load_slack)
+        self.approx_min_clients = int(approx_min_clients)
         self.loss_weight = float(loss_weight)
         self.seed = int(seed)
         self.rng = np.random.default_rng(self.seed)
         self.client_ids: list[str] = []
         self._row: dict[str, int] = {}
-        self.fitness = np.zeros((0, self.num_experts), dtype=np.float64)
+        self._fitness = np.zeros((0, self.num_experts), dtype=np.float64)
         self.usage = np.zeros(self.num_experts, dtype=np.float64)
 
     # -- rows -------------------------------------------------------------------------------
+
+    @property
+    def fitness(self) -> np.ndarray:
+        """float64 ``[C, E]`` fitness rows (a view of a buffer that grows by doubling)."""
+        return self._fitness[: len(self.client_ids)]
+
+    @fitness.setter
+    def fitness(self, value: np.ndarray) -> None:
+        arr = np.asarray(value, dtype=np.float64)
+        if arr.shape != (len(self.client_ids), self.num_experts):
+            raise ValueError(
+                f"fitness must have shape {(len(self.client_ids), self.num_experts)}, got {arr.shape}"
+            )
+        self._fitness = arr
 
     def index(self, client_ids: Sequence[str]) -> np.ndarray:
         """Rows of ``client_ids`` in :attr:`fitness`, adding unseen clients (zero rows).
@@ -168,10 +190,15 @@ class AlignmentState:
         new = [c for c in ids if c not in self._row]
         if new:
             start = len(self.client_ids)
+            needed = start + len(new)
+            if needed > self._fitness.shape[0]:  # amortized O(1) per client: double the buffer
+                grown = np.zeros((max(needed, 2 * self._fitness.shape[0]), self.num_experts))
+                grown[:start] = self._fitness[:start]
+                self._fitness = grown
+            else:
+                self._fitness[start:needed] = 0.0
             self._row.update({c: start + i for i, c in enumerate(new)})
             self.client_ids.extend(new)
-            grow = np.zeros((len(new), self.num_experts), dtype=np.float64)
-            self.fitness = np.concatenate([self.fitness, grow], axis=0)
         return np.fromiter((self._row[c] for c in ids), dtype=np.int64, count=len(ids))
 
     # -- scores -----------------------------------------------------------------------------
@@ -193,7 +220,10 @@ class AlignmentState:
             float64 ``[len(client_ids), E]`` in ``[-w_usage, w_fitness]``.
 
         """
-        rows = self.index(client_ids)  # may grow self.fitness: index before reading it
+        return self._desirability(self.index(client_ids))  # index first: it may grow fitness
+
+    def _desirability(self, rows: np.ndarray) -> np.ndarray:
+        """:meth:`desirability` of the fitness rows ``rows``."""
         f = self.fitness[rows]
         if f.shape[0] == 0:
             return np.zeros_like(f)
@@ -240,8 +270,9 @@ class AlignmentState:
             policy,
             r,
             self.fitness[rows],
-            self.desirability(client_ids) if policy == "load_balanced" else None,
+            self._desirability(rows) if policy == "load_balanced" else None,
             load_slack=self.load_slack,
+            approx_min_clients=self.approx_min_clients,
             rng=self.rng if rng is None else rng,
         )
 
@@ -355,7 +386,8 @@ class AlignmentState:
         version = int(d.get("version", _STATE_VERSION))
         if version != _STATE_VERSION:
             raise ValueError(f"unsupported alignment state version {version}")
-        state = cls(int(d["num_experts"]), **{k: d[k] for k in KNOBS})
+        knobs = {"approx_min_clients": 0, **{k: d[k] for k in KNOBS if k in d}}  # older: exact
+        state = cls(int(d["num_experts"]), **knobs)
         ids = [str(c) for c in d["client_ids"]]
         fitness = np.asarray(d["fitness"], dtype=np.float64).reshape(len(ids), state.num_experts)
         usage = np.asarray(d["usage"], dtype=np.float64)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..tensors import Arrays, experts_in, is_gate_key, parse_expert_key
+from ..tensors import Arrays, experts_in, gate_prefix, is_gate_key, layer_prefix, moe_layers, parse_expert_key
 
 
 @dataclass
@@ -47,6 +47,8 @@ class ClientUpdate:
     num_examples: int
     tokens: np.ndarray  # [E], tokens routed to each expert (0 where not held)
     num_held: int | None = None  # experts the client held (unmasked); None: those with tokens
+    layer_tokens: np.ndarray | None = None  # [L, E] tokens per MoE layer (None: not reported)
+    layer_held: np.ndarray | None = None  # bool [L, E] experts held per MoE layer
 
 
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
@@ -73,6 +75,7 @@ def aggregate(
     single_holders: bool = False,
     method: str = "mean",
     trim_fraction: float = 0.0,
+    per_layer: bool = False,
 ) -> Arrays:
     """Return the new global arrays from ``updates`` (``global_arrays`` is not modified).
 
@@ -95,6 +98,11 @@ def aggregate(
         :func:`robust_combine`.
     trim_fraction : float
         Share of values cut at each end under ``trimmed-mean``.
+    per_layer : bool
+        Untied layers: expert ``e`` of MoE layer ``l`` is averaged over the clients that
+        returned it, weighted by the tokens *that layer* routed to it, and the rows of layer
+        ``l``'s router by layer ``l``'s tokens (clients holding at least two experts in it);
+        needs every update's ``layer_tokens`` and ``layer_held``.
 
     Returns
     -------
@@ -105,43 +113,53 @@ def aggregate(
     out = {k: np.array(v, copy=True) for k, v in global_arrays.items()}
     if not updates:
         return out
-    tokens = np.stack([u.tokens for u in updates]).astype(np.float64)  # [C, E]
     examples = np.array([u.num_examples for u in updates], dtype=np.float64)
-    held = np.array(
-        [u.num_held if u.num_held is not None else int(np.count_nonzero(u.tokens)) for u in updates]
-    )
-    # one held expert: no gate gradient, unless a routing loss trains its row
-    gate_tokens = np.where((held >= (1 if single_holders else 2))[:, None], tokens, 0.0)
-    col_total = gate_tokens.sum(axis=0)  # [E]
-    # Experts: only clients that returned expert e (read-only holders send none back).
-    returned = np.zeros_like(tokens, dtype=bool)
-    for i, u in enumerate(updates):
-        returned[i, experts_in(u.arrays)] = True
-    expert_tokens = np.where(returned, tokens, 0.0)
-    expert_total = expert_tokens.sum(axis=0)
+    weights = _LayerWeights(global_arrays, updates, single_holders) if per_layer else None
+    if weights is None:
+        tokens = np.stack([u.tokens for u in updates]).astype(np.float64)  # [C, E]
+        held = np.array(
+            [u.num_held if u.num_held is not None else int(np.count_nonzero(u.tokens)) for u in updates]
+        )
+        # one held expert: no gate gradient, unless a routing loss trains its row
+        gate_tokens = np.where((held >= (1 if single_holders else 2))[:, None], tokens, 0.0)
+        # Experts: only clients that returned expert e (read-only holders send none back).
+        returned = np.zeros_like(tokens, dtype=bool)
+        for i, u in enumerate(updates):
+            returned[i, experts_in(u.arrays)] = True
+        expert_tokens = np.where(returned, tokens, 0.0)
+        expert_total = expert_tokens.sum(axis=0)
 
     for key, old in global_arrays.items():
         parsed = parse_expert_key(key)
         if method != "mean":
-            trainers = (
-                updates if parsed is None else [u for u, r in zip(updates, returned[:, parsed[0]]) if r]
-            )
+            if parsed is None:
+                trainers = list(updates)
+            elif weights is None:
+                trainers = [u for u, r in zip(updates, returned[:, parsed[0]]) if r]
+            else:
+                trainers = [u for u in updates if key in u.arrays]
             if trainers:
                 stacked = np.stack([u.arrays[key] for u in trainers]).astype(np.float64)
                 out[key] = robust_combine(stacked, method, trim_fraction).astype(old.dtype)
             continue
         if parsed is not None:
-            e = parsed[0]
-            if expert_total[e] <= 0:
+            if weights is None:
+                col, total = expert_tokens[:, parsed[0]], expert_total[parsed[0]]
+            else:
+                col = weights.expert(key, parsed)
+                total = col.sum()
+            if total <= 0:
                 continue
             acc = np.zeros(old.shape, dtype=np.float64)
-            for u, w in zip(updates, expert_tokens[:, e]):
+            for u, w in zip(updates, col):
                 if w > 0:
                     acc += w * u.arrays[key]
-            out[key] = (acc / expert_total[e]).astype(old.dtype)
+            out[key] = (acc / total).astype(old.dtype)
         elif is_gate_key(key) and not gate_from_all:
+            g = gate_tokens if weights is None else weights.gate(key)
+            col_total = g.sum(axis=0)  # [E]
             stacked = np.stack([u.arrays[key] for u in updates]).astype(np.float64)  # [C, E, ...]
-            w = gate_tokens.reshape(gate_tokens.shape + (1,) * (old.ndim - 1))
+            w = g.reshape(g.shape + (1,) * (old.ndim - 1))
             summed = (w * stacked).sum(axis=0)
             trained = col_total > 0
             denom = np.where(trained, col_total, 1.0).reshape((-1,) + (1,) * (old.ndim - 1))
@@ -153,6 +171,33 @@ def aggregate(
             w = examples.reshape((-1,) + (1,) * old.ndim)
             out[key] = ((w * stacked).sum(axis=0) / examples.sum()).astype(old.dtype)
     return out
+
+
+class _LayerWeights:
+    """Untied aggregation weights: each (layer, expert) and each layer's gate rows by its tokens."""
+
+    def __init__(
+        self, global_arrays: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate], single_holders: bool
+    ) -> None:
+        if any(u.layer_tokens is None or u.layer_held is None for u in updates):
+            raise ValueError("per-layer aggregation needs every update's layer_tokens and layer_held")
+        self.row = {p: i for i, p in enumerate(moe_layers(global_arrays))}
+        self.tokens = np.stack([u.layer_tokens for u in updates]).astype(np.float64)  # [C, L, E]
+        held = np.stack([u.layer_held for u in updates]).sum(axis=2)  # [C, L] experts held per layer
+        self.gate_tokens = np.where((held >= (1 if single_holders else 2))[:, :, None], self.tokens, 0.0)
+        self.updates = updates
+
+    def expert(self, key: str, parsed: tuple[int, str]) -> np.ndarray:
+        """``[C]`` weight of each update for expert tensor ``key``: its layer's tokens, if it returned it."""
+        col = self.tokens[:, self.row[layer_prefix(parsed[1])], parsed[0]]
+        return np.where([key in u.arrays for u in self.updates], col, 0.0)
+
+    def gate(self, key: str) -> np.ndarray:
+        """``[C, E]`` weight of each update for each row of the router ``key``: its layer's tokens."""
+        layer = self.row.get(gate_prefix(key))
+        if layer is None:  # a gate outside the MoE layers: all layers' tokens, as tied
+            return self.gate_tokens.sum(axis=1)
+        return self.gate_tokens[:, layer]
 
 
 def balance_gate_bias(global_arrays: Mapping[str, np.ndarray], gate_hist: np.ndarray, rate: float) -> Arrays:

@@ -28,9 +28,20 @@ from ..tensors import is_gate_key, parse_expert_key
 from ..text import client_split
 from ..training import evaluate, resolve_device, train
 from .faults import corrupt, corrupt_eval, corruption_for, eval_corruption_for, fault_for
+from .layers import held_from_config
 from .placement import ray_node_id
 from .privacy import privatize
-from .protocol import ARRAYS, CLIENT, CONFIG, METRICS, PROFILE, RAY_NODE, client_record, train_reply_content
+from .protocol import (
+    ARRAYS,
+    CLIENT,
+    CONFIG,
+    METRICS,
+    PROFILE,
+    RAY_NODE,
+    client_record,
+    result_feedback,
+    train_reply_content,
+)
 from .records import from_record, to_record
 
 log = logging.getLogger(__name__)
@@ -121,8 +132,8 @@ def handle_query(msg: Message, context: Context) -> RecordDict:
 
 
 def _sub_model(msg: Message, cfg: RunConfig, info: Any):
-    expert_ids = [int(e) for e in msg.content[CONFIG]["expert-ids"]]
-    model = build_model(model_spec(cfg, info), expert_ids)
+    held = held_from_config(msg.content[CONFIG], cfg.num_experts)
+    model = build_model(model_spec(cfg, info), held)
     load_arrays(model, from_record(msg.content[ARRAYS]))
     return model
 
@@ -172,7 +183,7 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
         "samples-per-s": result.samples_per_s,
         "peak-memory-bytes": result.peak_memory_bytes,
     }
-    feedback = {"tokens": result.tokens, "expert-loss": result.expert_loss, "gate-hist": result.gate_hist}
+    feedback = result_feedback(result)
     if frozen:  # read-only experts are not sent back
         arrays = {k: v for k, v in arrays.items() if parse_expert_key(k) is None}
     if cfg.dp == "local":  # clip and noise the update before it leaves (privacy.py)

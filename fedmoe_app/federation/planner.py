@@ -51,6 +51,9 @@ class RoundPlan:
         int64 ``[C]``: training samples asked of each client; 0 means its full local work.
     virtual_round_time_s : float or None
         Simulated duration of the round (slowest client); None when a profile is incomplete.
+    layer_assignment : np.ndarray or None
+        bool ``[C, L, E]`` with untied layers (``tie-layers = false``): the experts each client
+        receives in every MoE layer (``assignment`` is then their union); None when tied.
 
     """
 
@@ -60,10 +63,22 @@ class RoundPlan:
     frozen: np.ndarray
     budgets: np.ndarray
     virtual_round_time_s: float | None
+    layer_assignment: np.ndarray | None = None
 
     def experts_of(self, row: int) -> list[int]:
-        """Global expert ids assigned to client row ``row``."""
+        """Global expert ids assigned to client row ``row`` (in any MoE layer)."""
         return np.flatnonzero(self.assignment[row]).tolist()
+
+    def layer_experts_of(self, row: int) -> np.ndarray | None:
+        """Bool ``[L, E]`` plan of client row ``row`` with untied layers; ``None`` when tied."""
+        return None if self.layer_assignment is None else self.layer_assignment[row]
+
+    @property
+    def held_counts(self) -> np.ndarray:
+        """Experts each client holds, as the memory and time models count them (per layer if untied)."""
+        if self.layer_assignment is None:
+            return self.assignment.sum(axis=1)
+        return self.layer_assignment.sum(axis=2).max(axis=1, initial=0)
 
 
 class Planner:
@@ -122,17 +137,25 @@ class Planner:
             assignment = alignment.plan(ids, np.maximum(capacity, 1), self.cfg.policy, rng)
         else:
             assignment = np.zeros((0, num_experts), dtype=bool)
+        layer_assignment = None
+        if assignment.ndim == 3:  # untied layers: [C, L, E]; experts per layer count
+            layer_assignment, assignment = assignment, assignment.any(axis=1)
+            held = layer_assignment.sum(axis=2).max(axis=1, initial=0)
+        else:
+            held = None
         frozen = self._frozen(capacity)
         if self.cfg.dp != "off" and ids:
             assignment = self._min_trainers(alignment, ids, assignment, frozen)
-        budgets = self._sample_budgets(profiles, assignment, global_arrays)
+        held = assignment.sum(axis=1) if held is None else held
+        budgets = self._sample_budgets(profiles, held, global_arrays)
         return RoundPlan(
             client_ids=ids,
             capacity=capacity,
             assignment=assignment,
             frozen=frozen,
             budgets=budgets,
-            virtual_round_time_s=self._virtual_time(profiles, assignment, budgets, global_arrays),
+            virtual_round_time_s=self._virtual_time(profiles, held, budgets, global_arrays),
+            layer_assignment=layer_assignment,
         )
 
     def _min_trainers(
@@ -158,7 +181,7 @@ class Planner:
         return capacity < max(self.cfg.min_trained_experts, 1)
 
     def _sample_budgets(
-        self, profiles: Profiles, assignment: np.ndarray, global_arrays: Mapping[str, np.ndarray]
+        self, profiles: Profiles, held: np.ndarray, global_arrays: Mapping[str, np.ndarray]
     ) -> np.ndarray:
         """Training samples per client this round; 0 means no limit.
 
@@ -170,9 +193,7 @@ class Planner:
         if not self.profiled or self.cfg.round_deadline_s <= 0 or not len(profiles):
             return budgets
         full = planned_samples(profiles, self.cfg)
-        budget = deadline_sample_budget(
-            profiles, assignment.sum(axis=1), self.memory, self.cfg, global_arrays
-        )
+        budget = deadline_sample_budget(profiles, held, self.memory, self.cfg, global_arrays)
         limited = (full > 0) & (budget < full)
         budgets[limited] = budget[limited]
         return budgets
@@ -180,7 +201,7 @@ class Planner:
     def _virtual_time(
         self,
         profiles: Profiles,
-        assignment: np.ndarray,
+        held: np.ndarray,
         budgets: np.ndarray,
         global_arrays: Mapping[str, np.ndarray],
     ) -> float | None:
@@ -188,9 +209,7 @@ class Planner:
             return None
         full = planned_samples(profiles, self.cfg)
         samples = np.where(budgets > 0, np.minimum(budgets, full), full)
-        return virtual_round_time(
-            profiles, assignment.sum(axis=1), self.memory, self.cfg, global_arrays, samples
-        )
+        return virtual_round_time(profiles, held, self.memory, self.cfg, global_arrays, samples)
 
 
 def capacity_for_profiles(

@@ -2,11 +2,13 @@
 
 Train message (server → client): ``arrays`` (ArrayRecord: shared + assigned experts),
 ``config`` (ConfigRecord: ``expert-ids``, ``server-round``, ``lr``, ``local-epochs``,
-``seed``). Train reply: ``arrays`` (the same keys, trained), ``metrics`` (MetricRecord:
+``seed``; with untied layers also ``layer-experts``, the flat ``[L, E]`` 0/1 mask of the
+experts held per MoE layer). Train reply: ``arrays`` (the same keys, trained), ``metrics`` (MetricRecord:
 ``num-examples``, ``train-loss``, ``train-accuracy``, ``train-time-s``,
 ``samples-per-s``, ``peak-memory-bytes``), ``feedback`` (MetricRecord of length-E lists:
-``tokens``, ``expert-loss``, ``gate-hist``) and ``client`` (ConfigRecord: ``client-id``;
-under Ray also ``ray-node-id``, the Ray node the client ran on).
+``tokens``, ``expert-loss``, ``gate-hist``, and the same per MoE layer as flat ``[L, E]``
+lists of length ``L x E``: ``layer-tokens``, ``layer-expert-loss``, ``layer-gate-hist``) and
+``client`` (ConfigRecord: ``client-id``; under Ray also ``ray-node-id``, the Ray node the client ran on).
 Query reply: ``client`` (client id) and ``profile`` (ConfigRecord of CapacityProfile).
 """
 
@@ -20,6 +22,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from ..tensors import Arrays
+from ..training import TrainResult
 from .aggregation import ClientUpdate
 from .records import from_record
 
@@ -32,6 +35,7 @@ ARRAYS, CONFIG, METRICS, FEEDBACK, CLIENT, PROFILE = (
     "profile",
 )
 FEEDBACK_KEYS = ("tokens", "expert-loss", "gate-hist")
+LAYER_FEEDBACK_KEYS = ("layer-tokens", "layer-expert-loss", "layer-gate-hist")
 RAY_NODE = "ray-node-id"
 MAX_RAY_NODE_CHARS = 128
 
@@ -52,6 +56,7 @@ class Sent:
     expert_ids: list[int]
     shapes: dict[str, tuple[tuple[int, ...], str]]  # key -> (shape, dtype str)
     max_examples: int | None = None
+    layer_held: np.ndarray | None = None  # bool [L, E] held per MoE layer (untied); None: tied
 
 
 @dataclass
@@ -66,6 +71,10 @@ class TrainReply:
     accuracy: float
     expert_loss: np.ndarray
     gate_hist: np.ndarray
+    layer_tokens: np.ndarray  # [L, E]
+    layer_expert_loss: np.ndarray  # [L, E]
+    layer_gate_hist: np.ndarray  # [L, E]
+    layer_held: np.ndarray  # bool [L, E], the experts the client held per MoE layer
     metrics: dict[str, float] = field(default_factory=dict)
     ray_node: str | None = None  # the Ray node the client ran on (simulation), if it said
 
@@ -73,6 +82,18 @@ class TrainReply:
 def client_record(client_id: str, **extra: str) -> ConfigRecord:
     """ConfigRecord naming the replying client."""
     return ConfigRecord({"client-id": client_id, **extra})
+
+
+def result_feedback(result: TrainResult) -> dict[str, np.ndarray]:
+    """Return the feedback vectors of a local training result (totals and per MoE layer)."""
+    return {
+        "tokens": result.tokens,
+        "expert-loss": result.expert_loss,
+        "gate-hist": result.gate_hist,
+        "layer-tokens": result.layer_tokens,
+        "layer-expert-loss": result.layer_expert_loss,
+        "layer-gate-hist": result.layer_gate_hist,
+    }
 
 
 def train_reply_content(
@@ -161,6 +182,7 @@ def parse_train_reply(
     top_k: int,
     local_epochs: int,
     routes_per_example: int = 1,
+    num_layers: int = 1,
 ) -> TrainReply:
     """Validate a train reply against what was sent; raise :class:`ReplyRejected`.
 
@@ -169,7 +191,10 @@ def parse_train_reply(
     above ``sent.max_examples`` when known); feedback vectors have length E, are finite
     and non-negative; tokens are zero for experts not held and consistent with
     ``num-examples × routes-per-example × top-k × local-epochs`` (routes per example: 1 for
-    an image through one MoE layer, tokens × MoE layers for a sequence); the client id matches.
+    an image through one MoE layer, tokens × MoE layers for a sequence); the per-layer feedback
+    (``num_layers`` x E) is finite and non-negative, has no tokens where its layer does not hold
+    the expert, stays under the same bound per layer and sums over the layers to the totals;
+    the client id matches.
     """
     try:
         arrays_rec, metrics, fb = content[ARRAYS], content[METRICS], content[FEEDBACK]
@@ -224,6 +249,9 @@ def parse_train_reply(
     ):
         raise ReplyRejected("feedback", f"token counts exceed num-examples x top-k x epochs ({bound:.0f})")
 
+    held_l = np.broadcast_to(held, (num_layers, num_experts)) if sent.layer_held is None else sent.layer_held
+    layer = _layer_feedback(fb, vectors, held_l, n * (routes_per_example / num_layers) * local_epochs, top_k)
+
     extra = {}
     for key in ("train-loss", "train-accuracy", "train-time-s", "samples-per-s", "peak-memory-bytes"):
         value = metrics.get(key)
@@ -232,12 +260,61 @@ def parse_train_reply(
     return TrainReply(
         node_id=node_id,
         client_id=cid,
-        update=ClientUpdate(arrays=arrays, num_examples=n, tokens=tokens, num_held=len(sent.expert_ids)),
+        update=ClientUpdate(
+            arrays=arrays,
+            num_examples=n,
+            tokens=tokens,
+            num_held=len(sent.expert_ids),
+            layer_tokens=layer["layer-tokens"],
+            layer_held=np.array(held_l, dtype=bool),
+        ),
         expert_ids=list(sent.expert_ids),
         loss=extra.get("train-loss", math.nan),
         accuracy=extra.get("train-accuracy", math.nan),
         expert_loss=vectors["expert-loss"],
         gate_hist=vectors["gate-hist"],
+        layer_tokens=layer["layer-tokens"],
+        layer_expert_loss=layer["layer-expert-loss"],
+        layer_gate_hist=layer["layer-gate-hist"],
+        layer_held=np.array(held_l, dtype=bool),
         metrics=extra,
         ray_node=content_ray_node(content),
     )
+
+
+def _layer_feedback(
+    fb: MetricRecord,
+    totals: Mapping[str, np.ndarray],
+    held: np.ndarray,
+    routes: float,
+    top_k: int,
+) -> dict[str, np.ndarray]:
+    """Check the per-layer feedback of a reply (``[L, E]`` flat lists); return it reshaped.
+
+    ``held`` is the bool ``[L, E]`` the client was sent, ``routes`` the tokens one layer saw
+    (examples x routes per example and layer x epochs).
+    """
+    shape = held.shape
+    out = {}
+    for key in LAYER_FEEDBACK_KEYS:
+        raw = fb.get(key)
+        if not isinstance(raw, list) or len(raw) != held.size:
+            raise ReplyRejected(
+                "feedback", f"{key}: expected a list of length {held.size} ({shape[0]} x {shape[1]})"
+            )
+        vec = np.asarray(raw, dtype=np.float64).reshape(shape)
+        if not np.isfinite(vec).all() or (vec < 0).any():
+            raise ReplyRejected("feedback", f"{key}: values must be finite and >= 0")
+        out[key] = vec
+    tokens, hist = out["layer-tokens"], out["layer-gate-hist"]
+    if (tokens[~held] > 0).any():
+        raise ReplyRejected("feedback", "layer-tokens reported for experts a layer was not sent")
+    k = np.minimum(top_k, held.sum(axis=1))  # top-k among the experts each layer holds
+    if (tokens.sum(axis=1) > routes * k * 1.0001).any() or (hist.sum(axis=1) > routes * top_k * 1.0001).any():
+        raise ReplyRejected(
+            "feedback", f"a layer's token counts exceed its routes x top-k ({routes * k.max():.0f})"
+        )
+    for key, total in (("layer-tokens", "tokens"), ("layer-gate-hist", "gate-hist")):
+        if not np.allclose(out[key].sum(axis=0), totals[total], rtol=1e-6, atol=1e-3):
+            raise ReplyRejected("feedback", f"{key} does not sum over the layers to {total}")
+    return out

@@ -107,9 +107,18 @@ def bound_updates(
         tokens[list(drop)] = 0.0
         n = u.num_examples
         factor = min(1.0, cap / n) if n > 0 else 1.0
+        layer_tokens = u.layer_tokens
+        if layer_tokens is not None:
+            layer_tokens = np.asarray(layer_tokens, dtype=np.float64).copy()
+            layer_tokens[:, list(drop)] = 0.0
+            layer_tokens = layer_tokens * factor
         out.append(
             dataclasses.replace(
-                u, arrays=arrays, num_examples=max(1, int(round(n * factor))), tokens=tokens * factor
+                u,
+                arrays=arrays,
+                num_examples=max(1, int(round(n * factor))),
+                tokens=tokens * factor,
+                layer_tokens=layer_tokens,
             )
         )
         kept.append(i)

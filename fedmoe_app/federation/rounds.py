@@ -45,6 +45,7 @@ class TrainOutcome:
     capped_weights: int = 0  # clients whose example count was capped
     privacy: dict[str, Any] | None = None  # dp_* metrics (accounting.py); None with dp = "off"
     ray_nodes: dict[str, str] | None = None  # client id -> Ray node it trained on (simulation)
+    expert_load_per_layer: np.ndarray | None = None  # [L, E] tokens trained per (MoE layer, expert)
 
     def metric_record(self) -> MetricRecord:
         """Return the outcome as Flower's ``train_metrics_clientapp`` record."""
@@ -158,6 +159,13 @@ def round_row(
         "capped_weights": outcome.capped_weights,
         "train_loss": outcome.train_loss,
     }
+    if outcome.expert_load_per_layer is not None:
+        row["expert_load_per_layer"] = outcome.expert_load_per_layer.tolist()
+    if plan.layer_assignment is not None:
+        row["layer_assignment"] = {
+            cid: [np.flatnonzero(h).tolist() for h in plan.layer_assignment[i]]
+            for i, cid in enumerate(plan.client_ids)
+        }
     if outcome.privacy is not None:
         row.update(outcome.privacy)
     if outcome.ray_nodes:

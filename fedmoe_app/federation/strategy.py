@@ -32,13 +32,15 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from ..alignment import AlignmentState
+from ..alignment import AlignmentState, LayeredAlignment, alignment_from_state_dict
 from ..capacity import ema_update
 from ..config import RunConfig
 from ..models import AnySpec, model_costs
-from ..tensors import Arrays, select
+from ..tensors import Arrays, moe_layers, select
 from .aggregation import aggregate, balance_gate_bias
 from .discovery import Discovery
+from .feedback import feed_alignment, layer_load
+from .layers import payload, plan_lists, stored_payload
 from .loop import EvaluateFn, RoundCallback, adopt_initial_arrays, check_same_tensors, run_rounds
 from .planner import Planner
 from .private_round import PrivateAggregation
@@ -74,11 +76,16 @@ class FedMoE(Strategy):
         self.spec = spec
         self.num_experts = spec.num_experts
         self.global_arrays: Arrays = dict(initial_arrays)
-        self.alignment = AlignmentState(spec.num_experts, **cfg.alignment_kwargs())
+        self.layers = moe_layers(initial_arrays)  # MoE layers, rows of per-layer feedback
+        self.alignment = (
+            AlignmentState(spec.num_experts, **cfg.alignment_kwargs())
+            if cfg.tie_layers
+            else LayeredAlignment(spec.num_experts, len(self.layers), **cfg.alignment_kwargs())
+        )
         self.planner = Planner(cfg, model_costs(spec))
         self.rng = np.random.default_rng(cfg.seed)
         self.nodes = Discovery(cfg.round_timeout_s, cfg.query_retry_rounds)
-        self.last_experts: dict[str, list[int]] = {}  # client id -> experts last trained
+        self.last_experts: dict[str, Any] = {}  # client id -> experts last trained (per layer: untied)
         self.failures_total = 0
         self._pending: TrainRound | None = None  # sent by configure_train, awaiting replies
         self.population = 0  # clients known when nodes were last sampled (the DP accountant's K)
@@ -140,9 +147,9 @@ class FedMoE(Strategy):
         dense_record_bytes = wire_nbytes(to_record(self.global_arrays))
         messages, sent, bytes_down = [], {}, 0
         for row, cid in enumerate(plan.client_ids):
-            node, expert_ids = node_of[cid], plan.experts_of(row)
+            node, expert_ids, held = node_of[cid], plan.experts_of(row), plan.layer_experts_of(row)
             read_only = bool(plan.frozen[row])
-            sub = select(self.global_arrays, expert_ids)
+            sub, names = payload(self.global_arrays, expert_ids, held, self.layers)
             returned = select(sub, []) if read_only else sub
             record = to_record(sub)
             bytes_down += wire_nbytes(record)
@@ -151,10 +158,11 @@ class FedMoE(Strategy):
                 expert_ids=expert_ids,
                 shapes={k: (tuple(v.shape), str(v.dtype)) for k, v in returned.items()},
                 max_examples=self.profiles.get(cid, {}).get("num-examples"),
+                layer_held=held,
             )
             cfg_record = ConfigRecord(
                 {
-                    "expert-ids": expert_ids,
+                    **names,
                     "server-round": server_round,
                     "lr": self.cfg.lr,
                     "local-epochs": self.cfg.local_epochs,
@@ -238,6 +246,7 @@ class FedMoE(Strategy):
                     self.spec.top_k,
                     self.cfg.local_epochs,
                     self.spec.routes_per_example,
+                    len(self.layers),
                 )
             except ReplyRejected as exc:
                 rejected[exc.reason] += 1
@@ -267,6 +276,7 @@ class FedMoE(Strategy):
                 len(valid),
                 self.cfg.min_replies,
             )
+        per_layer = layer_load(bounded.updates if bounded else [], len(self.layers), self.num_experts)
         # the loss of the replies that entered the model, at the weights they entered with
         if bounded is not None:
             pairs = [(valid[i].loss, u.num_examples) for i, u in zip(bounded.kept, bounded.updates)]
@@ -280,6 +290,7 @@ class FedMoE(Strategy):
             num_examples=n,
             bytes_up=bytes_up,
             expert_load=tokens,
+            expert_load_per_layer=per_layer,
             train_loss=sum(loss * k for loss, k in pairs) / n if n else math.nan,
             dropped_updates=bounded.dropped if bounded else 0,
             capped_weights=bounded.capped if bounded else 0,
@@ -311,21 +322,13 @@ class FedMoE(Strategy):
                 single_holders=self.cfg.route_loss_weight > 0,
                 method=self.cfg.aggregation,
                 trim_fraction=self.cfg.trim_fraction,
+                per_layer=not self.cfg.tie_layers,
             )
         hist = np.stack([r.gate_hist for r in kept])
         self.global_arrays = balance_gate_bias(self.global_arrays, hist, self.cfg.gate_balance_rate)
-        held = np.zeros((len(kept), self.num_experts), dtype=bool)
-        for i, r in enumerate(kept):
-            held[i, r.expert_ids] = True
-        self.alignment.update(
-            [r.client_id for r in kept],
-            held,
-            np.stack([u.tokens for u in bounded.updates]),
-            np.stack([r.expert_loss for r in kept]),
-            hist,
-        )
+        feed_alignment(self.alignment, kept, bounded.updates, self.num_experts)
         for r in kept:
-            self.last_experts[r.client_id] = r.expert_ids
+            self.last_experts[r.client_id] = r.expert_ids if self.cfg.tie_layers else plan_lists(r.layer_held)
             profile = self.profiles.setdefault(r.client_id, {})
             for key in ("train-time-s", "samples-per-s", "peak-memory-bytes"):
                 if key in r.metrics:
@@ -354,14 +357,12 @@ class FedMoE(Strategy):
             experts = self.last_experts.get(cid)
             if experts is None:
                 capacity = self.planner.capacity([self.profiles.get(cid, {})], self.global_arrays)
-                experts = np.flatnonzero(self.alignment.plan([cid], capacity, "greedy", self.rng)[0]).tolist()
+                experts = plan_lists(self.alignment.plan([cid], capacity, "greedy", self.rng)[0])
             if not experts:
                 continue
+            sub, names = stored_payload(self.global_arrays, experts, self.num_experts, self.layers)
             content = RecordDict(
-                {
-                    ARRAYS: to_record(select(self.global_arrays, experts)),
-                    CONFIG: ConfigRecord({"expert-ids": experts, "server-round": server_round}),
-                }
+                {ARRAYS: to_record(sub), CONFIG: ConfigRecord({**names, "server-round": server_round})}
             )
             messages.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node))
         return messages, query_failures
@@ -454,7 +455,7 @@ class FedMoE(Strategy):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved."""
-        self.alignment = AlignmentState.from_state_dict(state["alignment"])
+        self.alignment = alignment_from_state_dict(state["alignment"])
         self.rng.bit_generator.state = state["rng"]
         self.nodes.profiles = state["profiles"]
         self.last_experts = {k: list(v) for k, v in state["last_experts"].items()}

@@ -18,17 +18,26 @@ from ..tensors import Arrays, expert_key
 from .interface import MoEModel
 
 
+def _slots(model: MoEModel) -> list[tuple[str, str, list[int]]]:
+    """``(state name, global suffix, global id of each slot)`` of every stacked tensor."""
+    layer_of = model.expert_tensor_layers()
+    return [(n, s, model.layer_ids[layer_of[n]]) for n, s in model.expert_tensor_names().items()]
+
+
 def model_to_arrays(model: MoEModel) -> Arrays:
-    """Flatten a model's weights into global names (shared + the experts it holds)."""
-    stacked = model.expert_tensor_names()
+    """Flatten a model's weights into global names (shared + the experts it holds per layer)."""
+    stacked = _slots(model)
+    names = {n for n, _, _ in stacked}
     state = model.state_dict()
     out: Arrays = {}
     for name, tensor in state.items():
-        if name not in stacked:
+        if name not in names:
             out[name] = tensor.detach().cpu().numpy().copy()
-    for slot, e in enumerate(model.expert_ids.tolist()):
-        for name, suffix in stacked.items():
-            out[expert_key(e, suffix)] = state[name][slot].detach().cpu().numpy().copy()
+    width = max(len(ids) for _, _, ids in stacked) if stacked else 0
+    for slot in range(width):  # tied layers: expert by expert, as always
+        for name, suffix, ids in stacked:
+            if slot < len(ids):
+                out[expert_key(ids[slot], suffix)] = state[name][slot].detach().cpu().numpy().copy()
     return out
 
 
@@ -47,11 +56,12 @@ def load_arrays(model: MoEModel, arrays: Mapping[str, np.ndarray]) -> None:
     missing, extra = expected - set(arrays), set(arrays) - expected
     if missing or extra:
         raise KeyError(f"arrays do not match the model: missing={sorted(missing)}, extra={sorted(extra)}")
-    stacked = model.expert_tensor_names()
+    stacked = {n: (s, ids) for n, s, ids in _slots(model)}
     new_state = {}
     for name, tensor in model.state_dict().items():
         if name in stacked:
-            value = np.stack([arrays[expert_key(e, stacked[name])] for e in model.expert_ids.tolist()])
+            suffix, ids = stacked[name]
+            value = np.stack([arrays[expert_key(e, suffix)] for e in ids])
         else:
             value = arrays[name]
         if tuple(value.shape) != tuple(tensor.shape):
@@ -62,6 +72,7 @@ def load_arrays(model: MoEModel, arrays: Mapping[str, np.ndarray]) -> None:
 
 def expected_keys(model: MoEModel) -> list[str]:
     """Global names of every tensor ``model`` holds."""
-    stacked = model.expert_tensor_names()
-    shared = [n for n in model.state_dict() if n not in stacked]
-    return shared + [expert_key(e, s) for e in model.expert_ids.tolist() for s in stacked.values()]
+    stacked = _slots(model)
+    names = {n for n, _, _ in stacked}
+    shared = [n for n in model.state_dict() if n not in names]
+    return shared + [expert_key(e, s) for _, s, ids in stacked for e in ids]

@@ -8,7 +8,6 @@ one logit per *global* expert; logits of absent experts are masked before top-k 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -18,7 +17,7 @@ from torch import Tensor, nn
 
 from ..config import RunConfig
 from .experts import Experts
-from .interface import MoEModel, MoEOutput
+from .interface import HeldExperts, MoEModel, MoEOutput, layer_feedback
 
 
 @dataclass(frozen=True)
@@ -72,8 +71,9 @@ class MoEClassifier(MoEModel):
     ----------
     spec : ModelSpec
         Shape of the model.
-    expert_ids : Sequence[int] | None
-        Global ids of the experts this instance holds (sorted); ``None`` holds all.
+    expert_ids : HeldExperts | None
+        Global ids of the experts this instance holds (sorted), or a list of one such list
+        (its one MoE layer); ``None`` holds all.
 
     """
 
@@ -81,10 +81,10 @@ class MoEClassifier(MoEModel):
     #: gives the loss a weight (it costs one extra no-grad pass of the held experts).
     route_loss_on: bool = False
 
-    def __init__(self, spec: ModelSpec, expert_ids: Sequence[int] | None = None) -> None:
+    def __init__(self, spec: ModelSpec, expert_ids: HeldExperts | None = None) -> None:
         super().__init__()
         num_e = spec.num_experts
-        ids = self._hold(num_e, expert_ids)
+        ids = self._hold(num_e, expert_ids)[0]
         self.spec = spec
         c, d = spec.stem_channels, spec.feature_dim
         self.stem = nn.Sequential(
@@ -148,14 +148,12 @@ class MoEClassifier(MoEModel):
         route = self._route_loss(feats, gate_logits, y)
 
         with torch.no_grad():
-            tokens = torch.bincount(flat_idx, minlength=num_e).float()
             hist_idx = gate_logits.topk(min(self.spec.top_k, num_e), dim=1).indices
-            gate_hist = torch.bincount(hist_idx.reshape(-1), minlength=num_e).float()
-            loss_sum = torch.zeros(num_e, device=x.device)
+            ce = None
             if y is not None:
-                ce = F.cross_entropy(out.detach(), y.repeat_interleave(k), reduction="none")
-                loss_sum.index_add_(0, flat_idx, ce)
-        return MoEOutput(logits, aux, route, tokens, loss_sum, gate_hist)
+                ce = [F.cross_entropy(out.detach(), y.repeat_interleave(k), reduction="none")]
+            fb = layer_feedback([flat_idx], [hist_idx.reshape(-1)], ce, num_e)
+        return MoEOutput(logits, aux, route, fb[0][0], fb[1][0], fb[2][0], *fb)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -164,7 +162,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in model.parameters()) - experts, experts
 
 
-def build_cnn(spec: ModelSpec, expert_ids: Sequence[int] | None = None, seed: int = 0) -> MoEClassifier:
+def build_cnn(spec: ModelSpec, expert_ids: HeldExperts | None = None, seed: int = 0) -> MoEClassifier:
     """Build a model with deterministic initial weights for ``seed``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

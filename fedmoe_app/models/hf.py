@@ -5,10 +5,11 @@ Imported only when a run chooses ``model = "hf"`` (``transformers`` is the optio
 weights) and adapts every MoE block (a module with a router ``gate`` and stacked ``experts``,
 the layout of Mixtral, Qwen2/Qwen3-MoE and OLMoE in transformers 5):
 
-* the experts' stacked tensors (``gate_up_proj [E, 2h, d]``, ``down_proj [E, d, h]``) are cut
-  to the held experts' rows, so slot ``s`` holds global expert ``expert_ids[s]``; their state
-  names (``model.layers.<l>.mlp.experts.gate_up_proj``) carry the ``experts`` component the
-  interface needs, so expert ``e`` of every layer travels together (tied layers);
+* the experts' stacked tensors (``gate_up_proj [E, 2h, d]``, ``down_proj [E, d, h]``) of each
+  MoE layer are cut to the rows of the experts held in that layer (the same in every layer:
+  tied; or a set per layer: untied), so slot ``s`` holds the layer's ``s``-th held expert; their
+  state names (``model.layers.<l>.mlp.experts.gate_up_proj``) carry the ``experts`` component
+  the interface needs;
 * the router is replaced by :class:`MaskedRouter`, which keeps its weight (one row per global
   expert, same state name) and masks the logits of absent experts before the top-k choice,
   then hands the experts module slot indices; it records the feedback of the pass.
@@ -22,7 +23,6 @@ actual tensors, training FLOPs per sequence with :class:`torch.utils.flop_counte
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..capacity import ModelCosts
 from .hf_spec import HFSpec
-from .interface import MoEModel, MoEOutput
+from .interface import HeldExperts, MoEModel, MoEOutput
 from .memory_probe import activation_bytes_per_sample, byte_windows
 
 
@@ -101,40 +101,41 @@ class HFMoE(MoEModel):
     ----------
     spec : HFSpec
         The config (and optional weights).
-    expert_ids : Sequence[int] | None
-        Global ids held in every MoE layer; ``None`` holds all.
+    expert_ids : HeldExperts | None
+        Global ids held in every MoE layer (tied), or one list per MoE layer (untied);
+        ``None`` holds all.
 
     """
 
-    def __init__(self, spec: HFSpec, expert_ids: Sequence[int] | None = None) -> None:
+    def __init__(self, spec: HFSpec, expert_ids: HeldExperts | None = None) -> None:
         super().__init__()
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.spec = spec
-        ids = self._hold(spec.num_experts, expert_ids)
         config = spec.config
         hf_cfg = AutoConfig.for_model(config.pop("model_type"), **config)
         hf_cfg.use_cache = False
         self.net = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa")
         if spec.weights:
             _load_weights(self.net, spec.weights)
-        index = torch.tensor(ids)
-        for block in moe_blocks(self.net):
-            experts = block.experts
+        blocks = moe_blocks(self.net)
+        per_layer = self._hold(spec.num_experts, expert_ids, len(blocks))
+        for block, ids in zip(blocks, per_layer):
+            experts, index = block.experts, torch.tensor(ids)
             for name, p in list(experts.named_parameters(recurse=False)):
                 setattr(experts, name, nn.Parameter(p.detach().index_select(0, index).clone()))
             experts.num_experts = len(ids)
             block.gate = MaskedRouter(block.gate.weight, bool(getattr(block.gate, "norm_topk_prob", True)))
-        self.routers = [b.gate for b in moe_blocks(self.net)]
+        self.routers = [b.gate for b in blocks]
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> MoEOutput:
-        """Next-byte logits ``[B, T, V]`` of ``x [B, T]``, with feedback summed over MoE layers."""
+        """Next-byte logits ``[B, T, V]`` of ``x [B, T]``, with feedback per MoE layer and summed."""
         b, t = x.shape
         if t > self.spec.context_length:
             raise ValueError(f"sequence length {t} exceeds context-length {self.spec.context_length}")
         num_e, k = self.spec.num_experts, self.top_k
-        for r in self.routers:
-            r.ctx = (self.held, self.slot_of, k, min(self.spec.top_k, num_e))
+        for layer, r in enumerate(self.routers):
+            r.ctx = (self.layer_held[layer], self.layer_slot_of[layer], k, min(self.spec.top_k, num_e))
             r.records = []
         logits = self.net(input_ids=x.long(), use_cache=False).logits.float()
         chosen = [rec[0] for r in self.routers for rec in r.records]
@@ -142,18 +143,10 @@ class HFMoE(MoEModel):
         aux = torch.stack([rec[2] for r in self.routers for rec in r.records]).mean()
         for r in self.routers:
             r.records = []
-        with torch.no_grad():
-            flat_all = torch.cat(chosen)
-            tokens = torch.bincount(flat_all, minlength=num_e).float()
-            gate_hist = torch.bincount(torch.cat(hist), minlength=num_e).float()
-            loss_sum = torch.zeros(num_e, device=x.device)
-            if y is not None:
-                ce = self.task_loss(logits.detach(), y, reduction="none")
-                loss_sum.index_add_(0, flat_all, ce.reshape(-1).repeat_interleave(k).repeat(len(chosen)))
-        return MoEOutput(logits, aux, logits.new_zeros(()), tokens, loss_sum, gate_hist)
+        return self.token_routed_output(logits, aux, y, chosen, hist, k)
 
 
-def build_hf(spec: HFSpec, expert_ids: Sequence[int] | None = None, seed: int = 0) -> HFMoE:
+def build_hf(spec: HFSpec, expert_ids: HeldExperts | None = None, seed: int = 0) -> HFMoE:
     """Build the ``hf`` model with deterministic initial weights for ``seed``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -6,13 +6,19 @@ Every model the app federates is a :class:`MoEModel`:
   shape ``[n_held, ...]`` whose name has an ``experts`` component, e.g. ``experts.w1`` or
   ``blocks.1.moe.experts.w1``); :meth:`MoEModel.expert_tensor_names` maps each to its global
   suffix, and :mod:`fedmoe_app.models.arrays` names slot ``s`` of it
-  ``experts.<expert_ids[s]>.<suffix>`` (:mod:`fedmoe_app.tensors`). Expert ``e`` of every MoE
-  layer therefore travels together as "expert ``e``" (tied layers).
-* **a sub-model holding given experts**: the constructor takes the global ids to hold;
-  :meth:`MoEModel._hold` registers ``expert_ids``, ``slot_of`` and ``held``, and every MoE
-  layer masks the router logits of absent experts before its top-k choice.
-* **feedback of a training pass**: ``forward(x, y)`` returns a :class:`MoEOutput` whose
-  length-``E`` vectors are summed over the model's MoE layers.
+  ``experts.<id>.<suffix>`` (:mod:`fedmoe_app.tensors`), ``id`` the global expert held in
+  slot ``s`` of that tensor's MoE layer. A stacked tensor is a direct attribute of its layer's
+  ``experts`` module, so its layer is its suffix without the last component
+  (:func:`fedmoe_app.tensors.layer_prefix`); the MoE layers in natural order of these prefixes
+  are the rows of every per-layer array.
+* **a sub-model holding given experts**: the constructor takes the global ids to hold, one
+  list for every MoE layer (tied layers: expert ``e`` of every layer travels together) or one
+  list per MoE layer (untied); :meth:`MoEModel._hold` registers them (``layer_held``,
+  ``layer_slot_of`` per layer; ``expert_ids``, ``held``, ``slot_of`` for their union), and
+  every MoE layer masks the router logits of the experts it does not hold before its top-k
+  choice.
+* **feedback of a training pass**: ``forward(x, y)`` returns a :class:`MoEOutput` with the
+  feedback per MoE layer (``[L, E]``, :func:`layer_feedback`) and its sums over the layers.
 * **the task's loss and accuracy** (:meth:`MoEModel.task_loss`, :meth:`MoEModel.correct`),
   over the last axis of the logits (classes or vocabulary), and the input memory format.
 
@@ -24,16 +30,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..tensors import expert_key, layer_prefix, moe_layers
 
 
 class MoEOutput(NamedTuple):
     """What a forward pass returns: logits plus the feedback the server needs.
 
-    ``tokens``, ``expert_loss_sum`` and ``gate_hist`` are detached, length-E vectors
-    indexed by *global* expert id, summed over the model's MoE layers.
+    ``layer_tokens``, ``layer_loss_sum`` and ``layer_gate_hist`` are detached ``[L, E]``
+    tensors (row ``l``: MoE layer ``l``, column: *global* expert id); ``tokens``,
+    ``expert_loss_sum`` and ``gate_hist`` are their sums over the layers.
     """
 
     logits: Tensor  # [B, num_classes] or [B, T, vocab]
@@ -42,11 +52,72 @@ class MoEOutput(NamedTuple):
     tokens: Tensor  # [E] (token, expert) pairs routed to each expert
     expert_loss_sum: Tensor  # [E] summed loss signal of the tokens routed to each expert
     gate_hist: Tensor  # [E] top-k choices of the unmasked gate (all experts)
+    layer_tokens: Tensor  # [L, E] tokens per MoE layer
+    layer_loss_sum: Tensor  # [L, E] loss signal per MoE layer
+    layer_gate_hist: Tensor  # [L, E] unmasked top-k choices per MoE layer
+
+
+@torch.no_grad()
+def layer_feedback(
+    chosen: Sequence[Tensor], hist: Sequence[Tensor], row_loss: Sequence[Tensor] | None, num_experts: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-layer feedback ``(tokens, loss sums, gate choices)``, each ``[L, E]``, of one pass.
+
+    Parameters
+    ----------
+    chosen : Sequence[Tensor]
+        For every MoE layer, the global ids of its (token, expert) routes (long, flat).
+    hist : Sequence[Tensor]
+        For every MoE layer, the unmasked router's top-k choices (long, flat).
+    row_loss : Sequence[Tensor] | None
+        For every MoE layer, the loss signal of each route of ``chosen`` (same length);
+        ``None`` without targets (the loss sums are then 0).
+    num_experts : int
+        ``E``.
+
+    """
+    n = len(chosen)
+    device = chosen[0].device
+    offset = torch.arange(n, device=device) * num_experts
+    ids = torch.cat([c + offset[i] for i, c in enumerate(chosen)])
+    tokens = torch.bincount(ids, minlength=n * num_experts).float().view(n, num_experts)
+    top = torch.cat([h + offset[i] for i, h in enumerate(hist)])
+    gate_hist = torch.bincount(top, minlength=n * num_experts).float().view(n, num_experts)
+    loss_sum = torch.zeros(n * num_experts, device=device)
+    if row_loss is not None:
+        loss_sum.index_add_(0, ids, torch.cat(list(row_loss)).float())
+    return tokens, loss_sum.view(n, num_experts), gate_hist
 
 
 def expert_suffix(state_name: str) -> str:
     """Global suffix of a stacked expert tensor: its state name without the ``experts`` part."""
     return ".".join(p for p in state_name.split(".") if p != "experts")
+
+
+HeldExperts = Sequence[int] | Sequence[Sequence[int]]
+
+
+def parse_held(expert_ids: HeldExperts | None, num_experts: int, num_layers: int) -> list[list[int]]:
+    """Sorted global ids held in each of ``num_layers`` MoE layers (see :meth:`MoEModel._hold`)."""
+    if isinstance(expert_ids, (Tensor, np.ndarray)):
+        expert_ids = expert_ids.tolist()
+    if expert_ids is None:
+        sets = [range(num_experts)] * num_layers
+    elif len(expert_ids) and not isinstance(expert_ids[0], (int, np.integer)):  # per layer
+        sets = list(expert_ids)
+        if len(sets) != num_layers:
+            raise ValueError(
+                f"expert_ids has {len(sets)} per-layer lists, the model has {num_layers} MoE layers"
+            )
+    else:
+        sets = [expert_ids] * num_layers
+    out = []
+    for s in sets:
+        ids = sorted({int(e) for e in s})
+        if not ids or ids[0] < 0 or ids[-1] >= num_experts:
+            raise ValueError(f"expert_ids must be a non-empty subset of 0..{num_experts - 1}, got {ids}")
+        out.append(ids)
+    return out
 
 
 class MoEModel(nn.Module):
@@ -62,30 +133,68 @@ class MoEModel(nn.Module):
     expert_ids: Tensor
     slot_of: Tensor
     held: Tensor
+    layer_held: Tensor
+    layer_slot_of: Tensor
+    layer_ids: list[list[int]]
 
-    def _hold(self, num_experts: int, expert_ids: Sequence[int] | None) -> list[int]:
-        """Register the held experts' buffers; return their sorted global ids.
+    def _hold(self, num_experts: int, expert_ids: HeldExperts | None, num_layers: int = 1) -> list[list[int]]:
+        """Register the held experts' buffers; return the sorted global ids held per MoE layer.
+
+        ``expert_ids`` is one list for every layer (tied), one list per layer (untied) or
+        ``None`` (all).
 
         Raises
         ------
         ValueError
-            If ``expert_ids`` is empty or outside ``0..num_experts - 1``.
+            If a layer's set is empty or outside ``0..num_experts - 1``, or the number of
+            per-layer lists is not ``num_layers``.
 
         """
-        ids = sorted(set(range(num_experts) if expert_ids is None else (int(e) for e in expert_ids)))
-        if not ids or ids[0] < 0 or ids[-1] >= num_experts:
-            raise ValueError(f"expert_ids must be a non-empty subset of 0..{num_experts - 1}, got {ids}")
+        per_layer = parse_held(expert_ids, num_experts, num_layers)
+        union = sorted(set().union(*per_layer))
         slot_of = torch.full((num_experts,), -1, dtype=torch.long)
-        slot_of[ids] = torch.arange(len(ids))
-        self.register_buffer("expert_ids", torch.tensor(ids), persistent=False)
+        slot_of[union] = torch.arange(len(union))
+        layer_slot_of = torch.full((num_layers, num_experts), -1, dtype=torch.long)
+        for layer, ids in enumerate(per_layer):
+            layer_slot_of[layer, ids] = torch.arange(len(ids))
+        self.register_buffer("expert_ids", torch.tensor(union), persistent=False)
         self.register_buffer("slot_of", slot_of, persistent=False)
         self.register_buffer("held", slot_of >= 0, persistent=False)
-        return ids
+        self.register_buffer("layer_slot_of", layer_slot_of, persistent=False)
+        self.register_buffer("layer_held", layer_slot_of >= 0, persistent=False)
+        self.layer_ids = per_layer
+        return per_layer
+
+    def token_routed_output(
+        self, logits: Tensor, aux: Tensor, y: Tensor | None, chosen: list[Tensor], hist: list[Tensor], k: int
+    ) -> MoEOutput:
+        """Return the :class:`MoEOutput` of a token-routed pass; each route of a token carries its loss.
+
+        ``chosen`` and ``hist`` are per MoE layer, as for :func:`layer_feedback`; ``k`` routes per token.
+        """
+        rows = None
+        if y is not None:
+            ce = self.task_loss(logits.detach(), y, reduction="none").reshape(-1).repeat_interleave(k)
+            rows = [ce] * len(chosen)
+        fb = layer_feedback(chosen, hist, rows, self.spec.num_experts)
+        return MoEOutput(logits, aux, logits.new_zeros(()), *(f.sum(dim=0) for f in fb), *fb)
 
     @property
     def top_k(self) -> int:
-        """Experts each token is routed to: ``min(spec.top_k, experts held)``."""
-        return min(self.spec.top_k, len(self.expert_ids))
+        """Experts each token is routed to: ``min(spec.top_k, fewest experts held in a layer)``."""
+        return min(self.spec.top_k, min(len(ids) for ids in self.layer_ids))
+
+    def expert_tensor_layers(self) -> dict[str, int]:
+        """State-dict name → MoE layer (row of the per-layer arrays) of every stacked tensor."""
+        names = self.expert_tensor_names()
+        prefixes = moe_layers(expert_key(0, s) for s in names.values())
+        if len(prefixes) != len(self.layer_ids):
+            raise ValueError(
+                f"the model's stacked expert tensors name {len(prefixes)} MoE layers {prefixes}, "
+                f"it holds experts for {len(self.layer_ids)}"
+            )
+        row = {p: i for i, p in enumerate(prefixes)}
+        return {n: row[layer_prefix(s)] for n, s in names.items()}
 
     def expert_tensor_names(self) -> dict[str, str]:
         """State-dict name → global suffix of every tensor stacked by expert slot."""

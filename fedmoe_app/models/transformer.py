@@ -8,9 +8,10 @@
   expert) picks the top-k held experts of each token, their SwiGLU outputs
   (``w2(silu(x w1) * (x w3))``) are mixed with the softmax of the k chosen logits (Mixtral).
 
-A sub-model holds a subset of the experts (the same ids in every block: tied layers); the
-router logits of absent experts are masked before the top-k choice in every block, so an
-absent expert never gets a token and its router row never gets a gradient. Weights of the
+A sub-model holds a subset of the experts in every block (the same ids in every block: tied
+layers; or a set per block: untied); each block's router logits of the experts that block does
+not hold are masked before its top-k choice, so an absent expert never gets a token and its
+router row never gets a gradient. Weights of the
 experts of a block are stacked by slot (``blocks.<l>.moe.experts.w1`` is ``[n_held, d, h]``)
 and dispatched with one grouped matmul per projection
 (:func:`torch.nn.functional.grouped_mm`), or a loop over the held experts where the
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ..capacity import ModelCosts
 from ..config import RunConfig
 from .experts import _grouped_matmul, grouped_supported
-from .interface import MoEModel, MoEOutput
+from .interface import HeldExperts, MoEModel, MoEOutput
 from .memory_probe import activation_bytes_per_sample, byte_windows
 
 INIT_STD = 0.02
@@ -164,17 +164,18 @@ class TransformerMoE(MoEModel):
     ----------
     spec : TransformerSpec
         Shape of the model.
-    expert_ids : Sequence[int] | None
-        Global ids of the experts this instance holds in every block; ``None`` holds all.
+    expert_ids : HeldExperts | None
+        Global ids of the experts this instance holds in every block (tied), or one list per
+        block (untied); ``None`` holds all.
 
     """
 
-    def __init__(self, spec: TransformerSpec, expert_ids: Sequence[int] | None = None) -> None:
+    def __init__(self, spec: TransformerSpec, expert_ids: HeldExperts | None = None) -> None:
         super().__init__()
         self.spec = spec
-        ids = self._hold(spec.num_experts, expert_ids)
+        per_layer = self._hold(spec.num_experts, expert_ids, spec.num_layers)
         self.embed = nn.Embedding(spec.vocab_size, spec.d_model)
-        self.blocks = nn.ModuleList(Block(spec, len(ids)) for _ in range(spec.num_layers))
+        self.blocks = nn.ModuleList(Block(spec, len(ids)) for ids in per_layer)
         self.norm = nn.RMSNorm(spec.d_model)
         self.head = nn.Linear(spec.d_model, spec.vocab_size, bias=False)
         for name, p in self.named_parameters():
@@ -188,39 +189,32 @@ class TransformerMoE(MoEModel):
         self.register_buffer("sin", angle.sin(), persistent=False)
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> MoEOutput:
-        """Next-byte logits ``[B, T, V]`` of bytes ``x [B, T]``, with feedback summed over blocks.
+        """Next-byte logits ``[B, T, V]`` of bytes ``x [B, T]``, with feedback per block and summed.
 
         The per-expert loss signal is the (detached) cross-entropy of each token the expert
-        served, summed over the blocks that routed the token to it.
+        served in a block (summed over the blocks for the totals).
         """
         b, t = x.shape
         if t > self.spec.context_length:
             raise ValueError(f"sequence length {t} exceeds context-length {self.spec.context_length}")
-        num_e, k, hist_k = self.spec.num_experts, self.top_k, min(self.spec.top_k, self.spec.num_experts)
+        k, hist_k = self.top_k, min(self.spec.top_k, self.spec.num_experts)
         cos, sin = self.cos[:t], self.sin[:t]
         h = self.embed(x.long())
         aux, chosen, hist = [], [], []
-        for block in self.blocks:
+        for layer, block in enumerate(self.blocks):
             h = h + block.attn(block.attn_norm(h), cos, sin)
-            m, a, flat, top = block.moe(block.moe_norm(h).view(b * t, -1), self.held, self.slot_of, k, hist_k)
+            held, slot_of = self.layer_held[layer], self.layer_slot_of[layer]
+            m, a, flat, top = block.moe(block.moe_norm(h).view(b * t, -1), held, slot_of, k, hist_k)
             h = h + m.view(b, t, -1)
             aux.append(a)
             chosen.append(flat)
             hist.append(top)
         logits = self.head(self.norm(h))
-        with torch.no_grad():
-            flat_all = torch.cat(chosen)
-            tokens = torch.bincount(flat_all, minlength=num_e).float()
-            gate_hist = torch.bincount(torch.cat(hist), minlength=num_e).float()
-            loss_sum = torch.zeros(num_e, device=x.device)
-            if y is not None:
-                ce = self.task_loss(logits.detach(), y, reduction="none")  # [B T]
-                loss_sum.index_add_(0, flat_all, ce.repeat_interleave(k).repeat(len(self.blocks)))
-        return MoEOutput(logits, torch.stack(aux).mean(), logits.new_zeros(()), tokens, loss_sum, gate_hist)
+        return self.token_routed_output(logits, torch.stack(aux).mean(), y, chosen, hist, k)
 
 
 def build_transformer(
-    spec: TransformerSpec, expert_ids: Sequence[int] | None = None, seed: int = 0
+    spec: TransformerSpec, expert_ids: HeldExperts | None = None, seed: int = 0
 ) -> TransformerMoE:
     """Build a transformer MoE with deterministic initial weights for ``seed``."""
     with torch.random.fork_rng(devices=[]):

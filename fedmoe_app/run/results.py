@@ -103,7 +103,7 @@ def rounds_to_csv(rounds: Sequence[Mapping[str, Any]]) -> str:
 
 
 def write_plots(rounds: Sequence[Mapping[str, Any]], out_dir: Path) -> list[Path]:
-    """Accuracy/loss per round, expert-load heat-map and last assignment matrix."""
+    """Accuracy/loss per round, expert-load heat-maps (total and per MoE layer) and last assignment."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,6 +145,10 @@ def write_plots(rounds: Sequence[Mapping[str, Any]], out_dir: Path) -> list[Path
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
 
+    layer_plot = plot_layer_load(rounds, out_dir, plt)
+    if layer_plot is not None:
+        paths.append(layer_plot)
+
     last = next((r["assignment"] for r in reversed(rounds) if r.get("assignment")), None)
     if last:
         ids = sorted(last, key=lambda c: (len(c), c))
@@ -164,6 +168,41 @@ def write_plots(rounds: Sequence[Mapping[str, Any]], out_dir: Path) -> list[Path
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     return paths
+
+
+def plot_layer_load(rounds: Sequence[Mapping[str, Any]], out_dir: Path, plt: Any) -> Path | None:
+    """Write ``expert_load_per_layer.png``: one heat map (round x expert) per MoE layer.
+
+    Each panel's colours are that layer's share of its tokens per expert and round, so the
+    layers are comparable whatever their token counts; ``None`` when no round has the key.
+    """
+    rows = [r for r in rounds if r.get("expert_load_per_layer")]
+    if not rows:
+        return None
+    mat = np.array([r["expert_load_per_layer"] for r in rows], dtype=float)  # [R, L, E]
+    total = mat.sum(axis=2, keepdims=True)
+    share = np.divide(mat, total, out=np.zeros_like(mat), where=total > 0)
+    num_layers, num_e = mat.shape[1], mat.shape[2]
+    fig, axes = plt.subplots(
+        1,
+        num_layers,
+        figsize=(max(4, num_layers * (0.45 * num_e + 1.5)), max(3, 0.25 * len(rows) + 2)),
+        squeeze=False,
+    )
+    for layer, ax in enumerate(axes[0]):
+        im = ax.imshow(
+            share[:, layer], aspect="auto", cmap="viridis", vmin=0, vmax=max(float(share.max()), 1e-9)
+        )
+        ax.set_xlabel("expert")
+        ax.set_title(f"MoE layer {layer}")
+        ax.set_yticks(range(len(rows)), [r["round"] for r in rows])
+    axes[0][0].set_ylabel("round")
+    fig.suptitle("Expert load per layer (share of the layer's tokens)")
+    fig.colorbar(im, ax=list(axes[0]))
+    path = Path(out_dir) / "expert_load_per_layer.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _nan(v: Any) -> float:

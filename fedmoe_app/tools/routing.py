@@ -11,6 +11,13 @@ and for the whole test set: the global model's accuracy and the oracle's (a samp
 any expert alone gets it right). A large gap between the routed and the best expert, with an
 oracle far above the global accuracy, says the experts are good and the gate sends samples to
 the wrong ones (docs/RESULTS.md uses it to explain the global model's lag).
+
+For a text run (``fortunes``, ``text``) it reports instead the share of each group's
+(language's) routings per expert on the held-out text, with the specialisation figure of
+:mod:`fedmoe_app.tools.routing_text`; ``--heatmap FILE.png`` draws it. ``--grid EXP_DIR``
+does this for every finished text run of an experiment grid (``fedmoe-experiments``): the
+specialisation per policy (mean ± std over seeds) and one heat map per policy (share
+averaged over seeds).
 """
 
 from __future__ import annotations
@@ -25,9 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import RunConfig
+from ..config import TEXT_DATASETS, RunConfig
 from ..data import Split, server_test_data
-from ..models import ModelSpec, MoEClassifier, build_model, load_arrays
+from ..models import ModelSpec, MoEClassifier, build_model, load_arrays, model_spec
+from ..text import server_split
+from .experiments import ExperimentGrid, run_dir
+from .routing_text import group_routing, plot_heatmaps, routing_share, specialisation
 
 
 @dataclass(frozen=True)
@@ -97,6 +107,11 @@ def routing_report(model: MoEClassifier, data: Split, num_classes: int) -> Routi
     )
 
 
+def _load_final(run_dir: Path, model: torch.nn.Module) -> None:
+    with np.load(run_dir / "final_model.npz", allow_pickle=False) as npz:
+        load_arrays(model, {k: npz[k] for k in npz.files})
+
+
 def load_run(run_dir: Path) -> tuple[MoEClassifier, Split, int]:
     """Return a run's final global model, its test set and the number of classes."""
     cfg = RunConfig.from_run_config(json.loads((run_dir / "config.json").read_text()))
@@ -104,22 +119,94 @@ def load_run(run_dir: Path) -> tuple[MoEClassifier, Split, int]:
         raise ValueError(f"{run_dir}: the routing report covers model 'cnn-moe' only, not {cfg.model!r}")
     test, info = server_test_data(cfg.dataset, max_samples=0, data_dir=cfg.data_dir, seed=cfg.seed)
     model = build_model(ModelSpec.from_config(cfg, info))
-    with np.load(run_dir / "final_model.npz", allow_pickle=False) as npz:
-        load_arrays(model, {k: npz[k] for k in npz.files})
+    _load_final(run_dir, model)
     return model, test, info.num_classes
+
+
+def text_run_share(run_dir: Path) -> tuple[np.ndarray, tuple[str, ...]]:
+    """``([G, E] routing share, group names)`` of a text run's final model on its held-out text."""
+    cfg = RunConfig.from_run_config(json.loads((run_dir / "config.json").read_text()))
+    test, info = server_split(cfg)
+    model = build_model(model_spec(cfg, info))
+    _load_final(run_dir, model)
+    return routing_share(group_routing(model, test, len(info.groups))), info.groups
+
+
+def format_share(share: np.ndarray, groups: Sequence[str]) -> str:
+    """Render a ``[G, E]`` routing share as a text table (%), with the specialisation figure."""
+    width = max(len(g) for g in groups)
+    lines = [
+        f"routing share per group and expert (%), specialisation {specialisation(share):.3f}:",
+        " " * width + " " + " ".join(f"e{e:<3d}" for e in range(share.shape[1])),
+        *(f"{g:>{width}} " + " ".join(f"{100 * v:4.0f}" for v in row) for g, row in zip(groups, share)),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def grid_shares(exp_dir: Path) -> tuple[dict[str, list[np.ndarray]], tuple[str, ...]]:
+    """Routing shares of a text grid's finished runs, per policy in grid order (one per seed)."""
+    grid = ExperimentGrid.from_dict(json.loads((exp_dir / "experiment.json").read_text()))
+    shares: dict[str, list[np.ndarray]] = {}
+    groups: tuple[str, ...] = ()
+    for run in grid.runs():
+        folder = run_dir(exp_dir, run)
+        if (folder / "final_model.npz").is_file():
+            share, groups = text_run_share(folder)
+            shares.setdefault(run.policy, []).append(share)
+    return {p: shares[p] for p in grid.policies if p in shares}, groups
+
+
+def format_grid(shares: dict[str, list[np.ndarray]]) -> str:
+    """Render the specialisation per policy (mean ± std over seeds) as a Markdown table."""
+    lines = ["| policy | runs | specialisation |", "|---|---:|---:|"]
+    for policy, per_seed in shares.items():
+        vals = [specialisation(s) for s in per_seed]
+        std = f" ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else ""
+        lines.append(f"| {policy} | {len(vals)} | {np.mean(vals):.3f}{std} |")
+    return "\n".join(lines) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the command line's parser."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path, help="outputs/<run-name> of a finished run")
+    parser.add_argument("run_dir", type=Path, nargs="?", help="outputs/<run-name> of a finished run")
+    parser.add_argument("--grid", type=Path, help="text runs: every finished run of this experiment folder")
+    parser.add_argument("--heatmap", type=Path, help="text runs: draw the routing share to this PNG")
     return parser
+
+
+def grid_main(exp_dir: Path, heatmap: Path | None) -> int:
+    """Print (and draw) the routing share of every finished text run of a grid."""
+    shares, groups = grid_shares(exp_dir)
+    print(format_grid(shares), end="")
+    for policy, per_seed in shares.items():
+        print(f"\n{policy}, mean over {len(per_seed)} seed(s):")
+        print(format_share(np.mean(per_seed, axis=0), groups), end="")
+    if heatmap and shares:
+        plot_heatmaps({p: np.mean(v, axis=0) for p, v in shares.items()}, groups, heatmap)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: print the routing report of a run folder."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if (args.grid is None) == (args.run_dir is None):
+        parser.error("give a run folder or --grid EXP_DIR (one of them)")
+    if args.grid is not None:
+        if not (args.grid / "experiment.json").is_file():
+            parser.error(f"--grid {args.grid}: no experiment.json (not an experiment folder)")
+        return grid_main(args.grid, args.heatmap)
+    try:
+        saved = json.loads((args.run_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        parser.error(f"{args.run_dir}: no readable config.json ({exc})")
+    if saved.get("dataset") in TEXT_DATASETS:
+        share, groups = text_run_share(args.run_dir)
+        print(format_share(share, groups), end="")
+        if args.heatmap:
+            plot_heatmaps({args.run_dir.name: share}, groups, args.heatmap)
+        return 0
     try:
         model, test, num_classes = load_run(args.run_dir)
     except ValueError as exc:

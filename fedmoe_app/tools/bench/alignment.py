@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 from fedmoe_app.alignment import POLICIES, AlignmentState, load_cv, solver
+from fedmoe_app.alignment.state import KNOBS
 from fedmoe_app.config import RunConfig
 
 from .common import int_list, machine_summary, median_min, name_list
@@ -55,6 +56,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fraction of clients that strongly prefer experts 0 and 1 (default 0)",
     )
     parser.add_argument(
+        "--approx-min-clients",
+        type=int,
+        default=RunConfig().approx_min_clients,
+        help="load_balanced: fast approximate plan from this many clients on; 0: exact (the app's default)",
+    )
+    parser.add_argument(
+        "--gap",
+        action="store_true",
+        help="load_balanced: also solve exactly and print the plan's optimality gap (relative)",
+    )
+    parser.add_argument(
         "--full-network",
         action="store_true",
         help="solve load_balanced on the full C x E network (no pruning), for comparison",
@@ -73,8 +85,9 @@ def bench_alignment(args: argparse.Namespace) -> int:
     ----------
     args : argparse.Namespace
         ``sizes`` (list of int), ``experts``, ``repeats``, ``seed``, ``policies``,
-        ``skew``, ``load_slack``, ``full_network`` (solve ``load_balanced`` without candidate
-        pruning, for comparison).
+        ``skew``, ``load_slack``, ``approx_min_clients``, ``gap`` (also solve exactly and
+        print the relative optimality gap of the plan), ``full_network`` (solve
+        ``load_balanced`` without candidate pruning, for comparison).
 
     Returns
     -------
@@ -88,11 +101,15 @@ def bench_alignment(args: argparse.Namespace) -> int:
     network = "full network" if args.full_network else "pruned + certified"
     out.write(
         f"# alignment benchmark: E={args.experts}, capacities 1-8, repeats={args.repeats}, "
-        f"skew={args.skew}, load_slack={args.load_slack}, load_balanced solver: {network}\n"
+        f"skew={args.skew}, load_slack={args.load_slack}, load_balanced solver: {network}, "
+        f"approx_min_clients={args.approx_min_clients}\n"
     )
     out.write(f"# machine: {machine_summary()}\n")
-    out.write(f"{'clients':>8} {'policy':>14} {'median ms':>10} {'min ms':>9} {'load CV':>8}\n")
-    cfg = dataclasses.replace(RunConfig(), load_slack=args.load_slack, seed=args.seed)
+    gap_head = f" {'gap':>9}" if args.gap else ""
+    out.write(f"{'clients':>8} {'policy':>14} {'median ms':>10} {'min ms':>9} {'load CV':>8}{gap_head}\n")
+    cfg = dataclasses.replace(
+        RunConfig(), load_slack=args.load_slack, seed=args.seed, approx_min_clients=args.approx_min_clients
+    )
     for size in args.sizes:
         rng = np.random.default_rng(args.seed)
         state = AlignmentState(args.experts, **cfg.alignment_kwargs())
@@ -112,9 +129,25 @@ def bench_alignment(args: argparse.Namespace) -> int:
                 plan = state.plan(ids, capacity, policy, np.random.default_rng(rep))
                 times.append(time.perf_counter() - t0)
             median, least = median_min(times)
+            gap = f" {optimality_gap(state, ids, capacity, plan):>9.2e}" if args.gap else ""
+            if args.gap and policy != "load_balanced":
+                gap = f" {'-':>9}"
             out.write(
                 f"{size:>8} {policy:>14} {1e3 * median:>10.1f} {1e3 * least:>9.1f} "
-                f"{load_cv(plan.sum(axis=0)):>8.4f}\n"
+                f"{load_cv(plan.sum(axis=0)):>8.4f}{gap}\n"
             )
             out.flush()
     return 0
+
+
+def optimality_gap(state: AlignmentState, ids: list[str], capacity: np.ndarray, plan: np.ndarray) -> float:
+    """Relative desirability gap of ``plan`` to the exact ``load_balanced`` plan of ``state``."""
+    knobs = {name: getattr(state, name) for name in KNOBS}
+    exact_state = AlignmentState(state.num_experts, **{**knobs, "approx_min_clients": 0})
+    exact_state.index(ids)
+    exact_state.fitness = state.fitness[state.index(ids)]
+    exact_state.usage = state.usage.copy()
+    exact = exact_state.plan(ids, capacity, "load_balanced", np.random.default_rng(0))
+    d = state.desirability(ids)
+    best = float((d * exact).sum())
+    return (best - float((d * plan).sum())) / abs(best) if best else 0.0

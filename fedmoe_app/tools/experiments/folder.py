@@ -22,8 +22,9 @@ from typing import Any
 from ...run.files import atomic_write
 from .grid import ExperimentGrid, RunSpec
 from .metrics import FinishedRun, is_complete, read_metrics
-from .plots import plot_accuracy, plot_expert_load
+from .plots import plot_accuracy, plot_expert_load, plot_groups
 from .summary import SummaryRow, round_windows, rows_to_csv, summarize, summary_markdown, window_table
+from .text_summary import group_names, is_text, text_table, with_client_bpb
 
 #: Keys whose change does not make an earlier run of the same name a different experiment
 #: (more rounds extend a run by resuming it).
@@ -97,6 +98,8 @@ def write_summary(exp_dir: Path, grid: ExperimentGrid, *, title: str | None = No
         personal = {"key": "client_accuracy", "ylabel": "clients' local test accuracy, own experts (%)"}
         plots.append(str(plot_accuracy(results, exp_dir / "personalized_accuracy.png", **kw, **personal)))
         plots.append(str(plot_expert_load(results, exp_dir / "expert_load.png", **kw)))
+        if is_text(results):
+            plots += text_plots(exp_dir, with_client_bpb(results), kw)
     title = title or f"fedmoe policy comparison: {exp_dir.name}"
     atomic_write(
         exp_dir / "summary.md",
@@ -109,10 +112,30 @@ def write_summary(exp_dir: Path, grid: ExperimentGrid, *, title: str | None = No
             windows=window_table(results, round_windows(int(grid.base["num-server-rounds"])), **order)
             if results
             else "",
+            text=text_table(results, **order) if is_text(results) else "",
         ),
     )
     atomic_write(exp_dir / "summary.csv", rows_to_csv(rows))
     return rows
+
+
+def text_plots(exp_dir: Path, results: list[FinishedRun], kw: dict[str, Any]) -> list[str]:
+    """Draw a text grid's bits-per-byte plots (global, personalized, one per group); return their paths."""
+    bits = {"scale": 1.0}
+    paths = [
+        plot_accuracy(results, exp_dir / "bpb.png", **kw, **bits, key="bpb", ylabel="held-out bits per byte"),
+        plot_accuracy(
+            results,
+            exp_dir / "personalized_bpb.png",
+            **kw,
+            **bits,
+            key="client_bpb",
+            ylabel="clients' local bits per byte, own experts",
+        ),
+    ]
+    groups = group_names(results)
+    paths.append(plot_groups(results, exp_dir / "bpb_per_group.png", groups, policies=kw["policies"]))
+    return [str(p) for p in paths]
 
 
 def config_mismatch(run_directory: Path, run_config: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:

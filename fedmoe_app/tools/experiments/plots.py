@@ -129,11 +129,13 @@ def plot_accuracy(
     policies: Sequence[str] | None = None,
     key: str = "accuracy",
     ylabel: str = "central test accuracy (%)",
+    scale: float = 100.0,
 ) -> Path:
     """Plot accuracy per round, mean ± std band over seeds per policy, one panel per setting.
 
     ``key`` picks the view: ``accuracy`` (global: central test, full model) or
-    ``client_accuracy`` (personalized: clients' own experts on their local test).
+    ``client_accuracy`` (personalized: clients' own experts on their local test); any other
+    per-round metric works too (text runs plot ``bpb`` with ``scale = 1``).
 
     Parameters
     ----------
@@ -149,6 +151,8 @@ def plot_accuracy(
         Metric of each round to plot (see above).
     ylabel : str
         Label of the y axis.
+    scale : float
+        Factor applied to the metric (100: fractions drawn as percent).
 
     Returns
     -------
@@ -166,9 +170,10 @@ def plot_accuracy(
                 continue
             x, mean, std = accuracy_curves(runs, key)
             label = f"{p} (n={len(runs)})"
-            ax.plot(x, 100 * mean, color=colors[p], label=label, lw=1.6)
+            ax.plot(x, scale * mean, color=colors[p], label=label, lw=1.6)
             if len(runs) > 1:
-                ax.fill_between(x, 100 * (mean - std), 100 * (mean + std), color=colors[p], alpha=0.18, lw=0)
+                band = (scale * (mean - std), scale * (mean + std))
+                ax.fill_between(x, *band, color=colors[p], alpha=0.18, lw=0)
         ax.set_title(titles.get(s, s))
         ax.xaxis.set_major_locator(_integer_ticks())
         ax.set_xlabel("round")
@@ -235,5 +240,59 @@ def plot_expert_load(
     if im is not None:
         fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="share of the round's expert load")
     fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_groups(
+    results: Sequence[FinishedRun],
+    path: Path,
+    groups: Sequence[str],
+    *,
+    policies: Sequence[str] | None = None,
+) -> Path:
+    """Plot bits per byte per round of every group (``bpb_<group>``), one panel per group.
+
+    Lines are policies (mean over seeds and settings, ± std band); the y axes are shared.
+
+    Parameters
+    ----------
+    results : sequence of FinishedRun
+        Finished text runs.
+    path : Path
+        Image file to write.
+    groups : sequence of str
+        Group names, one panel each.
+    policies : sequence of str, optional
+        Legend order.
+
+    Returns
+    -------
+    Path
+        ``path``.
+
+    """
+    plt, _, _, pols = _figure_layout(results, None, policies)
+    colors = _policy_colors(pols)
+    ncol = min(4, max(len(groups), 1))
+    nrow = -(-max(len(groups), 1) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 2.8 * nrow), squeeze=False, sharey=True)
+    for ax, g in zip(axes.ravel(), groups):
+        for p in pols:
+            runs = [r for r in results if r.policy == p]
+            x, mean, std = accuracy_curves(runs, f"bpb_{g}")
+            ax.plot(x, mean, color=colors[p], label=p, lw=1.4)
+            if len(runs) > 1:
+                ax.fill_between(x, mean - std, mean + std, color=colors[p], alpha=0.15, lw=0)
+        ax.set_title(g, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(_integer_ticks())
+    for ax in axes.ravel()[len(groups) :]:
+        ax.set_axis_off()
+    for ax in axes[:, 0]:
+        ax.set_ylabel("bits per byte")
+    axes.ravel()[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)

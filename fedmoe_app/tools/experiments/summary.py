@@ -340,6 +340,7 @@ def summary_markdown(
     total: int,
     plots: Sequence[str] = (),
     windows: str = "",
+    text: str = "",
 ) -> str:
     """Render the ``summary.md`` document: table, definitions, targets and plots.
 
@@ -355,6 +356,8 @@ def summary_markdown(
         Image files next to ``summary.md``, linked by file name.
     windows : str
         A :func:`window_table` to include (none if empty).
+    text : str
+        A text grid's bits-per-byte table (``text_summary.text_table``), shown first.
 
     Returns
     -------
@@ -369,6 +372,18 @@ def summary_markdown(
         "",
         f"{complete} of {total} runs complete (updated {dt.datetime.now().isoformat(timespec='seconds')}).",
         "",
+    ]
+    if text:
+        lines += [
+            f"Bits per byte, last-{n} mean ± std over seeds (lower is better): global, the full model on "
+            "every group's held-out text; personalized, the clients' own experts on their local held-out "
+            "text; one column per group (full model). MB down per round: mean over rounds and runs.",
+            "",
+            text,
+            "Accuracy below is next-byte accuracy.",
+            "",
+        ]
+    lines += [
         format_table(rows),
         "Accuracy (global view): central test accuracy of the full model, mean ± sample std "
         "over seeds (one seed: no ±); best: the run's best round; last-"
