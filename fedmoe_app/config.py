@@ -15,13 +15,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .alignment import POLICIES
 from .capacity import parse_device_mix
 from .hf_config import HF_PRESETS, check_hf_config
+
+
+def cache_root() -> Path:
+    """Folder of the app's on-disk caches: ``$FEDMOE_CACHE_DIR`` or ``~/.cache/fedmoe``.
+
+    It holds derived data only (dataset partitions, measured model costs): deleting it costs
+    the time to recompute them.
+    """
+    return Path(os.environ.get("FEDMOE_CACHE_DIR") or Path.home() / ".cache" / "fedmoe")
+
 
 IMAGE_DATASETS = ("fashion-mnist", "cifar10", "synthetic")
 TEXT_DATASETS = ("fortunes", "text")

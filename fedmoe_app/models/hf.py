@@ -22,7 +22,9 @@ actual tensors, training FLOPs per sequence with :class:`torch.utils.flop_counte
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib.metadata
 from pathlib import Path
 
 import torch
@@ -33,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..capacity import ModelCosts
 from .hf_spec import HFSpec
 from .interface import HeldExperts, MoEModel, MoEOutput
-from .memory_probe import activation_bytes_per_sample, byte_windows
+from .memory_probe import activation_bytes_per_sample, byte_windows, cached_activation_bytes
 
 
 class MaskedRouter(nn.Module):
@@ -188,8 +190,12 @@ def hf_costs(spec: HFSpec) -> ModelCosts:
         with FlopCounterMode(display=False) as probe:
             block.experts(rows, slots, weights).sum().backward()
         experts_flops += float(probe.get_total_flops())
-    fixed, routed = activation_bytes_per_sample(
-        lambda ids: build_hf(spec, ids, seed=0), byte_windows(spec.context_length), spec.num_experts
+    version = importlib.metadata.version("transformers")
+    fixed, routed = cached_activation_bytes(
+        f"hf {dataclasses.replace(spec, weights='')!r} transformers={version}",
+        lambda: activation_bytes_per_sample(
+            lambda ids: build_hf(spec, ids, seed=0), byte_windows(spec.context_length), spec.num_experts
+        ),
     )
     return ModelCosts(
         num_experts=spec.num_experts,

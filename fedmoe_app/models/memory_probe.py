@@ -12,10 +12,19 @@ scratch inside one op is not.
 sizes and returns the per-sample slope of that peak, split into the part every sample costs and
 the part per expert a sample visits: the activations in :class:`~fedmoe_app.capacity.ModelCosts`,
 measured instead of restating an architecture.
+
+The probe takes a few seconds in a fresh process (its first dispatch-mode steps), so
+:func:`cached_activation_bytes` keeps each model configuration's result on disk
+(:func:`~fedmoe_app.config.cache_root`): a machine measures a configuration once, and every
+later client, server and test process reads it back.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -25,7 +34,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..config import cache_root
 from .interface import MoEModel
+
+logger = logging.getLogger(__name__)
 
 #: Batch sizes of the probe: the slope between them is the per-sample activation memory.
 PROBE_BATCHES = (2, 4)
@@ -129,3 +141,41 @@ def byte_windows(context_length: int) -> Callable[[int], tuple[Tensor, Tensor]]:
         return tokens[:, :-1], tokens[:, 1:]
 
     return batch
+
+
+def cached_activation_bytes(key: str, measure: Callable[[], tuple[int, int]]) -> tuple[int, int]:
+    """``measure()`` (:func:`activation_bytes_per_sample`), kept on disk under ``key``.
+
+    Parameters
+    ----------
+    key : str
+        Everything the measurement depends on: the model's configuration (e.g. the
+        ``repr`` of its spec); the torch version and :data:`PROBE_BATCHES` are added here.
+    measure : callable
+        Runs the probe; called when no readable cached value exists.
+
+    Returns
+    -------
+    tuple of int
+        ``(fixed, routed)`` bytes per sample. The file is written atomically (clients start
+        in parallel); an unreadable one is measured again, an unwritable folder only costs
+        the speed-up.
+
+    """
+    full = f"{key}|torch={torch.__version__}|batches={PROBE_BATCHES}"
+    path = cache_root() / "memory-probe" / f"{hashlib.sha256(full.encode()).hexdigest()[:32]}.json"
+    try:
+        saved = json.loads(path.read_text())
+        if saved.get("key") == full:
+            return int(saved["fixed"]), int(saved["routed"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    fixed, routed = measure()
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"key": full, "fixed": int(fixed), "routed": int(routed)}))
+        os.replace(tmp, path)
+    except OSError as err:
+        logger.debug("memory probe cache not written (%s)", err)
+    return int(fixed), int(routed)

@@ -33,7 +33,7 @@ from ..capacity import ModelCosts
 from ..config import RunConfig
 from .experts import _grouped_matmul, grouped_supported
 from .interface import HeldExperts, MoEModel, MoEOutput
-from .memory_probe import activation_bytes_per_sample, byte_windows
+from .memory_probe import activation_bytes_per_sample, byte_windows, cached_activation_bytes
 
 INIT_STD = 0.02
 
@@ -246,8 +246,11 @@ def transformer_costs(spec: TransformerSpec) -> ModelCosts:
     attn_fwd = 2 * 4 * d * d + 2 * 2 * t * d  # projections + scores and mixing (per token, T/2 avg x 2)
     fwd_shared = t * (n_layers * (attn_fwd + 2 * d * e) + 2 * d * v)
     fwd_experts = t * n_layers * spec.top_k * 2 * 3 * d * h
-    fixed, routed = activation_bytes_per_sample(
-        lambda ids: build_transformer(spec, ids, seed=0), byte_windows(t), e
+    fixed, routed = cached_activation_bytes(
+        f"transformer-moe {spec!r}",
+        lambda: activation_bytes_per_sample(
+            lambda ids: build_transformer(spec, ids, seed=0), byte_windows(t), e
+        ),
     )
     return ModelCosts(
         num_experts=e,
