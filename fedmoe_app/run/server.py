@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import os
+import time
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,7 @@ def run_server(grid: Grid, run_config: dict) -> Path:
     def on_round(row: dict[str, Any]) -> None:
         recorder.add(row)
         if row["round"] > 0:
+            t0 = time.perf_counter()
             state = {
                 "round": row["round"],
                 "config": cfg.to_dict(),
@@ -135,6 +137,14 @@ def run_server(grid: Grid, run_config: dict) -> Path:
                 "history": recorder.rounds,
             }
             save_checkpoint(ckpt, strategy.global_arrays, state)
+            log(
+                INFO,
+                "fedmoe: checkpoint of round %d: %d bytes, %d clients seen, saved in %.4f s",
+                row["round"],
+                ckpt.stat().st_size,
+                len(strategy.alignment.client_ids),
+                time.perf_counter() - t0,
+            )
 
     log(INFO, "fedmoe: outputs in %s", out)
     strategy.start(
