@@ -15,13 +15,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .alignment import POLICIES
 from .capacity import parse_device_mix
 from .hf_config import HF_PRESETS, check_hf_config
+
+
+def cache_root() -> Path:
+    """Folder of the app's on-disk caches: ``$FEDMOE_CACHE_DIR`` or ``~/.cache/fedmoe``.
+
+    It holds derived data only (dataset partitions, measured model costs): deleting it costs
+    the time to recompute them.
+    """
+    return Path(os.environ.get("FEDMOE_CACHE_DIR") or Path.home() / ".cache" / "fedmoe")
+
 
 IMAGE_DATASETS = ("fashion-mnist", "cifar10", "synthetic")
 TEXT_DATASETS = ("fortunes", "text")
@@ -35,6 +47,7 @@ GATE_MODES = ("global", "local")
 GATE_AGGREGATIONS = ("auto", "rows", "all")
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
 DP_MODES = ("off", "central", "local")
 
 
@@ -199,6 +212,9 @@ class RunConfig:
     run_name: str = _opt("", None, "output folder name; empty: timestamp")
     output_dir: str = _opt("outputs", None, "root of run outputs")
     device: str = _opt("auto", _choice(*DEVICES), "client training device")
+    precision: str = _opt(
+        "fp32", _choice(*PRECISIONS), "train and evaluate in fp32, or under bf16 autocast (weights stay fp32)"
+    )
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -257,7 +273,7 @@ class RunConfig:
         """Keyword arguments of ``fedmoe_app.training.train`` set by the run config."""
         return self._args(
             "epochs=local_epochs batch_size lr momentum aux_weight=aux_loss_weight "
-            "route_weight=route_loss_weight"
+            "route_weight=route_loss_weight precision"
         )
 
     def split_kwargs(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ device (:func:`resolve_device`) before the loop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
@@ -61,6 +62,21 @@ def _inputs_targets(data: Split | TextSplit, device: torch.device) -> tuple[torc
         tokens = data.tokens.to(device)
         return tokens[:, :-1], tokens[:, 1:]
     return data.images.to(device), data.labels.to(device)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Context of a forward pass at ``precision``: ``fp32`` (nothing), or ``bf16`` autocast.
+
+    ``bf16`` runs ``torch.autocast(device.type, dtype=torch.bfloat16)``: on CUDA and on CPU
+    (torch's CPU autocast) matmuls and convolutions compute in bfloat16 while parameters,
+    their gradients, the optimizer state and what goes on the wire stay float32; losses and
+    softmaxes run in float32 by autocast's own policy. Backward runs outside the context.
+    """
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision != "fp32":
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    return contextlib.nullcontext()
 
 
 def make_sgd(params: Iterable[torch.nn.Parameter], *, lr: float, momentum: float) -> torch.optim.SGD:
@@ -129,12 +145,13 @@ def train(
     device: torch.device | str,
     seed: int,
     max_samples: int | None,
+    precision: str,
 ) -> TrainResult:
     """Train ``model`` in place with SGD on in-memory tensors; return loss and feedback.
 
     Every knob is required (the run config holds their defaults). ``max_samples`` stops
     training after that many samples (partial local work within a round deadline); ``None``
-    trains ``epochs`` full epochs.
+    trains ``epochs`` full epochs. ``precision`` is ``fp32`` or ``bf16`` (:func:`autocast`).
     """
     device = torch.device(device)
     configure_threads()
@@ -162,8 +179,9 @@ def train(
             idx = order[i : i + batch_size]
             x = x_all.index_select(0, idx).contiguous(memory_format=fmt)
             y = y_all.index_select(0, idx)
-            out = model(x, y)
-            loss = model.task_loss(out.logits, y)
+            with autocast(device, precision):
+                out = model(x, y)
+                loss = model.task_loss(out.logits, y)
             opt.zero_grad(set_to_none=True)
             (loss + aux_weight * out.aux_loss + route_weight * out.route_loss).backward()
             opt.step()
@@ -201,11 +219,16 @@ def train(
 
 @torch.no_grad()
 def evaluate(
-    model: MoEModel, data: Split | TextSplit, *, batch_size: int = 512, device: torch.device | str = "cpu"
+    model: MoEModel,
+    data: Split | TextSplit,
+    *,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
 ) -> tuple[float, float]:
     """Return ``(mean cross-entropy, accuracy)`` of ``model`` on ``data`` (per target: image or byte)."""
     if isinstance(data, TextSplit):
-        loss, acc, _ = evaluate_text(model, data, batch_size=batch_size, device=device)
+        loss, acc, _ = evaluate_text(model, data, batch_size=batch_size, device=device, precision=precision)
         return loss, acc
     if len(data) == 0:
         return 0.0, 0.0
@@ -218,7 +241,8 @@ def evaluate(
     for i in range(0, len(data), batch_size):
         x = data.images[i : i + batch_size].to(device=device, memory_format=fmt)
         y = data.labels[i : i + batch_size].to(device)
-        logits = model(x).logits
+        with autocast(device, precision):
+            logits = model(x).logits.float()
         total_loss += F.cross_entropy(logits, y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
     if fmt != torch.contiguous_format:
@@ -228,7 +252,12 @@ def evaluate(
 
 @torch.no_grad()
 def evaluate_text(
-    model: MoEModel, data: TextSplit, *, batch_size: int, device: torch.device | str
+    model: MoEModel,
+    data: TextSplit,
+    *,
+    batch_size: int,
+    device: torch.device | str,
+    precision: str = "fp32",
 ) -> tuple[float, float, np.ndarray]:
     """``(mean CE per byte in nats, next-byte accuracy, mean CE per group [G])`` on ``data``.
 
@@ -247,7 +276,8 @@ def evaluate_text(
     groups = data.groups.to(device)
     for i in range(0, len(data), batch_size):
         x, y, g = x_all[i : i + batch_size], y_all[i : i + batch_size], groups[i : i + batch_size]
-        logits = model(x).logits
+        with autocast(device, precision):
+            logits = model(x).logits.float()
         per_seq = model.task_loss(logits, y, reduction="none").view(len(y), -1).sum(dim=1)
         group_loss.index_add_(0, g, per_seq.double())
         group_count.index_add_(0, g, torch.full_like(per_seq, y.shape[1], dtype=torch.float64))

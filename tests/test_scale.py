@@ -85,3 +85,63 @@ def test_checkpoint_state_grows_with_clients_seen_not_with_the_federation():
     per_client = (size6 - size2) / (seen6 - seen2)
     assert 0 < per_client < 2000  # bytes of JSON per client seen (fitness row, profile, experts)
     assert size6 < 2000 * seen6 + 20000  # nothing per unseen node
+
+
+def test_rounds_record_where_the_server_time_went():
+    _, _, rows = run("sampled", rounds=2)
+    for row in rows:
+        timing = row["timing_s"]
+        assert set(timing) == {
+            "configure",
+            "planning",
+            "aggregate",
+            "evaluate_server",
+            "central_eval",
+            "clients",
+            "link",
+        }
+        assert all(v >= 0 for v in timing.values())
+        assert timing["planning"] <= timing["configure"]
+        assert sum(timing.values()) - timing["planning"] <= row["wall_time_s"] + 1e-6
+
+
+def test_timed_grid_takes_the_wait_out_of_the_server_time():
+    import time
+
+    from fedmoe_app.federation.timing import TimedGrid, server_time
+
+    class SlowGrid:
+        def send_and_receive(self, messages, *, timeout=None):
+            time.sleep(0.3)
+            return iter(messages)
+
+        def get_node_ids(self):
+            time.sleep(0.2)
+            return [1, 2]
+
+    grid = TimedGrid(SlowGrid())
+
+    def phase():
+        return grid.send_and_receive(["m"]), grid.get_node_ids()
+
+    (replies, nodes), own = server_time(grid, phase)
+    assert replies == ["m"] and nodes == [1, 2]
+    assert grid.clients_s >= 0.3 and grid.link_s >= 0.2
+    assert own < 0.15  # the 0.5 s of waiting is not the server's
+
+
+@pytest.mark.slow
+def test_scale_benchmark_writes_every_figure_and_the_plot(tmp_path, capsys):
+    from fedmoe_app.tools import bench
+
+    argv = ["scale", "--supernodes", "4", "--sampled", "2", "--rounds", "2", "--dataset", "synthetic"]
+    assert bench.main([*argv, "--out", str(tmp_path), "--timeout", "400"]) == 0
+    (res,) = json.loads((tmp_path / "scale.json").read_text())
+    assert res["supernodes"] == 4 and res["sampled_per_round"] == 2 and res["rounds"] == 2
+    assert 0 < res["startup_s"] < res["total_s"]
+    assert 0 < res["planning_s"] <= res["configure_s"] and res["aggregate_s"] > 0
+    assert all(res["peak_rss_bytes"][g] > 0 for g in ("superlink", "serverapp", "ray"))
+    assert res["checkpoint_bytes"] > 0 and res["checkpoint_save_s"] > 0
+    assert res["checkpoint_clients_seen"] <= 4
+    assert (tmp_path / "scale.png").stat().st_size > 0
+    assert "    4       2" in capsys.readouterr().out

@@ -200,3 +200,20 @@ def test_flwr_run_trains_the_transformer_on_text_files(run_app, tmp_path):
     assert {"bpb_en.txt", "bpb_de.txt", "bpb_ru.txt"} <= set(rows[-1])
     assert np.array(rows[-1]["expert_load_per_layer"]).shape == (2, 8)
     assert (out / "expert_load_per_layer.png").stat().st_size > 0
+
+
+def test_bf16_autocast_trains_on_cpu_and_keeps_fp32_weights():
+    from fedmoe_app.training import autocast
+
+    model = build_model(SPEC, HELD, seed=0)
+    data = text_split(64)
+    with autocast(torch.device("cpu"), "bf16"):  # the context really computes in bfloat16
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    before, _ = evaluate(model, data, precision="bf16")
+    res = train(model, data, **train_args(epochs=3, batch_size=16, lr=0.3, precision="bf16"))
+    after, _ = evaluate(model, data, precision="bf16")
+    assert np.isfinite(res.loss) and after < before - 0.3, (before, after)
+    assert {v.dtype for v in model_to_arrays(model).values()} == {np.dtype(np.float32)}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with pytest.raises(ConfigError, match="'precision'"):
+        RunConfig.from_run_config({"precision": "fp16"})

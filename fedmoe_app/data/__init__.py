@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import cache_root
+
 log = logging.getLogger(__name__)
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -275,8 +277,7 @@ def load_splits(name: str, data_dir: str = "", seed: int = 0) -> tuple[Split, Sp
 
 def partition_cache_dir() -> Path:
     """Folder of the on-disk partition cache: ``$FEDMOE_CACHE_DIR`` or ``~/.cache/fedmoe``."""
-    root = os.environ.get("FEDMOE_CACHE_DIR") or Path.home() / ".cache" / "fedmoe"
-    return Path(root) / "partitions"
+    return cache_root() / "partitions"
 
 
 def _flwr_datasets_version() -> str:

@@ -211,7 +211,7 @@ def handle_evaluate(msg: Message, context: Context) -> RecordDict:
     cid = identity(context)
     _, test_split, info = local_data(cfg, context)
     model = _sub_model(msg, cfg, info)
-    loss, acc = evaluate(model, test_split, device=resolve_device(cfg.device))
+    loss, acc = evaluate(model, test_split, device=resolve_device(cfg.device), precision=cfg.precision)
     metrics = {"eval-loss": loss, "eval-accuracy": acc, "num-examples": len(test_split)}
     server_round = int(msg.content[CONFIG].get("server-round", 0))
     fault = fault_for(

@@ -27,6 +27,7 @@ from flwr.serverapp.strategy import Result
 from ..tensors import Arrays
 from .records import from_record, to_record
 from .rounds import log_round, round_row
+from .timing import TimedGrid, server_time
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from .strategy import FedMoE
@@ -104,17 +105,29 @@ def run_rounds(
             if on_round:
                 on_round({"round": 0, "failures": 0, **res})
     kept_in_a_row = 0
+    grid = TimedGrid(grid)
     for rnd in range(start_round, num_rounds + 1):
-        t0 = time.perf_counter()
+        t0, clients_s, link_s = time.perf_counter(), grid.clients_s, grid.link_s
         log(INFO, "")
         log(INFO, "[ROUND %d/%d]", rnd, num_rounds)
-        train_round = strategy.plan_train(rnd, grid)
-        outcome = strategy.aggregate_round(rnd, grid.send_and_receive(train_round.messages, timeout=timeout))
+        train_round, configure_s = server_time(grid, strategy.plan_train, rnd, grid)
+        replies = grid.send_and_receive(train_round.messages, timeout=timeout)
+        outcome, aggregate_s = server_time(grid, strategy.aggregate_round, rnd, replies)
         result.arrays = to_record(strategy.global_arrays)
         result.train_metrics_clientapp[rnd] = outcome.metric_record()
-        ev_messages, ev_query_failures = strategy.plan_evaluate(rnd, grid)
-        ev = strategy.evaluate_round(grid.send_and_receive(ev_messages, timeout=timeout))
-        central = _server_eval(strategy, rnd, central_eval, evaluate_fn)
+        (ev_messages, ev_query_failures), ev_plan_s = server_time(grid, strategy.plan_evaluate, rnd, grid)
+        ev_replies = grid.send_and_receive(ev_messages, timeout=timeout)
+        ev, ev_aggregate_s = server_time(grid, strategy.evaluate_round, ev_replies)
+        central, central_s = server_time(grid, _server_eval, strategy, rnd, central_eval, evaluate_fn)
+        timing = {
+            "configure": configure_s,
+            "planning": train_round.plan.plan_s,
+            "aggregate": aggregate_s,
+            "evaluate_server": ev_plan_s + ev_aggregate_s,
+            "central_eval": central_s,
+            "clients": grid.clients_s - clients_s,
+            "link": grid.link_s - link_s,
+        }
         if ev.by_client:
             result.evaluate_metrics_clientapp[rnd] = ev.metric_record()
         if central is not None:
@@ -127,6 +140,7 @@ def run_rounds(
             client_eval=ev,
             central_eval=central,
             wall_time_s=time.perf_counter() - t0,
+            timing_s=timing,
         )
         log_round(row)
         if on_round:

@@ -9,6 +9,7 @@ deadline, epochs and batch size.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,8 @@ class RoundPlan:
     layer_assignment : np.ndarray or None
         bool ``[C, L, E]`` with untied layers (``tie-layers = false``): the experts each client
         receives in every MoE layer (``assignment`` is then their union); None when tied.
+    plan_s : float
+        Seconds the alignment took to plan (the policy's assignment, incl. ``dp`` checks).
 
     """
 
@@ -64,6 +67,7 @@ class RoundPlan:
     budgets: np.ndarray
     virtual_round_time_s: float | None
     layer_assignment: np.ndarray | None = None
+    plan_s: float = 0.0
 
     def experts_of(self, row: int) -> list[int]:
         """Global expert ids assigned to client row ``row`` (in any MoE layer)."""
@@ -133,6 +137,7 @@ class Planner:
             profiles = [p for p, k in zip(profiles, keep) if k]
             capacity = capacity[keep]
         num_experts = self.memory.costs.num_experts
+        t0 = time.perf_counter()
         if ids:
             assignment = alignment.plan(ids, np.maximum(capacity, 1), self.cfg.policy, rng)
         else:
@@ -147,6 +152,7 @@ class Planner:
         if self.cfg.dp != "off" and ids:
             assignment = self._min_trainers(alignment, ids, assignment, frozen)
         held = assignment.sum(axis=1) if held is None else held
+        plan_s = time.perf_counter() - t0
         budgets = self._sample_budgets(profiles, held, global_arrays)
         return RoundPlan(
             client_ids=ids,
@@ -156,6 +162,7 @@ class Planner:
             budgets=budgets,
             virtual_round_time_s=self._virtual_time(profiles, held, budgets, global_arrays),
             layer_assignment=layer_assignment,
+            plan_s=plan_s,
         )
 
     def _min_trainers(

@@ -135,8 +135,14 @@ def round_row(
     client_eval: EvaluateOutcome | None,
     central_eval: dict[str, float] | None,
     wall_time_s: float,
+    timing_s: dict[str, float],
 ) -> dict[str, Any]:
-    """Return the metrics row of one round (``metrics.json``; keys in the README, "Outputs")."""
+    """Return the metrics row of one round (``metrics.json``; keys in the README, "Outputs").
+
+    ``timing_s`` is where the round's wall time went (:mod:`.timing`): the server's own
+    seconds per phase (``configure`` includes ``planning``), and the Grid's ``clients`` and
+    ``link`` seconds.
+    """
     plan = train_round.plan
     assigned_clients = plan.assignment.sum(axis=0)
     row: dict[str, Any] = {
@@ -182,6 +188,7 @@ def round_row(
     if central_eval:
         row.update(central_eval)
     row["wall_time_s"] = wall_time_s
+    row["timing_s"] = timing_s
     return row
 
 

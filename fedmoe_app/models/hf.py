@@ -16,12 +16,15 @@ the layout of Mixtral, Qwen2/Qwen3-MoE and OLMoE in transformers 5):
 
 :func:`hf_costs` measures what capacity planning needs on the built model: parameters from the
 actual tensors, training FLOPs per sequence with :class:`torch.utils.flop_counter.FlopCounterMode`
-(split into the experts' modules and the rest) and the values saved for backward with
-:func:`torch.autograd.graph.saved_tensors_hooks` (holding one expert vs two gives the routed part).
+(split into the experts' modules and the rest) and the peak memory of a training step
+(:mod:`.memory_probe`; holding one expert vs two gives the routed part).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import importlib.metadata
 from pathlib import Path
 
 import torch
@@ -32,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..capacity import ModelCosts
 from .hf_spec import HFSpec
 from .interface import HeldExperts, MoEModel, MoEOutput
+from .memory_probe import activation_bytes_per_sample, byte_windows, cached_activation_bytes
 
 
 class MaskedRouter(nn.Module):
@@ -151,28 +155,7 @@ def build_hf(spec: HFSpec, expert_ids: HeldExperts | None = None, seed: int = 0)
         return HFMoE(spec, expert_ids)
 
 
-def _saved_values(model: HFMoE, x: Tensor) -> tuple[int, int]:
-    """``(float values, other bytes)`` saved for backward by one training pass on ``x``."""
-    params = {p.data_ptr() for p in model.parameters()}
-    seen: set[tuple[int, int]] = set()
-    counts = [0, 0]
-
-    def pack(t: Tensor) -> Tensor:
-        key = (t.data_ptr(), t.numel())
-        if key not in seen and t.data_ptr() not in params:
-            seen.add(key)
-            if t.is_floating_point():
-                counts[0] += t.numel()
-            else:
-                counts[1] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(x, x)
-        (model.task_loss(out.logits, x) + out.aux_loss).backward()
-    return counts[0], counts[1]
-
-
+@functools.lru_cache(maxsize=8)
 def hf_costs(spec: HFSpec) -> ModelCosts:
     """Measure parameters, FLOPs and saved activations of ``spec`` per sequence of context-length.
 
@@ -182,8 +165,9 @@ def hf_costs(spec: HFSpec) -> ModelCosts:
       transformers' eager implementation, whose matmuls it counts); ``flops_experts`` is every
       experts module alone on the same number of (token, expert) rows (``top_k`` per token), and
       ``flops_shared`` the rest;
-    * activations: values saved for backward (parameters excluded) with one and with two experts
-      held; the difference is the routed part per visited expert.
+    * activations: the per-sequence slope of a training step's peak memory holding one and two
+      experts (:func:`~fedmoe_app.models.memory_probe.activation_bytes_per_sample`); the
+      difference is the routed part per visited expert.
     """
     full = build_hf(spec, seed=0)
     stacked = full.expert_tensor_names()
@@ -206,17 +190,21 @@ def hf_costs(spec: HFSpec) -> ModelCosts:
         with FlopCounterMode(display=False) as probe:
             block.experts(rows, slots, weights).sum().backward()
         experts_flops += float(probe.get_total_flops())
-    one = _saved_values(build_hf(spec, [0], seed=0), x)
-    two = _saved_values(build_hf(spec, [0, 1], seed=0), x) if spec.num_experts > 1 else one
-    routed = max(0, two[0] - one[0])
+    version = importlib.metadata.version("transformers")
+    fixed, routed = cached_activation_bytes(
+        f"hf {dataclasses.replace(spec, weights='')!r} transformers={version}",
+        lambda: activation_bytes_per_sample(
+            lambda ids: build_hf(spec, ids, seed=0), byte_windows(spec.context_length), spec.num_experts
+        ),
+    )
     return ModelCosts(
         num_experts=spec.num_experts,
         top_k=spec.top_k,
         shared_params=shared,
         expert_params=expert,
-        fixed_activation_values=max(0, one[0] - routed),
-        fixed_activation_bytes=two[1],
-        routed_activation_values=routed,
+        fixed_activation_values=fixed // 4,  # float32 values (the memory model's unit)
+        fixed_activation_bytes=fixed % 4,
+        routed_activation_values=-(-routed // 4),  # float32 values (the memory model's unit)
         transient_activation_values=0,
         flops_shared=total - experts_flops,
         flops_experts=experts_flops,

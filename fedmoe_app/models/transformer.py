@@ -20,6 +20,7 @@ device has no grouped matmul.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ from ..capacity import ModelCosts
 from ..config import RunConfig
 from .experts import _grouped_matmul, grouped_supported
 from .interface import HeldExperts, MoEModel, MoEOutput
+from .memory_probe import activation_bytes_per_sample, byte_windows, cached_activation_bytes
 
 INIT_STD = 0.02
 
@@ -220,16 +222,15 @@ def build_transformer(
         return TransformerMoE(spec, expert_ids)
 
 
+@functools.lru_cache(maxsize=8)
 def transformer_costs(spec: TransformerSpec) -> ModelCosts:
     """Count parameters, activations and FLOPs of ``spec`` for capacity planning (per sequence).
 
-    Counts follow the layers above; FLOPs take 2 per multiply-add and forward + backward as
-    3x forward. Activations saved for backward per token and block: the residual input,
-    both norms' inputs and outputs, q/k/v, the attention output and its projection input,
-    the router's logits, masked logits and probabilities (``fixed``); per token and chosen
-    expert its input, ``x w1``, ``x w3``, the SiLU and product and its output (``routed``).
-    This is a count from the architecture; the memory model's prediction is not yet checked
-    against a measured peak for this model.
+    Parameters follow the layers above; FLOPs take 2 per multiply-add and forward + backward as
+    3x forward. Activations are measured
+    (:func:`~fedmoe_app.models.memory_probe.activation_bytes_per_sample`): the per-sequence slope
+    of the peak memory of a training step holding one and two experts, so the memory model
+    sees saved activations, their gradients and the backward's temporaries as they are.
     """
     d, h, e, t, n_layers, v = (
         spec.d_model,
@@ -245,15 +246,20 @@ def transformer_costs(spec: TransformerSpec) -> ModelCosts:
     attn_fwd = 2 * 4 * d * d + 2 * 2 * t * d  # projections + scores and mixing (per token, T/2 avg x 2)
     fwd_shared = t * (n_layers * (attn_fwd + 2 * d * e) + 2 * d * v)
     fwd_experts = t * n_layers * spec.top_k * 2 * 3 * d * h
-    fixed = t * (n_layers * (10 * d + 3 * e + spec.num_heads) + 2 * d + 2 * v) + t
+    fixed, routed = cached_activation_bytes(
+        f"transformer-moe {spec!r}",
+        lambda: activation_bytes_per_sample(
+            lambda ids: build_transformer(spec, ids, seed=0), byte_windows(t), e
+        ),
+    )
     return ModelCosts(
         num_experts=e,
         top_k=spec.top_k,
         shared_params=shared,
         expert_params=expert,
-        fixed_activation_values=fixed,
-        fixed_activation_bytes=8 * t * (1 + n_layers * spec.top_k),  # int64 tokens and routing ids
-        routed_activation_values=t * n_layers * (2 * d + 4 * h),
+        fixed_activation_values=fixed // 4,  # float32 values (the memory model's unit)
+        fixed_activation_bytes=fixed % 4,
+        routed_activation_values=-(-routed // 4),  # float32 values (the memory model's unit)
         transient_activation_values=0,
         flops_shared=3.0 * fwd_shared,
         flops_experts=3.0 * fwd_experts,

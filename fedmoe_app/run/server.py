@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import os
+import time
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -120,13 +121,15 @@ def run_server(grid: Grid, run_config: dict) -> Path:
     def central_eval(server_round: int, arrays: Arrays) -> dict[str, float]:
         load_arrays(eval_model, arrays)
         if isinstance(test, TextSplit):
-            return text_metrics(*evaluate_text(eval_model, test, batch_size=64, device=device), info.groups)
-        loss, acc = evaluate(eval_model, test, device=device)
+            per = evaluate_text(eval_model, test, batch_size=64, device=device, precision=cfg.precision)
+            return text_metrics(*per, info.groups)
+        loss, acc = evaluate(eval_model, test, device=device, precision=cfg.precision)
         return {"accuracy": acc, "loss": loss}
 
     def on_round(row: dict[str, Any]) -> None:
         recorder.add(row)
         if row["round"] > 0:
+            t0 = time.perf_counter()
             state = {
                 "round": row["round"],
                 "config": cfg.to_dict(),
@@ -134,6 +137,14 @@ def run_server(grid: Grid, run_config: dict) -> Path:
                 "history": recorder.rounds,
             }
             save_checkpoint(ckpt, strategy.global_arrays, state)
+            log(
+                INFO,
+                "fedmoe: checkpoint of round %d: %d bytes, %d clients seen, saved in %.4f s",
+                row["round"],
+                ckpt.stat().st_size,
+                len(strategy.alignment.client_ids),
+                time.perf_counter() - t0,
+            )
 
     log(INFO, "fedmoe: outputs in %s", out)
     strategy.start(

@@ -6,7 +6,7 @@ Usage::
     python -m fedmoe_app.tools.bench experts [--experts 8,16,32,64] [--batch-size 32] [--threads 1]
     python -m fedmoe_app.tools.bench dispatch [--experts 8,16,32,64] [--batch-sizes 32,64]
     python -m fedmoe_app.tools.bench overhead [--clients 10 --rounds 3 --dataset fashion-mnist|synthetic]
-    python -m fedmoe_app.tools.bench memory [--specs default,wide] [--experts 1,2,4,8]
+    python -m fedmoe_app.tools.bench memory [--models cnn-moe,transformer-moe] [--experts 1,2,4,8]
 
 * :mod:`.alignment` -- time :meth:`~fedmoe_app.alignment.AlignmentState.plan` per policy;
 * :mod:`.experts`   -- local training per sample as the number of experts grows

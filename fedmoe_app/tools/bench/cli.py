@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from . import alignment, dispatch, experts, memory, overhead, tokens
+from . import alignment, dispatch, experts, memory, overhead, scale, tokens
 
 
 class Command(NamedTuple):
@@ -50,6 +50,12 @@ COMMANDS: dict[str, Command] = {
         tokens.add_arguments,
         tokens.bench_tokens,
         tokens.__doc__,
+    ),
+    "scale": Command(
+        "the app with N simulated SuperNodes: start-up, server time per round, peak RSS, checkpoint",
+        scale.add_arguments,
+        scale.bench_scale,
+        scale.__doc__,
     ),
 }
 

@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: argument types, machine summary, threads, environment."""
+"""Helpers shared by the benchmarks: argument types, machine summary, threads, environment, timed runs."""
 
 from __future__ import annotations
 
@@ -6,8 +6,12 @@ import argparse
 import os
 import platform
 import statistics
+import threading
+import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -157,3 +161,51 @@ def environ(overrides: Mapping[str, str]) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def timed_launch(
+    launch_fn: Callable[..., int], log_path: Path, markers: Mapping[str, str], **launch_kwargs: Any
+) -> tuple[int, float, dict[str, float]]:
+    """Call ``launch_fn(**launch_kwargs, stream_to=...)`` and time-stamp its log.
+
+    The run's log is read through a pipe: each line goes to ``log_path`` prefixed by the
+    seconds since the call, and the first line containing each marker's text gives that
+    marker's time.
+
+    Parameters
+    ----------
+    launch_fn : callable
+        :func:`fedmoe_app.tools.launch.launch` or a stand-in with its signature.
+    log_path : Path
+        Where the time-stamped log is written.
+    markers : Mapping[str, str]
+        Name -> text whose first appearance in the log is timed.
+    **launch_kwargs
+        Passed to ``launch_fn``.
+
+    Returns
+    -------
+    tuple
+        ``(exit code, total seconds, {marker name: seconds})`` (markers never seen absent).
+
+    """
+    marks: dict[str, float] = {}
+    read_fd, write_fd = os.pipe()
+    t0 = time.perf_counter()
+
+    def pump() -> None:
+        with os.fdopen(read_fd, "r", errors="replace") as reader, open(log_path, "w") as log:
+            for line in reader:
+                now = time.perf_counter() - t0
+                log.write(f"{now:8.2f} {line}")
+                for name, text in markers.items():
+                    if name not in marks and text in line:
+                        marks[name] = now
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    with os.fdopen(write_fd, "w") as stream:
+        code = launch_fn(**launch_kwargs, stream_to=stream)
+    total = time.perf_counter() - t0
+    reader.join(timeout=30)
+    return code, total, marks

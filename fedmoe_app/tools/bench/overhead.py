@@ -17,13 +17,11 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .common import environ, machine_summary
+from .common import environ, machine_summary, timed_launch
 from .plain import overhead_run_config, run_plain_fresh
 
 #: The repository root: the Flower app's folder (its ``pyproject.toml``).
@@ -90,39 +88,24 @@ def run_app_timed(
     num_cpus = int(args.num_cpus) if float(args.num_cpus).is_integer() else args.num_cpus
     num_gpus = int(args.num_gpus) if float(args.num_gpus).is_integer() else args.num_gpus
     log_path = workdir / f"{run_name}.log"
-    marks: dict[str, float] = {}
-    read_fd, write_fd = os.pipe()
-    t0 = time.perf_counter()
-
-    def pump() -> None:
-        with os.fdopen(read_fd, "r", errors="replace") as reader, open(log_path, "w") as log:
-            for line in reader:
-                now = time.perf_counter() - t0
-                log.write(f"{now:8.2f} {line}")
-                for name, text in APP_MARKERS.items():
-                    if name not in marks and text in line:
-                        marks[name] = now
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
     env = {"PYTHONUNBUFFERED": "1"}
     if args.threads > 0:  # torch threads of every app process (Ray keeps a preset value)
         env["OMP_NUM_THREADS"] = str(args.threads)
     if args.worker_niceness is not None:  # launch sets 0 unless the environment says otherwise
         env["RAY_worker_niceness"] = str(args.worker_niceness)
-    with os.fdopen(write_fd, "w") as stream, environ(env):
-        code = launch_fn(
-            ROOT,
+    with environ(env):
+        code, total, marks = timed_launch(
+            launch_fn,
+            log_path,
+            APP_MARKERS,
+            app_dir=ROOT,
             num_supernodes=args.clients,
             run_config=run_config,
             num_cpus=num_cpus,
             num_gpus=num_gpus,
             output_root=workdir,
             timeout=args.timeout,
-            stream_to=stream,
         )
-    total = time.perf_counter() - t0
-    reader.join(timeout=30)
     if code != 0:
         tail = log_path.read_text()[-3000:]
         raise RuntimeError(f"app run failed with exit code {code}; log tail:\n{tail}")
