@@ -229,7 +229,8 @@ def test_parameter_counts_match_the_model(spec):
 
 
 def test_memory_model_hand_example():
-    # TOY (1x4x4 input, c=1, d=1, h=1, C=2, E=4, top-1) at batch 1, float32, SGD momentum:
+    # Costs of a toy CNN (1x4x4 input, c=1, d=1, h=1, C=2, E=4, top-1) at batch 1, float32,
+    # SGD momentum, its activations counted by hand:
     #   shared params: conv1 9+1, conv2 18+2, proj 32+1, gate 4+4 = 71 -> 3*4*71 = 852 B
     #   expert params: d*h + h + h*C + C = 1+1+2+2 = 6                -> 3*4*6  =  72 B
     #   stem values: input 16 + relu1 16 + pool1 4 + relu2 8 + pool2 2 + avgpool 32 + d 1
@@ -237,7 +238,19 @@ def test_memory_model_hand_example():
     #   transient: max(routed k*(2*6 + d + 2h + 2C) = 19, conv1 grads 2*c*S^2 = 32) = 32
     #   activations: 4 * (95 + 32) + 48 = 556 B  (same for k = 0 and 1)
     #   => predict(n) = 852 + 556 + 72 n = 1408 + 72 n
-    mm = cap.MemoryModel(model_costs(TOY), 1)
+    toy = cap.ModelCosts(
+        num_experts=4,
+        top_k=1,
+        shared_params=71,
+        expert_params=6,
+        fixed_activation_values=95,
+        fixed_activation_bytes=48,
+        routed_activation_values=19,
+        transient_activation_values=32,
+        flops_shared=0.0,
+        flops_experts=0.0,
+    )
+    mm = cap.MemoryModel(toy, 1)
     assert mm.table().tolist() == [1408, 1480, 1552, 1624, 1696]
     assert mm.predict_training_bytes(3) == 1624
     assert mm.expert_bytes() == 72 and mm.shared_bytes() == 1408 + 72 - 72
@@ -256,7 +269,7 @@ def test_memory_model_structure_at_default_spec():
     assert np.diff(t[2:]).tolist() == [mm.expert_bytes()] * 6
     assert mm.expert_bytes() == 12 * expert_params(DEFAULT)
     assert mm.shared_bytes() == t[2] - 2 * mm.expert_bytes()
-    # the gathered per-sample weight copies scale with the batch, not with the experts held
+    # activations scale with the batch, not with the experts held
     big = cap.MemoryModel(model_costs(DEFAULT), 64)
     assert big.expert_bytes() == mm.expert_bytes() and big.shared_bytes() > 1.9 * mm.shared_bytes() - 1e6
     with pytest.raises(ValueError):

@@ -1,14 +1,22 @@
 """What capacity planning needs to know of the CNN MoE: parameters, activations and FLOPs.
 
-:func:`cnn_costs` counts them for a :class:`~fedmoe_app.models.cnn.ModelSpec` and returns
-the model-independent :class:`~fedmoe_app.capacity.ModelCosts` that the memory and time
-models use (docs/CAPACITY.md checks the memory prediction against measured peaks).
+:func:`cnn_costs` counts the parameters and FLOPs of a
+:class:`~fedmoe_app.models.cnn.ModelSpec`, measures its activations, and returns the
+model-independent :class:`~fedmoe_app.capacity.ModelCosts` that the memory and time models
+use (docs/CAPACITY.md checks the memory prediction against measured peaks).
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
 from ..capacity import ModelCosts
-from .cnn import ModelSpec
+from .cnn import ModelSpec, build_cnn
+from .memory_probe import activation_bytes_per_sample, cached_activation_bytes
 
 
 def shared_params(spec: ModelSpec) -> int:
@@ -41,41 +49,45 @@ def flops_per_sample(spec: ModelSpec) -> tuple[float, float]:
     return 3.0 * fwd_stem, 3.0 * fwd_experts
 
 
+def image_batches(spec: ModelSpec) -> Callable[[int], tuple[Tensor, Tensor]]:
+    """``batch(n)`` of :func:`activation_bytes_per_sample` for ``spec``: seeded random images and labels."""
+
+    def batch(n: int) -> tuple[Tensor, Tensor]:
+        gen = torch.Generator().manual_seed(n)
+        x = torch.randn(n, spec.in_channels, spec.image_size, spec.image_size, generator=gen)
+        return x, torch.randint(0, spec.num_classes, (n,), generator=gen)
+
+    return batch
+
+
+@functools.lru_cache(maxsize=8)
 def cnn_costs(spec: ModelSpec) -> ModelCosts:
     """Parameter, activation and FLOP counts of the CNN MoE ``spec``.
 
-    Activations saved for backward, per sample:
-
-    * the conv stem's (input, ReLU outputs, max-pool outputs and their int64 indices, pooled
-      features, features, gate logits, masked logits and probabilities);
-    * the larger of (a) the routed part, per expert a sample visits: ``Experts.forward`` may
-      hold a private copy of the chosen expert's weights (gather dispatch) and backward an
-      equally large gradient, so ``2 X + d + 2 h + 2 C`` values; (b) the conv stem's backward
-      transient (two gradients of the first conv output, ``2 c S**2``).
+    Parameters and FLOPs are counted from the layers above. Activations are measured, as for
+    the transformer families (:func:`~fedmoe_app.models.memory_probe.activation_bytes_per_sample`,
+    kept on disk by :func:`~fedmoe_app.models.memory_probe.cached_activation_bytes`): the
+    per-sample slope of the live bytes of a training step holding one and two experts. So the
+    memory model follows the expert dispatch that actually runs: grouped matmul keeps no
+    per-sample copy of the experts' weights (routed part about 0), the gather path keeps one
+    and its gradient per visited expert.
     """
-    c, d, h, n_cls = spec.stem_channels, spec.feature_dim, spec.expert_hidden, spec.num_classes
-    s1, s2 = spec.image_size, spec.image_size // 2
-    s3 = s2 // 2
-    stem_values = (
-        spec.in_channels * s1 * s1  # input (saved by conv1)
-        + c * s1 * s1  # relu1 output (saved by relu1 and pool1)
-        + c * s2 * s2  # pool1 output (saved by conv2)
-        + 2 * c * s2 * s2  # relu2 output
-        + 2 * c * s3 * s3  # pool2 output
-        + 2 * c * 16  # adaptive-pool output (saved by the projection)
-        + d  # features
-        + 4 * spec.num_experts  # gate logits, masked logits, probabilities
-    )
     f_shared, f_experts = flops_per_sample(spec)
+    fixed, routed = cached_activation_bytes(
+        f"cnn-moe {spec!r}",
+        lambda: activation_bytes_per_sample(
+            lambda ids: build_cnn(spec, ids, seed=0), image_batches(spec), spec.num_experts
+        ),
+    )
     return ModelCosts(
         num_experts=spec.num_experts,
         top_k=spec.top_k,
         shared_params=shared_params(spec),
         expert_params=expert_params(spec),
-        fixed_activation_values=stem_values,
-        fixed_activation_bytes=8 * (c * s2 * s2 + 2 * c * s3 * s3),  # max-pool int64 indices
-        routed_activation_values=2 * expert_params(spec) + d + 2 * h + 2 * n_cls,
-        transient_activation_values=2 * c * s1 * s1,
+        fixed_activation_values=fixed // 4,  # float32 values (the memory model's unit)
+        fixed_activation_bytes=fixed % 4,
+        routed_activation_values=-(-routed // 4),
+        transient_activation_values=0,
         flops_shared=f_shared,
         flops_experts=f_experts,
     )
