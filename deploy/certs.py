@@ -11,7 +11,10 @@
   ``flwr supernode register`` expect).
 
 Everything is generated with the ``cryptography`` package Flower already depends on (no
-``openssl`` binary needed). Private keys are written with mode ``0600``.
+``openssl`` binary needed). Private keys (``ca.key``, ``server.key``, ``supernode-<i>``) are
+created with mode ``0600``, never readable by others even while being written; only
+``ca.crt``, ``server.pem`` and ``supernode-<i>.pub`` are 0644. Keep ``ca.key`` offline: no
+service needs it.
 """
 
 from __future__ import annotations
@@ -49,9 +52,23 @@ class CertPaths:
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
-    path.write_bytes(data)
-    if private:
-        os.chmod(path, 0o600)
+    """Write ``data`` to ``path`` atomically; a ``private`` file is created with mode 0600.
+
+    The bytes go to a new temporary file in the same folder, created with the final mode
+    (``0o600`` for keys, ``0o644`` otherwise, narrowed further by the umask), which then
+    replaces ``path``: a key is never readable by others, not even while it is written,
+    and an existing world-readable file at ``path`` is replaced, not rewritten in place.
+    """
+    mode = 0o600 if private else 0o644
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _san_entry(name: str) -> x509.GeneralName:

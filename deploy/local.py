@@ -439,8 +439,14 @@ class Deployment:
         return int(out["node-id"])
 
     def list_supernodes(self) -> list[dict[str, Any]]:
-        """``flwr supernode ls`` as a list of ``{"node-id", "status", ...}``."""
-        return list(self._flwr_json("supernode", "ls", CONNECTION).get("nodes", []))
+        """``flwr supernode ls`` as a list of ``{"node-id", "status", ...}``.
+
+        Raises ``RuntimeError`` on an error reply (e.g. the SuperLink is not serving yet).
+        """
+        out = self._flwr_json("supernode", "ls", CONNECTION)
+        if not out.get("success"):
+            raise RuntimeError(f"`flwr supernode ls` failed: {out}")
+        return list(out.get("nodes", []))
 
     def supernode_command(
         self, config: str, *, key: Path | None, runtime_port: int, superlink: str | None = None

@@ -2,6 +2,7 @@
 # Install fedmoe into the virtual environment .venv on a fresh Debian/Ubuntu machine (idempotent).
 #   bash scripts/setup.sh          # .venv with the app, its dependencies and the offline Fashion-MNIST files
 #   bash scripts/setup.sh --test   # the same plus the test tools (pytest, ruff, pyyaml, import-linter)
+#                                  # and, as root with apt-get, Docker + docker-compose + debootstrap
 # Then run everything with .venv/bin/python (e.g. `.venv/bin/python -m fedmoe_app.tools.launch`), or
 # `source .venv/bin/activate` first to type `flwr run .`, `fedmoe-launch`, ... as usual.
 #
@@ -44,6 +45,10 @@ if $root; then
     command -v "${tool%%:*}" >/dev/null || apt_install "${tool#*:}" || true
   done
 fi
+
+# --test: the Docker end-to-end test needs the Docker engine, docker-compose and debootstrap
+# (installed as root with apt-get; elsewhere the script says what is missing and the test skips).
+[ "${1:-}" = "--test" ] && bash scripts/install-docker.sh
 
 # The virtual environment. Debian/Ubuntu ship `venv` without ensurepip unless python3-venv is installed.
 if [ ! -x "$VENV/bin/python" ]; then

@@ -1,9 +1,11 @@
 """Deployment on loopback: real SuperLink + SuperNodes, insecure and TLS with node authentication."""
 
+import os
 import ssl
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -92,6 +94,32 @@ def test_certificates_chain_sans_and_supernode_keys(tmp_path):
         assert isinstance(priv, ec.EllipticCurvePrivateKey) and priv.curve.name == "secp384r1"
         pub = load_ssh_public_key(paths.public_key(i).read_bytes())
         assert pub.public_numbers() == priv.public_key().public_numbers()
+
+
+def test_private_keys_are_created_0600_never_chmodded_later(tmp_path, monkeypatch):
+    # A key written with the default mode and narrowed afterwards is world-readable for a
+    # moment: forbid every chmod, so only files created 0600 can end up 0600.
+    def no_chmod(*args, **kwargs):
+        raise AssertionError(f"chmod after writing: {args}")
+
+    monkeypatch.setattr(os, "chmod", no_chmod)
+    monkeypatch.setattr(os, "fchmod", no_chmod)
+    monkeypatch.setattr(Path, "chmod", no_chmod)
+    stale = tmp_path / "server.key"
+    stale.write_bytes(b"old key\n")
+    stale_mode = stale.stat().st_mode & 0o777
+    old_umask = os.umask(0o022)  # default creation mode of other files: 0644
+    try:
+        paths = make_certificates(tmp_path, supernodes=2)
+    finally:
+        os.umask(old_umask)
+    assert stale_mode & 0o044  # the file it replaces was readable by others
+    private = [paths.ca_key, paths.server_key, *paths.supernode_keys]
+    public = [paths.ca_cert, paths.server_cert, *(paths.public_key(i) for i in range(2))]
+    assert {p.name: p.stat().st_mode & 0o777 for p in private} == {p.name: 0o600 for p in private}
+    assert {p.name: p.stat().st_mode & 0o777 for p in public} == {p.name: 0o644 for p in public}
+    assert paths.server_key.read_bytes() != b"old key\n"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp files
 
 
 def test_certs_cli(tmp_path):

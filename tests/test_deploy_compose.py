@@ -1,9 +1,11 @@
 """Run the Docker Compose topology (compose.yml + compose.tls.yml) as local processes.
 
-There is no Docker engine in CI, so this runs exactly the command lines of every compose
+Without a Docker engine (tests/test_docker_e2e.py runs the real containers), this runs
+exactly the command lines of every compose
 service (SuperLink, SuperExec for the ServerApp, SuperNodes, one SuperExec per SuperNode;
 isolation ``process``; TLS + SuperNode authentication) with container host names mapped
-to 127.0.0.1, ports to free ports and ``/app/certs`` to freshly generated certificates.
+to 127.0.0.1, ports to free ports, ``/certs`` to freshly generated certificates and
+``/app`` (the SuperLink's database) to a temporary folder.
 It proves the services' flags, ports and certificate wiring work together end to end.
 """
 
@@ -34,8 +36,10 @@ def rewrite(argv, ports, certs_dir):
             tok = str(ports[tok])
         elif tok == "0.0.0.0":
             tok = "127.0.0.1"
-        elif tok.startswith("/app/certs/"):
-            tok = str(certs_dir / tok.removeprefix("/app/certs/"))
+        elif tok.startswith("/certs/"):
+            tok = str(certs_dir / tok.removeprefix("/certs/"))
+        elif tok.startswith("/app/"):  # e.g. the SuperLink's --database on its volume
+            tok = str(certs_dir.parent / tok.removeprefix("/app/"))
         elif m := _ADDR.match(tok):
             tok = f"127.0.0.1:{ports[m.group(2)]}"
         out.append(tok)

@@ -2,6 +2,7 @@
 
 import re
 import shlex
+import subprocess
 
 import flwr
 import pytest
@@ -15,6 +16,7 @@ from fedmoe_app.capacity import DEVICE_CLASSES, MEASURED
 DOCKER = ROOT / "docker"
 BASE = DOCKER / "compose.yml"
 TLS = DOCKER / "compose.tls.yml"
+TEST = DOCKER / "compose.test.yml"
 DOCKERFILE = DOCKER / "Dockerfile"
 DOCS = ROOT / "docs" / "DEPLOYMENT.md"
 FLOWER_CLIS = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr")
@@ -61,18 +63,33 @@ def test_yaml_parses_and_has_every_service():
     assert set(yaml.safe_load(TLS.read_text())["services"]) <= set(svcs)
 
 
+def build_args(svc):
+    args = svc["build"]["args"]
+    return dict(a.split("=", 1) if "=" in a else (a, None) for a in args) if isinstance(args, list) else args
+
+
 def test_images_pin_the_installed_flower_version():
     version = flwr.__version__
     for name, svc in services(BASE, TLS).items():
         if "build" in svc:
-            assert svc["build"]["args"]["FLWR_VERSION"] == version, name
+            assert build_args(svc)["FLWR_VERSION"] == version, name
             assert svc["image"].endswith(f":{version}"), name
         else:
             assert svc["image"] in (f"flwr/superlink:{version}", f"flwr/supernode:{version}"), name
     text = DOCKERFILE.read_text()
     assert f"ARG FLWR_VERSION={version}" in text
-    assert re.search(r"^FROM flwr/superexec:\$\{FLWR_VERSION\}$", text, re.M)
+    # users get Flower's official image; the test overlay swaps in a local stand-in
+    assert re.search(r"^ARG BASE_IMAGE=flwr/superexec:\$\{FLWR_VERSION\}$", text, re.M)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M)
     assert compose.dockerfile_entrypoint(DOCKERFILE) == ["flower-superexec"]
+    # torch defaults to the version the project is tested with (scripts/setup.sh pins it)
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    for pkg, arg in (("torch", "TORCH_VERSION"), ("torchvision", "TORCHVISION_VERSION")):
+        default = re.search(rf'"{pkg}==\$\{{{arg}:-([^}}]+)\}}"', text).group(1)
+        assert re.search(rf"^{pkg.upper()}={re.escape(default)}$", setup, re.M), (pkg, default)
+    for svc in services(BASE, TEST).values():  # the overlay keeps the same service definitions
+        if "build" in svc:
+            assert build_args(svc)["BASE_IMAGE"] == f"fedmoe-test/superexec:{version}"
 
 
 def test_every_flag_exists_in_the_installed_cli(variant):
@@ -96,8 +113,12 @@ def test_ports_and_addresses_match(variant):
     _, svcs, argv = variant
     link = argv["superlink"]
     port = value(link, "--port")
+    # on the Compose bridge network 0.0.0.0 is the container's own interface; the host
+    # publishes the port on its loopback only (tests/test_docker_safety.py)
     assert value(link, "--host") == "0.0.0.0"
-    assert f"{port}:{port}" in svcs["superlink"]["ports"]
+    assert svcs["superlink"]["ports"] == [f"127.0.0.1:{port}:{port}"]
+    assert value(link, "--database") == "/app/superlink.db"
+    assert "superlink-state:/app" in svcs["superlink"]["volumes"]
     assert value(link, "--isolation") == "process"  # a separate SuperExec runs the ServerApp
     assert value(argv["superexec-serverapp"], "--runtime-api-address") == f"superlink:{port}"
     node_ports = set()
@@ -135,15 +156,15 @@ def test_insecure_and_tls_variants(variant):
     for name, cmd in flower.items():
         assert "--insecure" not in cmd, name
         mounts = {m.split(":")[1]: m.split(":")[0] for m in svcs[name].get("volumes", []) if ":" in m}
-        assert mounts.get("/app/certs") == "./certs", name
-        for tok in cmd:  # every certificate/key file lies in the mounted folder
-            if tok.startswith("/app/"):
-                assert tok.startswith("/app/certs/"), (name, tok)
-    assert value(link, "--ssl-ca-certfile") == "/app/certs/ca.crt"
-    assert value(argv["superexec-serverapp"], "--root-certificates") == "/app/certs/ca.crt"
+        for tok in cmd:  # every certificate/key file is mounted read-only from ./certs, one by one
+            if tok.startswith("/certs/"):
+                assert mounts.get(tok) == f"./certs/{tok[len('/certs/') :]}", (name, tok)
+                assert f"{mounts[tok]}:{tok}:ro" in svcs[name]["volumes"], (name, tok)
+    assert value(link, "--ssl-ca-certfile") == "/certs/ca.crt"
+    assert value(argv["superexec-serverapp"], "--root-certificates") == "/certs/ca.crt"
     keys = [value(argv[n], "--auth-supernode-private-key") for n in supernode_names(svcs)]
     assert len(set(keys)) == len(keys) and None not in keys
-    assert all(value(argv[n], "--root-certificates") == "/app/certs/ca.crt" for n in supernode_names(svcs))
+    assert all(value(argv[n], "--root-certificates") == "/certs/ca.crt" for n in supernode_names(svcs))
 
 
 def flower_commands(text):
@@ -198,3 +219,48 @@ def test_docs_deploy_scripts_parse():
                     parsers[script].parse_args(tokens[2:])  # SystemExit on a bad flag
                     seen.add(script)
     assert seen == set(parsers)
+
+
+def _stub_path(tmp_path, uid):
+    """A PATH with only stub ``id`` and ``apt-get`` (which logs its arguments): no Docker tools."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "apt.log"
+    (bin_dir / "id").write_text(f"#!/bin/bash\necho {uid}\n")
+    (bin_dir / "apt-get").write_text(f'#!/bin/bash\necho "$@" >> {log}\n')
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    return str(bin_dir), log
+
+
+@pytest.mark.parametrize("uid", [0, 1000])
+def test_install_docker_installs_the_missing_tools_as_root_with_apt(tmp_path, uid):
+    path, log = _stub_path(tmp_path, uid)
+    proc = subprocess.run(
+        ["/bin/bash", str(ROOT / "scripts" / "install-docker.sh")],
+        env={"PATH": path},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    calls = log.read_text().splitlines() if log.exists() else []
+    if uid == 0:
+        assert calls[0] == "update -qq"
+        assert calls[1].split()[-3:] == ["docker.io", "docker-compose", "debootstrap"], calls
+    else:  # not root: nothing installed, the missing tools named
+        assert calls == []
+        assert "docker.io docker-compose debootstrap missing" in proc.stderr
+
+
+def test_setup_test_installs_the_docker_tools():
+    """``scripts/setup.sh --test`` (what ``.ci/run`` runs) calls ``scripts/install-docker.sh``."""
+    code = [
+        line.split("#")[0]
+        for line in (ROOT / "scripts" / "setup.sh").read_text().splitlines()
+        if not line.lstrip().startswith("#")
+    ]
+    assert any(
+        re.search(r'\[ "\$\{1:-\}" = "--test" \] && bash scripts/install-docker\.sh', line) for line in code
+    )
+    assert "bash scripts/setup.sh --test" in (ROOT / ".ci" / "run").read_text()
