@@ -10,10 +10,10 @@ for tests. Partitions are computed with flwr-datasets partitioners on an in-memo
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import importlib.metadata
+import io
 import logging
 import os
 import pickle
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..config import cache_root
+from ..files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -321,15 +322,13 @@ def partition_indices(
         except (OSError, KeyError, ValueError) as err:
             log.warning("partition cache %s is unreadable (%s); recomputing", path, err)
     parts = _compute_partitions(y, num_partitions, partitioner, alpha=alpha, shards=shards, seed=seed)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    buf = io.BytesIO()
+    np.savez(buf, **{f"p{i}": p for i, p in enumerate(parts)})
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(tmp, **{f"p{i}": p for i, p in enumerate(parts)})
-        os.replace(tmp, path)
+        atomic_write(path, buf.getvalue())
     except OSError as err:
         log.debug("partition cache not written (%s)", err)
-        with contextlib.suppress(OSError):
-            tmp.unlink()
     return parts
 
 

@@ -77,13 +77,6 @@ class RoundPlan:
         """Bool ``[L, E]`` plan of client row ``row`` with untied layers; ``None`` when tied."""
         return None if self.layer_assignment is None else self.layer_assignment[row]
 
-    @property
-    def held_counts(self) -> np.ndarray:
-        """Experts each client holds, as the memory and time models count them (per layer if untied)."""
-        if self.layer_assignment is None:
-            return self.assignment.sum(axis=1)
-        return self.layer_assignment.sum(axis=2).max(axis=1, initial=0)
-
 
 class Planner:
     """Plans training rounds for a run: capacities, assignment, budgets and virtual time.

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -35,6 +34,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import cache_root
+from ..files import atomic_write
 from .interface import MoEModel
 
 logger = logging.getLogger(__name__)
@@ -171,11 +171,9 @@ def cached_activation_bytes(key: str, measure: Callable[[], tuple[int, int]]) ->
     except (OSError, ValueError, KeyError, TypeError):
         pass
     fixed, routed = measure()
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"key": full, "fixed": int(fixed), "routed": int(routed)}))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps({"key": full, "fixed": int(fixed), "routed": int(routed)}))
     except OSError as err:
         logger.debug("memory probe cache not written (%s)", err)
     return int(fixed), int(routed)

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from ..files import atomic_write
 from ..tensors import Arrays
-from .files import atomic_write
 
 CHECKPOINT_FILE = "checkpoint.npz"
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .files import atomic_write
+from ..files import atomic_write
 
 log = logging.getLogger(__name__)
 

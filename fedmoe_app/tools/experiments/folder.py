@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ...run.files import atomic_write
+from ...files import atomic_write
 from .grid import ExperimentGrid, RunSpec
 from .metrics import FinishedRun, is_complete, read_metrics
 from .plots import plot_accuracy, plot_expert_load, plot_groups

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...run.files import atomic_write
+from ...files import atomic_write
 from .folder import log_path, run_dir
 from .grid import RunSpec
 

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from ...config import ConfigError
+from ...files import atomic_write
 from ...run.checkpoint import checkpoint_path
-from ...run.files import atomic_write
 from .folder import config_mismatch, log_path, run_dir, write_summary
 from .grid import ExperimentGrid, RunSpec
 from .metrics import final_accuracy, is_complete, last_n_mean, read_metrics, rounds_done
