@@ -21,6 +21,7 @@ from fedmoe_app.models import (
     model_spec,
     model_to_arrays,
 )
+from fedmoe_app.models.memory_probe import LiveBytes
 from fedmoe_app.tensors import experts_in, is_gate_key, parse_expert_key, raw_nbytes, select
 from fedmoe_app.text import TextInfo
 from fedmoe_app.training import evaluate, train
@@ -151,6 +152,29 @@ def test_local_training_lowers_the_loss(spec):
     assert res.tokens.sum() == 48 * 3 * 16 * 2 * 2
 
 
+@pytest.mark.parametrize("preset", [*FAMILIES, "tiny-olmoe"])
+def test_a_client_model_never_allocates_the_experts_it_does_not_hold(preset):
+    """Built on the meta device, then the held experts and the shared part materialised."""
+    spec = hf_spec(preset)
+    with LiveBytes() as full_build:
+        full = build_model(spec, seed=0)
+    with LiveBytes() as sub_build:
+        sub = build_model(spec, HELD, seed=0)
+    held = model_to_arrays(sub)
+    held_bytes = raw_nbytes(held) + sum(b.nbytes for b in sub.net.buffers())
+    assert sub_build.peak <= held_bytes + 4096  # never more than the tensors it keeps
+    assert full_build.peak > 2 * sub_build.peak  # 2 of 8 experts: well under the full model
+    assert all(np.isfinite(a).all() for a in held.values())
+    # the model's own init ran: rotary buffers as in the full model, norms at 1, weights N(0, 0.02)
+    full_buffers = dict(full.net.named_buffers())
+    assert all(torch.equal(b, full_buffers[n]) for n, b in sub.net.named_buffers())
+    norms = [k for k in held if k.endswith("norm.weight")]
+    assert norms and all((held[k] == 1).all() for k in norms)
+    for key in [k for k in held if is_gate_key(k)] + [k for k in held if k.endswith("gate_up_proj")]:
+        assert 0.015 < held[key].std() < 0.025, key
+    load_arrays(sub, select(model_to_arrays(full), HELD))  # and it takes the server's weights
+
+
 BYTE_SPECS = {
     "cnn-moe": lambda: make_spec(num_experts=8, top_k=2),
     "transformer-moe": lambda: TransformerSpec(256, 64, 2, 64, 4, num_experts=8, top_k=2, expert_hidden=256),
@@ -183,10 +207,79 @@ def test_local_weights_are_loaded(tmp_path):
     )
     loaded = build_model(hf_spec("tiny-olmoe", **{"hf-weights": str(tmp_path)}), seed=0)
     assert all(np.array_equal(a, model_to_arrays(src)[k]) for k, a in model_to_arrays(loaded).items())
+    # a client holding 2 of 8 experts reads those rows only (experts: most of the weights here)
+    big = {"expert-hidden": 512}
+    src = build_model(hf_spec("tiny-mixtral", **big), seed=7)
+    save_file({k: v.contiguous() for k, v in src.net.state_dict().items()}, str(tmp_path / "big.safetensors"))
+    spec = hf_spec("tiny-mixtral", **big, **{"hf-weights": str(tmp_path / "big.safetensors")})
+    with LiveBytes() as full_load:
+        build_model(spec, seed=0)
+    with LiveBytes() as sub_load:
+        sub = build_model(spec, HELD, seed=0)
+    want = select(model_to_arrays(src), HELD)
+    got = model_to_arrays(sub)
+    assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
+    assert sub_load.peak < 0.35 * full_load.peak
+    # a ninth expert of a model with eight: the run stops, naming the tensor
+    save_file(
+        {"model.layers.0.mlp.experts.8.w1.weight": torch.zeros(512, 32)}, str(tmp_path / "x.safetensors")
+    )
+    extra = hf_spec("tiny-mixtral", **big, **{"hf-weights": str(tmp_path)})
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(
+        ValueError, match=r"'hf-weights'.*unexpected \['model.layers.0.mlp.experts.8.w1.weight"
+    ):
+        build_model(extra, HELD, seed=0)
     (tmp_path / "other").mkdir()
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other" / "model.safetensors"))
     with pytest.raises(ValueError, match="'hf-weights'"):
         build_model(hf_spec("tiny-olmoe", **{"hf-weights": str(tmp_path / "other")}))
+
+
+@pytest.mark.parametrize("preset", ["tiny-mixtral", "tiny-qwen2-moe", "tiny-olmoe"])
+def test_a_save_pretrained_folder_loads_as_transformers_loads_it(tmp_path, preset):
+    """Published checkpoints' per-expert layout, sharded: the tensors of from_pretrained, held rows only."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    big = {"expert-hidden": 512}  # the experts are most of the weights
+    config = hf_spec(preset, **big).config
+    torch.manual_seed(3)
+    AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(config.pop("model_type"), **config)
+    ).save_pretrained(tmp_path, max_shard_size="1MB")
+    shards = sorted(tmp_path.glob("*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").exists()
+    names = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    assert any(".experts.7." in n for n in names) and not any("gate_up_proj" in n for n in names)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()
+    spec = hf_spec(preset, **big, **{"hf-weights": str(tmp_path)})
+    with LiveBytes() as full_load:
+        full = build_model(spec, seed=0).net.state_dict()
+    assert set(full) == set(ref) and all(torch.equal(full[k], ref[k]) for k in ref)
+    with LiveBytes() as sub_load:
+        sub = build_model(spec, HELD, seed=0).net.state_dict()
+    assert set(sub) == set(ref)
+    for k, t in ref.items():
+        assert torch.equal(sub[k], t[HELD] if k.endswith(("gate_up_proj", "down_proj")) else t), k
+    assert sub_load.peak < 0.35 * full_load.peak
+    folder = hf_spec(str(tmp_path), **{"hf-weights": str(tmp_path)})  # the folder as config and weights
+    assert all(torch.equal(t, ref[k]) for k, t in build_model(folder, seed=0).net.state_dict().items())
+    shards[-1].unlink()  # a shard lost: the run stops naming the key
+    with pytest.raises(ValueError, match="'hf-weights'.*missing"):
+        build_model(spec, HELD, seed=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_expert_rows_are_read_from_the_safetensors_bytes(tmp_path, dtype):
+    from safetensors.torch import save_file
+
+    from fedmoe_app.models.hf_weights import read_rows
+
+    w = torch.randn(8, 6, 4).to(dtype)
+    save_file({"a": torch.zeros(3), "w": w, "b": torch.ones(2, 2)}, str(tmp_path / "m.safetensors"))
+    got = read_rows(tmp_path / "m.safetensors", {"w": [6, 1, 5], "absent": [0]})
+    assert set(got) == {"w"} and got["w"].dtype == dtype
+    assert torch.equal(got["w"], w[[6, 1, 5]])
 
 
 def test_bad_hf_input_stops_the_run_naming_the_key(tmp_path):

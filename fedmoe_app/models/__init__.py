@@ -9,7 +9,8 @@
 * :mod:`.transformer` -- ``transformer-moe``: :class:`TransformerSpec` and
   :class:`TransformerMoE` (Mixtral-style decoder, an MoE in every block);
 * :mod:`.hf_spec`     -- ``hf``: :class:`HFSpec` (a transformers MoE config); :mod:`.hf` builds
-  it (imported lazily: ``transformers`` is an optional extra);
+  it (imported lazily: ``transformers`` is an optional extra), :mod:`.hf_weights` reads its
+  local safetensors weights, a client's experts only;
 * :mod:`.experts`     -- stacked MLP experts and their grouped-matmul / gather dispatch;
 * :mod:`.costs`       -- the CNN's parameters, activations and FLOPs for capacity;
 * :mod:`.arrays`      -- :func:`model_to_arrays` / :func:`load_arrays` under global tensor names.

@@ -2,8 +2,9 @@
 
 Imported only when a run chooses ``model = "hf"`` (``transformers`` is the optional extra
 ``hf``). :class:`HFMoE` builds ``AutoModelForCausalLM.from_config`` (random init, or local
-weights) and adapts every MoE block (a module with a router ``gate`` and stacked ``experts``,
-the layout of Mixtral, Qwen2/Qwen3-MoE and OLMoE in transformers 5):
+weights read by :mod:`.hf_weights`) and adapts every MoE block (a module with a router
+``gate`` and stacked ``experts``, the layout of Mixtral, Qwen2/Qwen3-MoE and OLMoE in
+transformers 5):
 
 * the experts' stacked tensors (``gate_up_proj [E, 2h, d]``, ``down_proj [E, d, h]``) of each
   MoE layer are cut to the rows of the experts held in that layer (the same in every layer:
@@ -22,18 +23,19 @@ actual tensors, training FLOPs per sequence with :class:`torch.utils.flop_counte
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.metadata
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..capacity import ModelCosts
+from ..capacity import COMPUTE_EFFICIENCY, ModelCosts
 from .hf_spec import HFSpec
+from .hf_weights import load_weights
 from .interface import HeldExperts, MoEModel, MoEOutput
 from .memory_probe import activation_bytes_per_sample, byte_windows, cached_activation_bytes
 
@@ -78,24 +80,6 @@ def moe_blocks(net: nn.Module) -> list[nn.Module]:
     ]
 
 
-def _load_weights(net: nn.Module, weights: str) -> None:
-    """Load a safetensors file, or every ``*.safetensors`` of a folder, into ``net`` (strict)."""
-    from safetensors.torch import load_file
-
-    path = Path(weights).expanduser()
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-    state: dict[str, Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq")]
-    if missing or unexpected:
-        raise ValueError(
-            f"run-config key 'hf-weights' = {weights!r} does not match hf-config: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-
-
 class HFMoE(MoEModel):
     """A transformers MoE causal LM holding ``expert_ids`` of every MoE layer.
 
@@ -117,16 +101,28 @@ class HFMoE(MoEModel):
         config = spec.config
         hf_cfg = AutoConfig.for_model(config.pop("model_type"), **config)
         hf_cfg.use_cache = False
-        self.net = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa")
-        if spec.weights:
-            _load_weights(self.net, spec.weights)
+        # a client's part of the experts is built on the meta device and then materialised, so
+        # the experts it does not hold are never allocated (nor read from hf-weights)
+        on_meta = expert_ids is not None
+        with torch.device("meta") if on_meta else contextlib.nullcontext():
+            self.net = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa")
         blocks = moe_blocks(self.net)
         per_layer = self._hold(spec.num_experts, expert_ids, len(blocks))
+        names = {id(m): n for n, m in self.net.named_modules()}
+        rows: dict[str, list[int]] = {}
         for block, ids in zip(blocks, per_layer):
-            experts, index = block.experts, torch.tensor(ids)
+            experts, index = block.experts, torch.tensor(ids, device=block.gate.weight.device)
             for name, p in list(experts.named_parameters(recurse=False)):
                 setattr(experts, name, nn.Parameter(p.detach().index_select(0, index).clone()))
+                rows[f"{names[id(experts)]}.{name}"] = list(ids)
             experts.num_experts = len(ids)
+        if on_meta:
+            self.net.to_empty(device="cpu")
+            self.net.initialize_weights()  # the model's own init, its rotary buffers included
+            self.net.tie_weights()
+        if spec.weights:
+            load_weights(self.net, spec.weights, rows, spec.num_experts)
+        for block in blocks:
             block.gate = MaskedRouter(block.gate.weight, bool(getattr(block.gate, "norm_topk_prob", True)))
         self.routers = [b.gate for b in blocks]
 
@@ -208,4 +204,5 @@ def hf_costs(spec: HFSpec) -> ModelCosts:
         transient_activation_values=0,
         flops_shared=total - experts_flops,
         flops_experts=experts_flops,
+        efficiency=COMPUTE_EFFICIENCY["transformer"],
     )
