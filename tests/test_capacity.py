@@ -249,6 +249,7 @@ def test_memory_model_hand_example():
         transient_activation_values=32,
         flops_shared=0.0,
         flops_experts=0.0,
+        efficiency=(1.0, 1.0),
     )
     mm = cap.MemoryModel(toy, 1)
     assert mm.table().tolist() == [1408, 1480, 1552, 1624, 1696]

@@ -267,6 +267,28 @@ def test_bench_experts_and_dispatch_smoke(capsys):
     assert "balanced" in out and "skewed" in out and "padded" in out
 
 
+def test_bench_compute_sets_the_capacity_estimate_beside_the_measured_throughput(capsys):
+    from fedmoe_app.capacity import REFERENCE_COSTS
+    from fedmoe_app.tools.bench.compute import predicted_samples_per_s
+
+    # round_time_s: G / (f_shared / e_shared + f_experts * min(k, top_k) / top_k / e_experts)
+    (e_s, e_e), f_s, f_e = (
+        REFERENCE_COSTS.efficiency,
+        REFERENCE_COSTS.flops_shared,
+        REFERENCE_COSTS.flops_experts,
+    )
+    for k, share in ((1, 0.5), (2, 1.0), (8, 1.0)):
+        want = 100e9 / (f_s / e_s + f_e * share / e_e)
+        assert predicted_samples_per_s(REFERENCE_COSTS, k, 100.0) == pytest.approx(want)
+    args = ["compute", "--models", "cnn-moe", "--experts", "1,2", "--samples", "64", "--repeats", "1"]
+    assert bench.main(args) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.count("|") == 3]
+    assert [r[0].strip() for r in rows] == ["k", "1", "2"]
+    for _, measured, predicted, ratio in rows[1:]:
+        assert float(measured) > 0 and float(predicted) > 0
+        assert float(ratio) == pytest.approx(float(predicted) / float(measured), abs=0.02)
+
+
 def test_bench_alternatives_match_reference():
     weights = random_weights(6, 8, 12, 5, seed=0)
     for skewed in (False, True):

@@ -8,7 +8,7 @@ pytestmark = pytest.mark.slow
 CONFIG = {
     "num-server-rounds": 2,
     "device-mix": "phone=0.4,laptop=0.3,edge=0.3",
-    "round-deadline-s": 0.7,
+    "round-deadline-s": 0.4,
     "fraction-evaluate": 0.0,
     "max-samples-per-client": 300,
 }

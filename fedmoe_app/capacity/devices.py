@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .memory import MIB, MemoryModel, ModelCosts, Number
+from .timing import COMPUTE_EFFICIENCY
 
 MEASURED = "measured"
 #: Costs of the model the device budgets are calibrated at: the default CNN MoE on
@@ -31,6 +32,7 @@ REFERENCE_COSTS = ModelCosts(
     transient_activation_values=0,
     flops_shared=6296064.0,
     flops_experts=227328.0,
+    efficiency=COMPUTE_EFFICIENCY["conv"],
 )
 REFERENCE_BATCH_SIZE = 32
 

@@ -39,6 +39,10 @@ class ModelCosts:
         larger of it and the routed values.
     flops_shared, flops_experts : float
         Training FLOPs per sample of the shared part and of the ``top_k`` experts together.
+    efficiency : tuple of float
+        ``(shared, experts)``: shares of a client's dense-matmul GFLOP/s that training of each
+        part reaches, for the round-time estimate (the family's calibration,
+        :data:`fedmoe_app.capacity.timing.COMPUTE_EFFICIENCY`).
 
     """
 
@@ -52,6 +56,7 @@ class ModelCosts:
     transient_activation_values: int
     flops_shared: float
     flops_experts: float
+    efficiency: tuple[float, float]
 
 
 @dataclass(frozen=True)

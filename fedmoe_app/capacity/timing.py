@@ -15,13 +15,14 @@ import numpy as np
 
 from .memory import MemoryModel, ModelCosts, Number
 
-#: Shares of the dense-matmul GFLOP/s that training reaches on a CPU: ``(stem + gate,
-#: experts)``. The small convolutions reach about a fifth of it; the experts run as batched
-#: matrix-vector products on a private per-sample copy of their weights (``index_select``
-#: forward, ``index_add`` backward), which is memory-bound and reaches about 1%. Calibrated
-#: on the development machine (docs/CAPACITY.md); only used until a client has reported a
-#: measured ``samples-per-s``.
-COMPUTE_EFFICIENCY: tuple[float, float] = (0.2, 0.01)
+#: Model family -> shares of the dense-matmul GFLOP/s that training reaches on a CPU,
+#: ``(shared part, experts)`` (:attr:`ModelCosts.efficiency`). ``conv``: the CNN's small
+#: convolutions reach about a quarter of it, its small experts (grouped matmuls of a few
+#: hundred rows) about a tenth; ``transformer``: attention and embeddings about a quarter, the
+#: experts' larger matmuls about 40%. Calibrated on the development machine with
+#: ``fedmoe-bench compute`` (docs/CAPACITY.md); used until a client reports a measured
+#: ``samples-per-s``, and always for emulated device classes.
+COMPUTE_EFFICIENCY: dict[str, tuple[float, float]] = {"conv": (0.25, 0.1), "transformer": (0.25, 0.4)}
 
 
 def _payload_defaults(
@@ -46,7 +47,7 @@ def round_time_s(
     flops_per_sample_shared: float | None = None,
     flops_per_sample_expert: float | None = None,
     samples_per_s: Number | np.ndarray | None = None,
-    efficiency: tuple[float, float] = COMPUTE_EFFICIENCY,
+    efficiency: tuple[float, float] | None = None,
 ) -> np.ndarray:
     """Seconds a client needs for one round holding ``n_experts`` (vectorized, broadcasts).
 
@@ -71,9 +72,9 @@ def round_time_s(
         Default: ``costs.flops_shared`` and ``costs.flops_experts``.
     samples_per_s : array_like, optional
         Measured (effective) throughput; NaN or <= 0 means unknown.
-    efficiency : tuple of float
+    efficiency : tuple of float, optional
         ``(eff_shared, eff_expert)``: shares of the benchmark GFLOP/s that training of the
-        stem and of the experts reaches (:data:`COMPUTE_EFFICIENCY`).
+        shared part and of the experts reaches; default ``costs.efficiency``.
 
     Returns
     -------
@@ -94,6 +95,7 @@ def round_time_s(
         raise ValueError("gflops, down_mbps and up_mbps must be > 0")
     if (n < 0).any() or (smp < 0).any():
         raise ValueError("n_experts and samples must be >= 0")
+    efficiency = costs.efficiency if efficiency is None else efficiency
     eff_shared, eff_expert = (float(e) for e in efficiency)
     if not (eff_shared > 0 and eff_expert > 0):
         raise ValueError(f"efficiency must be two numbers > 0, got {efficiency!r}")
@@ -127,7 +129,7 @@ def capacity_from_profiles(
     min_experts: int = 1,
     samples_per_s: np.ndarray | None = None,
     memory_model: MemoryModel | None = None,
-    efficiency: tuple[float, float] = COMPUTE_EFFICIENCY,
+    efficiency: tuple[float, float] | None = None,
 ) -> np.ndarray:
     """Experts each client can hold this round, vectorized over clients.
 
@@ -162,7 +164,7 @@ def capacity_from_profiles(
         Measured effective throughput per client; NaN means unknown (use ``gflops``).
     memory_model : MemoryModel, optional
         Default ``MemoryModel(costs, batch_size)``.
-    efficiency : tuple of float
+    efficiency : tuple of float, optional
         See :func:`round_time_s`.
 
     Returns

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..capacity import ModelCosts
+from ..capacity import COMPUTE_EFFICIENCY, ModelCosts
 from .cnn import ModelSpec, build_cnn
 from .memory_probe import activation_bytes_per_sample, cached_activation_bytes
 
@@ -90,4 +90,5 @@ def cnn_costs(spec: ModelSpec) -> ModelCosts:
         transient_activation_values=0,
         flops_shared=f_shared,
         flops_experts=f_experts,
+        efficiency=COMPUTE_EFFICIENCY["conv"],
     )

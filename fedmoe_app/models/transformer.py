@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..capacity import ModelCosts
+from ..capacity import COMPUTE_EFFICIENCY, ModelCosts
 from ..config import RunConfig
 from .experts import _grouped_matmul, grouped_supported
 from .interface import HeldExperts, MoEModel, MoEOutput
@@ -263,4 +263,5 @@ def transformer_costs(spec: TransformerSpec) -> ModelCosts:
         transient_activation_values=0,
         flops_shared=3.0 * fwd_shared,
         flops_experts=3.0 * fwd_experts,
+        efficiency=COMPUTE_EFFICIENCY["transformer"],
     )

@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from . import alignment, dispatch, experts, memory, overhead, scale, tokens
+from . import alignment, compute, dispatch, experts, memory, overhead, scale, tokens
 
 
 class Command(NamedTuple):
@@ -44,6 +44,12 @@ COMMANDS: dict[str, Command] = {
         memory.add_arguments,
         memory.bench_memory,
         memory.__doc__,
+    ),
+    "compute": Command(
+        "capacity's training-time estimate (FLOPs, matmul GFLOP/s) vs measured samples/s",
+        compute.add_arguments,
+        compute.bench_compute,
+        compute.__doc__,
     ),
     "tokens": Command(
         "transformer-moe training tokens/s: the app's loop vs a plain PyTorch loop",

@@ -151,14 +151,19 @@ def _in_fresh_process(
         return pool.apply(measure_growth, (name, n_experts, batch_size, steps))
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the options of ``memory`` to ``parser``, its ``argparse`` subparser."""
+def add_models_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--models`` (names of :data:`MODELS`) to a benchmark's ``parser``."""
     parser.add_argument(
         "--models",
         type=name_list(MODELS, "models"),
         default=DEFAULT_MODELS,
         help=f"comma-separated models from {', '.join(MODELS)} (default: {','.join(DEFAULT_MODELS)})",
     )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``memory`` to ``parser``, its ``argparse`` subparser."""
+    add_models_argument(parser)
     parser.add_argument("--experts", type=int_list, default=[1, 2, 4, 8], help="held experts k")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=5, help="training steps per measurement")
