@@ -239,6 +239,7 @@ def test_local_weights_are_loaded(tmp_path):
 @pytest.mark.parametrize("preset", ["tiny-mixtral", "tiny-qwen2-moe", "tiny-olmoe"])
 def test_a_save_pretrained_folder_loads_as_transformers_loads_it(tmp_path, preset):
     """Published checkpoints' per-expert layout, sharded: the tensors of from_pretrained, held rows only."""
+    from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     big = {"expert-hidden": 512}  # the experts are most of the weights
@@ -264,9 +265,14 @@ def test_a_save_pretrained_folder_loads_as_transformers_loads_it(tmp_path, prese
     assert sub_load.peak < 0.35 * full_load.peak
     folder = hf_spec(str(tmp_path), **{"hf-weights": str(tmp_path)})  # the folder as config and weights
     assert all(torch.equal(t, ref[k]) for k, t in build_model(folder, seed=0).net.state_dict().items())
-    shards[-1].unlink()  # a shard lost: the run stops naming the key
-    with pytest.raises(ValueError, match="'hf-weights'.*missing"):
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "stray.safetensors"))  # not in the index: not read
+    assert all(torch.equal(t, ref[k]) for k, t in build_model(spec, seed=0).net.state_dict().items())
+    shards[-1].unlink()  # a shard lost: the run stops naming the key and the shard
+    with pytest.raises(ValueError, match=f"'hf-weights'.*missing: \\['{shards[-1].name}'\\]"):
         build_model(spec, HELD, seed=0)
+    (tmp_path / "model.safetensors.index.json").unlink()  # no index: every file, the stray one too
+    with pytest.raises(ValueError, match=r"'hf-weights'.*unexpected \['x'\]"):
+        build_model(spec, seed=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

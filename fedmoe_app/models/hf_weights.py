@@ -10,6 +10,10 @@ Two layouts are read, in one file or a folder of shards:
   up_proj / down_proj`` of Qwen2-MoE, Qwen3-MoE and OLMoE. The tensors of held experts are read
   and stacked in slot order (``gate_up_proj[s] = cat(gate, up)``, transformers' own
   conversion); the others are never read.
+
+A folder with a shard index (``model.safetensors.index.json``, as ``save_pretrained`` writes
+it) is read shard by shard as the index names them; a folder without one, every
+``*.safetensors`` in it.
 """
 
 from __future__ import annotations
@@ -106,8 +110,36 @@ class _Stacker:
         return complete, [n for n in self.stacked if n not in complete]
 
 
+def weight_files(path: Path, weights: str) -> list[Path]:
+    """Return the safetensors files of ``path``: itself, a folder's indexed shards, or all of them.
+
+    Raises
+    ------
+    ValueError
+        Naming ``hf-weights``: an unreadable index, several indexes, or a shard it names missing.
+
+    """
+    if not path.is_dir():
+        return [path]
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if not indexes:
+        return sorted(path.glob("*.safetensors"))
+    problem = f"run-config key 'hf-weights' = {weights!r}"
+    if len(indexes) > 1:
+        names = [i.name for i in indexes]
+        raise ValueError(f"{problem}: several shard indexes {names}; keep one checkpoint per folder")
+    try:
+        shards = sorted(set(json.loads(indexes[0].read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{problem}: {indexes[0].name} is not a shard index ({err})") from err
+    lost = [s for s in shards if not (path / s).is_file()]
+    if lost:
+        raise ValueError(f"{problem}: shards named by {indexes[0].name} are missing: {lost[:5]}")
+    return [path / s for s in shards]
+
+
 def load_weights(net: nn.Module, weights: str, rows: dict[str, list[int]], num_experts: int) -> None:
-    """Load a safetensors file, or every ``*.safetensors`` of a folder, into ``net`` (strict).
+    """Load a safetensors file or a folder of shards (:func:`weight_files`) into ``net`` (strict).
 
     ``rows`` names each stacked expert tensor of ``net`` and the global experts of its slots
     (of ``num_experts`` per layer); only those experts are read, in either layout (module
@@ -123,7 +155,7 @@ def load_weights(net: nn.Module, weights: str, rows: dict[str, list[int]], num_e
     from safetensors import safe_open
 
     path = Path(weights).expanduser()
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    files = weight_files(path, weights)
     state: dict[str, Tensor] = {}
     stacker, foreign = _Stacker(rows), []
     for f in files:
