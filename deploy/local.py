@@ -1,6 +1,6 @@
 """Run fedmoe on real Flower deployment processes: one SuperLink, N SuperNodes, ``flwr run``.
 
-``python deploy/local.py --mode insecure|tls --supernodes N --rounds R [--run-config "k=v ..."]``
+``python -m deploy.local --mode insecure|tls --supernodes N --rounds R [--run-config "k=v ..."]``
 
 starts one ``flower-superlink`` (deployment runtime, not ``--simulation``; Fleet, Control
 and Runtime APIs share its one ``--port``) and N ``flower-supernode`` processes on free
@@ -38,11 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
-if __package__ in (None, ""):  # `python deploy/local.py`: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from deploy.certs import CertPaths, make_certificates, supernode_keypair  # noqa: E402
-from fedmoe_app.tools.launch import (  # noqa: E402
+from deploy.certs import CertPaths, make_certificates, supernode_keypair
+from fedmoe_app.tools.launch import (
     CONNECTION,
     free_port,
     reap,
@@ -647,7 +644,7 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Return the command-line parser of ``deploy/local.py``."""
+    """Return the command-line parser of ``python -m deploy.local``."""
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -11,9 +11,9 @@ from collections import Counter
 import numpy as np
 from flwr.app import Message, Metadata, MetricRecord, RecordDict
 
-from fedmoe_app.federation.protocol import ARRAYS, CLIENT, CONFIG, METRICS, client_record, train_reply_content
-from fedmoe_app.federation.records import from_record, to_record
 from fedmoe_app.tensors import moe_layers
+from fedmoe_app.wire.protocol import ARRAYS, CLIENT, CONFIG, METRICS, client_record, train_reply_content
+from fedmoe_app.wire.records import from_record, to_record
 
 EXAMPLES = 100
 

@@ -1,6 +1,6 @@
 import numpy as np
 
-from fedmoe_app.federation.aggregation import ClientUpdate, aggregate
+from fedmoe_app.maths.aggregation import ClientUpdate, aggregate
 
 
 def _global():
@@ -114,7 +114,7 @@ def test_read_only_holder_trains_neither_gate_row_nor_expert():
 
 
 def test_gate_balancing_raises_the_bias_of_experts_the_gate_neglects():
-    from fedmoe_app.federation.aggregation import balance_gate_bias
+    from fedmoe_app.maths.aggregation import balance_gate_bias
 
     arrays = {"gate.bias": np.zeros(4, np.float32), "gate.weight": np.ones((4, 3), np.float32)}
     hist = np.array([[10.0, 0.0, 5.0, 5.0], [10.0, 0.0, 5.0, 5.0]])  # load 20, 0, 10, 10: mean 10

@@ -10,9 +10,9 @@ from conftest import make_spec
 from fedmoe_app import capacity as cap
 from fedmoe_app.capacity import probe
 from fedmoe_app.config import RunConfig
-from fedmoe_app.federation.planner import capacity_for_profiles, virtual_round_time
 from fedmoe_app.models import REFERENCE_SPEC, build_model, count_parameters, model_costs
 from fedmoe_app.models.costs import expert_params, flops_per_sample, shared_params
+from fedmoe_app.server.planner import capacity_for_profiles, virtual_round_time
 from fedmoe_app.tensors import payload_nbytes
 
 DEFAULT = REFERENCE_SPEC  # the app's default model on Fashion-MNIST

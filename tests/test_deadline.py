@@ -8,8 +8,8 @@ from conftest import make_spec, train_args
 from fedmoe_app import capacity as cap
 from fedmoe_app.config import RunConfig
 from fedmoe_app.data import load_splits
-from fedmoe_app.federation.planner import deadline_sample_budget, planned_samples, virtual_round_time
 from fedmoe_app.models import REFERENCE_SPEC, build_model, model_costs
+from fedmoe_app.server.planner import deadline_sample_budget, planned_samples, virtual_round_time
 from fedmoe_app.training import train
 
 SPEC = REFERENCE_SPEC

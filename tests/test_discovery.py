@@ -4,8 +4,8 @@ import pytest
 from flwr.app import Message, Metadata, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedmoe_app.federation.discovery import Discovery
-from fedmoe_app.federation.protocol import CLIENT, client_record
+from fedmoe_app.server.discovery import Discovery
+from fedmoe_app.wire.protocol import CLIENT, client_record
 
 
 @pytest.fixture(autouse=True)

@@ -7,9 +7,9 @@ variables replaced by a word); each is parsed by the parser of the console scrip
 
 import re
 import shlex
+import tomllib
 
 import pytest
-import tomllib
 from conftest import ROOT, shell_blocks
 
 from fedmoe_app.tools import launch, layers, partition, routing

@@ -213,6 +213,8 @@ def test_docs_deploy_scripts_parse():
     for block in shell_blocks(DOCS.read_text()):
         for line in re.sub(r"\\\n\s*", " ", block).splitlines():
             tokens = shlex.split(line, comments=True)
+            if len(tokens) > 2 and tokens[0] == "python" and tokens[1] == "-m":  # python -m deploy.local
+                tokens = ["python", tokens[2].replace(".", "/") + ".py", *tokens[3:]]
             if len(tokens) > 1 and tokens[0] == "python":
                 script = next((k for k in parsers if tokens[1].endswith(k)), None)
                 if script:

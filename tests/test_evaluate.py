@@ -6,9 +6,9 @@ import pytest
 from flwr.app import Message, Metadata, MetricRecord, RecordDict
 
 from fedmoe_app.config import RunConfig
-from fedmoe_app.federation.protocol import CLIENT, METRICS, client_record
-from fedmoe_app.federation.strategy import FedMoE
 from fedmoe_app.models import REFERENCE_SPEC, build_model, model_to_arrays
+from fedmoe_app.server.strategy import FedMoE
+from fedmoe_app.wire.protocol import CLIENT, METRICS, client_record
 
 
 def reply(node, client_id, n, loss, acc):
@@ -35,8 +35,8 @@ def reply(node, client_id, n, loss, acc):
 def strategy():
     s = FedMoE(RunConfig(), REFERENCE_SPEC, model_to_arrays(build_model(REFERENCE_SPEC)))
     # as discovery leaves it: node i is client c<i> with a local test split of 500 examples
-    s.nodes.clients = {i: f"c{i}" for i in range(20)}
-    s.nodes.profiles = {f"c{i}": {"num-test-examples": 500} for i in range(20)}
+    s.state.nodes.clients = {i: f"c{i}" for i in range(20)}
+    s.state.nodes.profiles = {f"c{i}": {"num-test-examples": 500} for i in range(20)}
     return s
 
 
@@ -79,7 +79,7 @@ def test_malformed_evaluation_replies_are_rejected_and_counted(strategy, bad, re
 
 
 def test_rejections_reach_the_metrics_row(strategy):
-    from fedmoe_app.federation.rounds import EvaluateOutcome
+    from fedmoe_app.server.rounds import EvaluateOutcome
 
     out = strategy.evaluate_round([reply(1, "c1", 20, 0.7, 0.8), reply(2, "c2", 20, 0.7, 2.0)])
     assert isinstance(out, EvaluateOutcome) and out.rejected == {"metrics": 1}

@@ -169,7 +169,7 @@ def test_unreadable_files_are_named(tmp_path):
 def test_client_uses_its_data_path(tmp_path):
     from flwr.app import Context, RecordDict
 
-    from fedmoe_app.federation.client import handle_query, local_data, run_config
+    from fedmoe_app.client.handlers import handle_query, local_data, run_config
 
     site = write_png_folder(tmp_path / "site-a", {"2": 20, "5": 10})
     cfg = {"dataset": "synthetic"}

@@ -8,8 +8,8 @@ import pytest
 from fedmoe_app import capacity as cap
 from fedmoe_app.alignment import AlignmentState
 from fedmoe_app.config import RunConfig
-from fedmoe_app.federation.planner import Planner
 from fedmoe_app.models import REFERENCE_SPEC, build_model, model_costs, model_to_arrays
+from fedmoe_app.server.planner import Planner
 
 ARRAYS = model_to_arrays(build_model(REFERENCE_SPEC))
 MEASURED = cap.CapacityProfile("m", "measured", 8 << 30, 2, 0.0, 100.0, 100.0, 100.0)

@@ -11,11 +11,11 @@ from opacus.accountants import RDPAccountant
 
 from fedmoe_app.alignment import AlignmentState, enforce_min_trainers
 from fedmoe_app.config import ConfigError, RunConfig
-from fedmoe_app.federation.accounting import GroupAccountant
-from fedmoe_app.federation.planner import Planner
-from fedmoe_app.federation.privacy import clip_delta, delta_norm, private_mean, privatize, update_delta
-from fedmoe_app.federation.strategy import FedMoE
+from fedmoe_app.maths.privacy import clip_delta, delta_norm, private_mean, privatize, update_delta
 from fedmoe_app.models import build_model, model_costs, model_to_arrays
+from fedmoe_app.server.accounting import GroupAccountant
+from fedmoe_app.server.planner import Planner
+from fedmoe_app.server.strategy import FedMoE
 from fedmoe_app.tensors import parse_expert_key
 
 SPEC = make_spec(num_experts=6, top_k=2, stem_channels=2, feature_dim=4, expert_hidden=8)
@@ -50,8 +50,8 @@ def run_strategy(cfg, nodes, rounds=2, scale=10.0):
     grid = FakeGrid(nodes, num_experts=SPEC.num_experts, top_k=SPEC.top_k, scale=scale)
     rows = []
 
-    def on_round(row):
-        rows.append({**row, "model": dict(strategy.global_arrays)})
+    def on_round(row, arrays):
+        rows.append({**row, "model": dict(arrays)})
 
     strategy.start(grid, num_rounds=rounds, on_round=on_round)
     return strategy, grid, [r for r in rows if r["round"] > 0]
@@ -273,4 +273,4 @@ def test_min_trainers_above_the_clients_per_round_stops_the_run_at_start():
 
 def test_dp_off_takes_no_dp_path():
     strategy = FedMoE(dp_config(dp="off"), SPEC, model_to_arrays(build_model(SPEC, seed=0)))
-    assert strategy.privacy is None and "accountant" not in strategy.state_dict()
+    assert strategy.state.privacy is None and "accountant" not in strategy.state_dict()

@@ -6,21 +6,21 @@ import torch
 from conftest import make_spec, train_args
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
+from fedmoe_app.client import faults
+from fedmoe_app.client.handlers import result_feedback
 from fedmoe_app.data import load_splits
-from fedmoe_app.federation import faults
-from fedmoe_app.federation.protocol import (
+from fedmoe_app.models import build_model, model_to_arrays
+from fedmoe_app.training import train
+from fedmoe_app.wire.protocol import (
     CLIENT,
     FEEDBACK,
     METRICS,
     ReplyRejected,
     Sent,
     parse_train_reply,
-    result_feedback,
     train_reply_content,
 )
-from fedmoe_app.federation.records import to_record
-from fedmoe_app.models import build_model, model_to_arrays
-from fedmoe_app.training import train
+from fedmoe_app.wire.records import to_record
 
 SPEC = make_spec(image_size=12)
 EXPERTS = [1, 4]
@@ -117,8 +117,8 @@ def test_fault_plan_is_deterministic_and_follows_probabilities():
 
 
 def test_ray_node_id_is_read_when_plausible_and_ignored_otherwise(reply):
-    from fedmoe_app.federation.placement import ray_node_id
-    from fedmoe_app.federation.protocol import RAY_NODE
+    from fedmoe_app.client.placement import ray_node_id
+    from fedmoe_app.wire.protocol import RAY_NODE
 
     content, sent = reply
     assert parse(content, sent).ray_node is None  # outside Ray a client names no node

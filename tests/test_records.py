@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from fedmoe_app.federation.records import from_record, to_record, wire_nbytes
 from fedmoe_app.models import REFERENCE_SPEC, build_model, load_arrays, model_to_arrays
 from fedmoe_app.tensors import expert_key, experts_in, parse_expert_key, raw_nbytes, select, shared_keys
+from fedmoe_app.wire.records import from_record, to_record, wire_nbytes
 
 SPEC = REFERENCE_SPEC
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from conftest import read_metrics
 
-from fedmoe_app.federation import faults
+from fedmoe_app.client import faults
 from fedmoe_app.run.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow

@@ -15,8 +15,8 @@ from conftest import make_spec, train_args
 
 from fedmoe_app.config import RunConfig
 from fedmoe_app.data import client_data, server_test_data
-from fedmoe_app.federation.aggregation import ClientUpdate, aggregate
-from fedmoe_app.federation.robust import bound_updates
+from fedmoe_app.maths.aggregation import ClientUpdate, aggregate
+from fedmoe_app.maths.robust import bound_updates
 from fedmoe_app.models import build_model, load_arrays, model_to_arrays
 from fedmoe_app.tensors import parse_expert_key, select
 from fedmoe_app.training import evaluate, train

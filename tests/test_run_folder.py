@@ -7,7 +7,7 @@ import pytest
 
 from fedmoe_app.config import RunConfig
 from fedmoe_app.run.checkpoint import checkpoint_path, save_checkpoint
-from fedmoe_app.run.server import RunFolderError, check_run_folder, config_changes, output_dir
+from fedmoe_app.run.folder import RunFolderError, check_run_folder, config_changes, output_dir
 
 
 @pytest.mark.parametrize("name", ["../elsewhere", "a/b", "..", ".", "x\\\\y"])
@@ -63,10 +63,10 @@ def test_a_key_added_after_the_checkpoint_resumes_only_at_its_default():
 
 
 def test_a_checkpoint_of_another_model_shape_is_refused():
-    from fedmoe_app.federation.strategy import FedMoE
     from fedmoe_app.models import REFERENCE_SPEC, build_model, model_to_arrays
+    from fedmoe_app.server.strategy import FedMoE
 
     strategy = FedMoE(RunConfig(), REFERENCE_SPEC, model_to_arrays(build_model(REFERENCE_SPEC)))
     other = dataclasses.replace(REFERENCE_SPEC, expert_hidden=64)
     with pytest.raises(ValueError, match=r"does not match this model's tensors \(e\.g\. \['experts\.0\.b1'"):
-        strategy.load(model_to_arrays(build_model(other)), strategy.state_dict())
+        strategy.restore(model_to_arrays(build_model(other)), strategy.state_dict())

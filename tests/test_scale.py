@@ -12,8 +12,8 @@ from fake_federation import FakeGrid
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmoe_app.config import RunConfig
-from fedmoe_app.federation.strategy import FedMoE
 from fedmoe_app.models import build_model, model_to_arrays
+from fedmoe_app.server.strategy import FedMoE
 
 SPEC = make_spec(num_experts=4, top_k=2, stem_channels=2, feature_dim=4, expert_hidden=8)
 NODES, SILENT, ROUNDS = 200, {7, 50, 123, 199}, 6
@@ -42,7 +42,7 @@ def run(discovery, rounds=ROUNDS):
     s = FedMoE(cfg, SPEC, model_to_arrays(build_model(SPEC, seed=0)))
     grid = FakeGrid(NODES, num_experts=4, top_k=2, scale=0.1, silent=SILENT)
     rows = []
-    s.start(grid, num_rounds=rounds, on_round=rows.append)
+    s.start(grid, num_rounds=rounds, on_round=lambda row, arrays: rows.append(row))
     return s, grid, rows
 
 
@@ -54,14 +54,14 @@ def test_sampled_discovery_queries_only_sampled_nodes_and_each_once():
     assert set(trained) <= set(queries) and not set(trained) & SILENT  # only sampled nodes asked
     per_round = int(NODES * 0.05)
     assert sum(queries.values()) <= per_round * ROUNDS < NODES  # not the whole federation
-    assert s.nodes.queries_sent == sum(queries.values())
+    assert s.state.nodes.queries_sent == sum(queries.values())
     # every round trains its sample minus the silent nodes drawn into it
     assert sum(r["valid_replies"] for r in rows) == sum(trained.values())
     assert all(per_round - len(SILENT) <= r["valid_replies"] <= per_round for r in rows)
     # state on the server: the clients seen, not the federation
     seen = {f"c{n}" for n in queries if n not in SILENT}
-    assert set(s.profiles) <= seen and set(s.alignment.client_ids) <= seen
-    assert set(s.last_experts) == {f"c{n}" for n in trained}
+    assert set(s.state.profiles) <= seen and set(s.state.alignment.client_ids) <= seen
+    assert set(s.state.last_experts) == {f"c{n}" for n in trained}
 
 
 def test_all_discovery_queries_everyone_first_and_backs_off_silent_nodes():
@@ -108,7 +108,7 @@ def test_rounds_record_where_the_server_time_went():
 def test_timed_grid_takes_the_wait_out_of_the_server_time():
     import time
 
-    from fedmoe_app.federation.timing import TimedGrid, server_time
+    from fedmoe_app.server.timing import TimedGrid, server_time
 
     class SlowGrid:
         def send_and_receive(self, messages, *, timeout=None):

@@ -8,9 +8,9 @@ from flwr.app import MetricRecord
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmoe_app.config import RunConfig
-from fedmoe_app.federation.records import from_record, to_record
-from fedmoe_app.federation.strategy import FedMoE
 from fedmoe_app.models import build_model, model_to_arrays
+from fedmoe_app.server.strategy import FedMoE
+from fedmoe_app.wire.records import from_record, to_record
 
 SPEC = make_spec(num_experts=4, top_k=2, stem_channels=2, feature_dim=4, expert_hidden=8)
 
@@ -37,7 +37,7 @@ def strategy():
 
 def test_initial_arrays_replace_the_model_and_evaluate_fn_is_called_each_round():
     s = strategy()
-    initial = {k: np.full_like(v, 0.25) for k, v in s.global_arrays.items()}
+    initial = {k: np.full_like(v, 0.25) for k, v in s.initial_arrays.items()}
     seen, rows = [], []
 
     def evaluate_fn(rnd, record):
@@ -47,7 +47,11 @@ def test_initial_arrays_replace_the_model_and_evaluate_fn_is_called_each_round()
 
     grid = FakeGrid(3, num_experts=4, top_k=2, scale=0.0)  # clients send back what they got
     result = s.start(
-        grid, initial_arrays=to_record(initial), num_rounds=2, evaluate_fn=evaluate_fn, on_round=rows.append
+        grid,
+        initial_arrays=to_record(initial),
+        num_rounds=2,
+        evaluate_fn=evaluate_fn,
+        on_round=lambda row, arrays: rows.append(row),
     )
     assert [r for r, _ in seen] == [0, 1, 2]
     assert all(np.array_equal(seen[0][1][k], initial[k]) for k in initial)  # round 0: the initial model
@@ -60,7 +64,7 @@ def test_initial_arrays_replace_the_model_and_evaluate_fn_is_called_each_round()
 
 def test_initial_arrays_of_another_shape_are_refused():
     s = strategy()
-    bad = dict(s.global_arrays)
+    bad = dict(s.initial_arrays)
     bad["gate.weight"] = np.zeros((3, 3), np.float32)
     with pytest.raises(ValueError, match="initial_arrays does not match .*gate.weight"):
         s.start(FakeGrid(2, num_experts=4, top_k=2), initial_arrays=to_record(bad), num_rounds=1)

@@ -7,10 +7,9 @@ import pytest
 import torch
 from conftest import text_run, train_args
 
+from fedmoe_app.client.handlers import result_feedback
 from fedmoe_app.config import ConfigError, RunConfig
-from fedmoe_app.federation.aggregation import ClientUpdate, aggregate
-from fedmoe_app.federation.protocol import Sent, parse_train_reply, result_feedback, train_reply_content
-from fedmoe_app.federation.records import to_record, wire_nbytes
+from fedmoe_app.maths.aggregation import ClientUpdate, aggregate
 from fedmoe_app.models import (
     TransformerSpec,
     build_model,
@@ -23,6 +22,8 @@ from fedmoe_app.models import (
 from fedmoe_app.tensors import experts_in, is_gate_key, parse_expert_key, raw_nbytes, select
 from fedmoe_app.text import TextInfo, TextSplit
 from fedmoe_app.training import evaluate, evaluate_text, train
+from fedmoe_app.wire.protocol import Sent, parse_train_reply, train_reply_content
+from fedmoe_app.wire.records import to_record, wire_nbytes
 
 SPEC = TransformerSpec(
     vocab_size=256, context_length=16, num_layers=3, d_model=32, num_heads=4, num_experts=8, top_k=2,

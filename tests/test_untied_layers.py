@@ -6,21 +6,21 @@ import torch
 from conftest import text_run, train_args
 
 from fedmoe_app.alignment import AlignmentState, LayeredAlignment, alignment_from_state_dict
+from fedmoe_app.client.handlers import result_feedback
 from fedmoe_app.config import ConfigError, RunConfig
-from fedmoe_app.federation.aggregation import ClientUpdate, aggregate
-from fedmoe_app.federation.layers import held_from_config, held_matrix, payload
-from fedmoe_app.federation.protocol import (
+from fedmoe_app.maths.aggregation import ClientUpdate, aggregate
+from fedmoe_app.models import TransformerSpec, build_model, expected_keys, load_arrays, model_to_arrays
+from fedmoe_app.tensors import layer_holdings, moe_layers
+from fedmoe_app.training import train
+from fedmoe_app.wire.holdings import held_from_config, held_matrix, payload
+from fedmoe_app.wire.protocol import (
     FEEDBACK,
     ReplyRejected,
     Sent,
     parse_train_reply,
-    result_feedback,
     train_reply_content,
 )
-from fedmoe_app.federation.records import to_record
-from fedmoe_app.models import TransformerSpec, build_model, expected_keys, load_arrays, model_to_arrays
-from fedmoe_app.tensors import layer_holdings, moe_layers
-from fedmoe_app.training import train
+from fedmoe_app.wire.records import to_record
 
 SPEC = TransformerSpec(
     vocab_size=256, context_length=16, num_layers=2, d_model=32, num_heads=4, num_experts=6, top_k=2,

@@ -7,7 +7,7 @@ its own.
 * :mod:`.state`     -- :class:`AlignmentState`: fitness ``F[c, e]``, usage ``U[e]`` and the
   desirability ``D = w_fitness * norm(F) - w_usage * norm(U)``;
 * :mod:`.layered`   -- :class:`LayeredAlignment`, one state per MoE layer (untied layers);
-* :mod:`.policies`  -- ``random``, ``greedy``, ``load_balanced`` and ``dense``;
+* :mod:`.policies`  -- ``random``, ``greedy``, ``load_balanced`` and ``dense``, one object each;
 * :mod:`.solver`    -- :func:`solve_assignment`, exact b-matching under per-expert load bounds;
 * :mod:`.minimum`   -- :func:`enforce_min_trainers`, at least ``m`` trainers per planned expert;
 * :mod:`.flow`, :mod:`.pricing` -- its min-cost-flow network and, for large instances, the
@@ -20,18 +20,21 @@ docs/ALIGNMENT.md explains the formulas and shows the planner's speed.
 
 from .layered import LayeredAlignment, alignment_from_state_dict
 from .minimum import enforce_min_trainers
-from .policies import POLICIES, plan_experts
+from .policies import POLICIES, REGISTRY, PlanInputs, Policy, get_policy
 from .solver import load_bounds, load_cv, solve_assignment
 from .state import AlignmentState
 
 __all__ = [
     "POLICIES",
+    "REGISTRY",
+    "PlanInputs",
+    "Policy",
     "AlignmentState",
     "LayeredAlignment",
     "alignment_from_state_dict",
     "enforce_min_trainers",
+    "get_policy",
     "load_bounds",
     "load_cv",
-    "plan_experts",
     "solve_assignment",
 ]

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .policies import Policy
 from .state import AlignmentState
 
 _VERSION = 1
@@ -67,7 +68,7 @@ class LayeredAlignment:
         self,
         client_ids: Sequence[str],
         capacity: np.ndarray | Sequence[int],
-        policy: str,
+        policy: str | Policy,
         rng: np.random.Generator | None = None,
     ) -> np.ndarray:
         """Plan every layer: bool ``[C, L, E]``, ``min(capacity[c], E)`` experts per layer and client.

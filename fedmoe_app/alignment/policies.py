@@ -1,5 +1,9 @@
 """Assignment policies: which experts each of this round's clients receives.
 
+A policy is one object (:class:`Policy`), registered once in :data:`REGISTRY`: how it plans a
+round, whether it needs the desirability matrix, which clients it leaves read-only, and how a
+client that never trained is given experts to evaluate.
+
 ``dense``          every client gets every expert (the FedAvg baseline; capacity ignored).
 ``random``         ``r[c]`` distinct experts uniformly at random.
 ``greedy``         the ``r[c]`` experts of highest fitness ``F`` (ties broken at random).
@@ -13,11 +17,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .solver import load_bounds, solve_assignment
-
-POLICIES: tuple[str, ...] = ("random", "greedy", "load_balanced", "dense")
 
 
 def top_by_order(order: np.ndarray, r: np.ndarray) -> np.ndarray:
@@ -75,28 +79,18 @@ def balanced_plan(
     return solve_assignment(desirability, r, min_load=lo, max_load=hi, approx_min_clients=approx_min_clients)
 
 
-def plan_experts(
-    policy: str,
-    r: np.ndarray,
-    fitness: np.ndarray,
-    desirability: np.ndarray | None,
-    *,
-    load_slack: float,
-    approx_min_clients: int,
-    rng: np.random.Generator,
-) -> np.ndarray:
-    """Assign experts to this round's clients under ``policy``.
+@dataclass(frozen=True)
+class PlanInputs:
+    """What a policy may look at when it plans a round.
 
-    Parameters
+    Attributes
     ----------
-    policy : str
-        One of :data:`POLICIES`.
     r : np.ndarray
         int64 ``[C]`` slots, ``min(capacity, E)`` (ignored by ``dense``).
     fitness : np.ndarray
-        float64 ``[C, E]``, this round's rows of ``F`` (used by ``greedy``).
+        float64 ``[C, E]``, this round's rows of ``F``.
     desirability : np.ndarray or None
-        float64 ``[C, E]``, this round's rows of ``D``; required by ``load_balanced`` only.
+        float64 ``[C, E]``, this round's rows of ``D``; given when the policy needs it.
     load_slack : float
         Relative slack of the ``load_balanced`` load bounds.
     approx_min_clients : int
@@ -105,20 +99,100 @@ def plan_experts(
     rng : np.random.Generator
         Randomness of ``random`` and of greedy tie-breaking.
 
-    Returns
-    -------
-    np.ndarray
-        Boolean ``[C, E]`` plan.
+    """
+
+    r: np.ndarray
+    fitness: np.ndarray
+    desirability: np.ndarray | None
+    load_slack: float
+    approx_min_clients: int
+    rng: np.random.Generator
+
+
+class Policy:
+    """An assignment policy: plans a round, says which clients hold their experts read-only.
+
+    Subclasses set :attr:`name` and implement :meth:`plan`; :meth:`register` makes them known
+    by name (run-config ``policy``).
+    """
+
+    name: str = ""
+    #: Whether :meth:`plan` reads ``PlanInputs.desirability`` (computed only then).
+    needs_desirability: bool = False
+    #: The policy that picks a never-trained client's experts for evaluation.
+    evaluation_policy: str = "greedy"
+
+    def plan(self, inputs: PlanInputs) -> np.ndarray:
+        """Return the boolean ``[C, E]`` plan of this round's clients."""
+        raise NotImplementedError
+
+    def frozen(self, capacity: np.ndarray, min_trained_experts: int) -> np.ndarray:
+        """Clients that train the shared part only: capacity 0, or below ``min-trained-experts``."""
+        return capacity < max(min_trained_experts, 1)
+
+
+class RandomPolicy(Policy):
+    """``r[c]`` distinct experts uniformly at random."""
+
+    name = "random"
+
+    def plan(self, inputs: PlanInputs) -> np.ndarray:  # noqa: D102
+        return random_plan(inputs.r, inputs.fitness.shape[1], inputs.rng)
+
+
+class GreedyPolicy(Policy):
+    """The ``r[c]`` experts of highest fitness (ties broken at random)."""
+
+    name = "greedy"
+
+    def plan(self, inputs: PlanInputs) -> np.ndarray:  # noqa: D102
+        return greedy_plan(inputs.fitness, inputs.r, inputs.rng)
+
+
+class LoadBalancedPolicy(Policy):
+    """Max-desirability plan under per-expert load bounds (:func:`balanced_plan`)."""
+
+    name = "load_balanced"
+    needs_desirability = True
+
+    def plan(self, inputs: PlanInputs) -> np.ndarray:  # noqa: D102
+        if inputs.desirability is None:
+            raise ValueError("policy 'load_balanced' needs the desirability matrix")
+        return balanced_plan(inputs.desirability, inputs.r, inputs.load_slack, inputs.approx_min_clients)
+
+
+class DensePolicy(Policy):
+    """Every client gets every expert: the FedAvg baseline (capacity ignored)."""
+
+    name = "dense"
+
+    def plan(self, inputs: PlanInputs) -> np.ndarray:  # noqa: D102
+        return np.ones(inputs.fitness.shape, dtype=bool)
+
+    def frozen(self, capacity: np.ndarray, min_trained_experts: int) -> np.ndarray:
+        """Every client that can hold an expert trains them all; only capacity 0 is read-only."""
+        return capacity == 0
+
+
+#: Every policy, by name: the one place a policy is registered.
+REGISTRY: dict[str, Policy] = {
+    p.name: p for p in (RandomPolicy(), GreedyPolicy(), LoadBalancedPolicy(), DensePolicy())
+}
+#: The names run-config ``policy`` accepts.
+POLICIES: tuple[str, ...] = tuple(REGISTRY)
+
+
+def get_policy(policy: str | Policy) -> Policy:
+    """Return the registered policy named ``policy`` (a :class:`Policy` is returned as it is).
+
+    Raises
+    ------
+    ValueError
+        If no policy has that name.
 
     """
-    if policy not in POLICIES:
+    if isinstance(policy, Policy):
+        return policy
+    if policy not in REGISTRY:
         raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")
-    if policy == "dense":
-        return np.ones(fitness.shape, dtype=bool)
-    if policy == "random":
-        return random_plan(r, fitness.shape[1], rng)
-    if policy == "greedy":
-        return greedy_plan(fitness, r, rng)
-    if desirability is None:
-        raise ValueError("policy 'load_balanced' needs the desirability matrix")
-    return balanced_plan(desirability, r, load_slack, approx_min_clients)
+    return REGISTRY[policy]

@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from .flow import as_slots
-from .policies import plan_experts
+from .policies import PlanInputs, Policy, get_policy
 
 _STATE_VERSION: int = 1
 #: The state's knobs, saved with it and given back to the constructor on restore.
@@ -240,7 +240,7 @@ class AlignmentState:
         self,
         client_ids: Sequence[str],
         capacity: np.ndarray | Sequence[int],
-        policy: str,
+        policy: str | Policy,
         rng: np.random.Generator | None = None,
     ) -> np.ndarray:
         """Assign experts to this round's clients.
@@ -252,8 +252,8 @@ class AlignmentState:
         capacity : array_like of int
             ``[len(client_ids)]``, >= 0; a client gets ``min(capacity, E)`` experts (all ``E``
             under ``dense``).
-        policy : {"random", "greedy", "load_balanced", "dense"}
-            See :mod:`fedmoe_app.alignment.policies`.
+        policy : str or Policy
+            A registered policy or its name (:mod:`fedmoe_app.alignment.policies`).
         rng : np.random.Generator, optional
             Randomness for ``random`` and greedy tie-breaking; the state's own generator
             (seeded by ``seed``) when omitted.
@@ -264,17 +264,17 @@ class AlignmentState:
             Boolean ``[len(client_ids), E]`` plan.
 
         """
+        policy = get_policy(policy)
         rows = self.index(client_ids)
-        r = as_slots(capacity, rows.size, self.num_experts)
-        return plan_experts(
-            policy,
-            r,
-            self.fitness[rows],
-            self._desirability(rows) if policy == "load_balanced" else None,
+        inputs = PlanInputs(
+            r=as_slots(capacity, rows.size, self.num_experts),
+            fitness=self.fitness[rows],
+            desirability=self._desirability(rows) if policy.needs_desirability else None,
             load_slack=self.load_slack,
             approx_min_clients=self.approx_min_clients,
             rng=self.rng if rng is None else rng,
         )
+        return policy.plan(inputs)
 
     # -- feedback ---------------------------------------------------------------------------
 

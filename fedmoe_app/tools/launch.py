@@ -19,13 +19,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import psutil
-import tomllib
 from flwr.common.config import parse_config_args
 
 from ..config import ConfigError, RunConfig

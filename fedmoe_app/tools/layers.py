@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tomllib
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import grimp
-import tomllib
 
 PACKAGE = "fedmoe_app"
 REPO_ROOT = Path(__file__).resolve().parents[2]

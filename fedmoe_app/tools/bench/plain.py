@@ -69,7 +69,7 @@ def plain_loop(
 
     Same run config, data partitions (:func:`fedmoe_app.data.client_data`), model, local
     training (:func:`fedmoe_app.training.train`), aggregation
-    (:func:`fedmoe_app.federation.aggregation.aggregate`) and central evaluation as the app;
+    (:func:`fedmoe_app.maths.aggregation.aggregate`) and central evaluation as the app;
     ``assignments[r]`` maps client id (= partition id) to the experts it trains in round
     ``r + 1`` (read from the app's ``metrics.json``).
 
@@ -95,7 +95,7 @@ def plain_loop(
     t_setup = time.perf_counter()  # the imports below count as start-up
     threads = set_threads(threads)
     from fedmoe_app.data import client_data, server_test_data
-    from fedmoe_app.federation.aggregation import ClientUpdate, aggregate
+    from fedmoe_app.maths.aggregation import ClientUpdate, aggregate
     from fedmoe_app.models import ModelSpec, build_model
     from fedmoe_app.models.arrays import load_arrays, model_to_arrays
     from fedmoe_app.tensors import select

@@ -12,11 +12,13 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from logging import INFO
 from typing import Any
 
 import numpy as np
+from flwr.common import log
 
-from ..alignment import AlignmentState, enforce_min_trainers
+from ..alignment import AlignmentState, enforce_min_trainers, get_policy
 from ..capacity import (
     CapacityProfile,
     MemoryModel,
@@ -95,6 +97,7 @@ class Planner:
         self.cfg = cfg
         self.memory = MemoryModel(costs, cfg.batch_size)
         self.profiled = cfg.capacity == "profiled"
+        self.policy = get_policy(cfg.policy)
 
     def capacity(self, profiles: Profiles, global_arrays: Mapping[str, np.ndarray]) -> np.ndarray:
         """Experts each client can hold this round (int64; 0 = cannot hold one).
@@ -129,10 +132,12 @@ class Planner:
             ids = [c for c, k in zip(ids, keep) if k]
             profiles = [p for p, k in zip(profiles, keep) if k]
             capacity = capacity[keep]
+            if not keep.all():
+                log(INFO, "configure_train: skipping %d client(s) that cannot hold one expert", (~keep).sum())
         num_experts = self.memory.costs.num_experts
         t0 = time.perf_counter()
         if ids:
-            assignment = alignment.plan(ids, np.maximum(capacity, 1), self.cfg.policy, rng)
+            assignment = alignment.plan(ids, np.maximum(capacity, 1), self.policy, rng)
         else:
             assignment = np.zeros((0, num_experts), dtype=bool)
         layer_assignment = None
@@ -141,7 +146,7 @@ class Planner:
             held = layer_assignment.sum(axis=2).max(axis=1, initial=0)
         else:
             held = None
-        frozen = self._frozen(capacity)
+        frozen = self.policy.frozen(capacity, self.cfg.min_trained_experts)
         if self.cfg.dp != "off" and ids:
             assignment = self._min_trainers(alignment, ids, assignment, frozen)
         held = assignment.sum(axis=1) if held is None else held
@@ -170,15 +175,6 @@ class Planner:
                 f"run-config key 'dp-min-trainers' = {m} is invalid; allowed: at most the clients "
                 f"that train experts in a round ({exc})"
             ) from None
-
-    def _frozen(self, capacity: np.ndarray) -> np.ndarray:
-        """Clients that train the shared part only: capacity 0, or below ``min-trained-experts``.
-
-        ``dense`` (the FedAvg baseline) trains every expert on every client that can hold one.
-        """
-        if self.cfg.policy == "dense":
-            return capacity == 0
-        return capacity < max(self.cfg.min_trained_experts, 1)
 
     def _sample_budgets(
         self, profiles: Profiles, held: np.ndarray, global_arrays: Mapping[str, np.ndarray]

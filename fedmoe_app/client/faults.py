@@ -2,18 +2,27 @@
 
 Whether client ``c`` misbehaves in round ``r`` is a pure function of
 ``(seed, r, c)`` (:func:`fault_for`), so tests can predict every injected fault and
-check the server's accounting against it.
+check the server's accounting against it. The faults wrap the production handlers from
+outside (:func:`with_train_faults`, :func:`with_evaluate_faults`, used by ``client_app.py``);
+with every ``fault-*-prob`` at 0 the wrapped handler runs unchanged.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import time
+from collections.abc import Callable
 
 import numpy as np
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
-from .protocol import ARRAYS, FEEDBACK, METRICS
-from .records import from_record, to_record
+from ..wire.protocol import ARRAYS, CONFIG, FEEDBACK, METRICS
+from ..wire.records import from_record, to_record
+from .context import identity, run_config
+
+Handler = Callable[[Message, Context], RecordDict]
+log = logging.getLogger(__name__)
 
 FAULTS = ("drop", "slow", "corrupt")
 CORRUPTIONS = ("nan", "shape", "extra-key", "missing-key", "dtype", "num-examples", "feedback")
@@ -96,3 +105,47 @@ def corrupt(content: RecordDict, kind: str) -> RecordDict:
     out[METRICS] = MetricRecord(metrics)
     out[FEEDBACK] = MetricRecord(feedback)
     return out
+
+
+def _fault(msg: Message, context: Context) -> tuple[str | None, int, str]:
+    """Return the fault this client injects for ``msg``, the round and the client id."""
+    cfg = run_config(context)
+    cid = identity(context)
+    server_round = int(msg.content[CONFIG].get("server-round", 0))
+    probs = (cfg.fault_drop_prob, cfg.fault_slow_prob, cfg.fault_corrupt_prob)
+    return fault_for(cfg.seed, server_round, cid, *probs), server_round, cid
+
+
+def with_train_faults(handler: Handler) -> Handler:
+    """Wrap a train handler: drop (raise), stall past the round timeout, or corrupt its reply."""
+
+    def handle(msg: Message, context: Context) -> RecordDict:
+        fault, server_round, cid = _fault(msg, context)
+        if fault == "drop":
+            raise RuntimeError(f"injected fault: client {cid} drops out in round {server_round}")
+        if fault == "slow":
+            log.warning("injected fault: client %s stalls past the round timeout", cid)
+            time.sleep(run_config(context).round_timeout_s + 5.0)
+        content = handler(msg, context)
+        if fault == "corrupt":
+            kind = corruption_for(run_config(context).seed, server_round, cid)
+            log.warning("injected fault: client %s sends a corrupt reply (%s)", cid, kind)
+            content = corrupt(content, kind)
+        return content
+
+    return handle
+
+
+def with_evaluate_faults(handler: Handler) -> Handler:
+    """Wrap an evaluate handler: a corrupting client reports impossible metrics."""
+
+    def handle(msg: Message, context: Context) -> RecordDict:
+        fault, server_round, cid = _fault(msg, context)
+        content = handler(msg, context)
+        if fault == "corrupt":
+            kind = eval_corruption_for(run_config(context).seed, server_round, cid)
+            log.warning("injected fault: client %s reports corrupt evaluation metrics (%s)", cid, kind)
+            content[METRICS] = MetricRecord(corrupt_eval(dict(content[METRICS]), kind))
+        return content
+
+    return handle

@@ -15,8 +15,8 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from ..capacity import CapacityProfile
-from .protocol import CONFIG, PROFILE, reply_client_id
+from ..capacity import CapacityProfile, ema_update
+from ..wire.protocol import CONFIG, PROFILE, reply_client_id
 
 
 class Discovery:
@@ -35,6 +35,10 @@ class Discovery:
     """
 
     MAX_BACKOFF_ROUNDS = 64
+    #: Weight of a new training measurement in a client's profile (exponential moving average).
+    PROFILE_EMA = 0.5
+    #: Training measurements a reply refreshes in its client's profile.
+    MEASURED = ("train-time-s", "samples-per-s", "peak-memory-bytes")
 
     def __init__(self, timeout_s: float, retry_rounds: int) -> None:
         self.timeout_s = timeout_s
@@ -48,6 +52,23 @@ class Discovery:
     def client_of(self, node: int) -> str:
         """Client id of a known node."""
         return self.clients[node]
+
+    def record_training(self, client_id: str, metrics: dict[str, float], num_examples: int) -> None:
+        """Refresh a client's profile with what its valid training reply measured.
+
+        Times, throughput and peak memory enter as an EMA (:attr:`PROFILE_EMA`). The bound on
+        a client's example count is what it first reported: a reply may stay under it but
+        never raise it.
+        """
+        profile = self.profiles.setdefault(client_id, {})
+        for key in self.MEASURED:
+            if key in metrics:
+                profile[key] = ema_update(profile.get(key), metrics[key], self.PROFILE_EMA)
+        profile.setdefault("num-examples", num_examples)
+
+    def restore_profiles(self, profiles: dict[str, dict[str, Any]]) -> None:
+        """Take the client profiles saved in a checkpoint (node ids are learned anew)."""
+        self.profiles = {cid: dict(p) for cid, p in profiles.items()}
 
     def known_nodes(self, grid: Grid, minimum: int, server_round: int) -> tuple[list[int], int]:
         """Return the connected nodes with a known client id, sorted by client id, and failed queries.

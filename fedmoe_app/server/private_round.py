@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 
 from ..config import RunConfig
+from ..maths.privacy import private_mean
 from ..tensors import Arrays, experts_in
+from ..wire.protocol import TrainReply
 from .accounting import GroupAccountant
-from .privacy import private_mean
-from .protocol import TrainReply
 
 
 class PrivateAggregation:

@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
+from ..maths.aggregation import ClientUpdate
 from ..tensors import Arrays
-from ..training import TrainResult
-from .aggregation import ClientUpdate
 from .records import from_record
 
 ARRAYS, CONFIG, METRICS, FEEDBACK, CLIENT, PROFILE = (
@@ -82,18 +81,6 @@ class TrainReply:
 def client_record(client_id: str, **extra: str) -> ConfigRecord:
     """ConfigRecord naming the replying client."""
     return ConfigRecord({"client-id": client_id, **extra})
-
-
-def result_feedback(result: TrainResult) -> dict[str, np.ndarray]:
-    """Return the feedback vectors of a local training result (totals and per MoE layer)."""
-    return {
-        "tokens": result.tokens,
-        "expert-loss": result.expert_loss,
-        "gate-hist": result.gate_hist,
-        "layer-tokens": result.layer_tokens,
-        "layer-expert-loss": result.layer_expert_loss,
-        "layer-gate-hist": result.layer_gate_hist,
-    }
 
 
 def train_reply_content(

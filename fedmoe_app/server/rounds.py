@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from logging import INFO, WARNING
-from typing import Any
+from logging import INFO
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Message, MetricRecord
 from flwr.common import log
 
 from ..alignment import load_cv
+from ..maths.robust import Bounded
+from ..wire.protocol import Sent
 from .planner import RoundPlan
-from .protocol import ReplyRejected, Sent, parse_eval_reply
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from .replies import ReplyLimits, TrainReplies
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,7 @@ class TrainRound:
     bytes_down: int
     dense_bytes_down: int  # what the same nodes would have downloaded with every expert
     query_failures: int  # nodes whose capacity query failed while sampling
+    population: int = 0  # nodes the sample was drawn from (the DP accountant's K)
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,45 @@ class TrainOutcome:
         return MetricRecord(
             {"train-loss": loss, "valid-replies": self.valid_replies, "num-examples": self.num_examples}
         )
+
+
+def train_outcome(
+    got: TrainReplies, bounded: Bounded | None, limits: ReplyLimits, privacy: dict[str, Any] | None
+) -> TrainOutcome:
+    """Return what a round aggregated: ``got`` replies, of which ``bounded`` entered the model.
+
+    ``bounded`` is None when the round kept the model.
+
+    The training loss is that of the replies that entered the model, at the weights they entered
+    with (of every valid reply when the model was kept).
+    """
+    updates = bounded.updates if bounded is not None else []
+    tokens = np.stack([u.tokens for u in updates]).sum(axis=0) if updates else np.zeros(limits.num_experts)
+    rows = [u.layer_tokens for u in updates if u.layer_tokens is not None]
+    per_layer = (
+        np.stack(rows).astype(np.float64).sum(axis=0)
+        if rows
+        else np.zeros((limits.num_layers, limits.num_experts))
+    )
+    if bounded is not None:
+        pairs = [(got.valid[i].loss, u.num_examples) for i, u in zip(bounded.kept, bounded.updates)]
+    else:
+        pairs = [(r.loss, r.update.num_examples) for r in got.valid]
+    n = sum(k for _, k in pairs)
+    return TrainOutcome(
+        failures=got.failures,
+        rejected=got.rejected,
+        valid_replies=len(got.valid),
+        num_examples=n,
+        bytes_up=got.bytes_up,
+        expert_load=tokens,
+        expert_load_per_layer=per_layer,
+        train_loss=sum(loss * k for loss, k in pairs) / n if n else math.nan,
+        dropped_updates=bounded.dropped if bounded else 0,
+        capped_weights=bounded.capped if bounded else 0,
+        privacy=privacy,
+        ray_nodes={r.client_id: r.ray_node for r in got.valid if r.ray_node is not None},
+    )
 
 
 @dataclass(frozen=True)
@@ -98,33 +141,6 @@ class EvaluateOutcome:
                 "num-examples": self.num_examples,
             }
         )
-
-
-def evaluate_outcome(
-    replies: Iterable[Message], clients: Mapping[int, str], profiles: Mapping[str, Mapping[str, Any]]
-) -> EvaluateOutcome:
-    """Validate a round's evaluation replies and summarize the valid ones.
-
-    Each reply is checked by :func:`~.protocol.parse_eval_reply` against the client known
-    behind its node (``clients``: node id -> client id) and the test size that client reported
-    when first queried (``profiles[cid]["num-test-examples"]``); invalid replies are logged and
-    counted by reason. Replies that carry an error (a failed client) are not counted here.
-    """
-    valid: dict[str, tuple[int, float, float]] = {}
-    rejected: dict[str, int] = {}
-    for msg in replies:
-        if msg.has_error() or not msg.has_content():
-            continue
-        node = msg.metadata.src_node_id
-        cid = clients.get(node)
-        try:
-            r = parse_eval_reply(msg.content, cid, profiles.get(cid, {}).get("num-test-examples"))
-        except ReplyRejected as exc:
-            rejected[exc.reason] = rejected.get(exc.reason, 0) + 1
-            log(WARNING, "aggregate_evaluate: rejected reply from node %s: %s", node, exc)
-            continue
-        valid[r.client_id] = (r.num_examples, r.loss, r.accuracy)
-    return EvaluateOutcome.from_clients(valid, rejected)
 
 
 def round_row(

@@ -11,7 +11,6 @@ run's dataset.
 from __future__ import annotations
 
 import logging
-import time
 from functools import lru_cache
 from logging import INFO
 from typing import Any
@@ -23,15 +22,13 @@ from flwr.common.logger import log as flwr_log
 from ..capacity.probe import client_profile
 from ..config import RunConfig
 from ..data.local import node_data
+from ..maths.privacy import privatize
 from ..models import build_model, load_arrays, model_costs, model_spec, model_to_arrays
 from ..tensors import is_gate_key, parse_expert_key
 from ..text import client_split
-from ..training import evaluate, resolve_device, train
-from .faults import corrupt, corrupt_eval, corruption_for, eval_corruption_for, fault_for
-from .layers import held_from_config
-from .placement import ray_node_id
-from .privacy import privatize
-from .protocol import (
+from ..training import TrainResult, evaluate, resolve_device, train
+from ..wire.holdings import held_from_config
+from ..wire.protocol import (
     ARRAYS,
     CLIENT,
     CONFIG,
@@ -39,34 +36,14 @@ from .protocol import (
     PROFILE,
     RAY_NODE,
     client_record,
-    result_feedback,
     train_reply_content,
 )
-from .records import from_record, to_record
+from ..wire.records import from_record, to_record
+from .context import identity, run_config
+from .placement import ray_node_id
 
 log = logging.getLogger(__name__)
 LOCAL_GATE = "fedmoe.local-gate"
-
-
-@lru_cache(maxsize=8)
-def _config(items: tuple[tuple[str, Any], ...]) -> RunConfig:
-    return RunConfig.from_run_config(dict(items))
-
-
-def run_config(context: Context) -> RunConfig:
-    """Return the validated run config (cached per process)."""
-    return _config(tuple(sorted(context.run_config.items())))
-
-
-def identity(context: Context) -> str:
-    """Return the node's client id: node config ``client-id``, else its ``partition-id``."""
-    nc = context.node_config
-    if "client-id" in nc:
-        return str(nc["client-id"])
-    if "partition-id" in nc:
-        return str(nc["partition-id"])
-    needs = "'client-id'" if nc.get("data-path") else "'partition-id' and 'num-partitions'"
-    raise ValueError(f"node config needs {needs}; it has {sorted(nc)}")
 
 
 def partition(context: Context) -> tuple[int, int]:
@@ -110,6 +87,18 @@ def local_data(cfg: RunConfig, context: Context) -> tuple[Any, Any, Any]:
     return client_split(cfg, pid, num)
 
 
+def result_feedback(result: TrainResult) -> dict[str, np.ndarray]:
+    """Return the feedback vectors of a local training result (totals and per MoE layer)."""
+    return {
+        "tokens": result.tokens,
+        "expert-loss": result.expert_loss,
+        "gate-hist": result.gate_hist,
+        "layer-tokens": result.layer_tokens,
+        "layer-expert-loss": result.layer_expert_loss,
+        "layer-gate-hist": result.layer_gate_hist,
+    }
+
+
 def handle_query(msg: Message, context: Context) -> RecordDict:
     """Reply with the client id and its (measured, maybe emulated) capacity profile."""
     cfg = run_config(context)
@@ -143,15 +132,6 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
     cfg = run_config(context)
     cid = identity(context)
     conf = msg.content[CONFIG]
-    server_round = int(conf.get("server-round", 0))
-    fault = fault_for(
-        cfg.seed, server_round, cid, cfg.fault_drop_prob, cfg.fault_slow_prob, cfg.fault_corrupt_prob
-    )
-    if fault == "drop":
-        raise RuntimeError(f"injected fault: client {cid} drops out in round {server_round}")
-    if fault == "slow":
-        log.warning("injected fault: client %s stalls past the round timeout", cid)
-        time.sleep(cfg.round_timeout_s + 5.0)
     train_split, _, info = local_data(cfg, context)
     model = _sub_model(msg, cfg, info)
     if cfg.gate_mode == "local" and LOCAL_GATE in context.state:
@@ -198,10 +178,6 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
     node = ray_node_id()
     if node is not None:  # simulation: the Ray node this client ran on (placement.py)
         content[CLIENT][RAY_NODE] = node
-    if fault == "corrupt":
-        kind = corruption_for(cfg.seed, server_round, cid)
-        log.warning("injected fault: client %s sends a corrupt reply (%s)", cid, kind)
-        content = corrupt(content, kind)
     return content
 
 
@@ -213,12 +189,4 @@ def handle_evaluate(msg: Message, context: Context) -> RecordDict:
     model = _sub_model(msg, cfg, info)
     loss, acc = evaluate(model, test_split, device=resolve_device(cfg.device), precision=cfg.precision)
     metrics = {"eval-loss": loss, "eval-accuracy": acc, "num-examples": len(test_split)}
-    server_round = int(msg.content[CONFIG].get("server-round", 0))
-    fault = fault_for(
-        cfg.seed, server_round, cid, cfg.fault_drop_prob, cfg.fault_slow_prob, cfg.fault_corrupt_prob
-    )
-    if fault == "corrupt":
-        kind = eval_corruption_for(cfg.seed, server_round, cid)
-        log.warning("injected fault: client %s reports corrupt evaluation metrics (%s)", cid, kind)
-        metrics = corrupt_eval(metrics, kind)
     return RecordDict({METRICS: MetricRecord(metrics), CLIENT: client_record(cid)})

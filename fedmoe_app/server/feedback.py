@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..alignment import AlignmentState, LayeredAlignment
-from .aggregation import ClientUpdate
-from .protocol import TrainReply
+from ..maths.aggregation import ClientUpdate
+from ..wire.protocol import TrainReply
 
 
 def feed_alignment(
@@ -43,11 +43,3 @@ def feed_alignment(
         np.stack([r.expert_loss for r in kept]),
         np.stack([r.gate_hist for r in kept]),
     )
-
-
-def layer_load(updates: Sequence[ClientUpdate], num_layers: int, num_experts: int) -> np.ndarray:
-    """``[L, E]`` tokens trained per (MoE layer, expert) this round (zeros without updates)."""
-    rows = [u.layer_tokens for u in updates if u.layer_tokens is not None]
-    if not rows:
-        return np.zeros((num_layers, num_experts))
-    return np.stack(rows).astype(np.float64).sum(axis=0)

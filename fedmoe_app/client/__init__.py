@@ -1,0 +1,8 @@
+"""The ClientApp's side: query / train / evaluate handlers, and fault injection wrapped around them.
+
+* :mod:`.handlers`  -- identity, local data, capacity profile, sparse training and evaluation;
+* :mod:`.faults`    -- seeded fault injection for simulation (wraps the handlers from outside);
+* :mod:`.placement` -- the Ray node a simulated client runs on.
+
+The client never imports the server (an import contract checks it).
+"""

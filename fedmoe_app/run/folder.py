@@ -1,0 +1,106 @@
+"""The run folder ``<output-dir>/<run-name>``: where a run writes, and whether it may resume there."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import RunConfig
+from ..tensors import Arrays
+from .checkpoint import checkpoint_path, load_checkpoint
+
+#: Run-config keys a resumed run may change: how long it runs and where its files go.
+RESUMABLE_KEYS = ("num-server-rounds", "resume", "round-timeout-s", "run-name", "output-dir", "device")
+
+
+class RunFolderError(ValueError):
+    """A run folder cannot be used as asked (name, reuse, resume)."""
+
+
+def output_dir(cfg: RunConfig) -> Path:
+    """``<output-dir>/<run-name>``; a relative output-dir is taken from ``$FEDMOE_OUTPUT_ROOT`` or cwd.
+
+    Raises
+    ------
+    RunFolderError
+        If ``run-name`` is not a plain folder name (no separators, not ``.`` or ``..``).
+
+    """
+    root = Path(cfg.output_dir)
+    if not root.is_absolute():
+        root = Path(os.environ.get("FEDMOE_OUTPUT_ROOT", os.getcwd())) / root
+    name = cfg.run_name or dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
+    if name in (".", "..") or Path(name).name != name or "\\" in name:
+        raise RunFolderError(f"run-config key 'run-name' = {name!r} is invalid; allowed: a plain folder name")
+    return root / name
+
+
+def check_run_folder(out: Path, cfg: RunConfig) -> dict | None:
+    """Decide whether ``out`` may be used; return the checkpoint state to resume from (or None).
+
+    A new run needs a folder without a checkpoint (a folder whose run never finished a round
+    may be reused); ``resume = true`` needs a checkpoint whose run config matches this one
+    except for :data:`RESUMABLE_KEYS`.
+
+    Raises
+    ------
+    RunFolderError
+        Naming the folder, and for a mismatch the keys with both values.
+
+    """
+    ckpt = checkpoint_path(out)
+    if not cfg.resume:
+        if ckpt.exists():
+            raise RunFolderError(
+                f"run folder {out} already holds a run; choose another 'run-name', or set resume=true"
+            )
+        return None
+    if not ckpt.is_file():
+        raise RunFolderError(f"run-config key 'resume' = True but {ckpt} does not exist: nothing to resume")
+    return load_checkpoint(ckpt)
+
+
+def config_changes(saved: dict, cfg: RunConfig) -> dict[str, tuple]:
+    """Run-config keys whose value differs from the checkpoint's (resumable keys left out).
+
+    A key the checkpoint does not know (added to the app after the run started) counts as
+    unchanged while it keeps its default: the run behaves as it did.
+    """
+    now, default = cfg.to_dict(), RunConfig().to_dict()
+    was = {k: saved.get(k, default[k]) for k in now}
+    return {k: (saved.get(k), now[k]) for k in now if k not in RESUMABLE_KEYS and was[k] != now[k]}
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """What a checkpoint holds to resume a run: the model, the strategy's state, the rounds done."""
+
+    arrays: Arrays
+    strategy: dict[str, Any]
+    round: int
+    history: list[dict[str, Any]]
+
+
+def open_run_folder(cfg: RunConfig) -> tuple[Path, Resumed | None]:
+    """Return the run folder and, with ``resume = true``, what its checkpoint holds.
+
+    Raises
+    ------
+    RunFolderError
+        If the folder cannot be used (see :func:`check_run_folder`) or the run config changed
+        since the checkpoint in keys other than :data:`RESUMABLE_KEYS` (naming them, both values).
+
+    """
+    out = output_dir(cfg)
+    saved = check_run_folder(out, cfg)
+    if saved is None:
+        return out, None
+    arrays, state = saved
+    changed = config_changes(state.get("config", {}), cfg)
+    if changed:
+        detail = ", ".join(f"'{k}': {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise RunFolderError(f"cannot resume {out}: the run config changed ({detail})")
+    return out, Resumed(arrays, state["strategy"], int(state["round"]), state["history"])

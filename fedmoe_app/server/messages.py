@@ -1,0 +1,113 @@
+"""The messages of a round: one fresh record per node, holding the shared part and its experts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common import log
+
+from ..tensors import select
+from ..wire.holdings import Held, payload, stored_payload
+from ..wire.protocol import ARRAYS, CONFIG, Sent
+from ..wire.records import to_record, wire_nbytes
+from .planner import RoundPlan
+
+
+@dataclass(frozen=True)
+class TrainMessages:
+    """A round's train messages and what each node was sent (the yardstick of its reply)."""
+
+    messages: list[Message]
+    sent: dict[int, Sent]  # node id -> what it was sent
+    bytes_down: int
+    dense_bytes_down: int  # what the same nodes would have downloaded with every expert
+
+
+def train_messages(
+    plan: RoundPlan,
+    arrays: Mapping[str, np.ndarray],
+    *,
+    nodes: Mapping[str, int],
+    profiles: Mapping[str, Mapping[str, Any]],
+    layers: Sequence[str],
+    server_round: int,
+    lr: float,
+    local_epochs: int,
+    rng: np.random.Generator,
+    policy: str,
+) -> TrainMessages:
+    """Build one train message per planned client (``nodes``: client id -> node id).
+
+    Each message holds the shared tensors and the client's experts (per MoE layer when untied),
+    the round's ``lr``, ``local-epochs``, a training seed drawn from ``rng``, whether its experts
+    are read-only and its sample budget. A read-only client returns the shared part only.
+    Logs the round's bytes down next to what the dense model would cost (``policy`` names the plan).
+    """
+    messages, sent, bytes_down = [], {}, 0
+    for row, cid in enumerate(plan.client_ids):
+        node, expert_ids, held = nodes[cid], plan.experts_of(row), plan.layer_experts_of(row)
+        read_only = bool(plan.frozen[row])
+        sub, names = payload(arrays, expert_ids, held, layers)
+        returned = select(sub, []) if read_only else sub
+        record = to_record(sub)
+        bytes_down += wire_nbytes(record)
+        sent[node] = Sent(
+            client_id=cid,
+            expert_ids=expert_ids,
+            shapes={k: (tuple(v.shape), str(v.dtype)) for k, v in returned.items()},
+            max_examples=profiles.get(cid, {}).get("num-examples"),
+            layer_held=held,
+        )
+        config = ConfigRecord(
+            {
+                **names,
+                "server-round": server_round,
+                "lr": lr,
+                "local-epochs": local_epochs,
+                "seed": int(rng.integers(2**31)),
+                "frozen-experts": read_only,
+                "max-samples": int(plan.budgets[row]),
+            }
+        )
+        content = RecordDict({ARRAYS: record, CONFIG: config})
+        messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
+    dense = wire_nbytes(to_record(arrays)) * len(plan.client_ids)
+    if not messages:
+        log(WARNING, "configure_train: no node available in round %d", server_round)
+    log(
+        INFO,
+        "configure_train: %d nodes, %s plan, %.1f kB down (dense %.1f kB)",
+        len(messages),
+        policy,
+        bytes_down / 1e3,
+        dense / 1e3,
+    )
+    return TrainMessages(messages, sent, bytes_down, dense)
+
+
+def evaluate_messages(
+    arrays: Mapping[str, np.ndarray],
+    held: Mapping[int, Held],
+    *,
+    num_experts: int,
+    layers: Sequence[str],
+    server_round: int,
+) -> list[Message]:
+    """Return one evaluate message per node of ``held`` (node id -> its experts), skipping empty ones.
+
+    Each holds the shared part and the node's experts: its sparse (personalized) view.
+    """
+    messages = []
+    for node, experts in held.items():
+        if not experts:
+            continue
+        sub, names = stored_payload(arrays, experts, num_experts, layers)
+        config = ConfigRecord({**names, "server-round": server_round})
+        content = RecordDict({ARRAYS: to_record(sub), CONFIG: config})
+        messages.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node))
+    return messages

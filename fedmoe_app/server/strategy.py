@@ -1,0 +1,249 @@
+"""FedMoE: a Flower strategy that sends every client only the experts it is assigned.
+
+One round, value in and value out (the loop, :func:`~.loop.run_rounds`, owns the arrays):
+:meth:`FedMoE.plan_train` samples nodes, plans the assignment (:class:`~.planner.Planner`) and
+builds one message per node with the shared part and *its* experts (a :class:`~.rounds.TrainRound`);
+:meth:`FedMoE.aggregate_round` validates the replies, averages each expert over its trainers and
+returns ``(arrays, outcome)``; :meth:`FedMoE.plan_evaluate` / :meth:`FedMoE.evaluate_round` let
+clients evaluate their sparse view. Flower's ``configure_*`` / ``aggregate_*`` wrap these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+
+from ..config import RunConfig
+from ..models import AnySpec, model_costs
+from ..tensors import Arrays, moe_layers
+from ..wire.holdings import Held, plan_lists
+from ..wire.records import from_record, to_record
+from .loop import EvaluateFn, FlowerEvaluateFn, RoundCallback, check_same_tensors, run_rounds, starting_arrays
+from .messages import evaluate_messages, train_messages
+from .planner import Planner
+from .replies import ReplyLimits, collect_train_replies, evaluate_outcome
+from .rounds import EvaluateOutcome, TrainOutcome, TrainRound, train_outcome
+from .sampling import Sample, sample_nodes
+from .state import ServerState
+from .update import bounded_updates, updated_model
+
+
+class FedMoE(Strategy):
+    """Federated Mixture-of-Experts with client-expert alignment.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        Validated run config (policy, capacity, sampling, alignment knobs).
+    spec : AnySpec
+        Model shape (number of experts, top-k, sizes) of the run's model.
+    initial_arrays : Arrays
+        The global model :meth:`start` begins from unless given one (:mod:`fedmoe_app.tensors` names).
+
+    """
+
+    def __init__(self, cfg: RunConfig, spec: AnySpec, initial_arrays: Arrays) -> None:
+        self.cfg = cfg
+        self.spec = spec
+        self.num_experts = spec.num_experts
+        self.initial_arrays: Arrays = dict(initial_arrays)
+        self.layers = moe_layers(initial_arrays)  # MoE layers, rows of per-layer feedback
+        self.planner = Planner(cfg, model_costs(spec))
+        self.state = ServerState(cfg, spec.num_experts, len(self.layers))
+        self.limits = ReplyLimits(
+            spec.num_experts, spec.top_k, cfg.local_epochs, spec.routes_per_example, len(self.layers)
+        )
+        self._flower_round: tuple[Arrays, TrainRound] | None = None  # configure_train -> aggregate_train
+
+    def summary(self) -> None:
+        """Log the strategy's configuration."""
+        c = self.cfg
+        log(INFO, "\t├── Policy: %s, capacity: %s", c.policy, c.capacity)
+        log(INFO, "\t├── Experts: %d, top-k: %d", self.num_experts, self.spec.top_k)
+        log(INFO, "\t├── Sampling: fraction-train %.2f (min %d)", c.fraction_train, c.min_train_nodes)
+        decays = (c.fitness_ema, c.fitness_decay, c.usage_decay)
+        log(INFO, "\t└── Fitness EMA %.2f, decay %.2f; usage decay %.2f", *decays)
+
+    # ------------------------------------------------------------------ Flower's Strategy API
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Plan the round on ``arrays``; return one message per sampled node (classic ``configure_fit``)."""
+        current = from_record(arrays)
+        train_round = self.plan_train(server_round, current, grid)
+        self._flower_round = (current, train_round)
+        return train_round.messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate the replies to the last ``configure_train`` (classic ``aggregate_fit``)."""
+        if self._flower_round is None:
+            log(WARNING, "aggregate_train: round %d was not configured; replies ignored", server_round)
+            return None, None
+        (current, train_round), self._flower_round = self._flower_round, None
+        arrays, outcome = self.aggregate_round(current, replies, train_round)
+        return to_record(arrays), outcome.metric_record()
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send sampled known clients their sparse view of ``arrays`` (shared + last-trained experts)."""
+        return self.plan_evaluate(server_round, from_record(arrays), grid)[0]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Example-weighted mean of the clients' local test loss and accuracy (+ the worst 10 %)."""
+        return self.evaluate_round(replies).metric_record()
+
+    # ------------------------------------------------------------------ one round, by value
+    def plan_train(self, server_round: int, arrays: Mapping[str, np.ndarray], grid: Grid) -> TrainRound:
+        """Sample nodes, plan the round on ``arrays`` and build its messages; return all of it."""
+        sample = self._sample(grid, self.cfg.fraction_train, self.cfg.min_train_nodes, server_round)
+        node_of = {self.state.nodes.client_of(n): n for n in sample.nodes}
+        sampled = list(node_of)
+        profiles = [self.state.profiles.get(c, {}) for c in sampled]
+        plan = self.planner.plan(self.state.alignment, sampled, profiles, arrays, self.state.rng)
+        built = train_messages(
+            plan,
+            arrays,
+            nodes=node_of,
+            profiles=self.state.profiles,
+            layers=self.layers,
+            server_round=server_round,
+            lr=self.cfg.lr,
+            local_epochs=self.cfg.local_epochs,
+            rng=self.state.rng,
+            policy=self.cfg.policy,
+        )
+        return TrainRound(
+            server_round=server_round,
+            plan=plan,
+            messages=built.messages,
+            sent=built.sent,
+            bytes_down=built.bytes_down,
+            dense_bytes_down=built.dense_bytes_down,
+            query_failures=sample.query_failures,
+            population=sample.population,
+        )
+
+    def aggregate_round(
+        self, arrays: Mapping[str, np.ndarray], replies: Iterable[Message], train_round: TrainRound
+    ) -> tuple[Arrays, TrainOutcome]:
+        """Validate the replies to ``train_round``; return the new arrays and what was aggregated.
+
+        Invalid replies are logged, counted under ``rejected`` and left out of the model and the
+        alignment state; with fewer than ``min-replies`` valid replies the model is kept.
+        """
+        got = collect_train_replies(replies, train_round.sent, self.limits)
+        if len(got.valid) < self.cfg.min_replies:
+            few = (len(got.valid), self.cfg.min_replies)
+            log(WARNING, "aggregate_train: %d valid repl(ies) < min-replies %d; keeping the model", *few)
+            return dict(arrays), train_outcome(got, None, self.limits, self.state.privacy_report())
+        bounded = bounded_updates(arrays, got.valid, self.cfg)
+        kept = [got.valid[i] for i in bounded.kept]
+        new = dict(arrays)
+        if kept:
+            new = updated_model(
+                arrays, kept, bounded, self.cfg, privacy=self.state.privacy, population=train_round.population
+            )
+            self.state.learn(kept, bounded.updates)
+        return new, train_outcome(got, bounded, self.limits, self.state.privacy_report())
+
+    def plan_evaluate(
+        self, server_round: int, arrays: Mapping[str, np.ndarray], grid: Grid
+    ) -> tuple[list[Message], int]:
+        """Return the evaluation messages of a round and the number of nodes whose query failed."""
+        if self.cfg.fraction_evaluate == 0.0:
+            return [], 0
+        sample = self._sample(grid, self.cfg.fraction_evaluate, self.cfg.min_evaluate_nodes, server_round)
+        held = {n: self._evaluation_experts(self.state.nodes.client_of(n), arrays) for n in sample.nodes}
+        layout = {"num_experts": self.num_experts, "layers": self.layers, "server_round": server_round}
+        return evaluate_messages(arrays, held, **layout), sample.query_failures
+
+    def evaluate_round(self, replies: Iterable[Message]) -> EvaluateOutcome:
+        """Per-client local test results of a round; invalid replies rejected and counted."""
+        return evaluate_outcome(replies, self.state.nodes.clients, self.state.profiles)
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord | Mapping[str, np.ndarray] | None = None,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: FlowerEvaluateFn | None = None,
+        *,
+        central_eval: EvaluateFn | None = None,
+        on_round: RoundCallback | None = None,
+        start_round: int = 1,
+    ) -> Result:
+        """Run rounds ``start_round..num_rounds`` as :meth:`flwr.serverapp.strategy.Strategy.start` does.
+
+        ``initial_arrays`` (an ArrayRecord or named numpy arrays; default: the model the strategy
+        was built with) must have that model's tensor names and shapes, else ValueError.
+        ``evaluate_fn(round, arrays)`` runs before round 1 (as round 0) and after every round,
+        its metrics kept in ``Result.evaluate_metrics_serverapp`` and the round's metrics row;
+        ``central_eval`` does the same on numpy arrays; ``on_round(row, arrays)`` receives each
+        round's metrics row (:func:`~.rounds.round_row`) and the arrays after it. Each message's
+        config comes from the run config, not from ``train_config`` / ``evaluate_config``.
+        """
+        del train_config, evaluate_config  # every message's config is built from the run config
+        arrays = starting_arrays(initial_arrays, self.initial_arrays)
+        return run_rounds(
+            self,
+            grid,
+            arrays,
+            num_rounds=num_rounds,
+            timeout=timeout,
+            central_eval=central_eval,
+            evaluate_fn=evaluate_fn,
+            on_round=on_round,
+            start_round=start_round,
+            min_replies=self.cfg.min_replies,
+            max_failed_rounds=self.cfg.max_failed_rounds,
+        )
+
+    # ------------------------------------------------------------------ state
+    def _sample(self, grid: Grid, fraction: float, minimum: int, server_round: int) -> Sample:
+        return sample_nodes(
+            self.state.nodes,
+            grid,
+            fraction=fraction,
+            minimum=minimum,
+            server_round=server_round,
+            rng=self.state.rng,
+            discovery=self.cfg.discovery,
+        )
+
+    def _evaluation_experts(self, client_id: str, arrays: Mapping[str, np.ndarray]) -> Held:
+        """Return the experts a client evaluates: those it last trained, else its policy's pick."""
+        if client_id in self.state.last_experts:
+            return self.state.last_experts[client_id]
+        capacity = self.planner.capacity([self.state.profiles.get(client_id, {})], arrays)
+        unseen = self.planner.policy.evaluation_policy
+        return plan_lists(self.state.alignment.plan([client_id], capacity, unseen, self.state.rng)[0])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the model needed to resume (:meth:`.state.ServerState.state_dict`)."""
+        return self.state.state_dict()
+
+    def restore(self, arrays: Mapping[str, np.ndarray], state: dict[str, Any]) -> Arrays:
+        """Check a checkpoint's ``arrays`` against this model, restore ``state``; return the arrays.
+
+        Raises
+        ------
+        ValueError
+            If the tensor names or shapes differ from the model the strategy was built with.
+
+        """
+        check_same_tensors(arrays, self.initial_arrays, "the checkpoint")
+        self.state.load_state_dict(state)
+        return dict(arrays)

@@ -1,0 +1,56 @@
+"""The round's valid replies folded into the global model: bounded, averaged (or privatized), gate bias."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from ..config import RunConfig
+from ..maths.aggregation import aggregate, balance_gate_bias
+from ..maths.robust import Bounded, bound_updates
+from ..tensors import Arrays
+from ..wire.protocol import TrainReply
+from .private_round import PrivateAggregation
+
+
+def bounded_updates(arrays: Mapping[str, np.ndarray], valid: Sequence[TrainReply], cfg: RunConfig) -> Bounded:
+    """Return the updates that may enter the model.
+
+    Under DP all of them (clipping bounds them); else those within ``update-bound``, with
+    example weights capped by ``weight-cap`` (:mod:`~fedmoe_app.maths.robust`).
+    """
+    if cfg.dp != "off":
+        return Bounded([r.update for r in valid], list(range(len(valid))), 0, 0)
+    return bound_updates(arrays, [r.update for r in valid], bound=cfg.update_bound, weight_cap=cfg.weight_cap)
+
+
+def updated_model(
+    arrays: Mapping[str, np.ndarray],
+    kept: Sequence[TrainReply],
+    bounded: Bounded,
+    cfg: RunConfig,
+    *,
+    privacy: PrivateAggregation | None,
+    population: int,
+) -> Arrays:
+    """Return the new global model from the ``kept`` replies and their ``bounded`` updates.
+
+    Each expert is averaged over its trainers and the shared part over everyone
+    (:func:`~..maths.aggregation.aggregate`), or privately under DP; then the router bias is
+    nudged toward balance by the kept replies' gate histograms (``gate-balance-rate``).
+    """
+    if privacy is not None:
+        averaged = privacy.apply(arrays, kept, population)
+    else:
+        averaged = aggregate(
+            arrays,
+            bounded.updates,
+            gate_from_all=cfg.gate_from_all,
+            single_holders=cfg.route_loss_weight > 0,
+            method=cfg.aggregation,
+            trim_fraction=cfg.trim_fraction,
+            per_layer=not cfg.tie_layers,
+        )
+    hist = np.stack([r.gate_hist for r in kept])
+    return balance_gate_bias(averaged, hist, cfg.gate_balance_rate)
