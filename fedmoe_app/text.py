@@ -25,6 +25,7 @@ a Dirichlet mix of languages per client). A client's local test windows are capp
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass
@@ -253,9 +254,13 @@ def client_split(cfg: RunConfig, partition_id: int, num_partitions: int):
     """Return a client's ``(train, local test, info)`` for the run's dataset, image or text."""
     if cfg.dataset in TEXT_DATASETS:
         return text_client_data(
-            cfg.dataset, partition_id, num_partitions, **cfg.split_kwargs(), context_length=cfg.context_length
+            cfg.dataset,
+            partition_id,
+            num_partitions,
+            **dataclasses.asdict(cfg.split),
+            context_length=cfg.context_length,
         )
-    return client_data(cfg.dataset, partition_id, num_partitions, **cfg.split_kwargs())
+    return client_data(cfg.dataset, partition_id, num_partitions, **dataclasses.asdict(cfg.split))
 
 
 def server_split(cfg: RunConfig) -> tuple[Split | TextSplit, DatasetInfo | TextInfo]:

@@ -44,6 +44,7 @@ class TrainResult:
     peak_memory_bytes: int
     layer_tokens: np.ndarray  # [L, E] tokens per MoE layer
     layer_expert_loss: np.ndarray  # [L, E] mean loss signal per MoE layer (0 if no tokens)
+    layer_loss_sum: np.ndarray  # [L, E] loss signal summed over each layer's tokens
     layer_gate_hist: np.ndarray  # [L, E] unmasked top-k choices per MoE layer
 
 
@@ -213,6 +214,7 @@ def train(
         peak_memory_bytes=peak_rss_bytes(),
         layer_tokens=l_tok,
         layer_expert_loss=np.divide(l_loss, l_tok, out=np.zeros_like(l_tok), where=l_tok > 0),
+        layer_loss_sum=l_loss,
         layer_gate_hist=l_hist,
     )
 

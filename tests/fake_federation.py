@@ -11,7 +11,7 @@ from collections import Counter
 import numpy as np
 from flwr.app import Message, Metadata, MetricRecord, RecordDict
 
-from fedmoe_app.tensors import moe_layers
+from fedmoe_app.wire.holdings import held_from_config
 from fedmoe_app.wire.protocol import ARRAYS, CLIENT, CONFIG, METRICS, client_record, train_reply_content
 from fedmoe_app.wire.records import from_record, to_record
 
@@ -63,14 +63,10 @@ class FakeGrid:
         out = {k: (v + self.scale * direction[k] / norm).astype(v.dtype) for k, v in arrays.items()}
         self.sent.append((node, from_record(m.content[ARRAYS])))
         self.replied.append((node, out))
-        tokens = np.zeros(self.num_experts)
-        tokens[experts] = EXAMPLES * min(self.top_k, len(experts)) / len(experts)
-        hist = np.full(self.num_experts, EXAMPLES * self.top_k / self.num_experts)
-        layers = max(1, len(moe_layers(m.content[ARRAYS].keys())))  # the same share in every layer
-        feedback = {"tokens": tokens, "expert-loss": np.ones(self.num_experts), "gate-hist": hist}
-        for key in ("tokens", "expert-loss", "gate-hist"):
-            feedback[f"layer-{key}"] = np.tile(
-                feedback[key] / (layers if key != "expert-loss" else 1), (layers, 1)
-            )
+        held = held_from_config(conf, self.num_experts)  # [L, E]: the same share in every layer
+        layers = held.shape[0]
+        tokens = np.where(held, EXAMPLES * min(self.top_k, len(experts)) / len(experts) / layers, 0.0)
+        hist = np.full(held.shape, EXAMPLES * self.top_k / self.num_experts / layers)
+        feedback = {"layer-tokens": tokens, "layer-loss-sum": tokens.copy(), "layer-gate-hist": hist}
         metrics = {"num-examples": EXAMPLES, "train-loss": 1.0, "train-accuracy": 0.5}
         return train_reply_content(to_record(out), metrics, feedback, f"c{node}")

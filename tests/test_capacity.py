@@ -344,7 +344,7 @@ def test_capacity_for_profiles_and_virtual_round_time_on_stored_dicts():
     measured = _profile(gflops=200.0)
     phone = cap.emulate(measured, "phone").to_dict() | {"num-examples": 600}
     edge = cap.emulate(measured, "edge").to_dict()
-    cfg = RunConfig(experts_per_client=3)
+    cfg = RunConfig(experts_per_client=3).planning
     assert capacity_for_profiles([phone, edge, {}], mm, cfg).tolist() == [1, 8, 3]
     assert capacity_for_profiles([], mm, cfg).shape == (0,)
     t = virtual_round_time([phone, edge], np.array([1, 8]), mm, cfg)

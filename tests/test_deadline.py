@@ -35,7 +35,7 @@ def test_budget_fits_deadline_for_slow_clients_only():
     profiles = [_profile("phone"), _profile("edge")]
     memory = cap.MemoryModel(model_costs(SPEC), 32)
     n_experts = np.array([1, 4])
-    no_deadline = RunConfig()
+    no_deadline = RunConfig().planning
     full = planned_samples(profiles, no_deadline)
     np.testing.assert_array_equal(deadline_sample_budget(profiles, n_experts, memory, no_deadline), full)
     t_full = [virtual_round_time([p], [n], memory, no_deadline) for p, n in zip(profiles, n_experts)]

@@ -24,7 +24,7 @@ def profiles(*classes):
 
 
 def plan(cfg, classes):
-    planner = Planner(cfg, model_costs(REFERENCE_SPEC))
+    planner = Planner(cfg.planning, model_costs(REFERENCE_SPEC))
     state = AlignmentState(REFERENCE_SPEC.num_experts, **cfg.alignment_kwargs())
     ids = [f"c{i}" for i in range(len(classes))]
     return planner.plan(state, ids, profiles(*classes), ARRAYS, np.random.default_rng(0))
@@ -33,7 +33,7 @@ def plan(cfg, classes):
 def test_capacity_follows_the_device_classes_capped_by_experts_per_client():
     p = plan(RunConfig(), ["tiny", "phone", "laptop", "edge"])
     assert p.capacity.tolist() == [0, 1, 4, 4]  # edge holds 8, experts-per-client caps it at 4
-    assert p.assignment.sum(1).tolist() == [1, 1, 4, 4]  # tiny gets one expert, read-only
+    assert p.assignment[:, 0].sum(1).tolist() == [1, 1, 4, 4]  # tiny gets one expert, read-only
     assert p.frozen.tolist() == [True, False, False, False]
     fixed = plan(RunConfig(capacity="fixed", experts_per_client=3), ["tiny", "phone", "laptop"])
     assert fixed.capacity.tolist() == [3, 3, 3] and not fixed.frozen.any()
@@ -50,7 +50,7 @@ def test_min_trained_experts_makes_small_clients_train_the_shared_part_only(poli
 def test_skip_leaves_out_clients_that_cannot_hold_an_expert():
     p = plan(RunConfig(under_capacity="skip"), ["tiny", "laptop", "tiny", "phone"])
     assert p.client_ids == ["c1", "c3"] and p.capacity.tolist() == [4, 1]
-    assert p.assignment.shape == (2, 8) and p.budgets.tolist() == [0, 0]
+    assert p.assignment.shape == (2, 1, 8) and p.budgets.tolist() == [0, 0]
 
 
 def test_deadline_budgets_and_virtual_time():

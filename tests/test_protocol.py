@@ -11,6 +11,7 @@ from fedmoe_app.client.handlers import result_feedback
 from fedmoe_app.data import load_splits
 from fedmoe_app.models import build_model, model_to_arrays
 from fedmoe_app.training import train
+from fedmoe_app.wire.holdings import holding_from_lists
 from fedmoe_app.wire.protocol import (
     CLIENT,
     FEEDBACK,
@@ -38,14 +39,13 @@ def reply():
     metrics = {"num-examples": res.num_examples, "train-loss": res.loss}
     feedback = result_feedback(res)
     content = train_reply_content(to_record(arrays), metrics, feedback, "c7")
-    sent = Sent(
-        "c7", EXPERTS, {k: (tuple(v.shape), str(v.dtype)) for k, v in arrays.items()}, max_examples=64
-    )
+    held = holding_from_lists(EXPERTS, 1, SPEC.num_experts)
+    sent = Sent("c7", held, {k: (tuple(v.shape), str(v.dtype)) for k, v in arrays.items()}, max_examples=64)
     return content, sent
 
 
 def parse(content, sent):
-    return parse_train_reply(content, 11, sent, SPEC.num_experts, SPEC.top_k, 1)
+    return parse_train_reply(content, 11, sent, top_k=SPEC.top_k, local_epochs=1)
 
 
 def test_genuine_reply_is_accepted(reply):
@@ -80,7 +80,7 @@ def test_other_malformed_replies(reply):
     def with_feedback(**kv):
         return _with(content, **{FEEDBACK: MetricRecord({**fb, **kv})})
 
-    not_held = list(fb["tokens"])
+    not_held = list(fb["layer-tokens"])
     not_held[0] = 5.0  # expert 0 was not sent
     cases = [
         ("malformed", RecordDict({CLIENT: content[CLIENT]})),
@@ -89,10 +89,11 @@ def test_other_malformed_replies(reply):
         ("num-examples", with_metrics(**{"num-examples": -3})),
         ("num-examples", with_metrics(**{"num-examples": 2.5})),
         ("num-examples", with_metrics(**{"num-examples": 65})),  # more than the client holds
-        ("feedback", with_feedback(tokens=[1.0, 2.0])),
-        ("feedback", with_feedback(**{"gate-hist": [float("nan")] * 8})),
-        ("feedback", with_feedback(tokens=not_held)),
-        ("feedback", with_feedback(tokens=[1e6 if i in EXPERTS else 0.0 for i in range(8)])),
+        ("feedback", with_feedback(**{"layer-tokens": [1.0, 2.0]})),
+        ("feedback", with_feedback(**{"layer-gate-hist": [float("nan")] * 8})),
+        ("feedback", with_feedback(**{"layer-tokens": not_held})),
+        ("feedback", with_feedback(**{"layer-tokens": [1e6 if i in EXPERTS else 0.0 for i in range(8)]})),
+        ("feedback", with_feedback(**{"layer-loss-sum": [1.0] * 8})),  # loss where no tokens went
     ]
     for reason, bad in cases:
         with pytest.raises(ReplyRejected) as err:

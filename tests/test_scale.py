@@ -61,7 +61,7 @@ def test_sampled_discovery_queries_only_sampled_nodes_and_each_once():
     # state on the server: the clients seen, not the federation
     seen = {f"c{n}" for n in queries if n not in SILENT}
     assert set(s.state.profiles) <= seen and set(s.state.alignment.client_ids) <= seen
-    assert set(s.state.last_experts) == {f"c{n}" for n in trained}
+    assert set(s.state.last_held) == {f"c{n}" for n in trained}
 
 
 def test_all_discovery_queries_everyone_first_and_backs_off_silent_nodes():

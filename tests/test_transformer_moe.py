@@ -22,6 +22,7 @@ from fedmoe_app.models import (
 from fedmoe_app.tensors import experts_in, is_gate_key, parse_expert_key, raw_nbytes, select
 from fedmoe_app.text import TextInfo, TextSplit
 from fedmoe_app.training import evaluate, evaluate_text, train
+from fedmoe_app.wire.holdings import holding_from_lists
 from fedmoe_app.wire.protocol import Sent, parse_train_reply, train_reply_content
 from fedmoe_app.wire.records import to_record, wire_nbytes
 
@@ -117,9 +118,12 @@ def test_local_training_lowers_the_loss_and_its_reply_is_accepted():
     arrays = model_to_arrays(model)
     metrics = {"num-examples": res.num_examples, "train-loss": res.loss}
     feedback = result_feedback(res)
-    sent = Sent("c1", HELD, {k: (tuple(v.shape), str(v.dtype)) for k, v in arrays.items()}, max_examples=48)
+    held = holding_from_lists(HELD, SPEC.num_layers, 8)
+    sent = Sent("c1", held, {k: (tuple(v.shape), str(v.dtype)) for k, v in arrays.items()}, max_examples=48)
     content = train_reply_content(to_record(arrays), metrics, feedback, "c1")
-    reply = parse_train_reply(content, 1, sent, 8, 2, 3, SPEC.routes_per_example, SPEC.num_layers)
+    reply = parse_train_reply(
+        content, 1, sent, top_k=2, local_epochs=3, routes_per_example=SPEC.routes_per_example
+    )
     assert reply.update.tokens.sum() == res.tokens.sum()
     loss, _, per_group = evaluate_text(model, data, batch_size=7, device="cpu")
     assert loss == pytest.approx(after, rel=1e-9) and per_group.shape == (2,)

@@ -12,7 +12,7 @@ from fedmoe_app.maths.aggregation import ClientUpdate, aggregate
 from fedmoe_app.models import TransformerSpec, build_model, expected_keys, load_arrays, model_to_arrays
 from fedmoe_app.tensors import layer_holdings, moe_layers
 from fedmoe_app.training import train
-from fedmoe_app.wire.holdings import held_from_config, held_matrix, payload
+from fedmoe_app.wire.holdings import held_from_config, holding_from_lists, payload
 from fedmoe_app.wire.protocol import (
     FEEDBACK,
     ReplyRejected,
@@ -28,6 +28,10 @@ SPEC = TransformerSpec(
 )  # fmt: skip
 PER_LAYER = [[0, 3], [1, 4]]  # layer 0 holds experts 0 and 3, layer 1 experts 1 and 4
 ALIGN = RunConfig().alignment_kwargs()
+
+
+def held_matrix(rows, num_experts):
+    return holding_from_lists(rows, len(rows), num_experts)
 
 
 def tokens(n=8, t=16, seed=0):
@@ -62,10 +66,10 @@ def test_slicing_round_trip_and_message_names():
     layers = moe_layers(full)
     assert layers == ["blocks.0.moe", "blocks.1.moe"]
     held = held_matrix(PER_LAYER, 6)
-    sub_arrays, conf = payload(full, [], held, layers)
+    sub_arrays, conf = payload(full, held, layers)
     assert np.array_equal(layer_holdings(sub_arrays, layers, 6), held)
     assert conf["expert-ids"] == [0, 1, 3, 4]
-    assert held_from_config(conf, 6) == PER_LAYER
+    assert np.array_equal(held_from_config(conf, 6), held)
     sub = build_model(SPEC, held_from_config(conf, 6), seed=9)
     assert set(expected_keys(sub)) == set(sub_arrays)
     assert "experts.0.blocks.0.moe.w1" in sub_arrays and "experts.0.blocks.1.moe.w1" not in sub_arrays
@@ -78,15 +82,18 @@ def test_slicing_round_trip_and_message_names():
     masked.layer_held.copy_(torch.from_numpy(held))
     x = tokens(2)[:, :-1]
     torch.testing.assert_close(sub(x).logits, masked(x).logits, rtol=1e-4, atol=1e-5)
-    tied, tied_conf = payload(full, [0, 3], None, layers)
-    assert "layer-experts" not in tied_conf and "experts.0.blocks.1.moe.w1" in tied
-    with pytest.raises(ValueError, match="layer-experts"):
-        held_from_config({"expert-ids": [0], "layer-experts": [1, 0, 0]}, 6)
+    # tied layers: one holding with equal rows, the same expert tensors in every layer
+    tied, tied_conf = payload(full, holding_from_lists([0, 3], 2, 6), layers)
+    assert tied_conf["layer-experts"] == [1, 0, 0, 1, 0, 0] * 2 and "experts.0.blocks.1.moe.w1" in tied
+    assert set(tied) == {k for k in full if not k.startswith("experts.") or k.split(".")[1] in ("0", "3")}
+    for bad in ({"expert-ids": [0], "layer-experts": [1, 0, 0]}, {"expert-ids": [0]}):
+        with pytest.raises(ValueError, match="layer-experts"):
+            held_from_config(bad, 6)
 
 
 def _update(glob, held, layer_tokens, shift):
     layers = moe_layers(glob)
-    arrays = {k: v + shift for k, v in payload(glob, [], held, layers)[0].items()}
+    arrays = {k: v + shift for k, v in payload(glob, held, layers)[0].items()}
     return ClientUpdate(arrays, 10, layer_tokens.sum(axis=0), int(held.any(axis=0).sum()), layer_tokens, held)
 
 
@@ -147,7 +154,7 @@ def reply():
     metrics = {"num-examples": res.num_examples, "train-loss": res.loss}
     content = train_reply_content(to_record(arrays), metrics, result_feedback(res), "c1")
     held = held_matrix(PER_LAYER, 6)
-    sent = Sent("c1", [0, 1, 3, 4], {k: (tuple(v.shape), str(v.dtype)) for k, v in arrays.items()}, 16, held)
+    sent = Sent("c1", held, {k: (tuple(v.shape), str(v.dtype)) for k, v in arrays.items()}, 16)
     return content, sent
 
 
@@ -158,20 +165,25 @@ def _text():
 
 
 def _parse(content, sent):
-    return parse_train_reply(content, 1, sent, 6, 2, 1, SPEC.routes_per_example, 2)
+    return parse_train_reply(
+        content, 1, sent, top_k=2, local_epochs=1, routes_per_example=SPEC.routes_per_example
+    )
 
 
 def test_per_layer_reply_is_accepted_and_bad_ones_rejected(reply):
     content, sent = reply
     ok = _parse(content, sent)
-    assert ok.layer_tokens.shape == (2, 6) and np.array_equal(ok.layer_held, sent.layer_held)
+    assert ok.layer_tokens.shape == (2, 6) and np.array_equal(ok.held, sent.held)
     assert ok.layer_tokens[0, 1] == 0 and ok.layer_tokens[0, 0] > 0
+    assert ok.expert_ids == [0, 1, 3, 4] and np.array_equal(ok.update.tokens, ok.layer_tokens.sum(axis=0))
+    assert np.allclose(ok.layer_expert_loss * ok.layer_tokens, ok.layer_loss_sum)
     bad_cases = {
         "short": lambda fb: fb.__setitem__("layer-tokens", fb["layer-tokens"][:-1]),
         "negative": lambda fb: fb.__setitem__("layer-gate-hist", [-1.0] + fb["layer-gate-hist"][1:]),
         "not-held-in-layer": lambda fb: _move(fb, 0, 1),  # layer 0 reports expert 1 (held in layer 1 only)
         "too-many": lambda fb: fb.__setitem__("layer-tokens", [1e9 * v for v in fb["layer-tokens"]]),
-        "not-summing": lambda fb: fb.__setitem__("layer-tokens", [0.5 * v for v in fb["layer-tokens"]]),
+        "loss-not-held": lambda fb: fb.__setitem__("layer-loss-sum", [1.0] * len(fb["layer-loss-sum"])),
+        "old-totals-only": lambda fb: fb.pop("layer-loss-sum"),
     }
     for name, spoil in bad_cases.items():
         fb = {k: list(v) for k, v in content[FEEDBACK].items()}

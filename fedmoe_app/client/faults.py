@@ -97,7 +97,7 @@ def corrupt(content: RecordDict, kind: str) -> RecordDict:
     elif kind == "num-examples":
         metrics["num-examples"] = 10**12
     elif kind == "feedback":
-        feedback["tokens"] = [-1.0] * len(feedback["tokens"])
+        feedback["layer-tokens"] = [-1.0] * len(feedback["layer-tokens"])
     else:
         raise ValueError(f"unknown corruption {kind!r}; allowed: {', '.join(CORRUPTIONS)}")
     out = RecordDict({k: v for k, v in content.items() if k not in (ARRAYS, METRICS, FEEDBACK)})
@@ -112,8 +112,8 @@ def _fault(msg: Message, context: Context) -> tuple[str | None, int, str]:
     cfg = run_config(context)
     cid = identity(context)
     server_round = int(msg.content[CONFIG].get("server-round", 0))
-    probs = (cfg.fault_drop_prob, cfg.fault_slow_prob, cfg.fault_corrupt_prob)
-    return fault_for(cfg.seed, server_round, cid, *probs), server_round, cid
+    f = cfg.faults
+    return fault_for(f.seed, server_round, cid, f.drop, f.slow, f.corrupt), server_round, cid
 
 
 def with_train_faults(handler: Handler) -> Handler:

@@ -10,6 +10,7 @@ run's dataset.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from functools import lru_cache
 from logging import INFO
@@ -88,13 +89,10 @@ def local_data(cfg: RunConfig, context: Context) -> tuple[Any, Any, Any]:
 
 
 def result_feedback(result: TrainResult) -> dict[str, np.ndarray]:
-    """Return the feedback vectors of a local training result (totals and per MoE layer)."""
+    """Return the ``[L, E]`` feedback of a local training result (the reply's ``feedback``)."""
     return {
-        "tokens": result.tokens,
-        "expert-loss": result.expert_loss,
-        "gate-hist": result.gate_hist,
         "layer-tokens": result.layer_tokens,
-        "layer-expert-loss": result.layer_expert_loss,
+        "layer-loss-sum": result.layer_loss_sum,
         "layer-gate-hist": result.layer_gate_hist,
     }
 
@@ -137,19 +135,17 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
     if cfg.gate_mode == "local" and LOCAL_GATE in context.state:
         gate = from_record(context.state[LOCAL_GATE])
         load_arrays(model, {**model_to_arrays(model), **gate})
-    frozen = bool(conf.get("frozen-experts", False))
+    frozen = bool(conf["frozen-experts"])
     model.set_experts_trainable(not frozen)
-    knobs = cfg.train_kwargs() | {
-        "epochs": int(conf.get("local-epochs", cfg.local_epochs)),  # the server's word wins
-        "lr": float(conf.get("lr", cfg.lr)),
-    }
+    # the server's message decides the round's local work and learning rate
+    knobs = dataclasses.replace(cfg.training, epochs=int(conf["local-epochs"]), lr=float(conf["lr"]))
     result = train(
         model,
         train_split,
-        **knobs,
+        **dataclasses.asdict(knobs),
         device=resolve_device(cfg.device),
-        seed=int(conf.get("seed", cfg.seed)),
-        max_samples=int(conf.get("max-samples", 0)) or None,
+        seed=int(conf["seed"]),
+        max_samples=int(conf["max-samples"]) or None,
     )
     model.cpu()
     arrays = model_to_arrays(model)
@@ -166,12 +162,13 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
     feedback = result_feedback(result)
     if frozen:  # read-only experts are not sent back
         arrays = {k: v for k, v in arrays.items() if parse_expert_key(k) is None}
-    if cfg.dp == "local":  # clip and noise the update before it leaves (privacy.py)
+    dp = cfg.privacy
+    if dp.mode == "local":  # clip and noise the update before it leaves (privacy.py)
         arrays = privatize(
             from_record(msg.content[ARRAYS]),
             arrays,
-            clip_norm=cfg.dp_clip_norm,
-            noise_multiplier=cfg.dp_noise_multiplier,
+            clip_norm=dp.clip_norm,
+            noise_multiplier=dp.noise_multiplier,
             rng=np.random.default_rng(),
         )
     content = train_reply_content(to_record(arrays), metrics, feedback, cid)

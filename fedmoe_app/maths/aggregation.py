@@ -74,7 +74,7 @@ def aggregate(
     gate_from_all: bool,
     single_holders: bool = False,
     method: str = "mean",
-    trim_fraction: float = 0.0,
+    trim_fraction: float | None = None,
     per_layer: bool = False,
 ) -> Arrays:
     """Return the new global arrays from ``updates`` (``global_arrays`` is not modified).
@@ -96,8 +96,8 @@ def aggregate(
         coordinate-wise and unweighted over its trainers (each expert over the clients that
         returned it, everything else, the gate included, over all replies):
         :func:`robust_combine`.
-    trim_fraction : float
-        Share of values cut at each end under ``trimmed-mean``.
+    trim_fraction : float, optional
+        Share of values cut at each end; required by ``trimmed-mean`` (run-config ``trim-fraction``).
     per_layer : bool
         Untied layers: expert ``e`` of MoE layer ``l`` is averaged over the clients that
         returned it, weighted by the tokens *that layer* routed to it, and the rows of layer
@@ -110,6 +110,8 @@ def aggregate(
         New global model with the same keys, shapes and dtypes.
 
     """
+    if method not in AGGREGATIONS or (method == "trimmed-mean" and trim_fraction is None):
+        raise ValueError(f"aggregation {method!r}: one of {AGGREGATIONS} (trimmed-mean with a trim_fraction)")
     out = {k: np.array(v, copy=True) for k, v in global_arrays.items()}
     if not updates:
         return out

@@ -94,11 +94,21 @@ def expert_suffix(state_name: str) -> str:
     return ".".join(p for p in state_name.split(".") if p != "experts")
 
 
-HeldExperts = Sequence[int] | Sequence[Sequence[int]]
+#: The experts a sub-model holds: a boolean ``[L, E]`` holding (one row per MoE layer; tied
+#: layers have equal rows) or ``[E]``, or the ids held (one list for every layer, or one per layer).
+HeldExperts = np.ndarray | Sequence[int] | Sequence[Sequence[int]]
 
 
 def parse_held(expert_ids: HeldExperts | None, num_experts: int, num_layers: int) -> list[list[int]]:
     """Sorted global ids held in each of ``num_layers`` MoE layers (see :meth:`MoEModel._hold`)."""
+    if isinstance(expert_ids, (Tensor, np.ndarray)) and expert_ids.dtype in (torch.bool, np.bool_):
+        mask = np.asarray(expert_ids.cpu() if isinstance(expert_ids, Tensor) else expert_ids, dtype=bool)
+        if mask.shape[-1] != num_experts or mask.ndim not in (1, 2):
+            raise ValueError(
+                f"a holding mask must be bool [E] or [L, E] with E = {num_experts}, got {mask.shape}"
+            )
+        expert_ids = [np.flatnonzero(row).tolist() for row in np.atleast_2d(mask)]
+        expert_ids = expert_ids[0] if mask.ndim == 1 else expert_ids
     if isinstance(expert_ids, (Tensor, np.ndarray)):
         expert_ids = expert_ids.tolist()
     if expert_ids is None:

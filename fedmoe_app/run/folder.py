@@ -29,10 +29,10 @@ def output_dir(cfg: RunConfig) -> Path:
         If ``run-name`` is not a plain folder name (no separators, not ``.`` or ``..``).
 
     """
-    root = Path(cfg.output_dir)
+    root = Path(cfg.output.output_dir)
     if not root.is_absolute():
         root = Path(os.environ.get("FEDMOE_OUTPUT_ROOT", os.getcwd())) / root
-    name = cfg.run_name or dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
+    name = cfg.output.run_name or dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
     if name in (".", "..") or Path(name).name != name or "\\" in name:
         raise RunFolderError(f"run-config key 'run-name' = {name!r} is invalid; allowed: a plain folder name")
     return root / name
@@ -52,7 +52,7 @@ def check_run_folder(out: Path, cfg: RunConfig) -> dict | None:
 
     """
     ckpt = checkpoint_path(out)
-    if not cfg.resume:
+    if not cfg.output.resume:
         if ckpt.exists():
             raise RunFolderError(
                 f"run folder {out} already holds a run; choose another 'run-name', or set resume=true"

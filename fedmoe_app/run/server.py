@@ -11,7 +11,7 @@ import numpy as np
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from ..config import RunConfig
+from ..config.run import RunConfig
 from ..models import build_model, model_spec, model_to_arrays
 from ..server.strategy import FedMoE
 from ..tensors import Arrays

@@ -15,7 +15,6 @@ def feed_alignment(
     alignment: AlignmentState | LayeredAlignment,
     kept: Sequence[TrainReply],
     updates: Sequence[ClientUpdate],
-    num_experts: int,
 ) -> None:
     """Update ``alignment`` with the feedback of the replies that entered the model.
 
@@ -23,23 +22,12 @@ def feed_alignment(
     the ones the model was aggregated with. A :class:`LayeredAlignment` gets each layer's
     feedback (``[R, L, E]``), an :class:`AlignmentState` the sums over the layers.
     """
-    ids = [r.client_id for r in kept]
-    if isinstance(alignment, LayeredAlignment):
-        alignment.update(
-            ids,
-            np.stack([r.layer_held for r in kept]),
-            np.stack([u.layer_tokens for u in updates]),
-            np.stack([r.layer_expert_loss for r in kept]),
-            np.stack([r.layer_gate_hist for r in kept]),
-        )
-        return
-    held = np.zeros((len(kept), num_experts), dtype=bool)
-    for i, r in enumerate(kept):
-        held[i, r.expert_ids] = True
-    alignment.update(
-        ids,
-        held,
-        np.stack([u.tokens for u in updates]),
-        np.stack([r.expert_loss for r in kept]),
-        np.stack([r.gate_hist for r in kept]),
-    )
+    held = np.stack([r.held for r in kept])  # [R, L, E]
+    if isinstance(alignment, LayeredAlignment):  # one state per MoE layer: [R, L, E] each
+        tokens = [u.layer_tokens for u in updates]
+        loss, hist = [r.layer_expert_loss for r in kept], [r.layer_gate_hist for r in kept]
+    else:  # one state for every layer: the feedback summed over the layers, [R, E] each
+        held = held.any(axis=1)
+        tokens = [u.tokens for u in updates]
+        loss, hist = [r.expert_loss for r in kept], [r.gate_hist for r in kept]
+    alignment.update([r.client_id for r in kept], held, np.stack(tokens), np.stack(loss), np.stack(hist))

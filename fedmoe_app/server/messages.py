@@ -12,7 +12,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import log
 
 from ..tensors import select
-from ..wire.holdings import Held, payload, stored_payload
+from ..wire.holdings import payload
 from ..wire.protocol import ARRAYS, CONFIG, Sent
 from ..wire.records import to_record, wire_nbytes
 from .planner import RoundPlan
@@ -43,25 +43,23 @@ def train_messages(
 ) -> TrainMessages:
     """Build one train message per planned client (``nodes``: client id -> node id).
 
-    Each message holds the shared tensors and the client's experts (per MoE layer when untied),
+    Each message holds the shared tensors and the client's holding (its experts in every MoE layer),
     the round's ``lr``, ``local-epochs``, a training seed drawn from ``rng``, whether its experts
     are read-only and its sample budget. A read-only client returns the shared part only.
     Logs the round's bytes down next to what the dense model would cost (``policy`` names the plan).
     """
     messages, sent, bytes_down = [], {}, 0
     for row, cid in enumerate(plan.client_ids):
-        node, expert_ids, held = nodes[cid], plan.experts_of(row), plan.layer_experts_of(row)
-        read_only = bool(plan.frozen[row])
-        sub, names = payload(arrays, expert_ids, held, layers)
+        node, held, read_only = nodes[cid], plan.assignment[row], bool(plan.frozen[row])
+        sub, names = payload(arrays, held, layers)
         returned = select(sub, []) if read_only else sub
         record = to_record(sub)
         bytes_down += wire_nbytes(record)
         sent[node] = Sent(
             client_id=cid,
-            expert_ids=expert_ids,
+            held=held,
             shapes={k: (tuple(v.shape), str(v.dtype)) for k, v in returned.items()},
             max_examples=profiles.get(cid, {}).get("num-examples"),
-            layer_held=held,
         )
         config = ConfigRecord(
             {
@@ -92,21 +90,20 @@ def train_messages(
 
 def evaluate_messages(
     arrays: Mapping[str, np.ndarray],
-    held: Mapping[int, Held],
+    held: Mapping[int, np.ndarray],
     *,
-    num_experts: int,
     layers: Sequence[str],
     server_round: int,
 ) -> list[Message]:
-    """Return one evaluate message per node of ``held`` (node id -> its experts), skipping empty ones.
+    """Return one evaluate message per node of ``held`` (node id -> its holding), skipping empty ones.
 
     Each holds the shared part and the node's experts: its sparse (personalized) view.
     """
     messages = []
-    for node, experts in held.items():
-        if not experts:
+    for node, holding in held.items():
+        if not holding.any():
             continue
-        sub, names = stored_payload(arrays, experts, num_experts, layers)
+        sub, names = payload(arrays, holding, layers)
         config = ConfigRecord({**names, "server-round": server_round})
         content = RecordDict({ARRAYS: to_record(sub), CONFIG: config})
         messages.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node))

@@ -28,7 +28,7 @@ from ..capacity import (
     round_time_s,
     virtual_round_time_s,
 )
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, PlanningSection
 from ..tensors import payload_nbytes
 
 Profiles = Sequence[CapacityProfile | Mapping[str, Any]]
@@ -46,7 +46,8 @@ class RoundPlan:
         int64 ``[C]``: experts each client can hold (0: none, it trains the shared part
         against one read-only expert).
     assignment : np.ndarray
-        bool ``[C, E]``: the experts each client receives.
+        bool ``[C, L, E]``: each client's holding, the experts it receives in every MoE layer
+        (equal rows when layers are tied).
     frozen : np.ndarray
         bool ``[C]``: clients that hold their experts read-only and train the shared part
         only (capacity 0, or below ``min-trained-experts`` except under ``dense``).
@@ -54,9 +55,8 @@ class RoundPlan:
         int64 ``[C]``: training samples asked of each client; 0 means its full local work.
     virtual_round_time_s : float or None
         Simulated duration of the round (slowest client); None when a profile is incomplete.
-    layer_assignment : np.ndarray or None
-        bool ``[C, L, E]`` with untied layers (``tie-layers = false``): the experts each client
-        receives in every MoE layer (``assignment`` is then their union); None when tied.
+    tied : bool
+        Whether every client holds the same experts in every layer (``tie-layers``).
     plan_s : float
         Seconds the alignment took to plan (the policy's assignment, incl. ``dp`` checks).
 
@@ -68,16 +68,12 @@ class RoundPlan:
     frozen: np.ndarray
     budgets: np.ndarray
     virtual_round_time_s: float | None
-    layer_assignment: np.ndarray | None = None
+    tied: bool = True
     plan_s: float = 0.0
 
     def experts_of(self, row: int) -> list[int]:
         """Global expert ids assigned to client row ``row`` (in any MoE layer)."""
-        return np.flatnonzero(self.assignment[row]).tolist()
-
-    def layer_experts_of(self, row: int) -> np.ndarray | None:
-        """Bool ``[L, E]`` plan of client row ``row`` with untied layers; ``None`` when tied."""
-        return None if self.layer_assignment is None else self.layer_assignment[row]
+        return np.flatnonzero(self.assignment[row].any(axis=0)).tolist()
 
 
 class Planner:
@@ -85,16 +81,20 @@ class Planner:
 
     Parameters
     ----------
-    cfg : RunConfig
-        The run's config: ``policy``, ``capacity``, ``experts-per-client``,
-        ``under-capacity``, ``round-deadline-s``, ``local-epochs``, ``batch-size``.
+    cfg : PlanningSection
+        ``policy``, ``capacity``, ``experts-per-client``, ``under-capacity``,
+        ``round-deadline-s``, ``min-trained-experts``, ``local-epochs``, ``batch-size`` and
+        the least trainers of a planned expert (``dp-min-trainers`` under DP, else 0).
     costs : ModelCosts
         The model's counted costs (memory and time models).
+    num_layers : int
+        MoE layers of the model: the rows of every holding.
 
     """
 
-    def __init__(self, cfg: RunConfig, costs: ModelCosts) -> None:
+    def __init__(self, cfg: PlanningSection, costs: ModelCosts, num_layers: int = 1) -> None:
         self.cfg = cfg
+        self.num_layers = num_layers
         self.memory = MemoryModel(costs, cfg.batch_size)
         self.profiled = cfg.capacity == "profiled"
         self.policy = get_policy(cfg.policy)
@@ -137,29 +137,25 @@ class Planner:
         num_experts = self.memory.costs.num_experts
         t0 = time.perf_counter()
         if ids:
-            assignment = alignment.plan(ids, np.maximum(capacity, 1), self.policy, rng)
+            planned = alignment.plan(ids, np.maximum(capacity, 1), self.policy, rng)
         else:
-            assignment = np.zeros((0, num_experts), dtype=bool)
-        layer_assignment = None
-        if assignment.ndim == 3:  # untied layers: [C, L, E]; experts per layer count
-            layer_assignment, assignment = assignment, assignment.any(axis=1)
-            held = layer_assignment.sum(axis=2).max(axis=1, initial=0)
-        else:
-            held = None
+            planned = np.zeros((0, num_experts), dtype=bool)
+        tied = planned.ndim == 2  # one plan for every MoE layer, else [C, L, E]
         frozen = self.policy.frozen(capacity, self.cfg.min_trained_experts)
-        if self.cfg.dp != "off" and ids:
-            assignment = self._min_trainers(alignment, ids, assignment, frozen)
-        held = assignment.sum(axis=1) if held is None else held
+        if self.cfg.min_trainers > 0 and ids:  # dp runs are tied (config)
+            planned = self._min_trainers(alignment, ids, planned, frozen)
+        holding = np.repeat(planned[:, None, :], self.num_layers, axis=1) if tied else planned
+        held = holding.sum(axis=2).max(axis=1, initial=0)  # experts held in the fullest layer
         plan_s = time.perf_counter() - t0
         budgets = self._sample_budgets(profiles, held, global_arrays)
         return RoundPlan(
             client_ids=ids,
             capacity=capacity,
-            assignment=assignment,
+            assignment=holding,
             frozen=frozen,
             budgets=budgets,
             virtual_round_time_s=self._virtual_time(profiles, held, budgets, global_arrays),
-            layer_assignment=layer_assignment,
+            tied=tied,
             plan_s=plan_s,
         )
 
@@ -167,7 +163,7 @@ class Planner:
         self, alignment: AlignmentState, ids: list[str], assignment: np.ndarray, frozen: np.ndarray
     ) -> np.ndarray:
         """Plan no expert to fewer than ``dp-min-trainers`` trainers (:func:`enforce_min_trainers`)."""
-        m = self.cfg.dp_min_trainers
+        m = self.cfg.min_trainers
         try:
             return enforce_min_trainers(assignment, ~frozen, alignment.desirability(ids), m)
         except ValueError as exc:
@@ -211,7 +207,7 @@ class Planner:
 def capacity_for_profiles(
     profiles: Profiles,
     memory: MemoryModel,
-    cfg: RunConfig,
+    cfg: PlanningSection,
     global_arrays: Mapping[str, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Capacities for the strategy: :func:`capacity_from_profiles` on stored profiles.
@@ -279,7 +275,7 @@ def _client_times(
     )
 
 
-def planned_samples(profiles: Profiles, cfg: RunConfig) -> np.ndarray:
+def planned_samples(profiles: Profiles, cfg: PlanningSection) -> np.ndarray:
     """Training samples each client would process in a full round (epochs x its examples)."""
     a = profile_arrays(profiles)
     return cfg.local_epochs * np.nan_to_num(a["num_examples"], nan=0.0)
@@ -289,7 +285,7 @@ def deadline_sample_budget(
     profiles: Profiles,
     n_experts: np.ndarray | Sequence[int],
     memory: MemoryModel,
-    cfg: RunConfig,
+    cfg: PlanningSection,
     global_arrays: Mapping[str, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Training samples each client can process within ``round-deadline-s``.
@@ -317,7 +313,7 @@ def virtual_round_time(
     profiles: Profiles,
     n_experts: np.ndarray | Sequence[int],
     memory: MemoryModel,
-    cfg: RunConfig,
+    cfg: PlanningSection,
     global_arrays: Mapping[str, np.ndarray] | None = None,
     samples: np.ndarray | None = None,
 ) -> float | None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import RunConfig
+from ..config import PrivacySection
 from ..maths.privacy import private_mean
 from ..tensors import Arrays, experts_in
 from ..wire.protocol import TrainReply
@@ -19,18 +19,18 @@ class PrivateAggregation:
 
     Parameters
     ----------
-    cfg : RunConfig
-        ``dp``, ``dp-clip-norm``, ``dp-noise-multiplier``, ``dp-delta``.
+    privacy : PrivacySection
+        ``dp``, ``dp-clip-norm``, ``dp-noise-multiplier``, ``dp-delta``, ``dp-min-trainers``.
     num_experts : int
         Experts in the model.
 
     """
 
-    def __init__(self, cfg: RunConfig, num_experts: int) -> None:
-        self.central = cfg.dp == "central"
-        self.clip_norm, self.noise_multiplier = cfg.dp_clip_norm, cfg.dp_noise_multiplier
-        self.num_experts, self.min_trainers = num_experts, cfg.dp_min_trainers
-        self.accountant = GroupAccountant(num_experts, cfg.dp, cfg.dp_noise_multiplier, cfg.dp_delta)
+    def __init__(self, privacy: PrivacySection, num_experts: int) -> None:
+        self.central = privacy.mode == "central"
+        self.clip_norm, self.noise_multiplier = privacy.clip_norm, privacy.noise_multiplier
+        self.num_experts, self.min_trainers = num_experts, privacy.min_trainers
+        self.accountant = GroupAccountant(num_experts, privacy.mode, privacy.noise_multiplier, privacy.delta)
         self.rng = np.random.default_rng()  # never the run's seed (privacy.py)
         self.last: dict[str, Any] | None = None
 

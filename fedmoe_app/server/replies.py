@@ -26,6 +26,11 @@ class ReplyLimits:
     routes_per_example: int
     num_layers: int
 
+    @classmethod
+    def of(cls, spec: Any, local_epochs: int, num_layers: int) -> ReplyLimits:
+        """Return the limits of a model ``spec`` (``num_experts``, ``top_k``, ``routes_per_example``)."""
+        return cls(spec.num_experts, spec.top_k, local_epochs, spec.routes_per_example, num_layers)
+
 
 @dataclass(frozen=True)
 class TrainReplies:
@@ -72,11 +77,9 @@ def collect_train_replies(
                     msg.content,
                     node,
                     node_sent,
-                    limits.num_experts,
-                    limits.top_k,
-                    limits.local_epochs,
-                    limits.routes_per_example,
-                    limits.num_layers,
+                    top_k=limits.top_k,
+                    local_epochs=limits.local_epochs,
+                    routes_per_example=limits.routes_per_example,
                 )
             )
         except ReplyRejected as exc:

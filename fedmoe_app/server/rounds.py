@@ -13,6 +13,7 @@ from flwr.common import log
 
 from ..alignment import load_cv
 from ..maths.robust import Bounded
+from ..wire.holdings import holding_lists
 from ..wire.protocol import Sent
 from .planner import RoundPlan
 
@@ -160,7 +161,7 @@ def round_row(
     ``link`` seconds.
     """
     plan = train_round.plan
-    assigned_clients = plan.assignment.sum(axis=0)
+    assigned_clients = plan.assignment.any(axis=1).sum(axis=0)
     row: dict[str, Any] = {
         "round": train_round.server_round,
         "failures": train_round.query_failures + outcome.failures + evaluate_query_failures,
@@ -183,10 +184,9 @@ def round_row(
     }
     if outcome.expert_load_per_layer is not None:
         row["expert_load_per_layer"] = outcome.expert_load_per_layer.tolist()
-    if plan.layer_assignment is not None:
+    if not plan.tied:
         row["layer_assignment"] = {
-            cid: [np.flatnonzero(h).tolist() for h in plan.layer_assignment[i]]
-            for i, cid in enumerate(plan.client_ids)
+            cid: holding_lists(plan.assignment[i]) for i, cid in enumerate(plan.client_ids)
         }
     if outcome.privacy is not None:
         row.update(outcome.privacy)

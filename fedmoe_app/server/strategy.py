@@ -23,7 +23,6 @@ from flwr.serverapp.strategy import Result, Strategy
 from ..config import RunConfig
 from ..models import AnySpec, model_costs
 from ..tensors import Arrays, moe_layers
-from ..wire.holdings import Held, plan_lists
 from ..wire.records import from_record, to_record
 from .loop import EvaluateFn, FlowerEvaluateFn, RoundCallback, check_same_tensors, run_rounds, starting_arrays
 from .messages import evaluate_messages, train_messages
@@ -50,25 +49,24 @@ class FedMoE(Strategy):
     """
 
     def __init__(self, cfg: RunConfig, spec: AnySpec, initial_arrays: Arrays) -> None:
-        self.cfg = cfg
+        self.rounds, self.rules, self.knobs = cfg.round, cfg.aggregation_rules, cfg.alignment
         self.spec = spec
         self.num_experts = spec.num_experts
         self.initial_arrays: Arrays = dict(initial_arrays)
-        self.layers = moe_layers(initial_arrays)  # MoE layers, rows of per-layer feedback
-        self.planner = Planner(cfg, model_costs(spec))
-        self.state = ServerState(cfg, spec.num_experts, len(self.layers))
-        self.limits = ReplyLimits(
-            spec.num_experts, spec.top_k, cfg.local_epochs, spec.routes_per_example, len(self.layers)
-        )
+        self.layers = moe_layers(initial_arrays)  # MoE layers, the rows of every holding
+        self.planner = Planner(cfg.planning, model_costs(spec), len(self.layers))
+        sections = {"alignment": cfg.alignment, "rounds": cfg.round, "privacy": cfg.privacy}
+        self.state = ServerState(spec.num_experts, len(self.layers), tied=cfg.tie_layers, **sections)
+        self.limits = ReplyLimits.of(spec, cfg.local_epochs, len(self.layers))
         self._flower_round: tuple[Arrays, TrainRound] | None = None  # configure_train -> aggregate_train
 
     def summary(self) -> None:
         """Log the strategy's configuration."""
-        c = self.cfg
-        log(INFO, "\t├── Policy: %s, capacity: %s", c.policy, c.capacity)
+        r, p, k = self.rounds, self.planner.cfg, self.knobs
+        log(INFO, "\t├── Policy: %s, capacity: %s", p.policy, p.capacity)
         log(INFO, "\t├── Experts: %d, top-k: %d", self.num_experts, self.spec.top_k)
-        log(INFO, "\t├── Sampling: fraction-train %.2f (min %d)", c.fraction_train, c.min_train_nodes)
-        decays = (c.fitness_ema, c.fitness_decay, c.usage_decay)
+        log(INFO, "\t├── Sampling: fraction-train %.2f (min %d)", r.fraction_train, r.min_train_nodes)
+        decays = (k.fitness_ema, k.fitness_decay, k.usage_decay)
         log(INFO, "\t└── Fitness EMA %.2f, decay %.2f; usage decay %.2f", *decays)
 
     # ------------------------------------------------------------------ Flower's Strategy API
@@ -105,7 +103,7 @@ class FedMoE(Strategy):
     # ------------------------------------------------------------------ one round, by value
     def plan_train(self, server_round: int, arrays: Mapping[str, np.ndarray], grid: Grid) -> TrainRound:
         """Sample nodes, plan the round on ``arrays`` and build its messages; return all of it."""
-        sample = self._sample(grid, self.cfg.fraction_train, self.cfg.min_train_nodes, server_round)
+        sample = self._sample(grid, self.rounds.fraction_train, self.rounds.min_train_nodes, server_round)
         node_of = {self.state.nodes.client_of(n): n for n in sample.nodes}
         sampled = list(node_of)
         profiles = [self.state.profiles.get(c, {}) for c in sampled]
@@ -117,10 +115,10 @@ class FedMoE(Strategy):
             profiles=self.state.profiles,
             layers=self.layers,
             server_round=server_round,
-            lr=self.cfg.lr,
-            local_epochs=self.cfg.local_epochs,
+            lr=self.rounds.lr,
+            local_epochs=self.rounds.local_epochs,
             rng=self.state.rng,
-            policy=self.cfg.policy,
+            policy=self.planner.cfg.policy,
         )
         return TrainRound(
             server_round=server_round,
@@ -142,16 +140,16 @@ class FedMoE(Strategy):
         alignment state; with fewer than ``min-replies`` valid replies the model is kept.
         """
         got = collect_train_replies(replies, train_round.sent, self.limits)
-        if len(got.valid) < self.cfg.min_replies:
-            few = (len(got.valid), self.cfg.min_replies)
+        if len(got.valid) < self.rounds.min_replies:
+            few = (len(got.valid), self.rounds.min_replies)
             log(WARNING, "aggregate_train: %d valid repl(ies) < min-replies %d; keeping the model", *few)
             return dict(arrays), train_outcome(got, None, self.limits, self.state.privacy_report())
-        bounded = bounded_updates(arrays, got.valid, self.cfg)
-        kept = [got.valid[i] for i in bounded.kept]
-        new = dict(arrays)
+        priv = self.state.privacy
+        bounded = bounded_updates(arrays, got.valid, self.rules, private=priv is not None)
+        kept, new = [got.valid[i] for i in bounded.kept], dict(arrays)
         if kept:
             new = updated_model(
-                arrays, kept, bounded, self.cfg, privacy=self.state.privacy, population=train_round.population
+                arrays, kept, bounded, self.rules, privacy=priv, population=train_round.population
             )
             self.state.learn(kept, bounded.updates)
         return new, train_outcome(got, bounded, self.limits, self.state.privacy_report())
@@ -160,12 +158,14 @@ class FedMoE(Strategy):
         self, server_round: int, arrays: Mapping[str, np.ndarray], grid: Grid
     ) -> tuple[list[Message], int]:
         """Return the evaluation messages of a round and the number of nodes whose query failed."""
-        if self.cfg.fraction_evaluate == 0.0:
+        if self.rounds.fraction_evaluate == 0.0:
             return [], 0
-        sample = self._sample(grid, self.cfg.fraction_evaluate, self.cfg.min_evaluate_nodes, server_round)
+        sample = self._sample(
+            grid, self.rounds.fraction_evaluate, self.rounds.min_evaluate_nodes, server_round
+        )
         held = {n: self._evaluation_experts(self.state.nodes.client_of(n), arrays) for n in sample.nodes}
-        layout = {"num_experts": self.num_experts, "layers": self.layers, "server_round": server_round}
-        return evaluate_messages(arrays, held, **layout), sample.query_failures
+        messages = evaluate_messages(arrays, held, layers=self.layers, server_round=server_round)
+        return messages, sample.query_failures
 
     def evaluate_round(self, replies: Iterable[Message]) -> EvaluateOutcome:
         """Per-client local test results of a round; invalid replies rejected and counted."""
@@ -207,8 +207,8 @@ class FedMoE(Strategy):
             evaluate_fn=evaluate_fn,
             on_round=on_round,
             start_round=start_round,
-            min_replies=self.cfg.min_replies,
-            max_failed_rounds=self.cfg.max_failed_rounds,
+            min_replies=self.rounds.min_replies,
+            max_failed_rounds=self.rounds.max_failed_rounds,
         )
 
     # ------------------------------------------------------------------ state
@@ -220,16 +220,18 @@ class FedMoE(Strategy):
             minimum=minimum,
             server_round=server_round,
             rng=self.state.rng,
-            discovery=self.cfg.discovery,
+            discovery=self.rounds.discovery,
         )
 
-    def _evaluation_experts(self, client_id: str, arrays: Mapping[str, np.ndarray]) -> Held:
-        """Return the experts a client evaluates: those it last trained, else its policy's pick."""
-        if client_id in self.state.last_experts:
-            return self.state.last_experts[client_id]
+    def _evaluation_experts(self, client_id: str, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Return the holding a client evaluates: the one it last trained, else its policy's pick."""
+        last = self.state.holding_of(client_id)
+        if last is not None:
+            return last
         capacity = self.planner.capacity([self.state.profiles.get(client_id, {})], arrays)
         unseen = self.planner.policy.evaluation_policy
-        return plan_lists(self.state.alignment.plan([client_id], capacity, unseen, self.state.rng)[0])
+        planned = self.state.alignment.plan([client_id], capacity, unseen, self.state.rng)[0]
+        return planned if planned.ndim == 2 else np.repeat(planned[None, :], len(self.layers), axis=0)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything but the model needed to resume (:meth:`.state.ServerState.state_dict`)."""

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ..config import RunConfig
+from ..config import AggregationSection
 from ..maths.aggregation import aggregate, balance_gate_bias
 from ..maths.robust import Bounded, bound_updates
 from ..tensors import Arrays
@@ -14,22 +14,26 @@ from ..wire.protocol import TrainReply
 from .private_round import PrivateAggregation
 
 
-def bounded_updates(arrays: Mapping[str, np.ndarray], valid: Sequence[TrainReply], cfg: RunConfig) -> Bounded:
+def bounded_updates(
+    arrays: Mapping[str, np.ndarray], valid: Sequence[TrainReply], rules: AggregationSection, *, private: bool
+) -> Bounded:
     """Return the updates that may enter the model.
 
     Under DP all of them (clipping bounds them); else those within ``update-bound``, with
     example weights capped by ``weight-cap`` (:mod:`~fedmoe_app.maths.robust`).
     """
-    if cfg.dp != "off":
+    if private:
         return Bounded([r.update for r in valid], list(range(len(valid))), 0, 0)
-    return bound_updates(arrays, [r.update for r in valid], bound=cfg.update_bound, weight_cap=cfg.weight_cap)
+    return bound_updates(
+        arrays, [r.update for r in valid], bound=rules.update_bound, weight_cap=rules.weight_cap
+    )
 
 
 def updated_model(
     arrays: Mapping[str, np.ndarray],
     kept: Sequence[TrainReply],
     bounded: Bounded,
-    cfg: RunConfig,
+    rules: AggregationSection,
     *,
     privacy: PrivateAggregation | None,
     population: int,
@@ -46,11 +50,11 @@ def updated_model(
         averaged = aggregate(
             arrays,
             bounded.updates,
-            gate_from_all=cfg.gate_from_all,
-            single_holders=cfg.route_loss_weight > 0,
-            method=cfg.aggregation,
-            trim_fraction=cfg.trim_fraction,
-            per_layer=not cfg.tie_layers,
+            gate_from_all=rules.gate_from_all,
+            single_holders=rules.single_holders,
+            method=rules.method,
+            trim_fraction=rules.trim_fraction,
+            per_layer=rules.per_layer,
         )
     hist = np.stack([r.gate_hist for r in kept])
-    return balance_gate_bias(averaged, hist, cfg.gate_balance_rate)
+    return balance_gate_bias(averaged, hist, rules.gate_balance_rate)

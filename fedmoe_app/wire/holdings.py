@@ -1,12 +1,12 @@
-"""Untied MoE layers on the wire: the experts a client holds per layer, in messages and state.
+"""What a client holds: one boolean ``[L, E]`` holding, in plans, messages, replies and state.
 
-With run-config ``tie-layers = true`` (the default) a client holds the same experts in every
-MoE layer and a message names them once (``expert-ids``). With ``tie-layers = false`` the plan
-is a bool ``[L, E]`` matrix per client (row ``l``: the experts it holds in MoE layer ``l``,
-layers in the order of :func:`fedmoe_app.tensors.moe_layers`); the message carries only those
-(layer, expert) tensors (:func:`~fedmoe_app.tensors.select_layers`), ``expert-ids`` names their
-union and ``layer-experts`` the flat ``[L, E]`` 0/1 mask. A client builds its sub-model from
-:func:`held_from_config`.
+Row ``l`` of a holding is the set of experts the client holds in MoE layer ``l`` (layers in the
+order of :func:`fedmoe_app.tensors.moe_layers`). With run-config ``tie-layers = true`` (the
+default) every row is the same; with ``tie-layers = false`` each layer has its own. Either way a
+message carries exactly the (layer, expert) tensors of its holding
+(:func:`~fedmoe_app.tensors.select_layers`), and its config names the holding twice:
+``layer-experts``, the flat row-major ``[L, E]`` 0/1 mask, and ``expert-ids``, the union of its
+rows (a convenience for readers). A client builds its sub-model from :func:`held_from_config`.
 """
 
 from __future__ import annotations
@@ -16,70 +16,59 @@ from typing import Any
 
 import numpy as np
 
-from ..tensors import Arrays, select, select_layers
+from ..tensors import Arrays, select_layers
 
 LAYER_EXPERTS = "layer-experts"
+EXPERT_IDS = "expert-ids"
 
-Held = list[int] | list[list[int]]
+
+def union(held: np.ndarray) -> list[int]:
+    """Return the experts a holding holds in any MoE layer."""
+    return np.flatnonzero(np.asarray(held, dtype=bool).any(axis=0)).tolist()
 
 
-def held_from_config(conf: Mapping[str, Any], num_experts: int) -> Held:
-    """Return the experts a train or evaluate message asks a client to hold: one list, or per layer.
+def holding_lists(held: np.ndarray) -> list[list[int]]:
+    """Return the expert ids of every row of a holding (its JSON form in metrics and checkpoints)."""
+    return [np.flatnonzero(row).tolist() for row in np.asarray(held, dtype=bool)]
+
+
+def holding_from_lists(
+    rows: Sequence[int] | Sequence[Sequence[int]], num_layers: int, num_experts: int
+) -> np.ndarray:
+    """Return the bool ``[L, E]`` holding of :func:`holding_lists`' rows (one flat list: every layer)."""
+    held = np.zeros((num_layers, num_experts), dtype=bool)
+    if len(rows) and isinstance(rows[0], (int, np.integer)):
+        held[:, [int(e) for e in rows]] = True
+        return held
+    for layer, ids in enumerate(rows):
+        held[layer, [int(e) for e in ids]] = True
+    return held
+
+
+def holding_config(held: np.ndarray) -> dict[str, Any]:
+    """Return the config entries that name a holding in a message."""
+    return {EXPERT_IDS: union(held), LAYER_EXPERTS: np.asarray(held, dtype=np.int64).ravel().tolist()}
+
+
+def held_from_config(conf: Mapping[str, Any], num_experts: int) -> np.ndarray:
+    """Return the bool ``[L, E]`` holding a train or evaluate message asks a client to hold.
 
     Raises
     ------
     ValueError
-        If ``layer-experts`` is not a whole number of rows of ``num_experts`` 0/1 values.
+        If ``layer-experts`` is missing or not a whole number of rows of ``num_experts`` 0/1 values.
 
     """
-    mask = conf.get(LAYER_EXPERTS)
-    if mask is None:
-        return [int(e) for e in conf["expert-ids"]]
-    flat = np.asarray(list(mask), dtype=np.int64)
+    flat = np.asarray(list(conf.get(LAYER_EXPERTS) or []), dtype=np.int64)
     if flat.size == 0 or flat.size % num_experts or not np.isin(flat, (0, 1)).all():
         raise ValueError(
             f"'{LAYER_EXPERTS}' must be rows of {num_experts} 0/1 values, got {flat.size} values"
         )
-    return [np.flatnonzero(row).tolist() for row in flat.reshape(-1, num_experts)]
-
-
-def held_matrix(held: Sequence[Sequence[int]], num_experts: int) -> np.ndarray:
-    """Bool ``[L, E]`` of per-layer expert lists."""
-    out = np.zeros((len(held), num_experts), dtype=bool)
-    for layer, ids in enumerate(held):
-        out[layer, list(ids)] = True
-    return out
+    return flat.reshape(-1, num_experts).astype(bool)
 
 
 def payload(
-    global_arrays: Mapping[str, np.ndarray],
-    expert_ids: list[int],
-    held: np.ndarray | None,
-    layers: Sequence[str],
+    arrays: Mapping[str, np.ndarray], held: np.ndarray, layers: Sequence[str]
 ) -> tuple[Arrays, dict[str, Any]]:
-    """Return what one client is sent: its arrays and the config entries naming its experts.
-
-    ``held`` is its bool ``[L, E]`` plan (untied) or ``None`` (tied: ``expert_ids`` in every layer).
-    """
-    if held is None:
-        return select(global_arrays, expert_ids), {"expert-ids": expert_ids}
-    union = np.flatnonzero(held.any(axis=0)).tolist()
-    conf = {"expert-ids": union, LAYER_EXPERTS: held.astype(np.int64).ravel().tolist()}
-    return select_layers(global_arrays, held, layers), conf
-
-
-def plan_lists(plan: np.ndarray) -> Held:
-    """Expert ids of one client's plan row: a list (bool ``[E]``, tied) or one per layer (``[L, E]``)."""
-    if plan.ndim == 1:
-        return np.flatnonzero(plan).tolist()
-    return [np.flatnonzero(row).tolist() for row in plan]
-
-
-def stored_payload(
-    global_arrays: Mapping[str, np.ndarray], experts: Held, num_experts: int, layers: Sequence[str]
-) -> tuple[Arrays, dict[str, Any]]:
-    """Build :func:`payload` for experts stored as :func:`plan_lists` gives them (one list or per layer)."""
-    if experts and not isinstance(experts[0], (int, np.integer)):
-        held = held_matrix(experts, num_experts)
-        return payload(global_arrays, np.flatnonzero(held.any(axis=0)).tolist(), held, layers)
-    return payload(global_arrays, list(experts), None, layers)
+    """Return what one client is sent: the shared part, its holding's experts, the config naming them."""
+    return select_layers(arrays, held, layers), holding_config(held)

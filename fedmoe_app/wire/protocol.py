@@ -1,14 +1,15 @@
 """What travels between server and clients, and how every reply is checked before use.
 
-Train message (server → client): ``arrays`` (ArrayRecord: shared + assigned experts),
-``config`` (ConfigRecord: ``expert-ids``, ``server-round``, ``lr``, ``local-epochs``,
-``seed``; with untied layers also ``layer-experts``, the flat ``[L, E]`` 0/1 mask of the
-experts held per MoE layer). Train reply: ``arrays`` (the same keys, trained), ``metrics`` (MetricRecord:
-``num-examples``, ``train-loss``, ``train-accuracy``, ``train-time-s``,
-``samples-per-s``, ``peak-memory-bytes``), ``feedback`` (MetricRecord of length-E lists:
-``tokens``, ``expert-loss``, ``gate-hist``, and the same per MoE layer as flat ``[L, E]``
-lists of length ``L x E``: ``layer-tokens``, ``layer-expert-loss``, ``layer-gate-hist``) and
-``client`` (ConfigRecord: ``client-id``; under Ray also ``ray-node-id``, the Ray node the client ran on).
+Train message (server → client): ``arrays`` (ArrayRecord: shared + the experts of its holding),
+``config`` (ConfigRecord: ``layer-experts``, the flat ``[L, E]`` 0/1 holding, and ``expert-ids``,
+its union (:mod:`.holdings`); ``server-round``, ``lr``, ``local-epochs``, ``seed``,
+``frozen-experts``, ``max-samples``). Train reply: ``arrays`` (the same keys, trained),
+``metrics`` (MetricRecord: ``num-examples``, ``train-loss``, ``train-accuracy``,
+``train-time-s``, ``samples-per-s``, ``peak-memory-bytes``), ``feedback`` (MetricRecord of flat
+``[L, E]`` lists, one row per MoE layer: ``layer-tokens`` routed to each held expert,
+``layer-loss-sum`` its loss signal summed over those tokens, ``layer-gate-hist`` the unmasked
+router's top-k choices) and ``client`` (ConfigRecord: ``client-id``; under Ray also
+``ray-node-id``, the Ray node the client ran on).
 Query reply: ``client`` (client id) and ``profile`` (ConfigRecord of CapacityProfile).
 """
 
@@ -19,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from ..maths.aggregation import ClientUpdate
 from ..tensors import Arrays
@@ -33,8 +34,7 @@ ARRAYS, CONFIG, METRICS, FEEDBACK, CLIENT, PROFILE = (
     "client",
     "profile",
 )
-FEEDBACK_KEYS = ("tokens", "expert-loss", "gate-hist")
-LAYER_FEEDBACK_KEYS = ("layer-tokens", "layer-expert-loss", "layer-gate-hist")
+FEEDBACK_KEYS = ("layer-tokens", "layer-loss-sum", "layer-gate-hist")
 RAY_NODE = "ray-node-id"
 MAX_RAY_NODE_CHARS = 128
 
@@ -52,30 +52,50 @@ class Sent:
     """What the server sent one node for training: the yardstick for its reply."""
 
     client_id: str
-    expert_ids: list[int]
-    shapes: dict[str, tuple[tuple[int, ...], str]]  # key -> (shape, dtype str)
+    held: np.ndarray  # bool [L, E], the holding it was sent
+    shapes: dict[str, tuple[tuple[int, ...], str]]  # key -> (shape, dtype str) it must return
     max_examples: int | None = None
-    layer_held: np.ndarray | None = None  # bool [L, E] held per MoE layer (untied); None: tied
+
+
+def _mean(loss_sum: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    return np.divide(loss_sum, tokens, out=np.zeros_like(tokens), where=tokens > 0)
 
 
 @dataclass
 class TrainReply:
-    """A validated training reply."""
+    """A validated training reply; its feedback per (MoE layer, expert), totals over the layers derived."""
 
     node_id: int
     client_id: str
     update: ClientUpdate
-    expert_ids: list[int]
+    held: np.ndarray  # bool [L, E], the holding the client trained
     loss: float
     accuracy: float
-    expert_loss: np.ndarray
-    gate_hist: np.ndarray
-    layer_tokens: np.ndarray  # [L, E]
-    layer_expert_loss: np.ndarray  # [L, E]
-    layer_gate_hist: np.ndarray  # [L, E]
-    layer_held: np.ndarray  # bool [L, E], the experts the client held per MoE layer
+    layer_tokens: np.ndarray  # [L, E] tokens routed to each held expert
+    layer_loss_sum: np.ndarray  # [L, E] loss signal summed over those tokens
+    layer_gate_hist: np.ndarray  # [L, E] top-k choices of the unmasked router
     metrics: dict[str, float] = field(default_factory=dict)
     ray_node: str | None = None  # the Ray node the client ran on (simulation), if it said
+
+    @property
+    def expert_ids(self) -> list[int]:
+        """Experts held in any MoE layer."""
+        return np.flatnonzero(self.held.any(axis=0)).tolist()
+
+    @property
+    def layer_expert_loss(self) -> np.ndarray:
+        """``[L, E]`` mean loss signal per routed token (0 where no tokens)."""
+        return _mean(self.layer_loss_sum, self.layer_tokens)
+
+    @property
+    def expert_loss(self) -> np.ndarray:
+        """``[E]`` mean loss signal per routed token over all MoE layers (0 where no tokens)."""
+        return _mean(self.layer_loss_sum.sum(axis=0), self.layer_tokens.sum(axis=0))
+
+    @property
+    def gate_hist(self) -> np.ndarray:
+        """``[E]`` top-k choices of the unmasked router over all MoE layers."""
+        return self.layer_gate_hist.sum(axis=0)
 
 
 def client_record(client_id: str, **extra: str) -> ConfigRecord:
@@ -165,23 +185,20 @@ def parse_train_reply(
     content: RecordDict,
     node_id: int,
     sent: Sent,
-    num_experts: int,
+    *,
     top_k: int,
     local_epochs: int,
     routes_per_example: int = 1,
-    num_layers: int = 1,
 ) -> TrainReply:
     """Validate a train reply against what was sent; raise :class:`ReplyRejected`.
 
     Checks: the records exist; the array keys are exactly those sent, with the sent
     shapes and dtypes and finite values; ``num-examples`` is a positive integer (not
-    above ``sent.max_examples`` when known); feedback vectors have length E, are finite
-    and non-negative; tokens are zero for experts not held and consistent with
-    ``num-examples × routes-per-example × top-k × local-epochs`` (routes per example: 1 for
-    an image through one MoE layer, tokens × MoE layers for a sequence); the per-layer feedback
-    (``num_layers`` x E) is finite and non-negative, has no tokens where its layer does not hold
-    the expert, stays under the same bound per layer and sums over the layers to the totals;
-    the client id matches.
+    above ``sent.max_examples`` when known); the feedback is ``[L, E]`` like the holding sent,
+    finite and non-negative, with no tokens (nor loss) where a layer does not hold the expert;
+    tokens stay under ``num-examples × routes-per-example × top-k × local-epochs`` in all
+    (routes per example: 1 for an image through one MoE layer, tokens × MoE layers for a
+    sequence) and under each layer's share of it; the client id matches.
     """
     try:
         arrays_rec, metrics, fb = content[ARRAYS], content[METRICS], content[FEEDBACK]
@@ -190,13 +207,50 @@ def parse_train_reply(
     cid = content_client_id(content)
     if cid != sent.client_id:
         raise ReplyRejected("client-id", f"expected {sent.client_id!r}, got {cid!r}")
+    arrays = _checked_arrays(arrays_rec, sent)
+    n = metrics.get("num-examples")
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise ReplyRejected("num-examples", f"expected a positive int, got {n!r}")
+    if sent.max_examples is not None and n > sent.max_examples:
+        raise ReplyRejected("num-examples", f"{n} exceeds the client's data size {sent.max_examples}")
+    feedback = _checked_feedback(fb, sent.held, n * routes_per_example * local_epochs, top_k)
+    extra = {}
+    for key in ("train-loss", "train-accuracy", "train-time-s", "samples-per-s", "peak-memory-bytes"):
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value) and value >= 0:
+            extra[key] = float(value)
+    tokens = feedback["layer-tokens"]
+    held = np.array(sent.held, dtype=bool)
+    return TrainReply(
+        node_id=node_id,
+        client_id=cid,
+        update=ClientUpdate(
+            arrays=arrays,
+            num_examples=n,
+            tokens=tokens.sum(axis=0),
+            num_held=int(held.any(axis=0).sum()),
+            layer_tokens=tokens,
+            layer_held=held,
+        ),
+        held=held,
+        loss=extra.get("train-loss", math.nan),
+        accuracy=extra.get("train-accuracy", math.nan),
+        layer_tokens=tokens,
+        layer_loss_sum=feedback["layer-loss-sum"],
+        layer_gate_hist=feedback["layer-gate-hist"],
+        metrics=extra,
+        ray_node=content_ray_node(content),
+    )
 
-    keys = set(arrays_rec.keys())
+
+def _checked_arrays(record: ArrayRecord, sent: Sent) -> Arrays:
+    """Return a reply's arrays if they are exactly the tensors sent (keys, shapes, dtypes), finite."""
+    keys = set(record.keys())
     if keys != set(sent.shapes):
         extra, missing = sorted(keys - set(sent.shapes)), sorted(set(sent.shapes) - keys)
         raise ReplyRejected("keys", f"extra={extra[:5]} missing={missing[:5]}")
     try:
-        arrays: Arrays = from_record(arrays_rec)
+        arrays: Arrays = from_record(record)
     except Exception as exc:  # noqa: BLE001 - undecodable payload
         raise ReplyRejected("malformed", f"cannot decode arrays: {exc}") from None
     for key, value in arrays.items():
@@ -207,83 +261,18 @@ def parse_train_reply(
             raise ReplyRejected("dtype", f"{key}: expected {dtype}, got {value.dtype}")
         if not np.isfinite(value).all():
             raise ReplyRejected("non-finite", f"{key} has NaN or inf")
-
-    n = metrics.get("num-examples")
-    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-        raise ReplyRejected("num-examples", f"expected a positive int, got {n!r}")
-    if sent.max_examples is not None and n > sent.max_examples:
-        raise ReplyRejected("num-examples", f"{n} exceeds the client's data size {sent.max_examples}")
-
-    vectors = {}
-    for key in FEEDBACK_KEYS:
-        raw = fb.get(key)
-        if not isinstance(raw, list) or len(raw) != num_experts:
-            raise ReplyRejected("feedback", f"{key}: expected a list of length {num_experts}")
-        vec = np.asarray(raw, dtype=np.float64)
-        if not np.isfinite(vec).all() or (vec < 0).any():
-            raise ReplyRejected("feedback", f"{key}: values must be finite and >= 0")
-        vectors[key] = vec
-    tokens = vectors["tokens"]
-    held = np.zeros(num_experts, dtype=bool)
-    held[sent.expert_ids] = True
-    if (tokens[~held] > 0).any():
-        raise ReplyRejected("feedback", "tokens reported for experts the client was not sent")
-    k = min(top_k, len(sent.expert_ids))
-    bound = n * routes_per_example * k * local_epochs * 1.0001
-    if (
-        tokens.sum() > bound
-        or vectors["gate-hist"].sum() > n * routes_per_example * top_k * local_epochs * 1.0001
-    ):
-        raise ReplyRejected("feedback", f"token counts exceed num-examples x top-k x epochs ({bound:.0f})")
-
-    held_l = np.broadcast_to(held, (num_layers, num_experts)) if sent.layer_held is None else sent.layer_held
-    layer = _layer_feedback(fb, vectors, held_l, n * (routes_per_example / num_layers) * local_epochs, top_k)
-
-    extra = {}
-    for key in ("train-loss", "train-accuracy", "train-time-s", "samples-per-s", "peak-memory-bytes"):
-        value = metrics.get(key)
-        if isinstance(value, (int, float)) and math.isfinite(value) and value >= 0:
-            extra[key] = float(value)
-    return TrainReply(
-        node_id=node_id,
-        client_id=cid,
-        update=ClientUpdate(
-            arrays=arrays,
-            num_examples=n,
-            tokens=tokens,
-            num_held=len(sent.expert_ids),
-            layer_tokens=layer["layer-tokens"],
-            layer_held=np.array(held_l, dtype=bool),
-        ),
-        expert_ids=list(sent.expert_ids),
-        loss=extra.get("train-loss", math.nan),
-        accuracy=extra.get("train-accuracy", math.nan),
-        expert_loss=vectors["expert-loss"],
-        gate_hist=vectors["gate-hist"],
-        layer_tokens=layer["layer-tokens"],
-        layer_expert_loss=layer["layer-expert-loss"],
-        layer_gate_hist=layer["layer-gate-hist"],
-        layer_held=np.array(held_l, dtype=bool),
-        metrics=extra,
-        ray_node=content_ray_node(content),
-    )
+    return arrays
 
 
-def _layer_feedback(
-    fb: MetricRecord,
-    totals: Mapping[str, np.ndarray],
-    held: np.ndarray,
-    routes: float,
-    top_k: int,
-) -> dict[str, np.ndarray]:
-    """Check the per-layer feedback of a reply (``[L, E]`` flat lists); return it reshaped.
+def _checked_feedback(fb: MetricRecord, held: np.ndarray, routes: float, top_k: int) -> dict[str, np.ndarray]:
+    """Check the ``[L, E]`` feedback of a reply (flat lists); return it reshaped.
 
-    ``held`` is the bool ``[L, E]`` the client was sent, ``routes`` the tokens one layer saw
-    (examples x routes per example and layer x epochs).
+    ``held`` is the bool ``[L, E]`` holding the client was sent, ``routes`` the routing decisions
+    of its local work over all layers (examples x routes per example x epochs).
     """
     shape = held.shape
     out = {}
-    for key in LAYER_FEEDBACK_KEYS:
+    for key in FEEDBACK_KEYS:
         raw = fb.get(key)
         if not isinstance(raw, list) or len(raw) != held.size:
             raise ReplyRejected(
@@ -294,14 +283,21 @@ def _layer_feedback(
             raise ReplyRejected("feedback", f"{key}: values must be finite and >= 0")
         out[key] = vec
     tokens, hist = out["layer-tokens"], out["layer-gate-hist"]
-    if (tokens[~held] > 0).any():
-        raise ReplyRejected("feedback", "layer-tokens reported for experts a layer was not sent")
-    k = np.minimum(top_k, held.sum(axis=1))  # top-k among the experts each layer holds
-    if (tokens.sum(axis=1) > routes * k * 1.0001).any() or (hist.sum(axis=1) > routes * top_k * 1.0001).any():
+    if (tokens[~held] > 0).any() or (out["layer-loss-sum"][tokens == 0] > 0).any():
+        raise ReplyRejected("feedback", "tokens or loss reported for experts a layer was not sent")
+    k = min(top_k, int(held.any(axis=0).sum()))
+    if tokens.sum() > routes * k * 1.0001 or hist.sum() > routes * top_k * 1.0001:
         raise ReplyRejected(
-            "feedback", f"a layer's token counts exceed its routes x top-k ({routes * k.max():.0f})"
+            "feedback", f"token counts exceed num-examples x top-k x epochs ({routes * k:.0f})"
         )
-    for key, total in (("layer-tokens", "tokens"), ("layer-gate-hist", "gate-hist")):
-        if not np.allclose(out[key].sum(axis=0), totals[total], rtol=1e-6, atol=1e-3):
-            raise ReplyRejected("feedback", f"{key} does not sum over the layers to {total}")
+    per_layer, k_l = (
+        routes / shape[0],
+        np.minimum(top_k, held.sum(axis=1)),
+    )  # top-k among each layer's experts
+    if (tokens.sum(axis=1) > per_layer * k_l * 1.0001).any() or (
+        hist.sum(axis=1) > per_layer * top_k * 1.0001
+    ).any():
+        raise ReplyRejected(
+            "feedback", f"a layer's token counts exceed its routes x top-k ({per_layer * k_l.max():.0f})"
+        )
     return out

@@ -21,9 +21,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .alignment import POLICIES
-from .capacity import parse_device_mix
-from .hf_config import HF_PRESETS, check_hf_config
+from ..alignment import POLICIES
+from ..capacity import parse_device_mix
+from ..hf_config import HF_PRESETS, check_hf_config
+from ..maths.aggregation import AGGREGATIONS
+from .sections import (
+    AggregationSection,
+    AlignmentSection,
+    FaultSection,
+    OutputSection,
+    PlanningSection,
+    PrivacySection,
+    RoundSection,
+    SplitSection,
+    TrainingSection,
+)
 
 
 def cache_root() -> Path:
@@ -45,7 +57,6 @@ CAPACITY_MODES = ("profiled", "fixed")
 UNDER_CAPACITY = ("shared-only", "skip")
 GATE_MODES = ("global", "local")
 GATE_AGGREGATIONS = ("auto", "rows", "all")
-AGGREGATIONS = ("mean", "median", "trimmed-mean")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 DP_MODES = ("off", "central", "local")
@@ -250,11 +261,6 @@ class RunConfig:
         cfg._check_relations()
         return cfg
 
-    def _args(self, spec: str) -> dict[str, Any]:
-        """``{argument: value}`` for ``"arg=field arg ..."`` (a bare ``arg`` names its field)."""
-        pairs = (item.partition("=") for item in spec.split())
-        return {arg: getattr(self, field or arg) for arg, _, field in pairs}
-
     @property
     def gate_from_all(self) -> bool:
         """Whether the gate is averaged over all replies (``gate-aggregation``, resolved)."""
@@ -262,34 +268,153 @@ class RunConfig:
             return self.route_loss_weight > 0
         return self.gate_aggregation == "all"
 
+    @property
+    def round(self) -> RoundSection:
+        """How the server runs rounds (:class:`~.sections.RoundSection`)."""
+        return RoundSection(
+            num_server_rounds=self.num_server_rounds,
+            fraction_train=self.fraction_train,
+            min_train_nodes=self.min_train_nodes,
+            fraction_evaluate=self.fraction_evaluate,
+            min_evaluate_nodes=self.min_evaluate_nodes,
+            round_timeout_s=self.round_timeout_s,
+            min_replies=self.min_replies,
+            query_retry_rounds=self.query_retry_rounds,
+            discovery=self.discovery,
+            max_failed_rounds=self.max_failed_rounds,
+            lr=self.lr,
+            local_epochs=self.local_epochs,
+            seed=self.seed,
+        )
+
+    @property
+    def training(self) -> TrainingSection:
+        """A client's local training (:class:`~.sections.TrainingSection`)."""
+        return TrainingSection(
+            epochs=self.local_epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            momentum=self.momentum,
+            aux_weight=self.aux_loss_weight,
+            route_weight=self.route_loss_weight,
+            precision=self.precision,
+        )
+
+    @property
+    def alignment(self) -> AlignmentSection:
+        """The alignment state's knobs (:class:`~.sections.AlignmentSection`)."""
+        return AlignmentSection(
+            fitness_ema=self.fitness_ema,
+            fitness_decay=self.fitness_decay,
+            usage_decay=self.usage_decay,
+            w_fitness=self.w_fitness,
+            w_usage=self.w_usage,
+            load_slack=self.load_slack,
+            approx_min_clients=self.approx_min_clients,
+            loss_weight=self.fitness_loss_weight,
+            seed=self.seed,
+        )
+
+    @property
+    def planning(self) -> PlanningSection:
+        """What the round planner reads (:class:`~.sections.PlanningSection`)."""
+        return PlanningSection(
+            policy=self.policy,
+            tie_layers=self.tie_layers,
+            capacity=self.capacity,
+            experts_per_client=self.experts_per_client,
+            round_deadline_s=self.round_deadline_s,
+            under_capacity=self.under_capacity,
+            min_trained_experts=self.min_trained_experts,
+            local_epochs=self.local_epochs,
+            batch_size=self.batch_size,
+            min_trainers=self.dp_min_trainers if self.dp != "off" else 0,
+        )
+
+    @property
+    def aggregation_rules(self) -> AggregationSection:
+        """How valid replies become the new model (:class:`~.sections.AggregationSection`)."""
+        return AggregationSection(
+            update_bound=self.update_bound,
+            weight_cap=self.weight_cap,
+            method=self.aggregation,
+            trim_fraction=self.trim_fraction,
+            gate_from_all=self.gate_from_all,
+            single_holders=self.route_loss_weight > 0,
+            per_layer=not self.tie_layers,
+            gate_balance_rate=self.gate_balance_rate,
+        )
+
+    @property
+    def privacy(self) -> PrivacySection:
+        """Differential privacy (:class:`~.sections.PrivacySection`)."""
+        return PrivacySection(
+            mode=self.dp,
+            clip_norm=self.dp_clip_norm,
+            noise_multiplier=self.dp_noise_multiplier,
+            delta=self.dp_delta,
+            min_trainers=self.dp_min_trainers,
+        )
+
+    @property
+    def split(self) -> SplitSection:
+        """How a client's share of the dataset is cut (:class:`~.sections.SplitSection`)."""
+        return SplitSection(
+            partitioner=self.partitioner,
+            alpha=self.dirichlet_alpha,
+            shards=self.shards_per_client,
+            test_fraction=self.local_test_fraction,
+            max_samples=self.max_samples_per_client,
+            data_dir=self.data_dir,
+            seed=self.seed,
+        )
+
+    @property
+    def faults(self) -> FaultSection:
+        """Injected faults in simulation (:class:`~.sections.FaultSection`)."""
+        return FaultSection(
+            drop=self.fault_drop_prob,
+            slow=self.fault_slow_prob,
+            corrupt=self.fault_corrupt_prob,
+            seed=self.seed,
+        )
+
+    @property
+    def output(self) -> OutputSection:
+        """Where the run writes (:class:`~.sections.OutputSection`)."""
+        return OutputSection(run_name=self.run_name, output_dir=self.output_dir, resume=self.resume)
+
     def alignment_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`~fedmoe_app.alignment.AlignmentState` (all but ``E``)."""
-        return self._args(
-            "fitness_ema fitness_decay usage_decay w_fitness w_usage load_slack approx_min_clients "
-            "loss_weight=fitness_loss_weight seed"
-        )
+        return dataclasses.asdict(self.alignment)
 
     def train_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``fedmoe_app.training.train`` set by the run config."""
-        return self._args(
-            "epochs=local_epochs batch_size lr momentum aux_weight=aux_loss_weight "
-            "route_weight=route_loss_weight precision"
-        )
+        return dataclasses.asdict(self.training)
 
     def split_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``fedmoe_app.data.client_data``: how a client's data is split."""
-        return self._args(
-            "partitioner alpha=dirichlet_alpha shards=shards_per_client test_fraction=local_test_fraction "
-            "max_samples=max_samples_per_client data_dir seed"
-        )
+        return dataclasses.asdict(self.split)
 
     def hf_sizes(self) -> dict[str, int]:
         """Sizes of an ``hf`` preset (keyword arguments of ``fedmoe_app.hf_config.resolve_hf_config``)."""
-        return self._args("num_layers d_model num_heads expert_hidden num_experts top_k context_length")
+        return {
+            "num_layers": self.num_layers,
+            "d_model": self.d_model,
+            "num_heads": self.num_heads,
+            "expert_hidden": self.expert_hidden,
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "context_length": self.context_length,
+        }
 
     def node_data_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``fedmoe_app.data.local.node_data``: how a node's own folder is split."""
-        return self._args("test_fraction=local_test_fraction max_samples=max_samples_per_client seed")
+        return {
+            "test_fraction": self.local_test_fraction,
+            "max_samples": self.max_samples_per_client,
+            "seed": self.seed,
+        }
 
     def _check_model(self) -> None:
         text = self.dataset in TEXT_DATASETS
