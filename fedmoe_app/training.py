@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .capacity.probe import usable_cpus
 from .data import Split
-from .models import MoEModel
+from .models import MoEModel, MoEOutput
 from .text import TextSplit
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,65 @@ def peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+@dataclass
+class _RunningSums:
+    """Sums of one local training run, kept on the device so that a step never waits for the host."""
+
+    tokens: torch.Tensor  # [E]
+    loss_sum: torch.Tensor  # [E]
+    hist: torch.Tensor  # [E]
+    layers: torch.Tensor  # [3, L, E]: tokens, loss, hist per MoE layer
+    total_loss: torch.Tensor  # float64 scalar: sum of batch loss x batch size
+    correct: torch.Tensor  # int64 scalar
+
+    @classmethod
+    def zeros(cls, num_layers: int, num_experts: int, device: torch.device) -> _RunningSums:
+        """Return all-zero sums for ``num_layers`` MoE layers of ``num_experts`` experts on ``device``."""
+        return cls(
+            tokens=torch.zeros(num_experts, device=device),
+            loss_sum=torch.zeros(num_experts, device=device),
+            hist=torch.zeros(num_experts, device=device),
+            layers=torch.zeros(3, num_layers, num_experts, device=device),
+            total_loss=torch.zeros((), dtype=torch.float64, device=device),
+            correct=torch.zeros((), dtype=torch.long, device=device),
+        )
+
+    @torch.no_grad()
+    def add(self, model: MoEModel, out: MoEOutput, loss: torch.Tensor, y: torch.Tensor) -> None:
+        """Add one step's forward output ``out``, its task ``loss`` and targets ``y`` (in place)."""
+        self.tokens += out.tokens
+        self.loss_sum += out.expert_loss_sum
+        self.hist += out.gate_hist
+        self.layers += torch.stack((out.layer_tokens, out.layer_loss_sum, out.layer_gate_hist))
+        self.total_loss += loss.detach() * len(y)
+        self.correct += model.correct(out.logits, y)
+
+
+def _train_result(
+    sums: _RunningSums, *, num_examples: int, mean_total: float, seen: int, targets: int, elapsed: float
+) -> TrainResult:
+    """Copy the device sums to the host and make the :class:`TrainResult` of a training run."""
+    num_e = sums.tokens.shape[0]
+    tok = sums.tokens.cpu().numpy().astype(np.float64)
+    mean_loss = np.divide(sums.loss_sum.cpu().numpy(), tok, out=np.zeros(num_e), where=tok > 0)
+    l_tok, l_loss, l_hist = sums.layers.cpu().numpy().astype(np.float64)
+    return TrainResult(
+        num_examples=num_examples,
+        loss=mean_total,
+        accuracy=int(sums.correct) / max(targets, 1),
+        tokens=tok,
+        expert_loss=mean_loss,
+        gate_hist=sums.hist.cpu().numpy().astype(np.float64),
+        train_time_s=elapsed,
+        samples_per_s=seen / elapsed if elapsed > 0 else 0.0,
+        peak_memory_bytes=peak_rss_bytes(),
+        layer_tokens=l_tok,
+        layer_expert_loss=np.divide(l_loss, l_tok, out=np.zeros_like(l_tok), where=l_tok > 0),
+        layer_loss_sum=l_loss,
+        layer_gate_hist=l_hist,
+    )
+
+
 def train(
     model: MoEModel,
     data: Split | TextSplit,
@@ -159,16 +218,10 @@ def train(
     fmt = model.memory_format(device)
     model.to(device=device, memory_format=fmt).train()
     model.route_loss_on = route_weight > 0
-    num_e = model.spec.num_experts
     opt = make_sgd((p for p in model.parameters() if p.requires_grad), lr=lr, momentum=momentum)
     gen = torch.Generator().manual_seed(seed)
     x_all, y_all = _inputs_targets(data, device)
-    tokens = torch.zeros(num_e, device=device)
-    loss_sum = torch.zeros(num_e, device=device)
-    hist = torch.zeros(num_e, device=device)
-    layers = torch.zeros(3, model.layer_held.shape[0], num_e, device=device)  # tokens, loss, hist
-    total_loss = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
+    sums = _RunningSums.zeros(model.layer_held.shape[0], model.spec.num_experts, device)
     seen = targets = 0
     start = time.perf_counter()
     limit = epochs * len(y_all) if max_samples is None else min(max_samples, epochs * len(y_all))
@@ -186,36 +239,15 @@ def train(
             opt.zero_grad(set_to_none=True)
             (loss + aux_weight * out.aux_loss + route_weight * out.route_loss).backward()
             opt.step()
-            with torch.no_grad():  # running sums stay on the device: no per-step host sync
-                tokens += out.tokens
-                loss_sum += out.expert_loss_sum
-                hist += out.gate_hist
-                layers += torch.stack((out.layer_tokens, out.layer_loss_sum, out.layer_gate_hist))
-                total_loss += loss.detach() * len(y)
-                correct += model.correct(out.logits, y)
+            sums.add(model, out, loss, y)
             seen += len(y)
             targets += y.numel()
-    mean_total = float(total_loss) / max(seen, 1)  # the one sync of the loop
+    mean_total = float(sums.total_loss) / max(seen, 1)  # the one sync of the loop
     elapsed = time.perf_counter() - start
     if fmt != torch.contiguous_format:
         model.to(memory_format=torch.contiguous_format)
-    tok = tokens.cpu().numpy().astype(np.float64)
-    mean_loss = np.divide(loss_sum.cpu().numpy(), tok, out=np.zeros(num_e), where=tok > 0)
-    l_tok, l_loss, l_hist = layers.cpu().numpy().astype(np.float64)
-    return TrainResult(
-        num_examples=len(y_all),
-        loss=mean_total,
-        accuracy=int(correct) / max(targets, 1),
-        tokens=tok,
-        expert_loss=mean_loss,
-        gate_hist=hist.cpu().numpy().astype(np.float64),
-        train_time_s=elapsed,
-        samples_per_s=seen / elapsed if elapsed > 0 else 0.0,
-        peak_memory_bytes=peak_rss_bytes(),
-        layer_tokens=l_tok,
-        layer_expert_loss=np.divide(l_loss, l_tok, out=np.zeros_like(l_tok), where=l_tok > 0),
-        layer_loss_sum=l_loss,
-        layer_gate_hist=l_hist,
+    return _train_result(
+        sums, num_examples=len(y_all), mean_total=mean_total, seen=seen, targets=targets, elapsed=elapsed
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -112,6 +113,77 @@ def round_time_s(
     return np.asarray(transfer + compute, dtype=np.float64)
 
 
+def _check_options(min_experts: int, num_experts: int, deadline_s: float | None) -> None:
+    """Raise ValueError unless ``0 <= min_experts <= num_experts`` and ``deadline_s`` is None or >= 0."""
+    if not 0 <= min_experts <= num_experts:
+        raise ValueError(f"min_experts must be in 0..{num_experts}, got {min_experts}")
+    if deadline_s is not None and (not math.isfinite(deadline_s) or deadline_s < 0):
+        raise ValueError(f"deadline_s must be None or >= 0, got {deadline_s!r}")
+
+
+def _per_client(
+    memory_bytes: np.ndarray,
+    gflops: np.ndarray,
+    down_mbps: np.ndarray,
+    up_mbps: np.ndarray,
+    samples: np.ndarray | Number,
+    samples_per_s: np.ndarray | None,
+) -> list[np.ndarray]:
+    """Broadcast the per-client inputs of :func:`capacity_from_profiles` to float64 ``[C]`` arrays.
+
+    Returns them in argument order; ``samples_per_s=None`` becomes NaN (unknown). Raises
+    ValueError unless they are 1-D and ``memory_bytes`` is ``>= 0`` (and not NaN).
+    """
+    arrays = np.broadcast_arrays(
+        np.asarray(memory_bytes, dtype=np.float64),
+        np.asarray(gflops, dtype=np.float64),
+        np.asarray(down_mbps, dtype=np.float64),
+        np.asarray(up_mbps, dtype=np.float64),
+        np.asarray(samples, dtype=np.float64),
+        np.asarray(np.nan if samples_per_s is None else samples_per_s, dtype=np.float64),
+    )
+    columns = [np.atleast_1d(a) for a in arrays]
+    mem = columns[0]
+    if mem.ndim != 1:
+        raise ValueError(f"per-client inputs must be 1-D, got shape {mem.shape}")
+    if (mem < 0).any() or np.isnan(mem).any():
+        raise ValueError("memory_bytes must be >= 0")
+    return columns
+
+
+def _within_deadline(
+    cap: np.ndarray,
+    deadline_s: float,
+    gflops: np.ndarray,
+    down_mbps: np.ndarray,
+    up_mbps: np.ndarray,
+    samples: np.ndarray,
+    samples_per_s: np.ndarray,
+    *,
+    costs: ModelCosts,
+    **timing: Any,
+) -> np.ndarray:
+    """Lower ``cap`` to the most experts ``n`` per client whose round times for ``0..n`` meet ``deadline_s``.
+
+    :func:`round_time_s` is evaluated on the grid ``n = 0..E`` for every client (``[C, E + 1]``)
+    with the per-client ``[C]`` arrays and the options ``timing``; a client for which not even
+    ``n = 0`` meets the deadline gets -1.
+    """
+    grid = np.arange(costs.num_experts + 1, dtype=np.float64)[None, :]
+    t = round_time_s(
+        grid,
+        gflops[:, None],
+        down_mbps[:, None],
+        up_mbps[:, None],
+        costs=costs,
+        samples=samples[:, None],
+        samples_per_s=samples_per_s[:, None],
+        **timing,
+    )
+    ok = np.cumprod(t <= deadline_s * (1 + 1e-12), axis=1)  # prefix of n that meet it
+    return np.minimum(cap, ok.sum(axis=1) - 1)
+
+
 def capacity_from_profiles(
     memory_bytes: np.ndarray,
     gflops: np.ndarray,
@@ -173,46 +245,24 @@ def capacity_from_profiles(
         int64 ``[C]`` in ``{0} | [min_experts, E]``.
 
     """
-    num_e = costs.num_experts
-    if not 0 <= min_experts <= num_e:
-        raise ValueError(f"min_experts must be in 0..{num_e}, got {min_experts}")
-    if deadline_s is not None and (not math.isfinite(deadline_s) or deadline_s < 0):
-        raise ValueError(f"deadline_s must be None or >= 0, got {deadline_s!r}")
+    _check_options(min_experts, costs.num_experts, deadline_s)
     mm = memory_model or MemoryModel(costs, batch_size)
-    arrays = np.broadcast_arrays(
-        np.asarray(memory_bytes, dtype=np.float64),
-        np.asarray(gflops, dtype=np.float64),
-        np.asarray(down_mbps, dtype=np.float64),
-        np.asarray(up_mbps, dtype=np.float64),
-        np.asarray(samples, dtype=np.float64),
-        np.asarray(np.nan if samples_per_s is None else samples_per_s, dtype=np.float64),
-    )
-    mem, gf, down, up, smp, sps = (np.atleast_1d(a) for a in arrays)
-    if mem.ndim != 1:
-        raise ValueError(f"per-client inputs must be 1-D, got shape {mem.shape}")
-    if (mem < 0).any() or np.isnan(mem).any():
-        raise ValueError("memory_bytes must be >= 0")
+    mem, *speeds = _per_client(memory_bytes, gflops, down_mbps, up_mbps, samples, samples_per_s)
     cap = np.searchsorted(mm.table(), mem, side="right") - 1  # -1: not even the shared part
     if deadline_s:
-        grid = np.arange(num_e + 1, dtype=np.float64)[None, :]
-        t = round_time_s(
-            grid,
-            gf[:, None],
-            down[:, None],
-            up[:, None],
+        cap = _within_deadline(
+            cap,
+            deadline_s,
+            *speeds,
             costs=costs,
-            samples=smp[:, None],
             shared_nbytes=shared_nbytes,
             expert_nbytes=expert_nbytes,
             flops_per_sample_shared=flops_per_sample_shared,
             flops_per_sample_expert=flops_per_sample_expert,
-            samples_per_s=sps[:, None],
             efficiency=efficiency,
         )
-        ok = np.cumprod(t <= deadline_s * (1 + 1e-12), axis=1)  # prefix of n that meet it
-        cap = np.minimum(cap, ok.sum(axis=1) - 1)
     cap = np.where(cap < min_experts, 0, cap)
-    return np.clip(cap, 0, num_e).astype(np.int64)
+    return np.clip(cap, 0, costs.num_experts).astype(np.int64)
 
 
 def virtual_round_time_s(round_times: np.ndarray | Sequence[float]) -> float:

@@ -52,7 +52,7 @@ def toml_value(value: Any) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _whole_if_integral(value: float) -> int | float:
+def whole_if_integral(value: float) -> int | float:
     """``2.0`` → ``2``: Flower rejects floats where it expects whole resource counts."""
     return int(value) if float(value).is_integer() else float(value)
 
@@ -175,6 +175,102 @@ def last_run_status(env: Mapping[str, str], app_dir: Path) -> str | None:
     return newest.get("status")
 
 
+def launch_env(
+    home: Path, app_dir: Path, output_root: str | Path | None, ray_address: str | None
+) -> dict[str, str]:
+    """Return the environment of the SuperLink and ``flwr run``: this process's, plus the run's settings.
+
+    Parameters
+    ----------
+    home : Path
+        The run's ``FLWR_HOME``.
+    app_dir : Path
+        The app's folder (resolved); put first on ``PYTHONPATH``.
+    output_root : str | Path | None
+        Where relative ``output-dir`` resolves (``FEDMOE_OUTPUT_ROOT``); ``app_dir`` if ``None``.
+    ray_address : str | None
+        ``RAY_ADDRESS`` of a Ray cluster to join; ``None`` keeps the environment's, if any.
+
+    Returns
+    -------
+    dict of str to str
+        The environment.
+
+    """
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=str(home),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        RAY_worker_niceness=env.get("RAY_worker_niceness", WORKER_NICENESS),
+        FEDMOE_OUTPUT_ROOT=str(Path(output_root).resolve() if output_root else app_dir),
+        PYTHONPATH=os.pathsep.join(p for p in (str(app_dir), env.get("PYTHONPATH", "")) if p),
+    )
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+    return env
+
+
+def superlink_command(port: int) -> list[str]:
+    """Return the command of an insecure simulation SuperLink on ``127.0.0.1:port``."""
+    return [
+        "flower-superlink",
+        "--insecure",
+        "--simulation",
+        "--disable-runtime-dependency-installation",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+
+
+def flwr_run_command(
+    app_dir: Path,
+    num_supernodes: int,
+    num_cpus: float,
+    num_gpus: float,
+    run_config: Mapping[str, Any] | str | None,
+) -> list[str]:
+    """Return the ``flwr run ... --stream`` command of the app against :data:`CONNECTION`."""
+    cpus, gpus = (toml_value(whole_if_integral(n)) for n in (num_cpus, num_gpus))
+    federation = (
+        f"num_supernodes={num_supernodes} client_resources_num_cpus={cpus} client_resources_num_gpus={gpus}"
+    )
+    return [
+        "flwr",
+        "run",
+        str(app_dir),
+        CONNECTION,
+        "--stream",
+        "--federation-config",
+        federation,
+        *run_config_arg(run_config),
+    ]
+
+
+def _run_to_end(cmd: list[str], env: dict[str, str], app_dir: Path, out: Any, timeout: float | None) -> int:
+    """Run ``flwr run`` (``cmd``) to its end; return its exit code, 124 on timeout, 1 if the run failed.
+
+    ``flwr run --stream`` exits 0 even when the run failed, so the SuperLink is asked for the
+    run's status afterwards. The process group of ``flwr run`` is stopped in any case.
+    """
+    run = subprocess.Popen(
+        cmd, env=env, cwd=app_dir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        code = run.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return 124
+    finally:
+        stop_process_group(run)
+    status = last_run_status(env, app_dir)
+    if code == 0 and status != "finished:completed":
+        print(f"fedmoe: run ended with status {status!r}", file=out, flush=True)
+        return 1
+    return code
+
+
 def launch(
     app_dir: str | Path = ".",
     *,
@@ -223,30 +319,10 @@ def launch(
     home = Path(flwr_home) if flwr_home else Path(tempfile.mkdtemp(prefix="fedmoe-flwr-"))
     port = free_port()
     write_flower_config(home, f"127.0.0.1:{port}")
-    env = dict(os.environ)
-    env.update(
-        FLWR_HOME=str(home),
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        RAY_worker_niceness=env.get("RAY_worker_niceness", WORKER_NICENESS),
-        FEDMOE_OUTPUT_ROOT=str(Path(output_root).resolve() if output_root else app_dir),
-        PYTHONPATH=os.pathsep.join(p for p in (str(app_dir), env.get("PYTHONPATH", "")) if p),
-    )
-    if ray_address:
-        env["RAY_ADDRESS"] = ray_address
-    superlink_cmd = [
-        "flower-superlink",
-        "--insecure",
-        "--simulation",
-        "--disable-runtime-dependency-installation",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
+    env = launch_env(home, app_dir, output_root, ray_address)
     with open(home / "superlink.log", "wb") as link_log:
         superlink = subprocess.Popen(
-            superlink_cmd,
+            superlink_command(port),
             env=env,
             cwd=app_dir,
             stdout=link_log,
@@ -255,36 +331,8 @@ def launch(
         )
         try:
             wait_healthy(port, superlink)
-            cpus, gpus = (toml_value(_whole_if_integral(n)) for n in (num_cpus, num_gpus))
-            federation = (
-                f"num_supernodes={num_supernodes} "
-                f"client_resources_num_cpus={cpus} client_resources_num_gpus={gpus}"
-            )
-            cmd = [
-                "flwr",
-                "run",
-                str(app_dir),
-                CONNECTION,
-                "--stream",
-                "--federation-config",
-                federation,
-                *run_config_arg(run_config),
-            ]
-            run = subprocess.Popen(
-                cmd, env=env, cwd=app_dir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-            try:
-                code = run.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                return 124
-            finally:
-                stop_process_group(run)
-            # `flwr run --stream` exits 0 even when the run failed: ask the SuperLink.
-            status = last_run_status(env, app_dir)
-            if code == 0 and status != "finished:completed":
-                print(f"fedmoe: run ended with status {status!r}", file=out, flush=True)
-                return 1
-            return code
+            cmd = flwr_run_command(app_dir, num_supernodes, num_cpus, num_gpus, run_config)
+            return _run_to_end(cmd, env, app_dir, out, timeout)
         finally:
             stop_process_group(superlink)
             reap(home)

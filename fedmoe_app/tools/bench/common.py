@@ -1,11 +1,16 @@
-"""Helpers shared by the benchmarks: argument types, machine summary, threads, environment, timed runs."""
+"""Helpers shared by the benchmarks: argument types, machine summary, threads, environment, timed runs.
+
+Also the folders and ``metrics.json`` rows of the app runs that some benchmarks launch.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -209,3 +214,47 @@ def timed_launch(
     total = time.perf_counter() - t0
     reader.join(timeout=30)
     return code, total, marks
+
+
+@contextmanager
+def work_folder(keep: str, prefix: str) -> Iterator[Path]:
+    """Yield the folder of a benchmark's logs and outputs: ``keep``, or a temporary one.
+
+    Parameters
+    ----------
+    keep : str
+        Folder to use (resolved, created if missing, left in place); empty: a temporary
+        folder, removed on exit.
+    prefix : str
+        Name prefix of the temporary folder.
+
+    Yields
+    ------
+    Path
+        The folder.
+
+    """
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        folder = Path(keep).resolve() if keep else Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        yield folder
+
+
+def training_rounds(workdir: Path, run_name: str) -> list[dict[str, Any]]:
+    """Read the training rounds (round 0 left out) of an app run's ``metrics.json``.
+
+    Parameters
+    ----------
+    workdir : Path
+        The folder whose ``outputs/<run_name>`` the run wrote.
+    run_name : str
+        The run's ``run-name``.
+
+    Returns
+    -------
+    list of dict
+        The rows with ``round >= 1``, in file order.
+
+    """
+    rows = json.loads((workdir / "outputs" / run_name / "metrics.json").read_text())
+    return [r for r in rows if r["round"] >= 1]

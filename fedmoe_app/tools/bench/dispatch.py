@@ -13,10 +13,11 @@ results.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .common import int_list, machine_summary, set_threads
@@ -152,6 +153,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def _forward_backward(
+    method: str, layer: Any, weights: tuple[Any, ...], slots: Any, x: Any, grad: Any
+) -> None:
+    """Run the expert layer once, forward and backward, by dispatch ``method``.
+
+    ``method`` is a key of :data:`ALTERNATIVES` (called on ``weights``) or one of the
+    model's own paths (set on ``layer``, an :class:`~fedmoe_app.models.experts.Experts`).
+    """
+    if method in ALTERNATIVES:
+        ALTERNATIVES[method](x, slots, *weights).backward(grad)
+    else:
+        layer.dispatch = method
+        layer(x, slots).backward(grad)
+
+
+def _median_cpu_us(
+    call: Callable[[str], None], methods: Sequence[str], repeats: int, iters: int
+) -> dict[str, float]:
+    """Return the median process CPU microseconds per ``call(method)`` of every method.
+
+    One warm-up call per method, then ``repeats`` passes over the methods in turn, each
+    timing ``iters`` calls.
+    """
+    cpu: dict[str, list[float]] = {m: [] for m in methods}
+    for method in methods:
+        call(method)
+    for _ in range(repeats):
+        for method in methods:
+            c0 = time.process_time()
+            for _ in range(iters):
+                call(method)
+            cpu[method].append(1e6 * (time.process_time() - c0) / iters)
+    return {m: statistics.median(v) for m, v in cpu.items()}
+
+
 def bench_dispatch(args: argparse.Namespace) -> int:
     """Time the expert layer alone (forward + backward) per dispatch method and routing.
 
@@ -201,31 +237,10 @@ def bench_dispatch(args: argparse.Namespace) -> int:
                 x = torch.randn(len(slots), args.feature_dim, generator=gen, requires_grad=True)
                 grad = torch.randn(len(slots), args.classes, generator=gen)
                 counts = torch.bincount(slots, minlength=n).float()
-                cpu: dict[str, list[float]] = {m: [] for m in methods}
-
-                def call(
-                    method: str,
-                    layer: Experts = layer,
-                    weights: tuple[Any, ...] = weights,
-                    slots: Any = slots,
-                    x: Any = x,
-                    grad: Any = grad,
-                ) -> None:
-                    if method in ALTERNATIVES:
-                        ALTERNATIVES[method](x, slots, *weights).backward(grad)
-                    else:
-                        layer.dispatch = method
-                        layer(x, slots).backward(grad)
-
-                for method in methods:
-                    call(method)
-                for _ in range(args.repeats):
-                    for method in methods:
-                        c0 = time.process_time()
-                        for _ in range(args.iters):
-                            call(method)
-                        cpu[method].append(1e6 * (time.process_time() - c0) / args.iters)
-                med = {m: statistics.median(v) for m, v in cpu.items()}
+                call = functools.partial(
+                    _forward_backward, layer=layer, weights=weights, slots=slots, x=x, grad=grad
+                )
+                med = _median_cpu_us(call, methods, args.repeats, args.iters)
                 out.write(
                     f"{batch:>5} {n:>4} {'skewed' if skewed else 'balanced':>8} "
                     f"{float(counts.max() / counts.mean()):>8.1f} "

@@ -14,6 +14,8 @@ import dataclasses
 import statistics
 import sys
 import time
+from collections.abc import Sequence
+from typing import Any
 
 from .common import int_list, machine_summary, median_min, set_threads
 
@@ -52,6 +54,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-ratio", type=float, default=1.5, help="criterion on largest/smallest E")
 
 
+#: A timed cell: (number of experts, dispatch method).
+_Cell = tuple[int, str]
+
+
+def _time_cells(
+    args: argparse.Namespace, data: Any, methods: Sequence[str]
+) -> tuple[dict[_Cell, list[float]], dict[_Cell, list[float]], dict[_Cell, str]]:
+    """Train one epoch per (E, dispatch) cell, round-robin over one warm-up and ``--repeats`` passes.
+
+    Returns wall and process CPU microseconds per sample of every timed pass, and the
+    dispatch path each cell's model used, all keyed by ``(E, method)``.
+    """
+    from fedmoe_app.config import RunConfig
+    from fedmoe_app.models import REFERENCE_SPEC, build_model
+    from fedmoe_app.training import train
+
+    cfg = RunConfig()
+    cells = [(e, m) for e in args.experts for m in methods]
+    wall: dict[_Cell, list[float]] = {c: [] for c in cells}
+    cpu: dict[_Cell, list[float]] = {c: [] for c in cells}
+    used: dict[_Cell, str] = {}
+    for rep in range(args.repeats + 1):  # pass 0 warms up
+        for e, method in cells:
+            spec = dataclasses.replace(
+                REFERENCE_SPEC,
+                in_channels=args.channels,
+                image_size=args.image_size,
+                num_classes=10,
+                num_experts=e,
+                top_k=args.top_k,
+            )
+            model = build_model(spec, seed=args.seed)
+            model.experts.dispatch = method
+            used[(e, method)] = model.experts.method(data.images[:1])
+            c0 = time.process_time()
+            knobs = cfg.train_kwargs() | {"epochs": 1, "batch_size": args.batch_size}
+            res = train(model, data, **knobs, device="cpu", seed=rep, max_samples=None)
+            if rep:
+                wall[(e, method)].append(1e6 * res.train_time_s / args.samples)
+                cpu[(e, method)].append(1e6 * (time.process_time() - c0) / args.samples)
+    return wall, cpu, used
+
+
 def bench_experts(args: argparse.Namespace) -> int:
     """Time local training per sample (top-k routing) as the number of experts grows.
 
@@ -78,41 +123,15 @@ def bench_experts(args: argparse.Namespace) -> int:
     """
     import torch
 
-    from fedmoe_app.config import RunConfig
     from fedmoe_app.data import Split
-    from fedmoe_app.models import REFERENCE_SPEC, build_model
-    from fedmoe_app.training import train
 
     out = sys.stdout
-    cfg = RunConfig()
     threads = set_threads(args.threads)
     gen = torch.Generator().manual_seed(args.seed)
     shape = (args.samples, args.channels, args.image_size, args.image_size)
     data = Split(torch.randn(*shape, generator=gen), torch.randint(0, 10, (args.samples,), generator=gen))
     methods = dispatch_methods(args.dispatch)
-    cells = [(e, m) for e in args.experts for m in methods]
-    wall: dict[tuple[int, str], list[float]] = {c: [] for c in cells}
-    cpu: dict[tuple[int, str], list[float]] = {c: [] for c in cells}
-    used: dict[tuple[int, str], str] = {}
-    for rep in range(args.repeats + 1):  # pass 0 warms up
-        for e, method in cells:
-            spec = dataclasses.replace(
-                REFERENCE_SPEC,
-                in_channels=args.channels,
-                image_size=args.image_size,
-                num_classes=10,
-                num_experts=e,
-                top_k=args.top_k,
-            )
-            model = build_model(spec, seed=args.seed)
-            model.experts.dispatch = method
-            used[(e, method)] = model.experts.method(data.images[:1])
-            c0 = time.process_time()
-            knobs = cfg.train_kwargs() | {"epochs": 1, "batch_size": args.batch_size}
-            res = train(model, data, **knobs, device="cpu", seed=rep, max_samples=None)
-            if rep:
-                wall[(e, method)].append(1e6 * res.train_time_s / args.samples)
-                cpu[(e, method)].append(1e6 * (time.process_time() - c0) / args.samples)
+    wall, cpu, used = _time_cells(args, data, methods)
     out.write(
         f"# experts benchmark: training per sample, top-{args.top_k}, batch {args.batch_size}, "
         f"{args.samples} samples {args.channels}x{args.image_size}x{args.image_size}, client holds all "

@@ -12,16 +12,14 @@ ratio are printed (criterion: app <= 1.25x plain). See ``docs/PERFORMANCE.md`` f
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-from .common import environ, machine_summary, timed_launch
+from .common import environ, machine_summary, timed_launch, training_rounds, work_folder
 from .plain import overhead_run_config, run_plain_fresh
 
 #: The repository root: the Flower app's folder (its ``pyproject.toml``).
@@ -81,12 +79,11 @@ def run_app_timed(
         When the run exits with a non-zero code.
 
     """
-    from fedmoe_app.tools.launch import launch
+    from fedmoe_app.tools.launch import launch, whole_if_integral
 
     launch_fn = launch_fn or launch
     run_config = overhead_run_config(args, run_name, str(workdir / "outputs"))
-    num_cpus = int(args.num_cpus) if float(args.num_cpus).is_integer() else args.num_cpus
-    num_gpus = int(args.num_gpus) if float(args.num_gpus).is_integer() else args.num_gpus
+    num_cpus, num_gpus = whole_if_integral(args.num_cpus), whole_if_integral(args.num_gpus)
     log_path = workdir / f"{run_name}.log"
     env = {"PYTHONUNBUFFERED": "1"}
     if args.threads > 0:  # torch threads of every app process (Ray keeps a preset value)
@@ -109,8 +106,7 @@ def run_app_timed(
     if code != 0:
         tail = log_path.read_text()[-3000:]
         raise RuntimeError(f"app run failed with exit code {code}; log tail:\n{tail}")
-    rows = json.loads((workdir / "outputs" / run_name / "metrics.json").read_text())
-    rounds = [r for r in rows if r["round"] >= 1]
+    rounds = training_rounds(workdir, run_name)
     return {
         "total_s": total,
         "round_s": [float(r["wall_time_s"]) for r in rounds],
@@ -119,6 +115,125 @@ def run_app_timed(
         "run_config": run_config,
         "marks": marks,
     }
+
+
+def _median(values: Sequence[float]) -> float:
+    """Median of ``values`` without NaN (a phase marker that never appeared); NaN if none is left."""
+    values = [v for v in values if v == v]
+    return statistics.median(values) if values else float("nan")
+
+
+def _mark(app: dict[str, Any], name: str) -> float:
+    """Seconds after the launch at which phase ``name`` of an app run began (NaN if never)."""
+    return float(app["marks"].get(name, float("nan")))
+
+
+def _run_pairs(
+    args: argparse.Namespace, threads: int
+) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], float]]]:
+    """Run ``--repeats`` app runs, each followed by the plain loop replaying its assignment.
+
+    Returns the app runs' figures (:func:`run_app_timed`) and the plain loops' results with
+    their total wall seconds (:func:`~.plain.run_plain_fresh`), in run order.
+    """
+    apps: list[dict[str, Any]] = []
+    plains: list[tuple[dict[str, Any], float]] = []
+    with work_folder(args.workdir, "fedmoe-overhead-") as workdir:
+        for rep in range(args.repeats):
+            app = run_app_timed(args, workdir, f"overhead-{os.getpid()}-{rep}")
+            apps.append(app)
+            plains.append(
+                run_plain_fresh(app["run_config"], args.clients, app["assignments"], threads, args.timeout)
+            )
+    return apps, plains
+
+
+def _write_header(out: TextIO, args: argparse.Namespace, threads: int, plain_threads: int) -> None:
+    """Write the report's lines on the settings, the app's and the plain loop's, and the machine."""
+    actors = max(1, int((os.cpu_count() or 1) // max(float(args.num_cpus), 1e-9)))
+    app_threads = str(args.threads) if args.threads > 0 else f"Ray default (floor(num-cpus) = {threads})"
+    out.write(
+        f"# overhead benchmark: {args.dataset}, {args.clients} clients, {args.rounds} rounds, "
+        f"fraction-train {args.fraction_train}, policy {args.policy}, {args.num_experts} experts "
+        f"({args.experts_per_client} per client unless dense), {args.local_epochs} local epoch(s), "
+        f"batch {args.batch_size}, device {args.device}, client evaluation off, repeats={args.repeats} "
+        "(median)\n"
+    )
+    out.write(
+        f"# app: flwr run, simulation, client-resources num-cpus={args.num_cpus} num-gpus={args.num_gpus} "
+        f"(up to {actors} client(s) at a time), torch threads per process {app_threads}, Ray worker "
+        f"niceness {_worker_niceness(args.worker_niceness)}; "
+        f"plain loop: one process, clients one after another, torch threads={plain_threads}\n"
+    )
+    out.write(f"# machine: {machine_summary()}\n")
+
+
+def _app_phases(apps: Sequence[dict[str, Any]]) -> list[tuple[str, list[float]]]:
+    """Return where each app run's total went: (phase, seconds of every run) from its markers."""
+    return [
+        (
+            "launch -> ServerApp started (SuperLink, flwr run, FAB, Ray)",
+            [_mark(a, "server app started") for a in apps],
+        ),
+        (
+            "ServerApp start -> round 0 evaluated (data, model, eval)",
+            [_mark(a, "round 0 evaluated") - _mark(a, "server app started") for a in apps],
+        ),
+        ("rounds 1..R (wall_time_s, round 1 incl. client start-up)", [sum(a["round_s"]) for a in apps]),
+        (
+            "checkpoints between rounds, final model, plots",
+            [
+                _mark(a, "rounds done, outputs saved") - _mark(a, "round 1 started") - sum(a["round_s"])
+                for a in apps
+            ],
+        ),
+        (
+            "shutdown (stop SuperLink, reap Ray)",
+            [a["total_s"] - _mark(a, "rounds done, outputs saved") for a in apps],
+        ),
+    ]
+
+
+def _write_times(
+    out: TextIO,
+    args: argparse.Namespace,
+    apps: Sequence[dict[str, Any]],
+    plains: Sequence[tuple[dict[str, Any], float]],
+) -> tuple[float, float]:
+    """Write the app-vs-plain table, the app's phases and every repeat; return the rounds medians."""
+    steady = args.rounds > 1
+    app_rounds = _median([sum(a["round_s"]) for a in apps])
+    plain_rounds = _median([sum(p["round_s"]) for p, _ in plains])
+    rows = [
+        ("rounds: train + aggregate + central eval (sum over rounds)", app_rounds, plain_rounds),
+        (
+            "steady rounds (2..R, after warm-up)",
+            _median([sum(a["round_s"][1:]) for a in apps]) if steady else float("nan"),
+            _median([sum(p["round_s"][1:]) for p, _ in plains]) if steady else float("nan"),
+        ),
+        (
+            "total wall incl. start-up (SuperLink/Ray | python+data)",
+            _median([a["total_s"] for a in apps]),
+            _median([t for _, t in plains]),
+        ),
+    ]
+    out.write(f"{'what':<60} {'app s':>8} {'plain s':>8} {'ratio':>6}\n")
+    for label, a, p in rows:
+        out.write(f"{label:<60} {a:>8.1f} {p:>8.1f} {a / p if p else float('nan'):>6.2f}\n")
+    out.write("# where the app's total goes (median, s):\n")
+    for label, values in _app_phases(apps):
+        out.write(f"#   {label:<62} {_median(values):>7.1f}\n")
+    plain_setup = _median([p["setup_s"] for p, _ in plains])
+    out.write(
+        f"# plain loop: start-up (python, imports, data, partitions, round-0 eval) {plain_setup:.1f} s\n"
+    )
+    for i, (a, (p, t)) in enumerate(zip(apps, plains)):
+        out.write(
+            f"# repeat {i}: app rounds {[round(x, 1) for x in a['round_s']]} total {a['total_s']:.1f} s | "
+            f"plain rounds {[round(x, 1) for x in p['round_s']]} total {t:.1f} s | "
+            f"final accuracy app {a['accuracy'][-1]} plain {p['accuracy'][-1]:.4f}\n"
+        )
+    return app_rounds, plain_rounds
 
 
 def bench_overhead(args: argparse.Namespace) -> int:
@@ -142,91 +257,9 @@ def bench_overhead(args: argparse.Namespace) -> int:
     """
     out = sys.stdout
     threads = args.threads or max(1, int(float(args.num_cpus)))
-    apps: list[dict[str, Any]] = []
-    plains: list[tuple[dict[str, Any], float]] = []
-    with tempfile.TemporaryDirectory(prefix="fedmoe-overhead-") as tmp:
-        workdir = Path(args.workdir).resolve() if args.workdir else Path(tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
-        for rep in range(args.repeats):
-            app = run_app_timed(args, workdir, f"overhead-{os.getpid()}-{rep}")
-            apps.append(app)
-            plains.append(
-                run_plain_fresh(app["run_config"], args.clients, app["assignments"], threads, args.timeout)
-            )
-
-    def med(values: Sequence[float]) -> float:
-        values = [v for v in values if v == v]  # drop NaN (a phase marker that never appeared)
-        return statistics.median(values) if values else float("nan")
-
-    def mark(app: dict[str, Any], name: str) -> float:
-        return float(app["marks"].get(name, float("nan")))
-
-    steady = args.rounds > 1
-    app_rounds = med([sum(a["round_s"]) for a in apps])
-    app_steady = med([sum(a["round_s"][1:]) for a in apps]) if steady else float("nan")
-    app_total = med([a["total_s"] for a in apps])
-    plain_rounds = med([sum(p["round_s"]) for p, _ in plains])
-    plain_steady = med([sum(p["round_s"][1:]) for p, _ in plains]) if steady else float("nan")
-    plain_total = med([t for _, t in plains])
-    plain_setup = med([p["setup_s"] for p, _ in plains])
-    actors = max(1, int((os.cpu_count() or 1) // max(float(args.num_cpus), 1e-9)))
-    app_threads = str(args.threads) if args.threads > 0 else f"Ray default (floor(num-cpus) = {threads})"
-    out.write(
-        f"# overhead benchmark: {args.dataset}, {args.clients} clients, {args.rounds} rounds, "
-        f"fraction-train {args.fraction_train}, policy {args.policy}, {args.num_experts} experts "
-        f"({args.experts_per_client} per client unless dense), {args.local_epochs} local epoch(s), "
-        f"batch {args.batch_size}, device {args.device}, client evaluation off, repeats={args.repeats} "
-        "(median)\n"
-    )
-    out.write(
-        f"# app: flwr run, simulation, client-resources num-cpus={args.num_cpus} num-gpus={args.num_gpus} "
-        f"(up to {actors} client(s) at a time), torch threads per process {app_threads}, Ray worker "
-        f"niceness {_worker_niceness(args.worker_niceness)}; "
-        f"plain loop: one process, clients one after another, torch threads={plains[0][0]['threads']}\n"
-    )
-    out.write(f"# machine: {machine_summary()}\n")
-    out.write(f"{'what':<60} {'app s':>8} {'plain s':>8} {'ratio':>6}\n")
-    rows = [
-        ("rounds: train + aggregate + central eval (sum over rounds)", app_rounds, plain_rounds),
-        ("steady rounds (2..R, after warm-up)", app_steady, plain_steady),
-        ("total wall incl. start-up (SuperLink/Ray | python+data)", app_total, plain_total),
-    ]
-    for label, a, p in rows:
-        out.write(f"{label:<60} {a:>8.1f} {p:>8.1f} {a / p if p else float('nan'):>6.2f}\n")
-    out.write("# where the app's total goes (median, s):\n")
-    phases = [
-        (
-            "launch -> ServerApp started (SuperLink, flwr run, FAB, Ray)",
-            [mark(a, "server app started") for a in apps],
-        ),
-        (
-            "ServerApp start -> round 0 evaluated (data, model, eval)",
-            [mark(a, "round 0 evaluated") - mark(a, "server app started") for a in apps],
-        ),
-        ("rounds 1..R (wall_time_s, round 1 incl. client start-up)", [sum(a["round_s"]) for a in apps]),
-        (
-            "checkpoints between rounds, final model, plots",
-            [
-                mark(a, "rounds done, outputs saved") - mark(a, "round 1 started") - sum(a["round_s"])
-                for a in apps
-            ],
-        ),
-        (
-            "shutdown (stop SuperLink, reap Ray)",
-            [a["total_s"] - mark(a, "rounds done, outputs saved") for a in apps],
-        ),
-    ]
-    for label, values in phases:
-        out.write(f"#   {label:<62} {med(values):>7.1f}\n")
-    out.write(
-        f"# plain loop: start-up (python, imports, data, partitions, round-0 eval) {plain_setup:.1f} s\n"
-    )
-    for i, (a, (p, t)) in enumerate(zip(apps, plains)):
-        out.write(
-            f"# repeat {i}: app rounds {[round(x, 1) for x in a['round_s']]} total {a['total_s']:.1f} s | "
-            f"plain rounds {[round(x, 1) for x in p['round_s']]} total {t:.1f} s | "
-            f"final accuracy app {a['accuracy'][-1]} plain {p['accuracy'][-1]:.4f}\n"
-        )
+    apps, plains = _run_pairs(args, threads)
+    _write_header(out, args, threads, plains[0][0]["threads"])
+    app_rounds, plain_rounds = _write_times(out, args, apps, plains)
     ratio = app_rounds / plain_rounds if plain_rounds else float("inf")
     ok = ratio <= args.max_ratio
     out.write(f"# criterion (rounds ratio <= {args.max_ratio}): {ratio:.2f} -> {'PASS' if ok else 'FAIL'}\n")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fedmoe_app.config import RunConfig
@@ -59,6 +59,60 @@ def overhead_run_config(args: argparse.Namespace, run_name: str, output_dir: str
     }
 
 
+def _train_clients(
+    cfg: RunConfig,
+    spec: Any,
+    global_arrays: Any,
+    assignment: Mapping[str, Sequence[int]],
+    local: Callable[[str], Any],
+    device: Any,
+    rnd: int,
+) -> list[Any]:
+    """Train the clients of one round one after another, as the app's clients would.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The run's config.
+    spec : ModelSpec
+        The model.
+    global_arrays : dict
+        The global model's arrays at the start of the round.
+    assignment : mapping
+        Client id (= partition id) -> experts it trains.
+    local : callable
+        Client id -> its ``(train, test, info)`` data.
+    device : torch.device
+        Where to train.
+    rnd : int
+        The round (1-based): client seeds are ``cfg.seed + rnd``.
+
+    Returns
+    -------
+    list of ClientUpdate
+        One per client, in order of client id.
+
+    """
+    from fedmoe_app.maths.aggregation import ClientUpdate
+    from fedmoe_app.models import build_model
+    from fedmoe_app.models.arrays import load_arrays, model_to_arrays
+    from fedmoe_app.tensors import select
+    from fedmoe_app.training import train
+
+    updates = []
+    for cid, experts in sorted(assignment.items(), key=lambda kv: int(kv[0])):
+        train_split, _, _ = local(cid)
+        model = build_model(spec, list(experts))
+        load_arrays(model, select(global_arrays, experts))
+        # max_samples=None: client_data already capped the partition
+        res = train(
+            model, train_split, **cfg.train_kwargs(), device=device, seed=cfg.seed + rnd, max_samples=None
+        )
+        model.cpu()
+        updates.append(ClientUpdate(model_to_arrays(model), res.num_examples, res.tokens))
+    return updates
+
+
 def plain_loop(
     run_config: Mapping[str, Any],
     num_clients: int,
@@ -95,22 +149,16 @@ def plain_loop(
     t_setup = time.perf_counter()  # the imports below count as start-up
     threads = set_threads(threads)
     from fedmoe_app.data import client_data, server_test_data
-    from fedmoe_app.maths.aggregation import ClientUpdate, aggregate
+    from fedmoe_app.maths.aggregation import aggregate
     from fedmoe_app.models import ModelSpec, build_model
     from fedmoe_app.models.arrays import load_arrays, model_to_arrays
-    from fedmoe_app.tensors import select
-    from fedmoe_app.training import evaluate, resolve_device, train
+    from fedmoe_app.training import evaluate, resolve_device
 
     cfg = RunConfig.from_run_config(dict(run_config))
     device = resolve_device(cfg.device)
 
     def local(cid: str) -> Any:
-        return client_data(
-            cfg.dataset,
-            int(cid),
-            num_clients,
-            **cfg.split_kwargs(),
-        )
+        return client_data(cfg.dataset, int(cid), num_clients, **cfg.split_kwargs())
 
     test, info = server_test_data(
         cfg.dataset, max_samples=cfg.central_eval_samples, data_dir=cfg.data_dir, seed=cfg.seed
@@ -125,17 +173,7 @@ def plain_loop(
     round_s, accuracy = [], []
     for rnd, assignment in enumerate(assignments, start=1):
         t0 = time.perf_counter()
-        updates = []
-        for cid, experts in sorted(assignment.items(), key=lambda kv: int(kv[0])):
-            train_split, _, _ = local(cid)
-            model = build_model(spec, list(experts))
-            load_arrays(model, select(global_arrays, experts))
-            # max_samples=None: client_data already capped the partition
-            res = train(
-                model, train_split, **cfg.train_kwargs(), device=device, seed=cfg.seed + rnd, max_samples=None
-            )
-            model.cpu()
-            updates.append(ClientUpdate(model_to_arrays(model), res.num_examples, res.tokens))
+        updates = _train_clients(cfg, spec, global_arrays, assignment, local, device, rnd)
         global_arrays = aggregate(global_arrays, updates, gate_from_all=cfg.gate_from_all)
         load_arrays(eval_model, global_arrays)
         accuracy.append(evaluate(eval_model, test)[1])

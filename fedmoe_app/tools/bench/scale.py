@@ -26,7 +26,6 @@ import json
 import re
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Any
 
 import psutil
 
-from .common import int_list, machine_summary, timed_launch
+from .common import int_list, machine_summary, timed_launch, training_rounds, work_folder
 
 #: The repository root: the Flower app's folder (its ``pyproject.toml``).
 ROOT = Path(__file__).resolve().parents[3]
@@ -168,12 +167,12 @@ class PeakRss:
 
 def run_one(args: argparse.Namespace, supernodes: int, sampled: int, workdir: Path) -> dict[str, Any]:
     """Run the app once: ``supernodes`` SuperNodes, ``sampled`` per round; its figures (module docstring)."""
-    from fedmoe_app.tools.launch import launch
+    from fedmoe_app.tools.launch import launch, whole_if_integral
 
     run_name = f"scale-{supernodes}-{sampled}"
     run_config = scale_run_config(args, supernodes, sampled, run_name, str(workdir / "outputs"))
     log_path = workdir / f"{run_name}.log"
-    cpus = int(args.num_cpus) if float(args.num_cpus).is_integer() else args.num_cpus
+    cpus = whole_if_integral(args.num_cpus)
     with PeakRss(args.poll) as rss:
         code, total, marks = timed_launch(
             launch,
@@ -191,11 +190,7 @@ def run_one(args: argparse.Namespace, supernodes: int, sampled: int, workdir: Pa
         raise RuntimeError(
             f"run with {supernodes} SuperNodes failed (exit code {code}); log tail:\n{text[-3000:]}"
         )
-    rows = [
-        r
-        for r in json.loads((workdir / "outputs" / run_name / "metrics.json").read_text())
-        if r["round"] >= 1
-    ]
+    rows = training_rounds(workdir, run_name)
     ckpts = [(int(b), int(c), float(s)) for _, b, c, s in CHECKPOINT_LINE.findall(text)]
 
     def med(key: str) -> float:
@@ -290,9 +285,7 @@ def bench_scale(args: argparse.Namespace) -> int:
 
     """
     out = sys.stdout
-    with tempfile.TemporaryDirectory(prefix="fedmoe-scale-") as tmp:
-        folder = Path(args.out).resolve() if args.out else Path(tmp)
-        folder.mkdir(parents=True, exist_ok=True)
+    with work_folder(args.out, "fedmoe-scale-") as folder:
         out.write(
             f"# scale benchmark: {args.rounds} rounds, {','.join(map(str, args.sampled))} SuperNodes "
             "trained per round, "

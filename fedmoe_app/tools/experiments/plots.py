@@ -121,6 +121,32 @@ def _figure_layout(
     return plt, names, titles, pols
 
 
+def _plot_band(
+    ax: Any,
+    runs: Sequence[FinishedRun],
+    key: str,
+    *,
+    color: Any,
+    label: str,
+    lw: float,
+    alpha: float,
+    scale: float = 1.0,
+) -> None:
+    """Draw ``scale`` x the mean of ``key`` per round over ``runs``, with a ± std band if several."""
+    x, mean, std = accuracy_curves(runs, key)
+    ax.plot(x, scale * mean, color=color, label=label, lw=lw)
+    if len(runs) > 1:
+        ax.fill_between(x, scale * (mean - std), scale * (mean + std), color=color, alpha=alpha, lw=0)
+
+
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` (110 dpi) and close it; return ``path``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_accuracy(
     results: Sequence[FinishedRun],
     path: Path,
@@ -168,22 +194,15 @@ def plot_accuracy(
             runs = [r for r in results if r.setting == s and r.policy == p]
             if not runs:
                 continue
-            x, mean, std = accuracy_curves(runs, key)
             label = f"{p} (n={len(runs)})"
-            ax.plot(x, scale * mean, color=colors[p], label=label, lw=1.6)
-            if len(runs) > 1:
-                band = (scale * (mean - std), scale * (mean + std))
-                ax.fill_between(x, *band, color=colors[p], alpha=0.18, lw=0)
+            _plot_band(ax, runs, key, color=colors[p], label=label, lw=1.6, alpha=0.18, scale=scale)
         ax.set_title(titles.get(s, s))
         ax.xaxis.set_major_locator(_integer_ticks())
         ax.set_xlabel("round")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def plot_expert_load(
@@ -280,10 +299,7 @@ def plot_groups(
     for ax, g in zip(axes.ravel(), groups):
         for p in pols:
             runs = [r for r in results if r.policy == p]
-            x, mean, std = accuracy_curves(runs, f"bpb_{g}")
-            ax.plot(x, mean, color=colors[p], label=p, lw=1.4)
-            if len(runs) > 1:
-                ax.fill_between(x, mean - std, mean + std, color=colors[p], alpha=0.15, lw=0)
+            _plot_band(ax, runs, f"bpb_{g}", color=colors[p], label=p, lw=1.4, alpha=0.15)
         ax.set_title(g, fontsize=10)
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(_integer_ticks())
@@ -292,7 +308,4 @@ def plot_groups(
     for ax in axes[:, 0]:
         ax.set_ylabel("bits per byte")
     axes.ravel()[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)

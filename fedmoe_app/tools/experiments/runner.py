@@ -66,7 +66,7 @@ def _child_main(
     signal.signal(signal.SIGTERM, interrupt_once)
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # nohup'ed / background: stays ignored
         signal.signal(signal.SIGINT, interrupt_once)
-    from ..launch import launch
+    from ..launch import launch, whole_if_integral
 
     code = 1
     with open(log_file, "a", buffering=1) as log:
@@ -83,7 +83,7 @@ def _child_main(
                 timeout=timeout,
                 stream_to=log,
                 # flwr wants an int where the value is whole ("1.0" is rejected)
-                num_cpus=int(client_cpus) if float(client_cpus).is_integer() else client_cpus,
+                num_cpus=whole_if_integral(client_cpus),
             )
         except KeyboardInterrupt:
             log.write("=== interrupted ===\n")
@@ -283,6 +283,48 @@ class _Scheduler:
         self.progress.write()
 
 
+def _prepare_folder(grid: ExperimentGrid, exp_dir: Path) -> list[RunSpec]:
+    """Validate ``grid``, check and prepare ``exp_dir`` for it; return the grid's runs.
+
+    Creates ``exp_dir/logs`` and (re)writes ``exp_dir/experiment.json``; raises ConfigError
+    if a run config is invalid or an existing run folder was made with another config.
+    """
+    grid.validate()
+    runs = grid.runs()
+    _refuse_other_configs(exp_dir, runs)
+    (exp_dir / "logs").mkdir(parents=True, exist_ok=True)
+    atomic_write(exp_dir / "experiment.json", json.dumps(grid.to_dict(), indent=2))
+    return runs
+
+
+def _start_progress(grid: ExperimentGrid, exp_dir: Path, runs: Sequence[RunSpec], jobs: int) -> Progress:
+    """Return the grid's progress record, every run already complete marked skipped.
+
+    Logs how many runs there are to run, and writes ``progress`` (and the summary, if some
+    runs are complete already) into ``exp_dir``.
+    """
+    progress = Progress(exp_dir, runs, jobs)
+    n = len(runs)
+    for run, st in zip(runs, progress.states):
+        rows = read_metrics(run_dir(exp_dir, run))
+        if is_complete(rows, run.num_rounds):
+            st.status, st.rounds_done = "skipped", run.num_rounds
+            st.last_accuracy = final_accuracy(rows or [])
+    skipped = progress.count("skipped")
+    logger.info(
+        "experiment %s: %d runs (%d complete, skipped), %d to run, %d at a time",
+        exp_dir,
+        n,
+        skipped,
+        n - skipped,
+        jobs,
+    )
+    if skipped:
+        write_summary(exp_dir, grid)
+    progress.write()
+    return progress
+
+
 def run_grid(
     grid: ExperimentGrid,
     exp_dir: Path,
@@ -331,30 +373,8 @@ def run_grid(
 
     """
     exp_dir = Path(exp_dir).resolve()
-    grid.validate()
-    runs = grid.runs()
-    _refuse_other_configs(exp_dir, runs)
-    (exp_dir / "logs").mkdir(parents=True, exist_ok=True)
-    atomic_write(exp_dir / "experiment.json", json.dumps(grid.to_dict(), indent=2))
-    progress = Progress(exp_dir, runs, jobs)
-    n = len(runs)
-    for run, st in zip(runs, progress.states):
-        rows = read_metrics(run_dir(exp_dir, run))
-        if is_complete(rows, run.num_rounds):
-            st.status, st.rounds_done = "skipped", run.num_rounds
-            st.last_accuracy = final_accuracy(rows or [])
-    skipped = progress.count("skipped")
-    logger.info(
-        "experiment %s: %d runs (%d complete, skipped), %d to run, %d at a time",
-        exp_dir,
-        n,
-        skipped,
-        n - skipped,
-        jobs,
-    )
-    if skipped:
-        write_summary(exp_dir, grid)
-    progress.write()
+    runs = _prepare_folder(grid, exp_dir)
+    progress = _start_progress(grid, exp_dir, runs, jobs)
     _Scheduler(
         grid,
         exp_dir,

@@ -102,6 +102,112 @@ def in_order(values: Sequence[str], order: Sequence[str] | None) -> list[str]:
     return first + sorted(set(values) - set(first), key=values.index)
 
 
+def run_groups(
+    results: Sequence[FinishedRun],
+    settings: Sequence[str] | None = None,
+    policies: Sequence[str] | None = None,
+) -> list[tuple[str, str, list[FinishedRun]]]:
+    """Group runs by (setting, policy), setting-major, in the given order (:func:`in_order`).
+
+    Parameters
+    ----------
+    results : sequence of FinishedRun
+        Runs.
+    settings, policies : sequence of str, optional
+        Preferred order of settings and, within each setting, of its policies.
+
+    Returns
+    -------
+    list of (str, str, list of FinishedRun)
+        ``(setting, policy, runs)`` for every pair that has runs, the runs in the order
+        of ``results``.
+
+    """
+    groups = []
+    for s in in_order([r.setting for r in results], settings):
+        for p in in_order([r.policy for r in results if r.setting == s], policies):
+            groups.append((s, p, [r for r in results if r.setting == s and r.policy == p]))
+    return groups
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Render a Markdown table: the first two columns left-aligned, the others right-aligned.
+
+    Parameters
+    ----------
+    header : sequence of str
+        Column names.
+    rows : sequence of sequence of str
+        Cells, one sequence per line.
+
+    Returns
+    -------
+    str
+        The table, one line per row after the header, ending in a newline.
+
+    """
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _targets(
+    results: Sequence[FinishedRun], baseline: str, target_fraction: float
+) -> dict[str, float | None]:
+    """Target accuracy of every setting: ``target_fraction`` x the baseline's mean final accuracy.
+
+    None for a setting without a baseline run (or without a final accuracy).
+    """
+    by_key: dict[tuple[str, str], list[FinishedRun]] = {}
+    for r in results:
+        by_key.setdefault((r.setting, r.policy), []).append(r)
+    targets: dict[str, float | None] = {}
+    for s in {r.setting for r in results}:
+        base_final = _mean([final_accuracy(r.rounds) for r in by_key.get((s, baseline), [])])
+        targets[s] = None if base_final is None else target_fraction * base_final
+    return targets
+
+
+def _summary_row(
+    setting: str, policy: str, runs: Sequence[FinishedRun], target: float | None, last_n: int
+) -> SummaryRow:
+    """Aggregate the runs (sorted by seed) of one (setting, policy) into its :class:`SummaryRow`."""
+    final, final_std = _mean_std([final_accuracy(r.rounds) for r in runs])
+    lastn, lastn_std = _mean_std([last_n_mean(r.rounds, last_n) for r in runs])
+    personal, personal_std = _mean_std([last_n_mean(r.rounds, last_n, "client_accuracy") for r in runs])
+    worst10 = _mean([last_n_mean(r.rounds, last_n, "client_accuracy_worst10") for r in runs])
+    hits = [rounds_to_target(r.rounds, target) for r in runs] if target is not None else []
+    hits = [h for h in hits if h is not None]
+    mb = {
+        k: _mean([_megabytes(round_total(r.rounds, k)) for r in runs])
+        for k in ("bytes_down", "bytes_up", "dense_bytes_down")
+    }
+    return SummaryRow(
+        setting=setting,
+        policy=policy,
+        runs=len(runs),
+        seeds=[r.seed for r in runs],
+        final_acc=final,
+        final_acc_std=final_std,
+        best_acc=_mean([best_accuracy(r.rounds) for r in runs]),
+        last_n_acc=lastn,
+        last_n_acc_std=lastn_std,
+        personal_last_n=personal,
+        personal_last_n_std=personal_std,
+        worst10_last_n=worst10,
+        target=target,
+        rounds_to_target=float(np.mean(hits)) if hits else None,
+        reached=len(hits),
+        mb_down=mb["bytes_down"],
+        mb_up=mb["bytes_up"],
+        dense_mb_down=mb["dense_bytes_down"],
+        load_cv=_mean([round_mean(r.rounds, "load_cv") for r in runs]),
+        virtual_time_s=_mean([round_total(r.rounds, "virtual_round_time_s") for r in runs]),
+        wall_time_s=_mean([round_total(r.rounds, "wall_time_s") for r in runs]),
+        last_n=last_n,
+    )
+
+
 def summarize(
     results: Sequence[FinishedRun],
     *,
@@ -133,59 +239,11 @@ def summarize(
         Setting-major, in the given order.
 
     """
-    by_key: dict[tuple[str, str], list[FinishedRun]] = {}
-    for r in results:
-        by_key.setdefault((r.setting, r.policy), []).append(r)
-    targets: dict[str, float | None] = {}
-    for s in {r.setting for r in results}:
-        base_final = _mean([final_accuracy(r.rounds) for r in by_key.get((s, baseline), [])])
-        targets[s] = None if base_final is None else target_fraction * base_final
-    rows = []
-    for s in in_order([r.setting for r in results], settings):
-        for p in in_order([r.policy for r in results if r.setting == s], policies):
-            runs = sorted(by_key.get((s, p), []), key=lambda r: r.seed)
-            if not runs:
-                continue
-            final, final_std = _mean_std([final_accuracy(r.rounds) for r in runs])
-            lastn, lastn_std = _mean_std([last_n_mean(r.rounds, last_n) for r in runs])
-            personal, personal_std = _mean_std(
-                [last_n_mean(r.rounds, last_n, "client_accuracy") for r in runs]
-            )
-            worst10 = _mean([last_n_mean(r.rounds, last_n, "client_accuracy_worst10") for r in runs])
-            target = targets.get(s)
-            hits = [rounds_to_target(r.rounds, target) for r in runs] if target is not None else []
-            hits = [h for h in hits if h is not None]
-            mb = {
-                k: _mean([_megabytes(round_total(r.rounds, k)) for r in runs])
-                for k in ("bytes_down", "bytes_up", "dense_bytes_down")
-            }
-            rows.append(
-                SummaryRow(
-                    setting=s,
-                    policy=p,
-                    runs=len(runs),
-                    seeds=[r.seed for r in runs],
-                    final_acc=final,
-                    final_acc_std=final_std,
-                    best_acc=_mean([best_accuracy(r.rounds) for r in runs]),
-                    last_n_acc=lastn,
-                    last_n_acc_std=lastn_std,
-                    personal_last_n=personal,
-                    personal_last_n_std=personal_std,
-                    worst10_last_n=worst10,
-                    target=target,
-                    rounds_to_target=float(np.mean(hits)) if hits else None,
-                    reached=len(hits),
-                    mb_down=mb["bytes_down"],
-                    mb_up=mb["bytes_up"],
-                    dense_mb_down=mb["dense_bytes_down"],
-                    load_cv=_mean([round_mean(r.rounds, "load_cv") for r in runs]),
-                    virtual_time_s=_mean([round_total(r.rounds, "virtual_round_time_s") for r in runs]),
-                    wall_time_s=_mean([round_total(r.rounds, "wall_time_s") for r in runs]),
-                    last_n=last_n,
-                )
-            )
-    return rows
+    targets = _targets(results, baseline, target_fraction)
+    return [
+        _summary_row(s, p, sorted(runs, key=lambda r: r.seed), targets.get(s), last_n)
+        for s, p, runs in run_groups(results, settings, policies)
+    ]
 
 
 def fmt_percent(mean: float | None, std: float | None = None) -> str:
@@ -242,13 +300,8 @@ def format_table(rows: Sequence[SummaryRow]) -> str:
 
     """
     n = rows[0].last_n if rows else 5
-    header = [c.format(n=n) for c in TABLE_COLUMNS]
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|",
-    ]
-    for r in rows:
-        cells = [
+    cells = [
+        [
             r.setting,
             r.policy,
             fmt_percent(r.final_acc, r.final_acc_std),
@@ -263,8 +316,9 @@ def format_table(rows: Sequence[SummaryRow]) -> str:
             _fmt(r.virtual_time_s, ".1f"),
             str(r.runs),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        for r in rows
+    ]
+    return markdown_table([c.format(n=n) for c in TABLE_COLUMNS], cells)
 
 
 def rows_to_csv(rows: Sequence[SummaryRow]) -> str:
@@ -319,17 +373,15 @@ def window_table(
     """
     views = (("global", "accuracy"), ("personalized", "client_accuracy"))
     header = ["setting", "policy"] + [f"{v} {a}-{b}" for v, _ in views for a, b in windows]
-    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
-    for s in in_order([r.setting for r in results], settings):
-        for p in in_order([r.policy for r in results if r.setting == s], policies):
-            runs = [r for r in results if r.setting == s and r.policy == p]
-            cells = [s, p]
-            for _, key in views:
-                for a, b in windows:
-                    per_run = [window_mean(r.rounds, key, a, b) for r in runs]
-                    cells.append(fmt_percent(*_mean_std(per_run)))
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    rows = []
+    for s, p, runs in run_groups(results, settings, policies):
+        cells = [s, p]
+        for _, key in views:
+            for a, b in windows:
+                per_run = [window_mean(r.rounds, key, a, b) for r in runs]
+                cells.append(fmt_percent(*_mean_std(per_run)))
+        rows.append(cells)
+    return markdown_table(header, rows)
 
 
 def summary_markdown(

@@ -16,7 +16,7 @@ from dataclasses import replace
 import numpy as np
 
 from .metrics import FinishedRun, last_n_mean, round_mean
-from .summary import DASH, in_order
+from .summary import DASH, markdown_table, run_groups
 
 
 def is_text(results: Sequence[FinishedRun]) -> bool:
@@ -78,17 +78,15 @@ def text_table(
     results = with_client_bpb(results)
     groups = group_names(results)
     header = ["setting", "policy", "runs", "global bpb", "personalized bpb", *groups, "MB down/round (dense)"]
-    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
-    for s in in_order([r.setting for r in results], settings):
-        for p in in_order([r.policy for r in results if r.setting == s], policies):
-            runs = [r for r in results if r.setting == s and r.policy == p]
-            cells = [s, p, str(len(runs))]
-            for key in ("bpb", "client_bpb", *(f"bpb_{g}" for g in groups)):
-                cells.append(_cell([last_n_mean(r.rounds, last_n, key) for r in runs]))
-            down = [round_mean(r.rounds, "bytes_down") for r in runs]
-            dense = [round_mean(r.rounds, "dense_bytes_down") for r in runs]
-            mb = [v / 1e6 for v in down if v is not None]
-            dense_mb = [v / 1e6 for v in dense if v is not None]
-            cells.append(f"{np.mean(mb):.2f} ({np.mean(dense_mb):.2f})" if mb and dense_mb else DASH)
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    rows = []
+    for s, p, runs in run_groups(results, settings, policies):
+        cells = [s, p, str(len(runs))]
+        for key in ("bpb", "client_bpb", *(f"bpb_{g}" for g in groups)):
+            cells.append(_cell([last_n_mean(r.rounds, last_n, key) for r in runs]))
+        down = [round_mean(r.rounds, "bytes_down") for r in runs]
+        dense = [round_mean(r.rounds, "dense_bytes_down") for r in runs]
+        mb = [v / 1e6 for v in down if v is not None]
+        dense_mb = [v / 1e6 for v in dense if v is not None]
+        cells.append(f"{np.mean(mb):.2f} ({np.mean(dense_mb):.2f})" if mb and dense_mb else DASH)
+        rows.append(cells)
+    return markdown_table(header, rows)
