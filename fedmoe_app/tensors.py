@@ -139,3 +139,13 @@ def payload_nbytes(arrays: Mapping[str, np.ndarray]) -> tuple[int, int]:
             per_expert[parsed[0]] = per_expert.get(parsed[0], 0) + int(value.nbytes)
     expert = round(sum(per_expert.values()) / len(per_expert)) if per_expert else 0
     return shared, expert
+
+
+def check_same_tensors(arrays: Mapping[str, np.ndarray], model: Mapping[str, np.ndarray], what: str) -> None:
+    """Raise ValueError naming the first tensors whose names or shapes differ from ``model``'s."""
+    shapes = {k: tuple(v.shape) for k, v in arrays.items()}
+    want = {k: tuple(v.shape) for k, v in model.items()}
+    if shapes == want:
+        return
+    differ = sorted(set(shapes) ^ set(want)) or sorted(k for k in shapes if shapes[k] != want[k])
+    raise ValueError(f"{what} does not match this model's tensors (e.g. {differ[:3]})")

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from .capacity.probe import usable_cpus
 from .data import Split
+from .data.text import TextSplit
 from .models import MoEModel, MoEOutput
-from .text import TextSplit
 
 log = logging.getLogger(__name__)
 

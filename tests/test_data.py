@@ -1,3 +1,4 @@
+import dataclasses
 import gzip
 import os
 import pickle
@@ -12,8 +13,8 @@ from fedmoe_app.config import RunConfig
 
 
 def split_args(**overrides):
-    """``client_data`` keywords at the run config's defaults, ``overrides`` changed."""
-    return {**RunConfig().split_kwargs(), **overrides}
+    """``client_data``'s split at the run config's defaults, ``overrides`` changed."""
+    return dataclasses.replace(RunConfig().split, **overrides)
 
 
 def write_idx(path, arr, gz=False):
@@ -189,11 +190,11 @@ def test_partition_cache_on_disk(tmp_path, monkeypatch):
 
 
 def test_client_split_is_disjoint_and_capped():
-    tr, te, _ = data.client_data("synthetic", 2, 5, **split_args(partitioner="iid", test_fraction=0.25))
-    tr2, te2, _ = data.client_data("synthetic", 2, 5, **split_args(partitioner="iid", test_fraction=0.25))
+    tr, te, _ = data.client_data("synthetic", 2, 5, split_args(partitioner="iid", test_fraction=0.25))
+    tr2, te2, _ = data.client_data("synthetic", 2, 5, split_args(partitioner="iid", test_fraction=0.25))
     assert len(te) > 0 and abs(len(te) / (len(tr) + len(te)) - 0.25) < 0.02
     assert (tr.labels == tr2.labels).all()
-    capped, _, _ = data.client_data("synthetic", 2, 5, **split_args(partitioner="iid", max_samples=50))
+    capped, _, _ = data.client_data("synthetic", 2, 5, split_args(partitioner="iid", max_samples=50))
     assert len(capped) == 50
     with pytest.raises(ValueError):
-        data.client_data("synthetic", 5, 5, **split_args())
+        data.client_data("synthetic", 5, 5, split_args())

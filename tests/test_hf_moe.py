@@ -9,6 +9,7 @@ from conftest import make_spec, text_run, train_args
 from test_transformer_moe import text_split
 
 from fedmoe_app.config import ConfigError, RunConfig
+from fedmoe_app.data.text import TextInfo
 from fedmoe_app.maths.aggregation import ClientUpdate, aggregate
 from fedmoe_app.models import (
     HFSpec,
@@ -22,7 +23,6 @@ from fedmoe_app.models import (
 )
 from fedmoe_app.models.memory_probe import LiveBytes
 from fedmoe_app.tensors import experts_in, is_gate_key, parse_expert_key, raw_nbytes, select
-from fedmoe_app.text import TextInfo
 from fedmoe_app.training import evaluate, train
 from fedmoe_app.wire.records import to_record, wire_nbytes
 

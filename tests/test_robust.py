@@ -32,7 +32,7 @@ EXPERTS = [[0, 1, 2, 3], [4, 5, 6, 7], [0, 2, 4, 6], [1, 3, 5, 7], [0, 5], [2, 7
 def local_round(global_arrays, cfg, seed):
     updates = []
     for cid, experts in enumerate(EXPERTS):
-        split, _, _ = client_data("synthetic", cid, len(EXPERTS), **cfg.split_kwargs())
+        split, _, _ = client_data("synthetic", cid, len(EXPERTS), cfg.split)
         model = build_model(SPEC, experts)
         load_arrays(model, select(global_arrays, experts))
         res = train(model, split, **train_args(lr=0.05, seed=seed + cid))

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from fedmoe_app.config import RunConfig
+from fedmoe_app.data.text import server_split
 from fedmoe_app.models import build_model, model_spec, model_to_arrays
-from fedmoe_app.text import server_split
 from fedmoe_app.tools import routing
 from fedmoe_app.tools.routing_text import group_routing, routing_share, specialisation
 

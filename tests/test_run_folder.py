@@ -62,11 +62,14 @@ def test_a_key_added_after_the_checkpoint_resumes_only_at_its_default():
     assert config_changes(saved, RunConfig(gate_balance_rate=0.1)) == {"gate-balance-rate": (None, 0.1)}
 
 
-def test_a_checkpoint_of_another_model_shape_is_refused():
+def test_a_checkpoint_of_another_model_shape_is_refused(tmp_path):
     from fedmoe_app.models import REFERENCE_SPEC, build_model, model_to_arrays
-    from fedmoe_app.server.strategy import FedMoE
+    from fedmoe_app.run.folder import Resumed, resumed_arrays
 
-    strategy = FedMoE(RunConfig(), REFERENCE_SPEC, model_to_arrays(build_model(REFERENCE_SPEC)))
-    other = dataclasses.replace(REFERENCE_SPEC, expert_hidden=64)
-    with pytest.raises(ValueError, match=r"does not match this model's tensors \(e\.g\. \['experts\.0\.b1'"):
-        strategy.restore(model_to_arrays(build_model(other)), strategy.state_dict())
+    model = model_to_arrays(build_model(REFERENCE_SPEC))
+    other = model_to_arrays(build_model(dataclasses.replace(REFERENCE_SPEC, expert_hidden=64)))
+    assert resumed_arrays(Resumed(model, {}, 3, []), model, tmp_path).keys() == model.keys()
+    with pytest.raises(
+        RunFolderError, match=r"checkpoint .*does not match this model's tensors \(e\.g\. \['experts\.0\.b1'"
+    ):
+        resumed_arrays(Resumed(other, {}, 3, []), model, tmp_path)

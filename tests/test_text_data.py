@@ -1,13 +1,14 @@
 """Text datasets: the fortunes layout, a user's folder, documents, windows, partitions and bad folders."""
 
+import dataclasses
 import re
 
 import numpy as np
 import pytest
 
-from fedmoe_app.config import RunConfig
+from fedmoe_app.config import RunConfig, SplitSection
 from fedmoe_app.data import DatasetUnavailable
-from fedmoe_app.text import (
+from fedmoe_app.data.text import (
     FORTUNES_DIR,
     documents,
     folder_groups,
@@ -20,14 +21,9 @@ from fedmoe_app.text import (
     windows,
 )
 
-SPLIT = {
-    "partitioner": "natural",
-    "alpha": 0.5,
-    "shards": 2,
-    "test_fraction": 0.2,
-    "max_samples": 0,
-    "seed": 0,
-}
+SPLIT = SplitSection(
+    partitioner="natural", alpha=0.5, shards=2, test_fraction=0.2, max_samples=0, data_dir="", seed=0
+)
 
 
 def fortunes(n, word):
@@ -103,9 +99,8 @@ def test_natural_partition_gives_each_client_one_language(fortune_tree):
     _, _, info = load_text("fortunes", str(fortune_tree), 16, 0)
     seen = []
     for pid in range(8):
-        train, test, _ = text_client_data(
-            "fortunes", pid, 8, data_dir=str(fortune_tree), context_length=16, **SPLIT
-        )
+        split = dataclasses.replace(SPLIT, data_dir=str(fortune_tree))
+        train, test, _ = text_client_data("fortunes", pid, 8, split, 16)
         assert set(train.groups.tolist()) == {pid % 4} and len(test) > 0
         seen.append(len(train) + len(test))
     full, _, _ = load_text("fortunes", str(fortune_tree), 16, 0)
@@ -115,8 +110,8 @@ def test_natural_partition_gives_each_client_one_language(fortune_tree):
 
 
 def test_dirichlet_mixes_languages(fortune_tree):
-    kw = {**SPLIT, "partitioner": "dirichlet", "alpha": 1000.0}
-    train, _, _ = text_client_data("fortunes", 0, 2, data_dir=str(fortune_tree), context_length=16, **kw)
+    split = dataclasses.replace(SPLIT, partitioner="dirichlet", alpha=1000.0, data_dir=str(fortune_tree))
+    train, _, _ = text_client_data("fortunes", 0, 2, split, 16)
     assert len(set(train.groups.tolist())) == 4
 
 

@@ -9,6 +9,7 @@ from conftest import text_run, train_args
 
 from fedmoe_app.client.handlers import result_feedback
 from fedmoe_app.config import ConfigError, RunConfig
+from fedmoe_app.data.text import TextInfo, TextSplit
 from fedmoe_app.maths.aggregation import ClientUpdate, aggregate
 from fedmoe_app.models import (
     TransformerSpec,
@@ -20,7 +21,6 @@ from fedmoe_app.models import (
     model_to_arrays,
 )
 from fedmoe_app.tensors import experts_in, is_gate_key, parse_expert_key, raw_nbytes, select
-from fedmoe_app.text import TextInfo, TextSplit
 from fedmoe_app.training import evaluate, evaluate_text, train
 from fedmoe_app.wire.holdings import holding_from_lists
 from fedmoe_app.wire.protocol import Sent, parse_train_reply, train_reply_content

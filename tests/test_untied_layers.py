@@ -159,7 +159,7 @@ def reply():
 
 
 def _text():
-    from fedmoe_app.text import TextSplit
+    from fedmoe_app.data.text import TextSplit
 
     return TextSplit(tokens(16), torch.zeros(16, dtype=torch.long))
 

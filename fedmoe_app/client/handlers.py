@@ -23,10 +23,10 @@ from flwr.common.logger import log as flwr_log
 from ..capacity.probe import client_profile
 from ..config import RunConfig
 from ..data.local import node_data
+from ..data.text import client_split
 from ..maths.privacy import privatize
 from ..models import build_model, load_arrays, model_costs, model_spec, model_to_arrays
 from ..tensors import is_gate_key, parse_expert_key
-from ..text import client_split
 from ..training import TrainResult, evaluate, resolve_device, train
 from ..wire.holdings import held_from_config
 from ..wire.protocol import (

@@ -25,17 +25,7 @@ from ..alignment import POLICIES
 from ..capacity import parse_device_mix
 from ..hf_config import HF_PRESETS, check_hf_config
 from ..maths.aggregation import AGGREGATIONS
-from .sections import (
-    AggregationSection,
-    AlignmentSection,
-    FaultSection,
-    OutputSection,
-    PlanningSection,
-    PrivacySection,
-    RoundSection,
-    SplitSection,
-    TrainingSection,
-)
+from . import sections
 
 
 def cache_root() -> Path:
@@ -269,9 +259,9 @@ class RunConfig:
         return self.gate_aggregation == "all"
 
     @property
-    def round(self) -> RoundSection:
+    def round(self) -> sections.RoundSection:
         """How the server runs rounds (:class:`~.sections.RoundSection`)."""
-        return RoundSection(
+        return sections.RoundSection(
             num_server_rounds=self.num_server_rounds,
             fraction_train=self.fraction_train,
             min_train_nodes=self.min_train_nodes,
@@ -288,9 +278,9 @@ class RunConfig:
         )
 
     @property
-    def training(self) -> TrainingSection:
+    def training(self) -> sections.TrainingSection:
         """A client's local training (:class:`~.sections.TrainingSection`)."""
-        return TrainingSection(
+        return sections.TrainingSection(
             epochs=self.local_epochs,
             batch_size=self.batch_size,
             lr=self.lr,
@@ -301,9 +291,9 @@ class RunConfig:
         )
 
     @property
-    def alignment(self) -> AlignmentSection:
+    def alignment(self) -> sections.AlignmentSection:
         """The alignment state's knobs (:class:`~.sections.AlignmentSection`)."""
-        return AlignmentSection(
+        return sections.AlignmentSection(
             fitness_ema=self.fitness_ema,
             fitness_decay=self.fitness_decay,
             usage_decay=self.usage_decay,
@@ -316,9 +306,9 @@ class RunConfig:
         )
 
     @property
-    def planning(self) -> PlanningSection:
+    def planning(self) -> sections.PlanningSection:
         """What the round planner reads (:class:`~.sections.PlanningSection`)."""
-        return PlanningSection(
+        return sections.PlanningSection(
             policy=self.policy,
             tie_layers=self.tie_layers,
             capacity=self.capacity,
@@ -332,9 +322,9 @@ class RunConfig:
         )
 
     @property
-    def aggregation_rules(self) -> AggregationSection:
+    def aggregation_rules(self) -> sections.AggregationSection:
         """How valid replies become the new model (:class:`~.sections.AggregationSection`)."""
-        return AggregationSection(
+        return sections.AggregationSection(
             update_bound=self.update_bound,
             weight_cap=self.weight_cap,
             method=self.aggregation,
@@ -346,9 +336,9 @@ class RunConfig:
         )
 
     @property
-    def privacy(self) -> PrivacySection:
+    def privacy(self) -> sections.PrivacySection:
         """Differential privacy (:class:`~.sections.PrivacySection`)."""
-        return PrivacySection(
+        return sections.PrivacySection(
             mode=self.dp,
             clip_norm=self.dp_clip_norm,
             noise_multiplier=self.dp_noise_multiplier,
@@ -357,9 +347,9 @@ class RunConfig:
         )
 
     @property
-    def split(self) -> SplitSection:
+    def split(self) -> sections.SplitSection:
         """How a client's share of the dataset is cut (:class:`~.sections.SplitSection`)."""
-        return SplitSection(
+        return sections.SplitSection(
             partitioner=self.partitioner,
             alpha=self.dirichlet_alpha,
             shards=self.shards_per_client,
@@ -370,9 +360,9 @@ class RunConfig:
         )
 
     @property
-    def faults(self) -> FaultSection:
+    def faults(self) -> sections.FaultSection:
         """Injected faults in simulation (:class:`~.sections.FaultSection`)."""
-        return FaultSection(
+        return sections.FaultSection(
             drop=self.fault_drop_prob,
             slow=self.fault_slow_prob,
             corrupt=self.fault_corrupt_prob,
@@ -380,9 +370,9 @@ class RunConfig:
         )
 
     @property
-    def output(self) -> OutputSection:
+    def output(self) -> sections.OutputSection:
         """Where the run writes (:class:`~.sections.OutputSection`)."""
-        return OutputSection(run_name=self.run_name, output_dir=self.output_dir, resume=self.resume)
+        return sections.OutputSection(run_name=self.run_name, output_dir=self.output_dir, resume=self.resume)
 
     def alignment_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`~fedmoe_app.alignment.AlignmentState` (all but ``E``)."""

@@ -10,6 +10,7 @@ for tests. Partitions are computed with flwr-datasets partitioners on an in-memo
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import importlib.metadata
@@ -21,11 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import torch
 
-from ..config import cache_root
+from ..config import SplitSection, cache_root
 from ..files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -46,20 +48,26 @@ class DatasetUnavailable(FileNotFoundError):
     """The dataset is neither on disk nor downloadable."""
 
 
+class Rows:
+    """A split of aligned tensors, one row per example (a frozen dataclass): its size, row subsets."""
+
+    def __len__(self) -> int:
+        return len(getattr(self, dataclasses.fields(self)[-1].name))
+
+    def subset(self, idx: np.ndarray) -> Self:
+        """Rows ``idx`` of this split."""
+        t = torch.as_tensor(idx, dtype=torch.long)
+        return dataclasses.replace(
+            self, **{f.name: getattr(self, f.name)[t] for f in dataclasses.fields(self)}
+        )
+
+
 @dataclass(frozen=True)
-class Split:
+class Split(Rows):
     """Images ``[N, C, H, W]`` (float32, normalised) and labels ``[N]`` (int64)."""
 
     images: torch.Tensor
     labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, idx: np.ndarray) -> Split:
-        """Rows ``idx`` of this split."""
-        t = torch.as_tensor(idx, dtype=torch.long)
-        return Split(self.images[t], self.labels[t])
 
 
 @dataclass(frozen=True)
@@ -352,30 +360,19 @@ def _compute_partitions(
 
 
 def client_data(
-    name: str,
-    partition_id: int,
-    num_partitions: int,
-    *,
-    partitioner: str,
-    alpha: float,
-    shards: int,
-    test_fraction: float,
-    max_samples: int,
-    data_dir: str,
-    seed: int,
+    name: str, partition_id: int, num_partitions: int, split: SplitSection
 ) -> tuple[Split, Split, DatasetInfo]:
-    """One client's ``(train, local test, info)``: its partition, split and optionally capped."""
+    """One client's ``(train, local test, info)``: its partition (``split``), cut and optionally capped."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
-    train, _, info = load_splits(name, data_dir, seed)
-    parts = partition_indices(
-        train.labels.numpy().tobytes(), num_partitions, partitioner, alpha=alpha, shards=shards, seed=seed
-    )
-    idx = np.random.default_rng([seed, partition_id]).permutation(parts[partition_id])
-    n_test = int(round(len(idx) * test_fraction))
+    train, _, info = load_splits(name, split.data_dir, split.seed)
+    kw = {"alpha": split.alpha, "shards": split.shards, "seed": split.seed}
+    parts = partition_indices(train.labels.numpy().tobytes(), num_partitions, split.partitioner, **kw)
+    idx = np.random.default_rng([split.seed, partition_id]).permutation(parts[partition_id])
+    n_test = int(round(len(idx) * split.test_fraction))
     train_idx = idx[n_test:]
-    if max_samples:
-        train_idx = train_idx[:max_samples]
+    if split.max_samples:
+        train_idx = train_idx[: split.max_samples]
     return train.subset(train_idx), train.subset(idx[:n_test]), info
 
 

@@ -115,64 +115,100 @@ def aggregate(
     out = {k: np.array(v, copy=True) for k, v in global_arrays.items()}
     if not updates:
         return out
+    weights = (_LayerWeights if per_layer else _TiedWeights)(global_arrays, updates, single_holders)
     examples = np.array([u.num_examples for u in updates], dtype=np.float64)
-    weights = _LayerWeights(global_arrays, updates, single_holders) if per_layer else None
-    if weights is None:
+    for key, old in global_arrays.items():
+        parsed = parse_expert_key(key)
+        if method != "mean":
+            new = _robust(key, updates, weights.returned(key, parsed), method, trim_fraction)
+        elif parsed is not None:
+            new = _expert_mean(key, old, updates, *weights.expert(key, parsed))
+        elif is_gate_key(key) and not gate_from_all:
+            new = _gate_rows(key, old, updates, weights.gate(key))
+        else:
+            new = _example_mean(key, old, updates, examples)
+        if new is not None:
+            out[key] = new.astype(old.dtype)
+    return out
+
+
+def _robust(
+    key: str, updates: Sequence[ClientUpdate], returned: np.ndarray, method: str, trim_fraction: float | None
+) -> np.ndarray | None:
+    """Median or trimmed mean of ``key`` over the updates that returned it (None if none did)."""
+    trainers = [u for u, r in zip(updates, returned) if r]
+    if not trainers:
+        return None
+    return robust_combine(
+        np.stack([u.arrays[key] for u in trainers]).astype(np.float64), method, trim_fraction
+    )
+
+
+def _expert_mean(
+    key: str, old: np.ndarray, updates: Sequence[ClientUpdate], weight: np.ndarray, total: float
+):
+    """``sum_c weight[c] * update_c[key] / total`` over its trainers (None if ``total <= 0``)."""
+    if total <= 0:
+        return None
+    acc = np.zeros(old.shape, dtype=np.float64)
+    for u, w in zip(updates, weight):
+        if w > 0:
+            acc += w * u.arrays[key]
+    return acc / total
+
+
+def _example_mean(key: str, old: np.ndarray, updates: Sequence[ClientUpdate], examples: np.ndarray):
+    """Example-weighted mean of a shared tensor over every update (None without examples)."""
+    if examples.sum() <= 0:
+        return None
+    stacked = np.stack([u.arrays[key] for u in updates]).astype(np.float64)
+    w = examples.reshape((-1,) + (1,) * old.ndim)
+    return (w * stacked).sum(axis=0) / examples.sum()
+
+
+def _gate_rows(key: str, old: np.ndarray, updates: Sequence[ClientUpdate], g: np.ndarray) -> np.ndarray:
+    """Each router row ``e`` averaged over the updates by their weights ``g[:, e]`` (untrained rows kept)."""
+    col_total = g.sum(axis=0)  # [E]
+    stacked = np.stack([u.arrays[key] for u in updates]).astype(np.float64)  # [C, E, ...]
+    w = g.reshape(g.shape + (1,) * (old.ndim - 1))
+    summed = (w * stacked).sum(axis=0)
+    trained = col_total > 0
+    denom = np.where(trained, col_total, 1.0).reshape((-1,) + (1,) * (old.ndim - 1))
+    return np.where(trained.reshape(denom.shape), summed / denom, old)
+
+
+class _TiedWeights:
+    """Tied weights: expert ``e`` of every layer and router row ``e`` by the tokens routed to ``e``."""
+
+    def __init__(
+        self, global_arrays: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate], single_holders: bool
+    ) -> None:
         tokens = np.stack([u.tokens for u in updates]).astype(np.float64)  # [C, E]
         held = np.array(
             [u.num_held if u.num_held is not None else int(np.count_nonzero(u.tokens)) for u in updates]
         )
         # one held expert: no gate gradient, unless a routing loss trains its row
-        gate_tokens = np.where((held >= (1 if single_holders else 2))[:, None], tokens, 0.0)
+        self.gate_tokens = np.where((held >= (1 if single_holders else 2))[:, None], tokens, 0.0)
         # Experts: only clients that returned expert e (read-only holders send none back).
-        returned = np.zeros_like(tokens, dtype=bool)
+        self.returned_experts = np.zeros_like(tokens, dtype=bool)
         for i, u in enumerate(updates):
-            returned[i, experts_in(u.arrays)] = True
-        expert_tokens = np.where(returned, tokens, 0.0)
-        expert_total = expert_tokens.sum(axis=0)
+            self.returned_experts[i, experts_in(u.arrays)] = True
+        self.expert_tokens = np.where(self.returned_experts, tokens, 0.0)
+        self.expert_total = self.expert_tokens.sum(axis=0)
 
-    for key, old in global_arrays.items():
-        parsed = parse_expert_key(key)
-        if method != "mean":
-            if parsed is None:
-                trainers = list(updates)
-            elif weights is None:
-                trainers = [u for u, r in zip(updates, returned[:, parsed[0]]) if r]
-            else:
-                trainers = [u for u in updates if key in u.arrays]
-            if trainers:
-                stacked = np.stack([u.arrays[key] for u in trainers]).astype(np.float64)
-                out[key] = robust_combine(stacked, method, trim_fraction).astype(old.dtype)
-            continue
-        if parsed is not None:
-            if weights is None:
-                col, total = expert_tokens[:, parsed[0]], expert_total[parsed[0]]
-            else:
-                col = weights.expert(key, parsed)
-                total = col.sum()
-            if total <= 0:
-                continue
-            acc = np.zeros(old.shape, dtype=np.float64)
-            for u, w in zip(updates, col):
-                if w > 0:
-                    acc += w * u.arrays[key]
-            out[key] = (acc / total).astype(old.dtype)
-        elif is_gate_key(key) and not gate_from_all:
-            g = gate_tokens if weights is None else weights.gate(key)
-            col_total = g.sum(axis=0)  # [E]
-            stacked = np.stack([u.arrays[key] for u in updates]).astype(np.float64)  # [C, E, ...]
-            w = g.reshape(g.shape + (1,) * (old.ndim - 1))
-            summed = (w * stacked).sum(axis=0)
-            trained = col_total > 0
-            denom = np.where(trained, col_total, 1.0).reshape((-1,) + (1,) * (old.ndim - 1))
-            out[key] = np.where(trained.reshape(denom.shape), summed / denom, old).astype(old.dtype)
-        else:
-            if examples.sum() <= 0:
-                continue
-            stacked = np.stack([u.arrays[key] for u in updates]).astype(np.float64)
-            w = examples.reshape((-1,) + (1,) * old.ndim)
-            out[key] = ((w * stacked).sum(axis=0) / examples.sum()).astype(old.dtype)
-    return out
+    def returned(self, key: str, parsed: tuple[int, str] | None) -> np.ndarray:
+        """``[C]`` whether each update returned ``key`` (every update for a shared tensor)."""
+        if parsed is None:
+            return np.ones(len(self.expert_tokens), dtype=bool)
+        return self.returned_experts[:, parsed[0]]
+
+    def expert(self, key: str, parsed: tuple[int, str]) -> tuple[np.ndarray, float]:
+        """``([C] weights, their total)`` of expert tensor ``key``: the tokens its trainers routed to it."""
+        return self.expert_tokens[:, parsed[0]], self.expert_total[parsed[0]]
+
+    def gate(self, key: str) -> np.ndarray:
+        """``[C, E]`` weight of each update for each router row: its tokens (clients holding two or more)."""
+        return self.gate_tokens
 
 
 class _LayerWeights:
@@ -189,10 +225,15 @@ class _LayerWeights:
         self.gate_tokens = np.where((held >= (1 if single_holders else 2))[:, :, None], self.tokens, 0.0)
         self.updates = updates
 
-    def expert(self, key: str, parsed: tuple[int, str]) -> np.ndarray:
-        """``[C]`` weight of each update for expert tensor ``key``: its layer's tokens, if it returned it."""
+    def returned(self, key: str, parsed: tuple[int, str] | None) -> np.ndarray:
+        """``[C]`` whether each update returned ``key``."""
+        return np.array([key in u.arrays for u in self.updates])
+
+    def expert(self, key: str, parsed: tuple[int, str]) -> tuple[np.ndarray, float]:
+        """``([C] weights, their total)`` of expert tensor ``key``: its layer's tokens, if it returned it."""
         col = self.tokens[:, self.row[layer_prefix(parsed[1])], parsed[0]]
-        return np.where([key in u.arrays for u in self.updates], col, 0.0)
+        col = np.where(self.returned(key, parsed), col, 0.0)
+        return col, col.sum()
 
     def gate(self, key: str) -> np.ndarray:
         """``[C, E]`` weight of each update for each row of the router ``key``: its layer's tokens."""

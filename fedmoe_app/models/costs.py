@@ -14,9 +14,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..capacity import COMPUTE_EFFICIENCY, ModelCosts
+from ..capacity import ModelCosts
 from .cnn import ModelSpec, build_cnn
-from .memory_probe import activation_bytes_per_sample, cached_activation_bytes
+from .memory_probe import activation_bytes_per_sample, cached_activation_bytes, costs_from_probe
 
 
 def shared_params(spec: ModelSpec) -> int:
@@ -79,16 +79,5 @@ def cnn_costs(spec: ModelSpec) -> ModelCosts:
             lambda ids: build_cnn(spec, ids, seed=0), image_batches(spec), spec.num_experts
         ),
     )
-    return ModelCosts(
-        num_experts=spec.num_experts,
-        top_k=spec.top_k,
-        shared_params=shared_params(spec),
-        expert_params=expert_params(spec),
-        fixed_activation_values=fixed // 4,  # float32 values (the memory model's unit)
-        fixed_activation_bytes=fixed % 4,
-        routed_activation_values=-(-routed // 4),
-        transient_activation_values=0,
-        flops_shared=f_shared,
-        flops_experts=f_experts,
-        efficiency=COMPUTE_EFFICIENCY["conv"],
-    )
+    params = (shared_params(spec), expert_params(spec))
+    return costs_from_probe(spec, "conv", params=params, probed=(fixed, routed), flops=(f_shared, f_experts))

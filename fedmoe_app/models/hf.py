@@ -33,11 +33,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..capacity import COMPUTE_EFFICIENCY, ModelCosts
+from ..capacity import ModelCosts
 from .hf_spec import HFSpec
 from .hf_weights import load_weights
 from .interface import HeldExperts, MoEModel, MoEOutput
-from .memory_probe import activation_bytes_per_sample, byte_windows, cached_activation_bytes
+from .memory_probe import (
+    activation_bytes_per_sample,
+    byte_windows,
+    cached_activation_bytes,
+    costs_from_probe,
+)
 
 
 class MaskedRouter(nn.Module):
@@ -193,16 +198,5 @@ def hf_costs(spec: HFSpec) -> ModelCosts:
             lambda ids: build_hf(spec, ids, seed=0), byte_windows(spec.context_length), spec.num_experts
         ),
     )
-    return ModelCosts(
-        num_experts=spec.num_experts,
-        top_k=spec.top_k,
-        shared_params=shared,
-        expert_params=expert,
-        fixed_activation_values=fixed // 4,  # float32 values (the memory model's unit)
-        fixed_activation_bytes=fixed % 4,
-        routed_activation_values=-(-routed // 4),  # float32 values (the memory model's unit)
-        transient_activation_values=0,
-        flops_shared=total - experts_flops,
-        flops_experts=experts_flops,
-        efficiency=COMPUTE_EFFICIENCY["transformer"],
-    )
+    flops = (total - experts_flops, experts_flops)
+    return costs_from_probe(spec, "transformer", params=(shared, expert), probed=(fixed, routed), flops=flops)

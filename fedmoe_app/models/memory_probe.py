@@ -26,6 +26,7 @@ import json
 import logging
 import weakref
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -33,6 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..capacity import COMPUTE_EFFICIENCY, ModelCosts
 from ..config import cache_root
 from ..files import atomic_write
 from .interface import MoEModel
@@ -177,3 +179,34 @@ def cached_activation_bytes(key: str, measure: Callable[[], tuple[int, int]]) ->
     except OSError as err:
         logger.debug("memory probe cache not written (%s)", err)
     return int(fixed), int(routed)
+
+
+def costs_from_probe(
+    spec: Any,
+    family: str,
+    *,
+    params: tuple[int, int],
+    probed: tuple[int, int],
+    flops: tuple[float, float],
+) -> ModelCosts:
+    """Return a model's :class:`ModelCosts` from its counted parameters and FLOPs and probed activations.
+
+    ``params`` and ``flops`` are ``(shared, per expert)``; ``probed`` the ``(fixed, routed)``
+    bytes per sample :func:`cached_activation_bytes` measured (the memory model counts float32
+    values); ``spec`` gives ``num_experts`` and ``top_k``; ``family`` the compute efficiency
+    (``capacity.COMPUTE_EFFICIENCY``: ``conv`` or ``transformer``).
+    """
+    (shared, expert), (fixed, routed), (flops_shared, flops_experts) = params, probed, flops
+    return ModelCosts(
+        num_experts=spec.num_experts,
+        top_k=spec.top_k,
+        shared_params=shared,
+        expert_params=expert,
+        fixed_activation_values=fixed // 4,
+        fixed_activation_bytes=fixed % 4,
+        routed_activation_values=-(-routed // 4),
+        transient_activation_values=0,
+        flops_shared=flops_shared,
+        flops_experts=flops_experts,
+        efficiency=COMPUTE_EFFICIENCY[family],
+    )

@@ -29,11 +29,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..capacity import COMPUTE_EFFICIENCY, ModelCosts
+from ..capacity import ModelCosts
 from ..config import RunConfig
 from .experts import _grouped_matmul, grouped_supported
 from .interface import HeldExperts, MoEModel, MoEOutput
-from .memory_probe import activation_bytes_per_sample, byte_windows, cached_activation_bytes
+from .memory_probe import (
+    activation_bytes_per_sample,
+    byte_windows,
+    cached_activation_bytes,
+    costs_from_probe,
+)
 
 INIT_STD = 0.02
 
@@ -252,16 +257,5 @@ def transformer_costs(spec: TransformerSpec) -> ModelCosts:
             lambda ids: build_transformer(spec, ids, seed=0), byte_windows(t), e
         ),
     )
-    return ModelCosts(
-        num_experts=e,
-        top_k=spec.top_k,
-        shared_params=shared,
-        expert_params=expert,
-        fixed_activation_values=fixed // 4,  # float32 values (the memory model's unit)
-        fixed_activation_bytes=fixed % 4,
-        routed_activation_values=-(-routed // 4),  # float32 values (the memory model's unit)
-        transient_activation_values=0,
-        flops_shared=3.0 * fwd_shared,
-        flops_experts=3.0 * fwd_experts,
-        efficiency=COMPUTE_EFFICIENCY["transformer"],
-    )
+    flops = (3.0 * fwd_shared, 3.0 * fwd_experts)
+    return costs_from_probe(spec, "transformer", params=(shared, expert), probed=(fixed, routed), flops=flops)

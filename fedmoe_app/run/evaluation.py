@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 
 from ..config import RunConfig
+from ..data.text import TextSplit
 from ..models import AnySpec, build_model, load_arrays
 from ..tensors import Arrays
-from ..text import TextSplit
 from ..training import evaluate, evaluate_text, resolve_device
 
 

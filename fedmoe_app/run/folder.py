@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RunConfig
-from ..tensors import Arrays
+from ..tensors import Arrays, check_same_tensors
 from .checkpoint import checkpoint_path, load_checkpoint
 
 #: Run-config keys a resumed run may change: how long it runs and where its files go.
@@ -82,6 +82,22 @@ class Resumed:
     strategy: dict[str, Any]
     round: int
     history: list[dict[str, Any]]
+
+
+def resumed_arrays(resumed: Resumed, model: Arrays, out: Path) -> Arrays:
+    """Return the checkpoint's arrays if they are ``model``'s tensors (names, shapes).
+
+    Raises
+    ------
+    RunFolderError
+        Naming the checkpoint and the first tensors that differ.
+
+    """
+    try:
+        check_same_tensors(resumed.arrays, model, "the checkpoint")
+    except ValueError as exc:
+        raise RunFolderError(f"checkpoint {checkpoint_path(out)}: {exc}") from None
+    return dict(resumed.arrays)
 
 
 def open_run_folder(cfg: RunConfig) -> tuple[Path, Resumed | None]:

@@ -12,14 +12,14 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from ..config.run import RunConfig
+from ..data.text import server_split
 from ..models import build_model, model_spec, model_to_arrays
 from ..server.strategy import FedMoE
 from ..tensors import Arrays
-from ..text import server_split
 from ..wire.records import from_record
 from .checkpoint import checkpoint_path, save_checkpoint
 from .evaluation import central_evaluator
-from .folder import RunFolderError, open_run_folder
+from .folder import open_run_folder, resumed_arrays
 from .results import RunRecorder
 
 
@@ -29,15 +29,12 @@ def run_server(grid: Grid, run_config: dict) -> Path:
     out, resumed = open_run_folder(cfg)
     test, info = server_split(cfg)
     spec = model_spec(cfg, info)
-    strategy = FedMoE(cfg, spec, model_to_arrays(build_model(spec, seed=cfg.seed)))
-    ckpt = checkpoint_path(out)
-    arrays = None
+    arrays = model_to_arrays(build_model(spec, seed=cfg.seed))
     if resumed is not None:
-        try:
-            arrays = strategy.restore(resumed.arrays, resumed.strategy)
-        except ValueError as exc:
-            raise RunFolderError(f"checkpoint {ckpt}: {exc}") from None
+        arrays = resumed_arrays(resumed, arrays, out)
         log(INFO, "Resuming run %s after round %d", out.name, resumed.round)
+    strategy = FedMoE(cfg, spec, arrays, state=resumed.strategy if resumed else None)
+    ckpt = checkpoint_path(out)
     recorder = RunRecorder(out, cfg.to_dict(), resumed.history if resumed else [])
 
     def on_round(row: dict[str, Any], arrays: Arrays) -> None:
@@ -63,7 +60,6 @@ def run_server(grid: Grid, run_config: dict) -> Path:
     log(INFO, "fedmoe: outputs in %s", out)
     result = strategy.start(
         grid,
-        initial_arrays=arrays,
         num_rounds=cfg.num_server_rounds,
         timeout=cfg.round_timeout_s,
         central_eval=central_evaluator(cfg, spec, test, info),

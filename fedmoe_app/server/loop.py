@@ -24,7 +24,8 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
-from ..tensors import Arrays
+from ..config import RoundSection
+from ..tensors import Arrays, check_same_tensors
 from ..wire.records import from_record, to_record
 from .rounds import EvaluateOutcome, TrainOutcome, TrainRound, log_round, round_row
 from .timing import TimedGrid, server_time
@@ -59,16 +60,6 @@ class RunFailed(RuntimeError):
     """The run cannot train: ``max-failed-rounds`` rounds in a row kept the model."""
 
 
-def check_same_tensors(arrays: Mapping[str, np.ndarray], model: Mapping[str, np.ndarray], what: str) -> None:
-    """Raise ValueError naming the first tensors whose names or shapes differ from ``model``'s."""
-    shapes = {k: tuple(v.shape) for k, v in arrays.items()}
-    want = {k: tuple(v.shape) for k, v in model.items()}
-    if shapes == want:
-        return
-    differ = sorted(set(shapes) ^ set(want)) or sorted(k for k in shapes if shapes[k] != want[k])
-    raise ValueError(f"{what} does not match this model's tensors (e.g. {differ[:3]})")
-
-
 def starting_arrays(given: ArrayRecord | Mapping[str, np.ndarray] | None, model: Arrays) -> Arrays:
     """Return the starting arrays: a copy of ``given`` (checked against ``model``), else ``model``."""
     if given is None:
@@ -95,42 +86,45 @@ def _server_eval(
     return res
 
 
+@dataclass(frozen=True)
+class RoundHooks:
+    """What the caller of :func:`run_rounds` wants done around the rounds (each may be None)."""
+
+    central_eval: EvaluateFn | None = None  # evaluate(round, arrays) -> metrics, on numpy arrays
+    evaluate_fn: FlowerEvaluateFn | None = None  # Flower's evaluate_fn(round, ArrayRecord)
+    on_round: RoundCallback | None = None  # on_round(metrics row, arrays) after every round
+
+
 def run_rounds(
     strategy: RoundFunctions,
     grid: Grid,
     arrays: Arrays,
+    span: range,
+    hooks: RoundHooks,
     *,
-    num_rounds: int,
     timeout: float,
-    central_eval: EvaluateFn | None,
-    evaluate_fn: FlowerEvaluateFn | None,
-    on_round: RoundCallback | None,
-    start_round: int,
-    min_replies: int,
-    max_failed_rounds: int,
+    rounds: RoundSection,
 ) -> Result:
-    """Run rounds ``start_round..num_rounds`` of ``strategy`` from ``arrays`` (see ``FedMoE.start``).
+    """Run the rounds of ``span`` (``start_round..num_rounds``) from ``arrays`` (see ``FedMoE.start``).
 
-    A round with fewer than ``min_replies`` valid replies keeps the model; ``max_failed_rounds``
-    such rounds in a row stop the run with :class:`RunFailed` (0: never).
+    A round with fewer than ``rounds.min_replies`` valid replies keeps the model;
+    ``rounds.max_failed_rounds`` such rounds in a row stop the run with :class:`RunFailed` (0: never).
     """
+    central_eval, evaluate_fn, on_round = hooks.central_eval, hooks.evaluate_fn, hooks.on_round
+    start_round, num_rounds = span.start, span.stop - 1
     result = Result()
     log(INFO, "Starting FedMoE (rounds %d..%d):", start_round, num_rounds)
     strategy.summary()
     res = _server_eval(arrays, 0, central_eval, evaluate_fn) if start_round == 1 else None
     if res is not None:
-        log(
-            INFO,
-            "[ROUND 0] central accuracy %.4f loss %.4f",
-            res.get("accuracy", math.nan),
-            res.get("loss", math.nan),
-        )
+        acc_loss = (res.get("accuracy", math.nan), res.get("loss", math.nan))
+        log(INFO, "[ROUND 0] central accuracy %.4f loss %.4f", *acc_loss)
         result.evaluate_metrics_serverapp[0] = MetricRecord(_metric_values(res))
         if on_round:
             on_round({"round": 0, "failures": 0, **res}, arrays)
     kept_in_a_row = 0
     grid = TimedGrid(grid)
-    for rnd in range(start_round, num_rounds + 1):
+    for rnd in span:
         log(INFO, "")
         log(INFO, "[ROUND %d/%d]", rnd, num_rounds)
         done = _run_round(strategy, grid, arrays, rnd, timeout, central_eval, evaluate_fn)
@@ -143,11 +137,11 @@ def run_rounds(
         log_round(done.row)
         if on_round:
             on_round(done.row, arrays)
-        kept_in_a_row = kept_in_a_row + 1 if done.outcome.valid_replies < min_replies else 0
-        if max_failed_rounds and kept_in_a_row >= max_failed_rounds:
+        kept_in_a_row = kept_in_a_row + 1 if done.outcome.valid_replies < rounds.min_replies else 0
+        if rounds.max_failed_rounds and kept_in_a_row >= rounds.max_failed_rounds:
             raise RunFailed(
                 f"no round updated the model for {kept_in_a_row} rounds in a row (round {rnd}; "
-                f"run-config 'max-failed-rounds' = {max_failed_rounds}): every client failed "
+                f"run-config 'max-failed-rounds' = {rounds.max_failed_rounds}): every client failed "
                 "or was rejected, see the log"
             )
     result.arrays = to_record(arrays)

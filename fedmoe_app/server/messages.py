@@ -11,6 +11,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import log
 
+from ..config import RoundSection
 from ..tensors import select
 from ..wire.holdings import payload
 from ..wire.protocol import ARRAYS, CONFIG, Sent
@@ -31,22 +32,21 @@ class TrainMessages:
 def train_messages(
     plan: RoundPlan,
     arrays: Mapping[str, np.ndarray],
-    *,
     nodes: Mapping[str, int],
     profiles: Mapping[str, Mapping[str, Any]],
+    *,
     layers: Sequence[str],
     server_round: int,
-    lr: float,
-    local_epochs: int,
+    rounds: RoundSection,
     rng: np.random.Generator,
     policy: str,
 ) -> TrainMessages:
     """Build one train message per planned client (``nodes``: client id -> node id).
 
-    Each message holds the shared tensors and the client's holding (its experts in every MoE layer),
-    the round's ``lr``, ``local-epochs``, a training seed drawn from ``rng``, whether its experts
-    are read-only and its sample budget. A read-only client returns the shared part only.
-    Logs the round's bytes down next to what the dense model would cost (``policy`` names the plan).
+    Each message holds the shared tensors and the client's holding (its experts in every MoE
+    layer), the round's ``lr`` and ``local-epochs`` (``rounds``), a training seed drawn from
+    ``rng``, whether its experts are read-only and its sample budget. A read-only client returns
+    the shared part only. Logs the round's bytes down next to the dense model's (``policy``: the plan).
     """
     messages, sent, bytes_down = [], {}, 0
     for row, cid in enumerate(plan.client_ids):
@@ -65,8 +65,8 @@ def train_messages(
             {
                 **names,
                 "server-round": server_round,
-                "lr": lr,
-                "local-epochs": local_epochs,
+                "lr": rounds.lr,
+                "local-epochs": rounds.local_epochs,
                 "seed": int(rng.integers(2**31)),
                 "frozen-experts": read_only,
                 "max-samples": int(plan.budgets[row]),

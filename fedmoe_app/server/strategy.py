@@ -24,7 +24,7 @@ from ..config import RunConfig
 from ..models import AnySpec, model_costs
 from ..tensors import Arrays, moe_layers
 from ..wire.records import from_record, to_record
-from .loop import EvaluateFn, FlowerEvaluateFn, RoundCallback, check_same_tensors, run_rounds, starting_arrays
+from .loop import EvaluateFn, FlowerEvaluateFn, RoundCallback, RoundHooks, run_rounds, starting_arrays
 from .messages import evaluate_messages, train_messages
 from .planner import Planner
 from .replies import ReplyLimits, collect_train_replies, evaluate_outcome
@@ -45,10 +45,14 @@ class FedMoE(Strategy):
         Model shape (number of experts, top-k, sizes) of the run's model.
     initial_arrays : Arrays
         The global model :meth:`start` begins from unless given one (:mod:`fedmoe_app.tensors` names).
+    state : dict, optional
+        What :meth:`state_dict` saved (a checkpoint's), to resume from.
 
     """
 
-    def __init__(self, cfg: RunConfig, spec: AnySpec, initial_arrays: Arrays) -> None:
+    def __init__(
+        self, cfg: RunConfig, spec: AnySpec, initial_arrays: Arrays, state: dict[str, Any] | None = None
+    ) -> None:
         self.rounds, self.rules, self.knobs = cfg.round, cfg.aggregation_rules, cfg.alignment
         self.spec = spec
         self.num_experts = spec.num_experts
@@ -57,6 +61,8 @@ class FedMoE(Strategy):
         self.planner = Planner(cfg.planning, model_costs(spec), len(self.layers))
         sections = {"alignment": cfg.alignment, "rounds": cfg.round, "privacy": cfg.privacy}
         self.state = ServerState(spec.num_experts, len(self.layers), tied=cfg.tie_layers, **sections)
+        if state is not None:
+            self.state.load_state_dict(state)
         self.limits = ReplyLimits.of(spec, cfg.local_epochs, len(self.layers))
         self._flower_round: tuple[Arrays, TrainRound] | None = None  # configure_train -> aggregate_train
 
@@ -108,18 +114,9 @@ class FedMoE(Strategy):
         sampled = list(node_of)
         profiles = [self.state.profiles.get(c, {}) for c in sampled]
         plan = self.planner.plan(self.state.alignment, sampled, profiles, arrays, self.state.rng)
-        built = train_messages(
-            plan,
-            arrays,
-            nodes=node_of,
-            profiles=self.state.profiles,
-            layers=self.layers,
-            server_round=server_round,
-            lr=self.rounds.lr,
-            local_epochs=self.rounds.local_epochs,
-            rng=self.state.rng,
-            policy=self.planner.cfg.policy,
-        )
+        at = {"layers": self.layers, "server_round": server_round, "rounds": self.rounds}
+        policy, rng = self.planner.cfg.policy, self.state.rng
+        built = train_messages(plan, arrays, node_of, self.state.profiles, **at, rng=rng, policy=policy)
         return TrainRound(
             server_round=server_round,
             plan=plan,
@@ -197,19 +194,9 @@ class FedMoE(Strategy):
         """
         del train_config, evaluate_config  # every message's config is built from the run config
         arrays = starting_arrays(initial_arrays, self.initial_arrays)
-        return run_rounds(
-            self,
-            grid,
-            arrays,
-            num_rounds=num_rounds,
-            timeout=timeout,
-            central_eval=central_eval,
-            evaluate_fn=evaluate_fn,
-            on_round=on_round,
-            start_round=start_round,
-            min_replies=self.rounds.min_replies,
-            max_failed_rounds=self.rounds.max_failed_rounds,
-        )
+        hooks = RoundHooks(central_eval=central_eval, evaluate_fn=evaluate_fn, on_round=on_round)
+        span = range(start_round, num_rounds + 1)
+        return run_rounds(self, grid, arrays, span, hooks, timeout=timeout, rounds=self.rounds)
 
     # ------------------------------------------------------------------ state
     def _sample(self, grid: Grid, fraction: float, minimum: int, server_round: int) -> Sample:
@@ -236,16 +223,3 @@ class FedMoE(Strategy):
     def state_dict(self) -> dict[str, Any]:
         """Everything but the model needed to resume (:meth:`.state.ServerState.state_dict`)."""
         return self.state.state_dict()
-
-    def restore(self, arrays: Mapping[str, np.ndarray], state: dict[str, Any]) -> Arrays:
-        """Check a checkpoint's ``arrays`` against this model, restore ``state``; return the arrays.
-
-        Raises
-        ------
-        ValueError
-            If the tensor names or shapes differ from the model the strategy was built with.
-
-        """
-        check_same_tensors(arrays, self.initial_arrays, "the checkpoint")
-        self.state.load_state_dict(state)
-        return dict(arrays)

@@ -34,8 +34,8 @@ import torch
 
 from ..config import TEXT_DATASETS, RunConfig
 from ..data import Split, server_test_data
+from ..data.text import server_split
 from ..models import ModelSpec, MoEClassifier, build_model, load_arrays, model_spec
-from ..text import server_split
 from .experiments import ExperimentGrid, run_dir
 from .routing_text import group_routing, plot_heatmaps, routing_share, specialisation
 

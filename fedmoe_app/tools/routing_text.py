@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.text import TextSplit
 from ..models.interface import MoEModel
-from ..text import TextSplit
 
 
 @torch.no_grad()

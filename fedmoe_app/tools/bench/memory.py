@@ -43,6 +43,7 @@ import torch
 from fedmoe_app.capacity import MIB, MemoryModel
 from fedmoe_app.config import RunConfig
 from fedmoe_app.data import Split
+from fedmoe_app.data.text import TextSplit
 from fedmoe_app.models import (
     REFERENCE_SPEC,
     AnySpec,
@@ -52,7 +53,6 @@ from fedmoe_app.models import (
     build_model,
     model_costs,
 )
-from fedmoe_app.text import TextSplit
 from fedmoe_app.training import train
 
 from ...capacity.probe import usable_cpus

@@ -158,7 +158,7 @@ def plain_loop(
     device = resolve_device(cfg.device)
 
     def local(cid: str) -> Any:
-        return client_data(cfg.dataset, int(cid), num_clients, **cfg.split_kwargs())
+        return client_data(cfg.dataset, int(cid), num_clients, cfg.split)
 
     test, info = server_test_data(
         cfg.dataset, max_samples=cfg.central_eval_samples, data_dir=cfg.data_dir, seed=cfg.seed

@@ -29,8 +29,8 @@ from dataclasses import replace
 import torch
 
 from fedmoe_app.config import RunConfig
+from fedmoe_app.data.text import TextSplit
 from fedmoe_app.models import TransformerSpec, build_model
-from fedmoe_app.text import TextSplit
 from fedmoe_app.training import resolve_device, train
 
 from .common import machine_summary, set_threads

@@ -25,7 +25,6 @@ a Dirichlet mix of languages per client). A client's local test windows are capp
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 from dataclasses import dataclass
@@ -35,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import TEXT_DATASETS, RunConfig
-from .data import DatasetInfo, DatasetUnavailable, Split, client_data, partition_indices, server_test_data
+from ..config import TEXT_DATASETS, RunConfig, SplitSection
+from . import DatasetInfo, DatasetUnavailable, Rows, Split, client_data, partition_indices, server_test_data
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +50,11 @@ _FORTUNE_SEP = re.compile(rb"\n%\n")
 
 
 @dataclass(frozen=True)
-class TextSplit:
+class TextSplit(Rows):
     """Windows of bytes ``tokens`` (uint8 ``[N, T + 1]``) and each one's group id ``groups [N]``."""
 
     tokens: torch.Tensor
     groups: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.groups)
-
-    def subset(self, idx: np.ndarray) -> TextSplit:
-        """Windows ``idx`` of this split."""
-        t = torch.as_tensor(idx, dtype=torch.long)
-        return TextSplit(self.tokens[t], self.groups[t])
 
 
 @dataclass(frozen=True)
@@ -220,32 +211,21 @@ def natural_partitions(
 
 
 def text_client_data(
-    name: str,
-    partition_id: int,
-    num_partitions: int,
-    *,
-    partitioner: str,
-    alpha: float,
-    shards: int,
-    test_fraction: float,
-    max_samples: int,
-    data_dir: str,
-    seed: int,
-    context_length: int,
+    name: str, partition_id: int, num_partitions: int, split: SplitSection, context_length: int
 ) -> tuple[TextSplit, TextSplit, TextInfo]:
-    """One client's ``(train, local test, info)`` windows of a text dataset."""
+    """One client's ``(train, local test, info)`` windows of a text dataset, cut as ``split`` says."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
-    train, _, info = load_text(name, data_dir, context_length, seed)
+    train, _, info = load_text(name, split.data_dir, context_length, split.seed)
     groups = train.groups.numpy()
-    if partitioner == "natural":
-        part = natural_partitions(groups, len(info.groups), num_partitions, seed)[partition_id]
+    if split.partitioner == "natural":
+        part = natural_partitions(groups, len(info.groups), num_partitions, split.seed)[partition_id]
     else:
-        kw = {"alpha": alpha, "shards": shards, "seed": seed}
-        part = partition_indices(groups.tobytes(), num_partitions, partitioner, **kw)[partition_id]
-    idx = np.random.default_rng([seed, partition_id]).permutation(part)
-    n_test = int(round(len(idx) * test_fraction))
-    train_idx = idx[n_test:][:max_samples] if max_samples else idx[n_test:]
+        kw = {"alpha": split.alpha, "shards": split.shards, "seed": split.seed}
+        part = partition_indices(groups.tobytes(), num_partitions, split.partitioner, **kw)[partition_id]
+    idx = np.random.default_rng([split.seed, partition_id]).permutation(part)
+    n_test = int(round(len(idx) * split.test_fraction))
+    train_idx = idx[n_test:][: split.max_samples] if split.max_samples else idx[n_test:]
     test_idx = idx[: min(n_test, HELDOUT_BYTES // context_length)]  # as much as the server's per group
     return train.subset(train_idx), train.subset(test_idx), info
 
@@ -253,14 +233,8 @@ def text_client_data(
 def client_split(cfg: RunConfig, partition_id: int, num_partitions: int):
     """Return a client's ``(train, local test, info)`` for the run's dataset, image or text."""
     if cfg.dataset in TEXT_DATASETS:
-        return text_client_data(
-            cfg.dataset,
-            partition_id,
-            num_partitions,
-            **dataclasses.asdict(cfg.split),
-            context_length=cfg.context_length,
-        )
-    return client_data(cfg.dataset, partition_id, num_partitions, **dataclasses.asdict(cfg.split))
+        return text_client_data(cfg.dataset, partition_id, num_partitions, cfg.split, cfg.context_length)
+    return client_data(cfg.dataset, partition_id, num_partitions, cfg.split)
 
 
 def server_split(cfg: RunConfig) -> tuple[Split | TextSplit, DatasetInfo | TextInfo]:
