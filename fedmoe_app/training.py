@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .capacity.probe import usable_cpus
-from .data import Split
+from .data import Rows, Split
 from .data.text import TextSplit
 from .models import MoEModel, MoEOutput
 
@@ -57,12 +57,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _inputs_targets(data: Split | TextSplit, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return inputs and targets on ``device``: images and labels, or bytes ``[:, :-1]`` and ``[:, 1:]``."""
-    if isinstance(data, TextSplit):
-        tokens = data.tokens.to(device)
-        return tokens[:, :-1], tokens[:, 1:]
-    return data.images.to(device), data.labels.to(device)
+def _inputs_targets(data: Rows, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return a split's inputs and targets (:meth:`~fedmoe_app.data.Rows.inputs_targets`) on ``device``."""
+    inputs, targets = data.inputs_targets()
+    return inputs.to(device), targets.to(device)
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

@@ -54,6 +54,10 @@ class Rows:
     def __len__(self) -> int:
         return len(getattr(self, dataclasses.fields(self)[-1].name))
 
+    def inputs_targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the model's inputs and the targets of its loss, one row per example."""
+        raise NotImplementedError
+
     def subset(self, idx: np.ndarray) -> Self:
         """Rows ``idx`` of this split."""
         t = torch.as_tensor(idx, dtype=torch.long)
@@ -68,6 +72,10 @@ class Split(Rows):
 
     images: torch.Tensor
     labels: torch.Tensor
+
+    def inputs_targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the images and their labels."""
+        return self.images, self.labels
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,10 @@ class TextSplit(Rows):
     tokens: torch.Tensor
     groups: torch.Tensor
 
+    def inputs_targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return every window but its last byte, and the next byte of each position."""
+        return self.tokens[:, :-1], self.tokens[:, 1:]
+
 
 @dataclass(frozen=True)
 class TextInfo:

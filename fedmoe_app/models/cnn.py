@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..capacity import ModelCosts
 from ..config import RunConfig
 from .experts import Experts
 from .interface import HeldExperts, MoEModel, MoEOutput, layer_feedback
@@ -56,6 +57,16 @@ class ModelSpec:
     def routes_per_example(self) -> int:
         """Routing decisions per example and chosen expert: one per image (one MoE layer)."""
         return 1
+
+    def build(self, expert_ids: HeldExperts | None = None, seed: int = 0) -> MoEClassifier:
+        """Build the model holding ``expert_ids`` (all if None), initialised from ``seed``."""
+        return build_cnn(self, expert_ids, seed)
+
+    def costs(self) -> ModelCosts:
+        """Parameters, activations and FLOPs as capacity planning sees them (:mod:`.costs`)."""
+        from .costs import cnn_costs  # costs builds models of this module
+
+        return cnn_costs(self)
 
 
 #: The model the emulated device classes are calibrated at: the default CNN on Fashion-MNIST.

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from ..capacity import ModelCosts
 from ..config import RunConfig
 from ..hf_config import hf_shape, moe_layers, resolve_hf_config
 
@@ -52,3 +53,15 @@ class HFSpec:
     def routes_per_example(self) -> int:
         """Routing decisions per sequence and chosen expert: every token in every MoE layer."""
         return self.context_length * self.num_moe_layers
+
+    def build(self, expert_ids: Any = None, seed: int = 0) -> Any:
+        """Build the transformers model holding ``expert_ids`` (all if None); imports transformers."""
+        from .hf import build_hf
+
+        return build_hf(self, expert_ids, seed)
+
+    def costs(self) -> ModelCosts:
+        """Parameters, activations and FLOPs as capacity planning sees them (:func:`.hf.hf_costs`)."""
+        from .hf import hf_costs
+
+        return hf_costs(self)

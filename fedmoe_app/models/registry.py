@@ -7,53 +7,55 @@
 * ``hf``: a Hugging Face ``transformers`` MoE causal LM (:class:`~fedmoe_app.models.hf_spec.HFSpec`),
   whose module :mod:`~fedmoe_app.models.hf` (and ``transformers``) is imported only when used.
 
-:func:`model_spec` reads the shape from the run config and the dataset; :func:`build_model`
-and :func:`model_costs` dispatch on the spec's type, so the federation, the training loop and
-capacity planning never name an architecture.
+:func:`model_spec` reads the shape from the run config and the dataset (the family's spec class
+in :data:`MODEL_FAMILIES`); every spec builds its model and counts its costs (:class:`Spec`), so
+the federation, the training loop and capacity planning never name an architecture.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from ..capacity import ModelCosts
 from ..config import RunConfig
-from .cnn import ModelSpec, build_cnn
-from .costs import cnn_costs
+from .cnn import ModelSpec
 from .hf_spec import HFSpec
-from .interface import MoEModel
-from .transformer import TransformerSpec, build_transformer, transformer_costs
-
-AnySpec = ModelSpec | TransformerSpec | HFSpec
+from .interface import HeldExperts, MoEModel
+from .transformer import TransformerSpec
 
 
-def model_spec(cfg: RunConfig, info: Any) -> AnySpec:
+class Spec(Protocol):
+    """What every model family's spec offers: its shape, its model and its costs."""
+
+    num_experts: int
+    top_k: int
+
+    @property
+    def routes_per_example(self) -> int:
+        """Routing decisions per example and chosen expert (the bound on a reply's tokens)."""
+
+    def build(self, expert_ids: HeldExperts | None = None, seed: int = 0) -> MoEModel:
+        """Build the model holding ``expert_ids`` (all if None), initialised from ``seed``."""
+
+    def costs(self) -> ModelCosts:
+        """Parameters, activations and FLOPs as capacity planning sees them."""
+
+
+#: Run-config ``model`` -> the spec class of that family (each has ``from_config(cfg, info)``).
+MODEL_FAMILIES: dict[str, Any] = {"cnn-moe": ModelSpec, "transformer-moe": TransformerSpec, "hf": HFSpec}
+AnySpec = Spec
+
+
+def model_spec(cfg: RunConfig, info: Any) -> Spec:
     """Shape of the run's model (``cfg.model``) for a dataset described by ``info``."""
-    if cfg.model == "transformer-moe":
-        return TransformerSpec.from_config(cfg, info)
-    if cfg.model == "hf":
-        return HFSpec.from_config(cfg, info)
-    return ModelSpec.from_config(cfg, info)
+    return MODEL_FAMILIES[cfg.model].from_config(cfg, info)
 
 
-def build_model(spec: AnySpec, expert_ids: Sequence[int] | None = None, seed: int = 0) -> MoEModel:
+def build_model(spec: Spec, expert_ids: HeldExperts | None = None, seed: int = 0) -> MoEModel:
     """Build the model of ``spec`` holding ``expert_ids`` (all if ``None``), initialised from ``seed``."""
-    if isinstance(spec, TransformerSpec):
-        return build_transformer(spec, expert_ids, seed)
-    if isinstance(spec, HFSpec):
-        from .hf import build_hf
-
-        return build_hf(spec, expert_ids, seed)
-    return build_cnn(spec, expert_ids, seed)
+    return spec.build(expert_ids, seed)
 
 
-def model_costs(spec: AnySpec) -> ModelCosts:
+def model_costs(spec: Spec) -> ModelCosts:
     """Parameters, activations and FLOPs of ``spec`` as capacity planning sees them."""
-    if isinstance(spec, TransformerSpec):
-        return transformer_costs(spec)
-    if isinstance(spec, HFSpec):
-        from .hf import hf_costs
-
-        return hf_costs(spec)
-    return cnn_costs(spec)
+    return spec.costs()

@@ -75,6 +75,14 @@ class TransformerSpec:
         """Routing decisions per sequence and chosen expert: every token in every block."""
         return self.context_length * self.num_layers
 
+    def build(self, expert_ids: HeldExperts | None = None, seed: int = 0) -> TransformerMoE:
+        """Build the model holding ``expert_ids`` (all if None), initialised from ``seed``."""
+        return build_transformer(self, expert_ids, seed)
+
+    def costs(self) -> ModelCosts:
+        """Parameters, activations and FLOPs as capacity planning sees them."""
+        return transformer_costs(self)
+
 
 class SwiGLUExperts(nn.Module):
     """``n`` SwiGLU experts stacked by slot: ``w1, w3 [n, d, h]``, ``w2 [n, h, d]``."""
