@@ -1,6 +1,6 @@
 """Run the ``docker/`` Compose stack for real on a machine without registry or bridge networks.
 
-What ``tests/test_docker_e2e.py`` needs, as a library:
+What ``tests/deploy/test_docker_e2e.py`` needs, as a library:
 
 * :class:`Daemon`: use the Docker engine that runs, or start ``dockerd --bridge=none
   --iptables=false --ip-masq=false`` (no bridge, no firewall rules) and stop it by PID;

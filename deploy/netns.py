@@ -8,7 +8,7 @@ between the lab's namespaces. Run a command "on" a host with ``ip netns exec NAM
 (:meth:`NetnsLab.prefix`). :meth:`NetnsLab.destroy` kills what still runs inside the
 lab's namespaces and deletes them.
 
-Used by ``tests/test_deploy_netns.py`` to run a SuperLink and SuperNodes as if on
+Used by ``tests/deploy/test_deploy_netns.py`` to run a SuperLink and SuperNodes as if on
 different machines that reach each other only by IP address.
 """
 

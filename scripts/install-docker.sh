@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install what tests/test_docker_e2e.py needs on Debian/Ubuntu (idempotent): the Docker
+# Install what tests/deploy/test_docker_e2e.py needs on Debian/Ubuntu (idempotent): the Docker
 # engine and CLI, docker-compose, and debootstrap (it builds the Debian base image of the
 # test's stand-in images; no image registry is needed). The test starts the daemon
 # itself when none runs (`dockerd --bridge=none --iptables=false --ip-masq=false`) and

@@ -12,7 +12,7 @@ aggregation (:mod:`.aggregation`) every validated update is bounded:
   is that far off is not trusted with its experts either). Scaling such an update back onto
   the bound was tried first and kept too much of it: a 1e30 tensor clipped to five typical
   update sizes still pushes every weight the same way (20 points of accuracy lost in
-  ``tests/test_robust.py``). Relative sizes make groups of different sizes comparable, so an
+  ``tests/maths/test_robust.py``). Relative sizes make groups of different sizes comparable, so an
   expert trained by a single client is bounded too, as long as most pairs of the round are
   honest.
 * **Weights.** A client's example count (its weight for the shared part) is capped at

@@ -5,7 +5,7 @@ import pytest
 
 from fedmoe_app.config import ConfigError, RunConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def pyproject_config():

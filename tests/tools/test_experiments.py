@@ -12,7 +12,7 @@ import pytest
 from fedmoe_app.config import ConfigError
 from fedmoe_app.tools import experiments as ex
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def fake_rounds(accs, *, down=1e6, up=5e5, cv=0.2, vtime=2.0, num_experts=4):

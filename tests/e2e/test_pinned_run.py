@@ -1,6 +1,6 @@
 """Behaviour is pinned: a fixed-seed synthetic run writes the metrics recorded before refactors.
 
-``tests/data/pinned_synthetic_run.json`` holds the metrics of a 3-round, 4-SuperNode run
+``tests/fixtures/pinned_synthetic_run.json`` holds the metrics of a 3-round, 4-SuperNode run
 (phones and laptops, so profiled capacity, the planner and sparse aggregation all take part)
 as written by the app before its modules were reorganised. Accuracy, loss, bytes, expert
 load and the assignment must match to the last digit; the clients' mean local accuracy is a
@@ -16,7 +16,7 @@ from fedmoe_app.run.results import METRIC_KEYS
 
 pytestmark = pytest.mark.slow
 
-PINNED = json.loads((ROOT / "tests" / "data" / "pinned_synthetic_run.json").read_text())
+PINNED = json.loads((ROOT / "tests" / "fixtures" / "pinned_synthetic_run.json").read_text())
 EXACT = [k for k in METRIC_KEYS if k in PINNED["rounds"][-1]]  # round, accuracy, loss, bytes, ...
 
 

@@ -1,6 +1,6 @@
 """Run the Docker Compose topology (compose.yml + compose.tls.yml) as local processes.
 
-Without a Docker engine (tests/test_docker_e2e.py runs the real containers), this runs
+Without a Docker engine (tests/deploy/test_docker_e2e.py runs the real containers), this runs
 exactly the command lines of every compose
 service (SuperLink, SuperExec for the ServerApp, SuperNodes, one SuperExec per SuperNode;
 isolation ``process``; TLS + SuperNode authentication) with container host names mapped

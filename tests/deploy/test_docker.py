@@ -114,7 +114,7 @@ def test_ports_and_addresses_match(variant):
     link = argv["superlink"]
     port = value(link, "--port")
     # on the Compose bridge network 0.0.0.0 is the container's own interface; the host
-    # publishes the port on its loopback only (tests/test_docker_safety.py)
+    # publishes the port on its loopback only (tests/deploy/test_docker_safety.py)
     assert value(link, "--host") == "0.0.0.0"
     assert svcs["superlink"]["ports"] == [f"127.0.0.1:{port}:{port}"]
     assert value(link, "--database") == "/app/superlink.db"
