@@ -46,6 +46,22 @@ if $root; then
   done
 fi
 
+# --test: tests/data/test_text_data.py reads the eight languages of Debian's fortunes packages (as root with apt-get).
+if [ "${1:-}" = "--test" ]; then
+  missing=()
+  for pkg in fortunes fortunes-de fortunes-ru fortunes-zh fortunes-es fortunes-it fortunes-pl fortunes-cs; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    if $root; then
+      apt_install "${missing[@]}"
+    else
+      echo "note: ${missing[*]} missing; the fortunes test skips (fails under CI=true):" \
+           "sudo apt-get install ${missing[*]}" >&2
+    fi
+  fi
+fi
+
 # --test: the Docker end-to-end test needs the Docker engine, docker-compose and debootstrap
 # (installed as root with apt-get; elsewhere the script says what is missing and the test skips).
 [ "${1:-}" = "--test" ] && bash scripts/install-docker.sh

@@ -119,3 +119,57 @@ def shell_blocks(markdown):
         elif lang is not None:
             lines.append(line)
     return blocks
+
+
+def text_split(n=48, t=16, seed=0):
+    """``n`` windows of ``t + 1`` bytes of a repetitive (learnable) text, in two groups."""
+    import numpy as np
+    import torch
+
+    from fedmoe_app.data.text import TextSplit
+
+    text = np.frombuffer((b"the quick brown fox jumps over the lazy dog. " * 200), np.uint8)
+    starts = np.random.default_rng(seed).integers(0, len(text) - t - 1, n)
+    tokens = np.stack([text[s : s + t + 1] for s in starts])
+    return TextSplit(torch.from_numpy(tokens), torch.from_numpy(np.arange(n) % 2))
+
+
+# Under CI=true (.ci/run) a skipped test fails: a skip there means a tool CI should have is missing
+# and hides what the test checks. Only the reasons below may skip (exactly as the test words them).
+CI_ALLOWED_SKIPS = frozenset(
+    {
+        "no CUDA device",  # test_performance.py: CI has no GPU
+    }
+)
+
+
+def skip_reason(report):
+    """The reason a skipped report gives (``pytest.skip``, ``skipif``, ``importorskip``)."""
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple):  # (path, line, "Skipped: <reason>")
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+def fail_skip_under_ci(report):
+    """Turn a skip whose reason is not in ``CI_ALLOWED_SKIPS`` into a failure when ``CI=true``."""
+    if os.environ.get("CI", "").lower() != "true" or not report.skipped or hasattr(report, "wasxfail"):
+        return
+    reason = skip_reason(report)
+    if reason not in CI_ALLOWED_SKIPS:
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true: {reason} (not in CI_ALLOWED_SKIPS, tests/conftest.py)"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    fail_skip_under_ci(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    report = yield
+    fail_skip_under_ci(report)
+    return report
