@@ -382,10 +382,6 @@ class RunConfig:
         """Keyword arguments of ``fedmoe_app.training.train`` set by the run config."""
         return dataclasses.asdict(self.training)
 
-    def split_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``fedmoe_app.data.client_data``: how a client's data is split."""
-        return dataclasses.asdict(self.split)
-
     def hf_sizes(self) -> dict[str, int]:
         """Sizes of an ``hf`` preset (keyword arguments of ``fedmoe_app.hf_config.resolve_hf_config``)."""
         return {
