@@ -2,9 +2,12 @@
 
 ``tests/fixtures/pinned_synthetic_run.json`` holds the metrics of a 3-round, 4-SuperNode run
 (phones and laptops, so profiled capacity, the planner and sparse aggregation all take part)
-as written by the app before its modules were reorganised. Accuracy, loss, bytes, expert
-load and the assignment must match to the last digit; the clients' mean local accuracy is a
-sum over replies in arrival order, so it is compared to 1e-12.
+as written by the app before its modules were reorganised. Accuracy, bytes, expert load, the
+assignment and the virtual round time must match to the last digit; the clients' mean local
+accuracy is a sum over replies in arrival order, so it is compared to 1e-12. Losses are means of
+float32 cross-entropies whose last bits depend on the CPU's kernels: on two machines the same
+code gave round 1's central loss 2.32007199605306 and 2.320072199503581 (8.8e-8 apart, every
+other value equal), so losses are compared to 1e-6, far below what any change of behaviour moves.
 """
 
 import json
@@ -17,7 +20,8 @@ from fedmoe_app.run.results import METRIC_KEYS
 pytestmark = pytest.mark.slow
 
 PINNED = json.loads((ROOT / "tests" / "fixtures" / "pinned_synthetic_run.json").read_text())
-EXACT = [k for k in METRIC_KEYS if k in PINNED["rounds"][-1]]  # round, accuracy, loss, bytes, ...
+LOSSES = ("loss", "train_loss")  # float32 means: equal to 1e-6 across CPUs
+EXACT = [k for k in METRIC_KEYS if k in PINNED["rounds"][-1] and k not in LOSSES]  # accuracy, bytes, ...
 
 
 def test_fixed_seed_run_writes_the_pinned_metrics(run_app):
@@ -27,8 +31,8 @@ def test_fixed_seed_run_writes_the_pinned_metrics(run_app):
     assert len(rows) == len(PINNED["rounds"])
     for got, want in zip(rows, PINNED["rounds"]):
         assert {k: got[k] for k in EXACT} == {k: want[k] for k in EXACT}, got["round"]
-        for key in ("client_accuracy", "train_loss"):
-            if want[key] is None:
+        for key, rel in (("client_accuracy", 1e-12), *((loss, 1e-6) for loss in LOSSES)):
+            if want.get(key) is None:
                 assert got.get(key) is None
             else:
-                assert got[key] == pytest.approx(want[key], rel=1e-12, abs=0), (got["round"], key)
+                assert got[key] == pytest.approx(want[key], rel=rel, abs=0), (got["round"], key)
