@@ -40,7 +40,16 @@ import numpy as np
 import torch
 
 from ..config import TEXT_DATASETS, RunConfig, SplitSection
-from . import DatasetInfo, DatasetUnavailable, Rows, Split, client_data, partition_indices, server_test_data
+from . import (
+    DatasetInfo,
+    DatasetUnavailable,
+    Rows,
+    Split,
+    client_data,
+    partition_indices,
+    server_test_data,
+    token_cache,
+)
 from .tokens import TOKEN_DTYPE, encode_documents, load_tokenizer, vocab_size
 
 log = logging.getLogger(__name__)
@@ -208,7 +217,8 @@ def load_text(
     """``(train windows, held-out windows, info)`` of a text dataset (cached per process).
 
     ``tokenizer`` is a model folder (``hf-model``) whose tokenizer makes the tokens; empty:
-    bytes. The cache is per ``(name, data_dir, context_length, seed, tokenizer)``.
+    bytes. The cache is per ``(name, data_dir, context_length, seed, tokenizer)``, in the process
+    and, for a tokenizer's windows, on disk (:mod:`.token_cache`).
 
     Raises
     ------
@@ -220,6 +230,41 @@ def load_text(
     if name not in TEXT_DATASETS:
         raise ValueError(f"unknown text dataset {name!r}")
     root, found = _groups_of(name, data_dir)
+    if not tokenizer:
+        return _windows_of(root, found, data_dir, context_length, seed, tokenizer)
+    path = token_cache.cache_path(name, root, found, context_length, seed, tokenizer)
+    cached = token_cache.load(path)
+    if cached is not None:
+        return _from_arrays(cached, context_length, tokenizer)
+    train, test, info = _windows_of(root, found, data_dir, context_length, seed, tokenizer)
+    token_cache.save(path, _to_arrays(train, test, info))
+    return train, test, info
+
+
+def _to_arrays(train: TextSplit, test: TextSplit, info: TextInfo) -> dict[str, np.ndarray]:
+    out = {
+        f"{part}_{field}": getattr(split, field).numpy()
+        for part, split in (("train", train), ("test", test))
+        for field in ("tokens", "groups", "nbytes")
+    }
+    return out | {"groups": np.asarray(info.groups, dtype=str), "vocab": np.asarray(info.vocab_size)}
+
+
+def _from_arrays(
+    arrays: dict[str, np.ndarray], context_length: int, tokenizer: str
+) -> tuple[TextSplit, TextSplit, TextInfo]:
+    train, test = (
+        TextSplit(*(torch.from_numpy(arrays[f"{part}_{f}"]) for f in ("tokens", "groups", "nbytes")))
+        for part in ("train", "test")
+    )
+    info = TextInfo(int(arrays["vocab"]), context_length, tuple(str(g) for g in arrays["groups"]), tokenizer)
+    return train, test, info
+
+
+def _windows_of(
+    root: Path, found: dict[str, list[Path]], data_dir: str, context_length: int, seed: int, tokenizer: str
+) -> tuple[TextSplit, TextSplit, TextInfo]:
+    """Cut every group's documents into train and held-out windows (:func:`load_text`)."""
     rng = np.random.default_rng([seed, 1789])
     names: list[str] = []
     train_parts, test_parts = [], []

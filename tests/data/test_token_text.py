@@ -132,3 +132,22 @@ def test_a_node_folder_of_text_files_gives_its_windows(tok_folder, corpus, tmp_p
         node_data(str(tmp_path / "empty"), "text", **kw, tokenizer="")
     with pytest.raises(NodeDataError, match="'data-path'.*does not exist"):
         node_data(str(tmp_path / "absent"), "text", **kw, tokenizer="")
+
+
+def test_token_windows_are_cached_on_disk_per_text_and_tokenizer(tok_folder, corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDMOE_CACHE_DIR", str(tmp_path / "cache"))
+    load_text.cache_clear()
+    first = load_text("text", str(corpus), 16, 0, str(tok_folder))
+    files = list((tmp_path / "cache" / "text-tokens").glob("*.npz"))
+    assert len(files) == 1
+    load_text.cache_clear()
+    again = load_text("text", str(corpus), 16, 0, str(tok_folder))  # read back from the file
+    assert again[2] == first[2]
+    for a, b in zip(again[:2], first[:2]):
+        assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("tokens", "groups", "nbytes"))
+    load_text("text", str(corpus), 32, 0, str(tok_folder))  # another context length: another file
+    (corpus / "mixed.txt").write_bytes(b"\n\n".join(TEXT[:40]))  # changed text: another file
+    load_text.cache_clear()
+    assert len(load_text("text", str(corpus), 16, 0, str(tok_folder))[0]) < len(first[0])
+    assert len(list((tmp_path / "cache" / "text-tokens").glob("*.npz"))) == 3
+    load_text.cache_clear()
