@@ -160,25 +160,25 @@ def load_weights(
 
     path = Path(weights).expanduser()
     files = weight_files(path, weights, key)
+    config_key = "its config.json" if key == "hf-model" else "hf-config"
+    problem = f"run-config key {key!r} = {weights!r} does not match {config_key}"
     state: dict[str, Tensor] = {}
     stacker, foreign = _Stacker(rows), []
     for f in files:
         state.update(read_rows(f, rows))
         with safe_open(str(f), framework="pt") as handle:
             for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                key = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's checkpoint name
-                m = _PER_EXPERT.match(key)
+                local = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's checkpoint name
+                m = _PER_EXPERT.match(local)
                 if m is None:
-                    if key not in state:
-                        state[key] = handle.get_tensor(name)
+                    if local not in state:
+                        state[local] = handle.get_tensor(name)
                 elif (where := stacker.wants(m)) is not None:
                     stacker.put(where, handle.get_tensor(name))
                 elif int(m.group(2)) >= num_experts or f"{m.group(1)}.down_proj" not in rows:
                     foreign.append(name)  # an expert this model has not: never read, reported
     stacked, partial = stacker.done()
     state.update(stacked)
-    config_key = "its config.json" if key == "hf-model" else "hf-config"
-    problem = f"run-config key {key!r} = {weights!r} does not match {config_key}"
     try:
         missing, unexpected = net.load_state_dict(state, strict=False)
     except RuntimeError as err:  # a tensor of another shape

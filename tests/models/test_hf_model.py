@@ -124,6 +124,10 @@ def test_bad_model_folders_stop_the_run_naming_the_key(tmp_path, corpus):
             folder_cfg(path, **extra)
     with pytest.raises(ConfigError, match="'hf-model'.*for model 'transformer-moe'"):
         folder_cfg(folder, model="transformer-moe")
+    # weights of another shape than the folder's config.json: the build names hf-model
+    wide = variant("wide", edit_config(intermediate_size=48))
+    with pytest.raises(ValueError, match="'hf-model'.*does not match its config.json"):
+        build_model(HFSpec.from_folder(str(wide), 16, 320), HELD)
     # a tokenizer without tokenizer.json is checked when loaded, against the model's vocab_size
     with pytest.raises(ValueError, match="'hf-model'.*400 token ids.*vocab_size is 320"):
         HFSpec.from_folder(str(folder), 16, 400)
