@@ -82,7 +82,7 @@ def encode_documents(tokenizer: Any, docs: list[bytes]) -> tuple[np.ndarray, np.
     if not docs:
         return np.zeros(0, TOKEN_DTYPE), np.zeros(0, np.int64)
     texts = [d.decode("utf-8") for d in docs]
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     if tokenizer.eos_token_id is not None:
         sep_ids, sep_bytes = [int(tokenizer.eos_token_id)], [0]
     else:
