@@ -25,6 +25,7 @@ E, R = 8, 4
 TINY = {"num-layers": 2, "d-model": 32, "expert-hidden": 48, "context-length": 16}
 LORA = {"peft": "lora", "lora-rank": R}
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+PRESETS = ["tiny-mixtral", "tiny-qwen2-moe", "tiny-olmoe"]
 
 
 def spec_of(preset="tiny-mixtral", **extra):
@@ -101,10 +102,13 @@ def test_the_federated_tensors_are_the_adapters_experts_by_global_id():
     assert sum(isinstance(m, torch.nn.Dropout) for m in drops) == 2 * len(ATTENTION)
 
 
-@pytest.mark.parametrize("held", [[2, 5], [3]])
-def test_a_sub_model_is_the_full_model_restricted_to_its_experts(held):
+@pytest.mark.parametrize(
+    "preset, held",
+    [("tiny-mixtral", [2, 5]), ("tiny-mixtral", [3]), ("tiny-qwen2-moe", [1, 6]), ("tiny-olmoe", [0, 7])],
+)
+def test_a_sub_model_is_the_full_model_restricted_to_its_experts(preset, held):
     """Slot s of the sub-model's peft adapters is global expert held[s] of the full model's."""
-    spec = spec_of(**LORA)
+    spec = spec_of(preset, **LORA)
     glob = random_adapters(spec)
     full = build_model(spec, seed=0)
     load_arrays(full, glob)
@@ -182,13 +186,14 @@ def test_lora_arrays_are_the_adapters_bytes_a_small_share_of_the_full_arrays():
         assert lora < 0.15 * full, (held, lora, full)
 
 
-def test_write_adapter_loads_in_peft_with_the_app_models_logits(tmp_path):
+@pytest.mark.parametrize("preset", PRESETS)
+def test_write_adapter_loads_in_peft_with_the_app_models_logits(tmp_path, preset):
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from fedmoe_app.models.hf_lora import base_state_dict, write_adapter_from_arrays
 
-    spec = spec_of(**LORA)
+    spec = spec_of(preset, **LORA)
     glob = random_adapters(spec)
     app = build_model(spec, seed=0)
     load_arrays(app, glob)
