@@ -23,6 +23,7 @@ the global adapters as a PEFT adapter folder for ``PeftModel.from_pretrained``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -184,10 +185,11 @@ def seeded_init(net: nn.Module, seed: int, expert_rows: Mapping[nn.Module, Seque
             setattr(module, n, p)
 
 
+@functools.lru_cache(maxsize=8)
 def check_targets(spec: HFSpec) -> None:
     """Check that every ``lora-target-modules`` name matches a linear module of the model.
 
-    Builds the model on the meta device (no weights allocated).
+    Builds the model on the meta device (no weights allocated); once per spec in a process.
 
     Raises
     ------
