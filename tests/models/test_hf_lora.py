@@ -18,6 +18,7 @@ from fedmoe_app.maths.aggregation import ClientUpdate, aggregate
 from fedmoe_app.models import build_model, expected_keys, load_arrays, model_spec, model_to_arrays
 from fedmoe_app.tensors import experts_in, parse_expert_key, raw_nbytes, select
 from fedmoe_app.training import evaluate, train
+from fedmoe_app.wire.records import to_record, wire_nbytes
 
 pytest.importorskip("peft")
 
@@ -252,5 +253,7 @@ def test_flwr_run_fine_tunes_lora_adapters_on_text_files(run_app, tmp_path):
     assert rows[-1]["bpb"] < rows[0]["bpb"] - 0.05
     cfg = RunConfig.from_run_config({"dataset": "fortunes", **run_config})
     spec = model_spec(cfg, TextInfo(256, 32, ("en",)))
-    client = raw_nbytes(model_to_arrays(build_model(spec, [0, 1], seed=0)))  # 2 experts' adapters
-    assert 0 < rows[-1]["bytes_down"] <= 2 * client * 1.05  # two clients, the wire's framing
+    client = wire_nbytes(to_record(model_to_arrays(build_model(spec, [0, 1], seed=0))))  # 2 experts
+    server = wire_nbytes(to_record(model_to_arrays(build_model(spec, seed=0))))  # every expert
+    assert rows[-1]["bytes_down"] == 2 * client  # two clients, adapters only
+    assert rows[-1]["dense_bytes_down"] == 2 * server  # the server's model: the adapters
