@@ -131,15 +131,16 @@ def test_a_sub_model_is_the_full_model_restricted_to_its_experts(preset, held):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_every_node_builds_the_same_base_for_the_run_seed():
-    spec = spec_of(**LORA)
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_node_builds_the_same_base_for_the_run_seed(preset):
+    spec = spec_of(preset, **LORA)
     full = base_tensors(build_model(spec, seed=0))
     for held, seed in (([2, 5], 0), ([5, 7], 9), ([0], 4)):
         sub = base_tensors(build_model(spec, held, seed=seed))
         for name, t in sub.items():
             want = full[name][held] if t.shape != full[name].shape else full[name]
             assert torch.equal(t, want), name
-    other = base_tensors(build_model(spec_of(**LORA, seed=1), seed=0))  # the run's seed sets the base
+    other = base_tensors(build_model(spec_of(preset, **LORA, seed=1), seed=0))  # the run's seed sets the base
     q = "model.layers.0.self_attn.q_proj.base_layer.weight"
     assert not torch.equal(other[q], full[q])
 
