@@ -50,6 +50,7 @@ GATE_AGGREGATIONS = ("auto", "rows", "all")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 DP_MODES = ("off", "central", "local")
+PEFT_MODES = ("none", "lora")
 
 
 class ConfigError(ValueError):
@@ -147,6 +148,19 @@ class RunConfig:
         "", None, "hf: local safetensors file or folder with the model's weights; empty: random init"
     )
     gate_mode: str = _opt("global", _choice(*GATE_MODES), "aggregated gate, or each client keeps its own")
+    peft: str = _opt(
+        "none", _choice(*PEFT_MODES), "hf: train and send every weight (none), or LoRA adapters only (lora)"
+    )
+    lora_rank: int = _opt(8, _range(1), "peft=lora: rank r of every adapter")
+    lora_alpha: float = _opt(16.0, _range(0.0, lo_open=True), "peft=lora: scaling alpha (update x alpha / r)")
+    lora_dropout: float = _opt(
+        0.0, (lambda v: 0.0 <= v < 1.0, ">= 0 and < 1"), "peft=lora: dropout on the attention adapters' input"
+    )
+    lora_target_modules: str = _opt(
+        "q_proj,k_proj,v_proj,o_proj",
+        None,
+        "peft=lora: comma-separated module-name suffixes given adapters (the experts always are)",
+    )
     # Alignment
     policy: str = _opt("load_balanced", _choice(*POLICIES), "client-expert assignment policy")
     experts_per_client: int = _opt(4, _range(1), "experts per client (fixed) / at most (profiled)")
@@ -374,6 +388,19 @@ class RunConfig:
         """Where the run writes (:class:`~.sections.OutputSection`)."""
         return sections.OutputSection(run_name=self.run_name, output_dir=self.output_dir, resume=self.resume)
 
+    @property
+    def lora(self) -> sections.LoraSection | None:
+        """LoRA fine-tuning (:class:`~.sections.LoraSection`), ``None`` unless ``peft = "lora"``."""
+        if self.peft != "lora":
+            return None
+        return sections.LoraSection(
+            rank=self.lora_rank,
+            alpha=self.lora_alpha,
+            dropout=self.lora_dropout,
+            target_modules=lora_targets(self.lora_target_modules),
+            base_seed=self.seed,
+        )
+
     def alignment_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`~fedmoe_app.alignment.AlignmentState` (all but ``E``)."""
         return dataclasses.asdict(self.alignment)
@@ -420,6 +447,16 @@ class RunConfig:
                 "run-config key 'data-dir' = '' is invalid for dataset 'text'; allowed: a folder of "
                 "UTF-8 text files"
             )
+        if self.peft != "none" and self.model != "hf":
+            raise ConfigError(
+                f"run-config key 'peft' = {self.peft!r} is invalid for model {self.model!r}; "
+                "allowed: 'none' (LoRA is for model 'hf')"
+            )
+        if self.peft == "lora":
+            try:
+                lora_targets(self.lora_target_modules)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         if self.model not in TEXT_MODELS:
             return
         if self.model == "hf":
@@ -500,6 +537,25 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """Run-config keys → values (as written to ``config.json``)."""
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def lora_targets(value: str) -> tuple[str, ...]:
+    """Module-name suffixes of ``lora-target-modules`` (comma-separated; empty: the experts only).
+
+    Raises
+    ------
+    ValueError
+        Naming the key, if a name is empty or holds characters other than letters, digits, ``_``, ``.``.
+
+    """
+    names = tuple(n.strip() for n in value.split(",")) if value.strip() else ()
+    bad = [n for n in names if not n or not all(c.isalnum() or c in "_." for c in n)]
+    if bad:
+        raise ValueError(
+            f"run-config key 'lora-target-modules' = {value!r} is invalid; allowed: comma-separated "
+            "module-name suffixes (letters, digits, '_', '.'), e.g. 'q_proj,v_proj'"
+        )
+    return names
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:

@@ -128,3 +128,18 @@ class OutputSection:
     run_name: str
     output_dir: str
     resume: bool
+
+
+@dataclass(frozen=True)
+class LoraSection:
+    """Parameter-efficient fine-tuning with peft LoRA (``peft = "lora"``, model ``hf`` only).
+
+    Only the adapters train and travel; the base weights (the router included) stay frozen and
+    are built alike on every node: from ``hf-weights``, or for a preset from ``base_seed``.
+    """
+
+    rank: int
+    alpha: float
+    dropout: float  # on the attention adapters' inputs (peft has none for the experts' tensors)
+    target_modules: tuple[str, ...]  # module-name suffixes; the experts are always adapted
+    base_seed: int  # the run's seed: the base weights of a preset, the same on every node

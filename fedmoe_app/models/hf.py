@@ -13,7 +13,9 @@ transformers 5):
   the interface needs;
 * the router is replaced by :class:`MaskedRouter`, which keeps its weight (one row per global
   expert, same state name) and masks the logits of absent experts before the top-k choice,
-  then hands the experts module slot indices; it records the feedback of the pass.
+  then hands the experts module slot indices; it records the feedback of the pass;
+* under ``peft = "lora"`` (:mod:`.hf_lora`) the base is frozen and only adapters train and
+  travel (:meth:`HFMoE.federated_state`).
 
 :func:`hf_costs` measures what capacity planning needs on the built model: parameters from the
 actual tensors, training FLOPs per sequence with :class:`torch.utils.flop_counter.FlopCounterMode`
@@ -34,6 +36,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..capacity import ModelCosts
+from .hf_lora import apply_lora, expert_adapter_parameters, load_lora_state, lora_state, seeded_init
 from .hf_spec import HFSpec
 from .hf_weights import load_weights
 from .interface import HeldExperts, MoEModel, MoEOutput
@@ -123,13 +126,38 @@ class HFMoE(MoEModel):
             experts.num_experts = len(ids)
         if on_meta:
             self.net.to_empty(device="cpu")
+        if spec.lora is not None:  # base weights never travel: the same on every node for the seed
+            seeded_init(self.net, spec.lora.base_seed, {b.experts: ids for b, ids in zip(blocks, per_layer)})
+        elif on_meta:
             self.net.initialize_weights()  # the model's own init, its rotary buffers included
+        if on_meta or spec.lora is not None:
             self.net.tie_weights()
         if spec.weights:
             load_weights(self.net, spec.weights, rows, spec.num_experts)
         for block in blocks:
             block.gate = MaskedRouter(block.gate.weight, bool(getattr(block.gate, "norm_topk_prob", True)))
         self.routers = [b.gate for b in blocks]
+        if spec.lora is not None:
+            apply_lora(self.net, spec.lora)  # adapters only train: base and routers frozen
+
+    def federated_state(self) -> dict[str, Tensor]:
+        """Every weight, or under ``peft = "lora"`` the adapters only (:func:`.hf_lora.lora_state`)."""
+        if self.spec.lora is None:
+            return super().federated_state()
+        return lora_state(self.net, prefix="net.")
+
+    def load_federated_state(self, state: dict[str, Tensor]) -> None:
+        """Load :meth:`federated_state`-named tensors (under LoRA: into the adapters)."""
+        if self.spec.lora is None:
+            super().load_federated_state(state)
+        else:
+            load_lora_state(self.net, state, prefix="net.")
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """Return the experts' weights, or under LoRA their adapters (the base stays frozen)."""
+        if self.spec.lora is None:
+            return super().expert_parameters()
+        return expert_adapter_parameters(self.net)
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> MoEOutput:
         """Next-byte logits ``[B, T, V]`` of ``x [B, T]``, with feedback per MoE layer and summed."""

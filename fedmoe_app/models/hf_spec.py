@@ -7,12 +7,13 @@ importing ``transformers`` only then (an optional extra: ``pip install -e ".[hf]
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
 
 from ..capacity import ModelCosts
-from ..config import RunConfig
+from ..config import LoraSection, RunConfig
 from ..hf_config import hf_shape, moe_layers, resolve_hf_config
 
 
@@ -27,6 +28,7 @@ class HFSpec:
     context_length: int
     num_moe_layers: int
     vocab_size: int
+    lora: LoraSection | None = None  # peft = "lora": adapters only (models/hf_lora.py)
 
     @classmethod
     def from_config(cls, cfg: RunConfig, info: Any) -> HFSpec:
@@ -34,7 +36,7 @@ class HFSpec:
         config = resolve_hf_config(cfg.hf_config, **cfg.hf_sizes())
         config["vocab_size"] = max(int(info.vocab_size), int(config.get("vocab_size", 0)))
         experts, top_k = hf_shape(config, cfg.hf_config)
-        return cls(
+        spec = cls(
             config_json=json.dumps(config, sort_keys=True),
             weights=cfg.hf_weights,
             num_experts=experts,
@@ -42,7 +44,13 @@ class HFSpec:
             context_length=cfg.context_length,
             num_moe_layers=moe_layers(config),
             vocab_size=int(config["vocab_size"]),
+            lora=cfg.lora,
         )
+        if spec.lora is not None:  # targets that match no module stop the run before any round
+            from .hf_lora import check_targets
+
+            check_targets(spec)
+        return spec
 
     @property
     def config(self) -> dict[str, Any]:
@@ -64,4 +72,4 @@ class HFSpec:
         """Parameters, activations and FLOPs as capacity planning sees them (:func:`.hf.hf_costs`)."""
         from .hf import hf_costs
 
-        return hf_costs(self)
+        return hf_costs(dataclasses.replace(self, lora=None))  # under LoRA: full training's (an upper bound)
