@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..files import atomic_write
-from ..tensors import Arrays, expert_key
+from ..tensors import expert_key
 from .interface import MoEModel, expert_suffix
 from .registry import MODEL_FAMILIES, Spec
 
@@ -38,8 +38,8 @@ from .registry import MODEL_FAMILIES, Spec
 MODEL_FILE = "fedmoe_model.json"
 #: The weights of a ``cnn-moe`` / ``transformer-moe`` export.
 WEIGHTS_FILE = "model.safetensors"
-#: Adapter tensors (peft LoRA) carry one of these components in their names.
-ADAPTER_PARTS = ("lora_A", "lora_B")
+#: The PEFT adapter folder inside an ``hf`` export of a ``peft = "lora"`` run.
+ADAPTER_DIR = "adapter"
 
 
 def family_of(spec: Spec) -> str:
@@ -72,17 +72,12 @@ def spec_from_document(doc: Mapping[str, Any]) -> Spec:
     names = {f.name for f in dataclasses.fields(cls)}
     if set(fields) != names:
         raise ValueError(f"spec of model {family!r} has fields {sorted(fields)}; expected {sorted(names)}")
+    if isinstance(fields.get("lora"), Mapping):  # an hf spec of a LoRA run: its section, as JSON wrote it
+        from ..config.sections import LoraSection
+
+        lora = dict(fields["lora"])
+        fields["lora"] = LoraSection(**{**lora, "target_modules": tuple(lora["target_modules"])})
     return cls(**fields)
-
-
-def split_adapter(arrays: Mapping[str, np.ndarray]) -> tuple[Arrays, Arrays]:
-    """Split ``arrays`` into ``(base, adapter)``: without / with a ``lora_A`` or ``lora_B`` name component."""
-    base: Arrays = {}
-    adapter: Arrays = {}
-    for key, value in arrays.items():
-        parts = key.split(".")
-        (adapter if any(p in parts for p in ADAPTER_PARTS) else base)[key] = value
-    return base, adapter
 
 
 def stacked_state(
@@ -155,13 +150,12 @@ def hf_dtype(config: Mapping[str, Any]) -> torch.dtype:
     return dtype
 
 
-def save_hf_model(spec: Any, arrays: Mapping[str, np.ndarray], folder: Path) -> list[Path]:
-    """Write the ``hf`` global model as a ``save_pretrained`` folder; return the files written.
+def _save_pretrained(spec: Any, state: Mapping[str, torch.Tensor], folder: Path) -> list[Path]:
+    """``save_pretrained`` the transformers model of ``spec.config`` with ``state`` (its own names).
 
-    The transformers model of ``spec.config`` is built on the meta device (its architecture,
-    config and weight-name conversions, no weights); the restacked arrays, cast to the
-    config's dtype (:func:`hf_dtype`), are its state dict for ``save_pretrained`` (safetensors).
-    :data:`MODEL_FILE` records the spec (without its weights path).
+    The model is built on the meta device (architecture, config and weight-name conversions, no
+    weights); ``state`` is cast to the config's dtype (:func:`hf_dtype`). :data:`MODEL_FILE`
+    records the spec (without its weights path). Returns the files written.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -170,13 +164,54 @@ def save_hf_model(spec: Any, arrays: Mapping[str, np.ndarray], folder: Path) -> 
     hf_cfg = AutoConfig.for_model(config.pop("model_type"), **config)
     with torch.device("meta"):
         net = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
-    state = _tensors(stacked_state(arrays, net.state_dict(), spec.num_experts, prefix="net."), dtype)
+    state = {k: v.detach().cpu().to(dtype).contiguous() for k, v in state.items()}
     folder = Path(folder)
     before = set(folder.iterdir()) if folder.is_dir() else set()
     net.save_pretrained(folder, state_dict=state, safe_serialization=True)
     doc = spec_document(dataclasses.replace(spec, weights=""))
     atomic_write(folder / MODEL_FILE, json.dumps(doc, indent=2))
     return sorted(set(folder.iterdir()) - before)
+
+
+def save_hf_model(spec: Any, arrays: Mapping[str, np.ndarray], folder: Path) -> list[Path]:
+    """Write the ``hf`` global model as a ``save_pretrained`` folder; return the files written.
+
+    The arrays, restacked (:func:`stacked_state`) into the state dict of the transformers model,
+    are written in the config's dtype, in transformers' published layout, so
+    ``AutoModelForCausalLM.from_pretrained(folder)`` loads them. A ``peft = "lora"`` spec's arrays
+    are adapters only: :func:`save_hf_lora`.
+    """
+    if getattr(spec, "lora", None) is not None:
+        return save_hf_lora(spec, arrays, folder)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = spec.config
+    hf_cfg = AutoConfig.for_model(config.pop("model_type"), **config)
+    with torch.device("meta"):
+        names = list(AutoModelForCausalLM.from_config(hf_cfg).state_dict())
+    state = _tensors(stacked_state(arrays, names, spec.num_experts, prefix="net."), torch.float32)
+    return _save_pretrained(spec, state, folder)
+
+
+def save_hf_lora(spec: Any, arrays: Mapping[str, np.ndarray], folder: Path) -> list[Path]:
+    """Write a LoRA run's global model: the base as ``save_pretrained`` plus the adapters in ``adapter/``.
+
+    The base is what every node built and kept frozen (``hf-weights`` / ``hf-model``, or the
+    preset's seeded init); the model holding every expert is built with it, the global adapters
+    ``arrays`` are loaded, and :func:`~fedmoe_app.models.hf_lora.write_adapter` writes the PEFT
+    folder :data:`ADAPTER_DIR`, which
+    ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), folder / "adapter")``
+    loads onto the base.
+    """
+    from .arrays import load_arrays
+    from .hf import build_hf
+    from .hf_lora import base_state_dict, write_adapter
+
+    model = build_hf(spec)
+    load_arrays(model, arrays)
+    files = _save_pretrained(spec, base_state_dict(model), folder)
+    adapter = write_adapter(Path(folder) / ADAPTER_DIR, model)
+    return files + sorted(adapter.iterdir())
 
 
 def save_native_model(spec: Spec, arrays: Mapping[str, np.ndarray], folder: Path) -> list[Path]:

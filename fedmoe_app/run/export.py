@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,6 @@ from ..models.export import (
     save_native_model,
     spec_document,
     spec_from_document,
-    split_adapter,
 )
 from ..tensors import Arrays
 from .checkpoint import checkpoint_path, load_checkpoint
@@ -59,10 +58,6 @@ TOKENIZER_FILES = (
     "merges.txt",
     "chat_template.*",
 )
-#: Run-config ``peft`` value -> writer of the adapter tensors (``lora_A`` / ``lora_B``) as a peft
-#: adapter folder (``writer(spec, adapter arrays, folder) -> files``); ``write_model`` calls it
-#: with ``<export>/adapter`` when the arrays hold adapter tensors.
-ADAPTER_WRITERS: dict[str, Callable[[AnySpec, Arrays, Path], list[Path]]] = {}
 
 
 @dataclass(frozen=True)
@@ -144,30 +139,13 @@ def copy_tokenizer(source: str, folder: Path) -> list[Path]:
 def write_model(folder: Path, spec: AnySpec, arrays: Arrays, config: Mapping[str, Any]) -> list[Path]:
     """Write the model files of an export into ``folder``; return them.
 
-    ``hf``: the ``save_pretrained`` folder of the base tensors, the tokenizer of ``hf-model``,
-    and, when the arrays hold adapter tensors, the adapter folder ``adapter/`` written by the
-    :data:`ADAPTER_WRITERS` entry of the run config's ``peft``. Others: ``model.safetensors``.
-
-    Raises
-    ------
-    ValueError
-        If the arrays hold adapter tensors that no writer exports.
-
+    ``hf``: the ``save_pretrained`` folder (for a ``peft = "lora"`` run the frozen base plus the
+    PEFT folder ``adapter/``) and the tokenizer of ``hf-model``. Others: ``model.safetensors``.
     """
     if family_of(spec) != "hf":
         return save_native_model(spec, arrays, folder)
-    base, adapter = split_adapter(arrays)
-    files = save_hf_model(spec, base, folder)
-    files += copy_tokenizer(str(config.get("hf-model", "")), folder)
-    if adapter:
-        peft = str(config.get("peft", ""))
-        if peft not in ADAPTER_WRITERS:
-            raise ValueError(
-                f"run-config key 'peft' = {peft!r}: the model has {len(adapter)} adapter tensors and no "
-                f"export for them; exported adapters: {sorted(ADAPTER_WRITERS)}"
-            )
-        files += ADAPTER_WRITERS[peft](spec, adapter, folder / "adapter")
-    return files
+    files = save_hf_model(spec, arrays, folder)
+    return files + copy_tokenizer(str(config.get("hf-model", "")), folder)
 
 
 def final_metrics(rounds: Sequence[Mapping[str, Any]]) -> dict[str, float | int]:

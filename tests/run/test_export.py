@@ -189,24 +189,29 @@ def test_an_export_replaces_an_earlier_one_but_never_another_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "run"]  # no partial folder left
 
 
-def test_adapter_tensors_go_to_the_writer_of_the_runs_peft(tmp_path, monkeypatch):
-    cfg = text_config(model="hf")
+def test_a_lora_run_exports_its_base_and_a_peft_adapter_with_the_app_models_logits(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    keys = {"model": "hf", "peft": "lora", "lora-rank": 4, "seed": 3}
+    cfg = text_config(**keys)
     spec = text_spec(cfg)
-    arrays = model_to_arrays(build_model(spec, seed=0))
-    lora = {"net.model.layers.0.self_attn.q_proj.lora_A.weight": np.ones((4, 32), np.float32)}
-    with pytest.raises(ValueError, match="'peft' = 'lora'.* 1 adapter tensors"):
-        export.write_export(tmp_path / "a", spec, arrays | lora, {"peft": "lora"}, ROWS, run_name="r")
-    written = []
-
-    def writer(spec_, adapter, folder):
-        folder.mkdir()
-        (folder / "adapter_model.safetensors").write_bytes(b"")
-        written.append(sorted(adapter))
-        return [folder / "adapter_model.safetensors"]
-
-    monkeypatch.setitem(export.ADAPTER_WRITERS, "lora", writer)
-    out = export.write_export(tmp_path / "b", spec, arrays | lora, {"peft": "lora"}, ROWS, run_name="r")
-    assert written == [sorted(lora)]  # the adapter only; the base went to save_pretrained
+    app = build_model(spec, seed=0)
+    arrays = perturbed(app)  # adapters only: B moved off zero, so they change the logits
+    assert all("lora" in k for k in arrays)
+    run = tmp_path / "run"
+    write_run(run, {"dataset": "fortunes", **TINY, **keys}, spec, arrays)
+    out = export_run(run)
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    base = AutoModelForCausalLM.from_pretrained(out).eval()
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), out / "adapter").eval()
+    x = torch.randint(0, 256, (2, cfg.context_length), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = app.eval()(x).logits
+        got = tuned(input_ids=x).logits.float()
+        plain = base(input_ids=x).logits.float()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (plain - want).abs().max() > 1e-3  # the exported adapters matter
     files = json.loads((out / SUMMARY_FILE).read_text())["files"]
     assert "adapter/adapter_model.safetensors" in files and "model.safetensors" in files
 
