@@ -77,7 +77,9 @@ def test_an_uneven_last_step_is_weighted_by_its_samples():
     accumulated, _ = trained(data, batch_size=16, grad_accum_steps=2, **knobs)
     assert max_diff(big, accumulated) < 1e-6
     _, res = trained(data, batch_size=8, grad_accum_steps=2, max_samples=20, **knobs)
-    assert res.layer_tokens.sum() == 24 * 16 * 2 * 2  # 3 micro-batches of 8 windows: 16 bytes, 2 layers, top-2
+    assert (
+        res.layer_tokens.sum() == 24 * 16 * 2 * 2
+    )  # 3 micro-batches of 8 windows: 16 bytes, 2 layers, top-2
 
 
 def test_clipping_bounds_the_step():
@@ -109,7 +111,7 @@ def test_gradient_checkpointing_gives_the_same_training_on_hf():
         model = build_model(spec, [1, 5], seed=0)
         if checkpointing:
             model.enable_gradient_checkpointing()
-            assert model.net.is_gradient_checkpointing
+            assert model.net.is_activation_checkpointing
         res = train(model, data, **train_args(epochs=1, batch_size=8, lr=0.1))
         out.append((model_to_arrays(model), res))
     (plain, res_plain), (ckpt, res_ckpt) = out
