@@ -225,7 +225,9 @@ def _train_result(
     )
 
 
-def _micro_batches(order: torch.Tensor, start: int, *, batch_size: int, accum: int, room: int) -> list:
+def _micro_batches(
+    order: torch.Tensor, start: int, *, batch_size: int, accum: int, room: int
+) -> list[torch.Tensor]:
     """Return the micro-batches of the optimizer step beginning at ``order[start]``.
 
     Up to ``accum`` slices of ``batch_size`` indices, stopping before the epoch ends and once

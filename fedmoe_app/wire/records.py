@@ -131,8 +131,12 @@ def apply_changes(
 
     ``decoded`` is :func:`from_record` of the reply, ``dtypes`` its :func:`wire_dtypes`, ``base``
     the server's float32 tensors that were sent (entries not bf16-encoded are returned as they are).
+    A sum may overflow to infinity; the caller checks (:func:`~.protocol.parse_train_reply` does).
     """
-    return {k: (base[k] + v).astype(np.float32) if dtypes[k] == BF16 else v for k, v in decoded.items()}
+    with np.errstate(over="ignore"):
+        return {
+            k: np.add(base[k], v, dtype=np.float32) if dtypes[k] == BF16 else v for k, v in decoded.items()
+        }
 
 
 def wire_nbytes(record: ArrayRecord) -> int:
