@@ -49,6 +49,9 @@ GATE_MODES = ("global", "local")
 GATE_AGGREGATIONS = ("auto", "rows", "all")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
+OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("constant", "cosine")
+WIRE_DTYPES = ("fp32", "bf16")
 DP_MODES = ("off", "central", "local")
 PEFT_MODES = ("none", "lora")
 
@@ -88,8 +91,31 @@ class RunConfig:
     min_evaluate_nodes: int = _opt(2, _range(0), "minimum nodes for client eval")
     local_epochs: int = _opt(1, _range(1), "local epochs per round")
     batch_size: int = _opt(32, _range(1), "local batch size")
-    lr: float = _opt(0.02, _range(0.0, lo_open=True), "SGD learning rate")
+    lr: float = _opt(0.02, _range(0.0, lo_open=True), "learning rate (the peak under a schedule)")
     momentum: float = _opt(0.9, _range(0.0, 1.0), "SGD momentum")
+    optimizer: str = _opt(
+        "sgd", _choice(*OPTIMIZERS), "client optimizer: SGD with momentum, or AdamW (fresh every round)"
+    )
+    weight_decay: float = _opt(0.0, _range(0.0), "weight decay (decoupled under adamw)")
+    adam_beta1: float = _opt(0.9, (lambda v: 0.0 <= v < 1.0, ">= 0 and < 1"), "adamw: beta1")
+    adam_beta2: float = _opt(0.999, (lambda v: 0.0 <= v < 1.0, ">= 0 and < 1"), "adamw: beta2")
+    lr_schedule: str = _opt(
+        "constant",
+        _choice(*LR_SCHEDULES),
+        "the server's lr per round: constant, or cosine decay to lr-min at the last round",
+    )
+    warmup_rounds: int = _opt(0, _range(0), "rounds of linear lr warm-up (round r of W: lr x r / W)")
+    lr_min: float = _opt(0.0, _range(0.0), "cosine: lr of the last round (<= lr)")
+    grad_accum_steps: int = _opt(1, _range(1), "micro-batches of batch-size accumulated per optimizer step")
+    max_grad_norm: float = _opt(0.0, _range(0.0), "clip the trainable parameters' gradient norm; 0: off")
+    grad_checkpointing: bool = _opt(
+        False, None, "hf: recompute activations in backward (transformers' gradient checkpointing)"
+    )
+    wire_dtype: str = _opt(
+        "fp32",
+        _choice(*WIRE_DTYPES),
+        "float tensors on the wire: fp32, or bf16 (half the bytes; the server keeps fp32)",
+    )
     aux_loss_weight: float = _opt(0.01, _range(0.0), "Switch load-balancing loss weight")
     route_loss_weight: float = _opt(
         0.0,
@@ -289,6 +315,10 @@ class RunConfig:
             lr=self.lr,
             local_epochs=self.local_epochs,
             seed=self.seed,
+            lr_schedule=self.lr_schedule,
+            warmup_rounds=self.warmup_rounds,
+            lr_min=self.lr_min,
+            wire_dtype=self.wire_dtype,
         )
 
     @property
@@ -302,6 +332,11 @@ class RunConfig:
             aux_weight=self.aux_loss_weight,
             route_weight=self.route_loss_weight,
             precision=self.precision,
+            optimizer=self.optimizer,
+            weight_decay=self.weight_decay,
+            betas=(self.adam_beta1, self.adam_beta2),
+            grad_accum_steps=self.grad_accum_steps,
+            max_grad_norm=self.max_grad_norm,
         )
 
     @property
@@ -480,8 +515,25 @@ class RunConfig:
                     f"run-config key '{key}' = {value} is invalid for model {self.model!r}; allowed: 0"
                 )
 
+    def _check_training(self) -> None:
+        if self.grad_checkpointing and self.model != "hf":
+            raise ConfigError(
+                f"run-config key 'grad-checkpointing' = true is invalid for model {self.model!r}; "
+                "allowed: false (gradient checkpointing is transformers', model 'hf' only)"
+            )
+        if self.lr_min > self.lr:
+            raise ConfigError(
+                f"run-config key 'lr-min' = {self.lr_min} is invalid; allowed: 0..lr ({self.lr})"
+            )
+        if self.warmup_rounds and self.warmup_rounds >= self.num_server_rounds:
+            raise ConfigError(
+                f"run-config key 'warmup-rounds' = {self.warmup_rounds} is invalid; allowed: 0 or "
+                f"fewer than num-server-rounds ({self.num_server_rounds})"
+            )
+
     def _check_relations(self) -> None:
         self._check_model()
+        self._check_training()
         if self.top_k > self.num_experts:
             raise ConfigError(
                 f"run-config key 'top-k' = {self.top_k} is invalid; allowed: "

@@ -27,6 +27,10 @@ class RoundSection:
     lr: float  # sent to clients with every train message
     local_epochs: int  # sent to clients with every train message
     seed: int
+    lr_schedule: str  # constant or cosine: the lr of each round (server.rounds.round_lr)
+    warmup_rounds: int
+    lr_min: float
+    wire_dtype: str  # fp32 or bf16: the float tensors of every message (wire.records)
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,11 @@ class TrainingSection:
     aux_weight: float
     route_weight: float
     precision: str
+    optimizer: str  # sgd or adamw
+    weight_decay: float
+    betas: tuple[float, float]  # adamw's (beta1, beta2)
+    grad_accum_steps: int
+    max_grad_norm: float  # 0: no clipping
 
 
 @dataclass(frozen=True)

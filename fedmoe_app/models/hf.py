@@ -159,6 +159,14 @@ class HFMoE(MoEModel):
             return super().expert_parameters()
         return expert_adapter_parameters(self.net)
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute every decoder layer's activations in backward instead of keeping them.
+
+        transformers' own activation (gradient) checkpointing, non-reentrant; run-config
+        ``grad-checkpointing``. The routers' feedback is recorded in the forward pass only.
+        """
+        self.net.activation_checkpointing_enable({"use_reentrant": False})
+
     def forward(self, x: Tensor, y: Tensor | None = None) -> MoEOutput:
         """Next-byte logits ``[B, T, V]`` of ``x [B, T]``, with feedback per MoE layer and summed."""
         b, t = x.shape
