@@ -77,7 +77,7 @@ class HFParamCounts:
 
 
 def _hf_config(config: dict[str, Any]) -> Any:
-    """The transformers config object of ``config`` (a dict with ``model_type``), without a KV cache."""
+    """Return the transformers config object of ``config`` (a dict with ``model_type``), no KV cache."""
     from transformers import AutoConfig
 
     rest = dict(config)
@@ -245,7 +245,7 @@ def _step_flops(config: dict[str, Any], context_length: int) -> tuple[float, flo
 
 
 def twin_activation_bytes(config: dict[str, Any], context_length: int) -> tuple[int, int]:
-    """``(fixed, routed)`` activation bytes per sequence, measured on twins and scaled to the layers.
+    """Measure ``(fixed, routed)`` activation bytes per sequence on twins, scaled to the layers.
 
     With ``s(m, k)`` the per-sequence peak slope of a twin of ``m`` MoE layers routing ``k``
     experts per token: ``routed = s(1, 2) - s(1, 1)`` per MoE layer and visited expert,
