@@ -16,7 +16,9 @@ so everything here runs on tensors without storage:
   (:class:`~fedmoe_app.models.memory_probe.LiveBytes`). The per-layer parts (the difference of
   the two twins) are scaled to the model's layers.
 
-The experts run transformers' grouped-matmul path; its kernel has no shape function for float32
+Everything is counted in float32, whatever the config's ``torch_dtype``: the memory model counts
+float32 weights, gradients, momentum and activations (the app trains in float32, bf16 only under
+autocast). The experts run transformers' grouped-matmul path; its kernel has no shape function for float32
 on the CPU, so on the twin each grouped matmul is replaced by one matmul of the same rows and
 widths (same output, same saved input, same FLOPs). The activation step takes the gradient of
 the loss with respect to the decoder's input only: the weights' gradients do not depend on the
@@ -91,7 +93,9 @@ def meta_model(config: dict[str, Any]) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(_hf_config(config), attn_implementation="sdpa")
+        return AutoModelForCausalLM.from_config(
+            _hf_config(config), attn_implementation="sdpa", dtype=torch.float32
+        )
 
 
 def _stacked(net: nn.Module) -> dict[str, Tensor]:
@@ -187,7 +191,9 @@ def _fake_twin(config: dict[str, Any]) -> Iterator[tuple[nn.Module, FakeTensorMo
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode, mock.patch.object(moe, "_grouped_mm", _same_shape_grouped_mm):
-        net = AutoModelForCausalLM.from_config(_hf_config(config), attn_implementation="sdpa")
+        net = AutoModelForCausalLM.from_config(
+            _hf_config(config), attn_implementation="sdpa", dtype=torch.float32
+        )
         net.set_experts_implementation("grouped_mm")
         net.train()
         yield net, mode

@@ -68,8 +68,8 @@ def default_wire_dtype(config: dict[str, Any]) -> str:
     return "bf16" if dtype.removeprefix("torch.") == "bfloat16" else "fp32"
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """Parse the command line; defaults are the run config's (``RunConfig``)."""
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser; defaults are the run config's (``RunConfig``)."""
     d = RunConfig.from_run_config({})
     p = argparse.ArgumentParser(prog="fedmoe-plan", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
@@ -87,7 +87,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--peft", choices=["none", "lora"], default="none")
     p.add_argument("--lora-rank", type=int, default=LORA_RANK)
     p.add_argument("--lora-target-modules", default=LORA_TARGETS, help="comma-separated module-name suffixes")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse the command line (:func:`build_parser`)."""
+    return build_parser().parse_args(argv)
 
 
 def check_numbers(args: argparse.Namespace, config: dict[str, Any], num_experts: int) -> None:
