@@ -31,7 +31,8 @@ import dataclasses
 import functools
 import importlib.metadata
 import json
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..capacity import ModelCosts
@@ -175,28 +176,40 @@ def twin_config(
     return out
 
 
-def _same_shape_grouped_mm(input: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
-    """Stand-in for ``grouped_mm`` on fake tensors: one matmul with the same rows, widths and FLOPs."""
-    del offs
-    return input.to(weight.dtype) @ weight[0]
+#: Twins run one at a time: the stand-in for grouped matmuls is installed for the whole process.
+_TWIN_LOCK = threading.Lock()
+
+
+def _shape_grouped_mm(real: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``grouped_mm`` that stands in for ``real`` on fake tensors (same rows, widths, FLOPs), else calls it.
+
+    A model running for real in another thread meanwhile keeps transformers' own kernel.
+    """
+
+    def grouped_mm(input: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
+        if isinstance(input, FakeTensor):
+            return input.to(weight.dtype) @ weight[0]
+        return real(input, weight, offs=offs)
+
+    return grouped_mm
 
 
 @contextmanager
-def _fake_twin(config: dict[str, Any]) -> Iterator[tuple[nn.Module, FakeTensorMode]]:
+def _fake_twin(config: dict[str, Any]) -> Iterator[nn.Module]:
     """Build ``config``'s model under a fake-tensor mode on the CPU device, grouped matmuls stood in."""
     from unittest import mock
 
     import transformers.integrations.moe as moe
     from transformers import AutoModelForCausalLM
 
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with mode, mock.patch.object(moe, "_grouped_mm", _same_shape_grouped_mm):
-        net = AutoModelForCausalLM.from_config(
-            _hf_config(config), attn_implementation="sdpa", dtype=torch.float32
-        )
-        net.set_experts_implementation("grouped_mm")
-        net.train()
-        yield net, mode
+    with _TWIN_LOCK, FakeTensorMode(allow_non_fake_inputs=True):
+        with mock.patch.object(moe, "_grouped_mm", _shape_grouped_mm(moe._grouped_mm)):
+            net = AutoModelForCausalLM.from_config(
+                _hf_config(config), attn_implementation="sdpa", dtype=torch.float32
+            )
+            net.set_experts_implementation("grouped_mm")
+            net.train()
+            yield net
 
 
 def _tokens(config: dict[str, Any], batch: int, context_length: int) -> Tensor:
@@ -206,7 +219,7 @@ def _tokens(config: dict[str, Any], batch: int, context_length: int) -> Tensor:
 def _step_peak_bytes(config: dict[str, Any], context_length: int) -> float:
     """Per-sequence slope of a training step's live-bytes peak on the fake twin ``config``."""
     peaks = []
-    with _fake_twin(config) as (net, _):
+    with _fake_twin(config) as net:
         for batch in PROBE_BATCHES:
             tokens = _tokens(config, batch, context_length)
             x, y = tokens[:, :-1], tokens[:, 1:]
@@ -232,7 +245,7 @@ def _step_flops(config: dict[str, Any], context_length: int) -> tuple[float, flo
     routes (``top_k`` per token), as the old measurement on the built model did; ``shared`` the
     rest of the step.
     """
-    with _fake_twin(config) as (net, _):
+    with _fake_twin(config) as net:
         tokens = _tokens(config, 1, context_length)
         with FlopCounterMode(display=False) as counter:
             logits = net(input_ids=tokens[:, :-1], use_cache=False).logits.float()
