@@ -44,7 +44,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..capacity import ModelCosts
-from ..hf_config import moe_layers
+from ..hf_config import HF_MOE_TYPES, moe_layers
 from .hf import moe_blocks
 from .hf_spec import HFSpec
 from .memory_probe import PROBE_BATCHES, LiveBytes, cached_activation_bytes, costs_from_probe
@@ -87,6 +87,26 @@ def _hf_config(config: dict[str, Any]) -> Any:
     hf_cfg = AutoConfig.for_model(rest.pop("model_type"), **rest)
     hf_cfg.use_cache = False
     return hf_cfg
+
+
+def fill_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """Return ``config`` with the sizes the planning reads filled in from transformers' defaults.
+
+    A config.json may leave out what its model type defaults (Mixtral's ``num_experts_per_tok``,
+    a vocabulary); the values transformers would build with are written in.
+    """
+    if config.get("model_type") not in HF_MOE_TYPES:
+        return dict(config)
+    hf_cfg = _hf_config(config)
+    keys = (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_experts_per_tok",
+        "max_position_embeddings",
+        HF_MOE_TYPES[config["model_type"]],
+    )
+    return {**{k: getattr(hf_cfg, k) for k in keys if hasattr(hf_cfg, k)}, **config}
 
 
 def meta_model(config: dict[str, Any]) -> nn.Module:

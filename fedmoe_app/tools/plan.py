@@ -55,6 +55,9 @@ def read_model_config(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
             f"{flag} {value!r} is invalid: model_type {model_type!r} is not a supported MoE causal LM; "
             f"allowed: {', '.join(HF_MOE_TYPES)}"
         )
+    from ..models.hf_costs import fill_defaults
+
+    config = fill_defaults(config)
     try:
         hf_shape(config, value)
     except ValueError as exc:

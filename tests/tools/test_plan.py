@@ -156,6 +156,16 @@ def test_lora_downloads_the_adapters_only(tmp_path):
     assert "base model is assumed on every device" in a["note"]
 
 
+def test_sizes_left_out_of_a_config_are_transformers_defaults(tmp_path):
+    config = {k: v for k, v in CONFIGS["Mixtral-8x7B-v0.1"].items() if k != "num_experts_per_tok"}
+    config["num_hidden_layers"] = 2
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    doc = plan(parse_args(["--hf-model", str(tmp_path), "--context-length", "16"]))
+    assert doc["top_k"] == 2  # MixtralConfig's default
+    assert doc["active_params"] == doc["shared_params"] + 2 * doc["params_per_expert"]
+
+
 def test_a_config_that_is_not_a_supported_moe_names_the_flag(tmp_path, capsys):
     dense = tmp_path / "config.json"
     dense.write_text(json.dumps({"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096}))
@@ -165,6 +175,8 @@ def test_a_config_that_is_not_a_supported_moe_names_the_flag(tmp_path, capsys):
     assert main(["--hf-config", str(write_config(tmp_path, "Mixtral-8x7B-v0.1", num_experts_per_tok=9))]) == 2
     assert "--hf-config" in capsys.readouterr().err
     path = str(write_config(tmp_path, "OLMoE-1B-7B-0924"))
+    assert main(["--hf-config", path, "--experts-per-client", "65"]) == 2
+    assert "--experts-per-client 65 is invalid; allowed: 1..64" in capsys.readouterr().err
     assert main(["--hf-config", path, "--context-length", "8192"]) == 2
     assert "--context-length 8192 is invalid; allowed: 1..4096" in capsys.readouterr().err
 
