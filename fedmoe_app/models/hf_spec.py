@@ -69,7 +69,7 @@ class HFSpec:
         return build_hf(self, expert_ids, seed)
 
     def costs(self) -> ModelCosts:
-        """Parameters, activations and FLOPs as capacity planning sees them (:func:`.hf.hf_costs`)."""
-        from .hf import hf_costs
+        """Parameters, activations and FLOPs as capacity planning sees them (:func:`.hf_costs.hf_costs`)."""
+        from .hf_costs import hf_costs
 
         return hf_costs(dataclasses.replace(self, lora=None))  # under LoRA: full training's (an upper bound)

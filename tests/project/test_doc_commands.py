@@ -12,7 +12,7 @@ import tomllib
 import pytest
 from conftest import ROOT, shell_blocks
 
-from fedmoe_app.tools import export, launch, layers, partition, routing
+from fedmoe_app.tools import export, launch, layers, partition, plan, routing
 from fedmoe_app.tools.bench import cli as bench_cli
 from fedmoe_app.tools.experiments import cli as experiments_cli
 
@@ -24,6 +24,7 @@ PARSERS = {
     "fedmoe-routing": routing.build_parser,
     "fedmoe-partition": partition.build_parser,
     "fedmoe-export": export.build_parser,
+    "fedmoe-plan": plan.build_parser,
 }
 # `python -m <module>` runs the same tool as the console script
 MODULES = {
@@ -34,6 +35,7 @@ MODULES = {
     "fedmoe_app.tools.routing": "fedmoe-routing",
     "fedmoe_app.tools.partition": "fedmoe-partition",
     "fedmoe_app.tools.export": "fedmoe-export",
+    "fedmoe_app.tools.plan": "fedmoe-plan",
 }
 PYTHON = re.compile(r"^(\S*/)?python3?$")
 
