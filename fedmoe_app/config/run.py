@@ -368,6 +368,7 @@ class RunConfig:
             local_epochs=self.local_epochs,
             batch_size=self.batch_size,
             min_trainers=self.dp_min_trainers if self.dp != "off" else 0,
+            wire_dtype=self.wire_dtype,
         )
 
     @property

@@ -80,6 +80,7 @@ class PlanningSection:
     local_epochs: int
     batch_size: int
     min_trainers: int  # every planned expert gets at least this many trainers (dp-min-trainers); 0: any
+    wire_dtype: str  # what the transfers carry: "fp32", or "bf16" (half the bytes)
 
 
 @dataclass(frozen=True)

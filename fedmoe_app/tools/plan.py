@@ -25,10 +25,6 @@ from ..capacity.plan import WIRE_BYTES, Adapters, plan_federation
 from ..config import RunConfig
 from ..hf_config import HF_MOE_TYPES, hf_shape, moe_layers
 
-#: LoRA defaults of the plan (the rank and the attention modules adapted).
-LORA_RANK = 8
-LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj"
-
 
 def read_model_config(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     """Return the config dict named by ``--hf-config`` or ``--hf-model`` and that flag.
@@ -88,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed, help="the run's seed (which client plays which class)")
     p.add_argument("--wire-dtype", choices=list(WIRE_BYTES), help="default: bf16 if the config's dtype is")
     p.add_argument("--peft", choices=["none", "lora"], default="none")
-    p.add_argument("--lora-rank", type=int, default=LORA_RANK)
-    p.add_argument("--lora-target-modules", default=LORA_TARGETS, help="comma-separated module-name suffixes")
+    p.add_argument("--lora-rank", type=int, default=d.lora_rank)
+    p.add_argument(
+        "--lora-target-modules", default=d.lora_target_modules, help="comma-separated module-name suffixes"
+    )
     return p
 
 
