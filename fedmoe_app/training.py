@@ -79,7 +79,9 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-def make_sgd(params: Iterable[torch.nn.Parameter], *, lr: float, momentum: float) -> torch.optim.SGD:
+def make_sgd(
+    params: Iterable[torch.nn.Parameter], *, lr: float, momentum: float, weight_decay: float = 0.0
+) -> torch.optim.SGD:
     """SGD with momentum, using torch's fused kernel where available (same update rule).
 
     The fused CPU/CUDA kernel does the momentum update in one pass over each tensor
@@ -88,9 +90,42 @@ def make_sgd(params: Iterable[torch.nn.Parameter], *, lr: float, momentum: float
     """
     params = list(params)
     try:
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, fused=True)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True)
     except (RuntimeError, TypeError, ValueError):
-        return torch.optim.SGD(params, lr=lr, momentum=momentum)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def make_optimizer(
+    params: Iterable[torch.nn.Parameter],
+    name: str,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+) -> torch.optim.Optimizer:
+    """Return a fresh optimizer over ``params``: ``sgd`` (:func:`make_sgd`) or ``adamw``.
+
+    ``adamw`` is :class:`torch.optim.AdamW` (decoupled ``weight_decay``, ``betas``), fused where
+    torch has the kernel. A client builds a new one every round, so AdamW's moments start from
+    zero each round (the usual choice in federated fine-tuning: the moments are local state the
+    server never sees). ``momentum`` is SGD's only; ``betas`` AdamW's only.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is neither ``sgd`` nor ``adamw``.
+
+    """
+    params = list(params)
+    if name == "sgd":
+        return make_sgd(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name != "adamw":
+        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {name!r}")
+    try:
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
 
 
 def cpu_share() -> int:
@@ -191,6 +226,25 @@ def _train_result(
     )
 
 
+def _micro_batches(
+    order: torch.Tensor, start: int, *, batch_size: int, accum: int, room: int
+) -> list[torch.Tensor]:
+    """Return the micro-batches of the optimizer step beginning at ``order[start]``.
+
+    Up to ``accum`` slices of ``batch_size`` indices, stopping before the epoch ends and once
+    ``room`` more samples (the sample budget left) have been taken: a micro-batch is taken while
+    the budget is not yet spent, so the last may overshoot it, as a whole batch did without
+    accumulation.
+    """
+    parts, taken = [], 0
+    for i in range(start, min(start + batch_size * accum, len(order)), batch_size):
+        if taken >= room:
+            break
+        parts.append(order[i : i + batch_size])
+        taken += len(parts[-1])
+    return parts
+
+
 def train(
     model: MoEModel,
     data: Split | TextSplit,
@@ -205,42 +259,65 @@ def train(
     seed: int,
     max_samples: int | None,
     precision: str,
+    optimizer: str,
+    weight_decay: float,
+    betas: tuple[float, float],
+    grad_accum_steps: int,
+    max_grad_norm: float,
 ) -> TrainResult:
-    """Train ``model`` in place with SGD on in-memory tensors; return loss and feedback.
+    """Train ``model`` in place on in-memory tensors; return loss and feedback.
 
-    Every knob is required (the run config holds their defaults). ``max_samples`` stops
+    Every knob is required (the run config holds their defaults: ``RunConfig.train_kwargs``).
+    ``max_samples`` stops
     training after that many samples (partial local work within a round deadline); ``None``
     trains ``epochs`` full epochs. ``precision`` is ``fp32`` or ``bf16`` (:func:`autocast`).
+
+    ``optimizer`` (``sgd`` or ``adamw``, :func:`make_optimizer`) is built fresh for this call.
+    One optimizer step takes ``grad_accum_steps`` micro-batches of ``batch_size``: each
+    micro-batch's loss is weighted by its share of the step's samples, so the gradient of the
+    task loss is that of one batch of ``grad_accum_steps × batch_size`` (the balance and routing
+    losses, which are not sums over samples, are averaged over the micro-batches the same way).
+    ``max_grad_norm > 0`` clips the trainable parameters' gradient norm before every step
+    (:func:`torch.nn.utils.clip_grad_norm_`).
     """
     device = torch.device(device)
     configure_threads()
     fmt = model.memory_format(device)
     model.to(device=device, memory_format=fmt).train()
     model.route_loss_on = route_weight > 0
-    opt = make_sgd((p for p in model.parameters() if p.requires_grad), lr=lr, momentum=momentum)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay, betas=betas)
     gen = torch.Generator().manual_seed(seed)
     x_all, y_all = _inputs_targets(data, device)
     sums = _RunningSums.zeros(model.layer_held.shape[0], model.spec.num_experts, device)
     seen = targets = 0
     start = time.perf_counter()
     limit = epochs * len(y_all) if max_samples is None else min(max_samples, epochs * len(y_all))
+    step_size = batch_size * grad_accum_steps
     for _ in range(epochs):
         order = torch.randperm(len(y_all), generator=gen).to(device)
-        for i in range(0, len(order), batch_size):
-            if seen >= limit:
+        for i in range(0, len(order), step_size):
+            parts = _micro_batches(order, i, batch_size=batch_size, accum=grad_accum_steps, room=limit - seen)
+            if not parts:
                 break
-            idx = order[i : i + batch_size]
-            x = x_all.index_select(0, idx).contiguous(memory_format=fmt)
-            y = y_all.index_select(0, idx)
-            with autocast(device, precision):
-                out = model(x, y)
-                loss = model.task_loss(out.logits, y)
+            in_step = sum(len(idx) for idx in parts)
             opt.zero_grad(set_to_none=True)
-            (loss + aux_weight * out.aux_loss + route_weight * out.route_loss).backward()
+            for idx in parts:
+                x = x_all.index_select(0, idx).contiguous(memory_format=fmt)
+                y = y_all.index_select(0, idx)
+                with autocast(device, precision):
+                    out = model(x, y)
+                    loss = model.task_loss(out.logits, y)
+                total = loss + aux_weight * out.aux_loss + route_weight * out.route_loss
+                if len(parts) > 1:
+                    total = total * (len(idx) / in_step)
+                total.backward()
+                sums.add(model, out, loss, y)
+                seen += len(y)
+                targets += y.numel()
+            if max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             opt.step()
-            sums.add(model, out, loss, y)
-            seen += len(y)
-            targets += y.numel()
     mean_total = float(sums.total_loss) / max(seen, 1)  # the one sync of the loop
     elapsed = time.perf_counter() - start
     if fmt != torch.contiguous_format:

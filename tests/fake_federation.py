@@ -2,7 +2,8 @@
 
 Each node ``n`` is client ``c<n>``; it answers a query with its client id, a training message
 with the arrays it was sent plus ``scale`` times a seeded random direction (and honest
-feedback), and an evaluation message with a fixed accuracy. Nodes in ``silent`` never answer;
+feedback; in the wire dtype it was sent, a bf16 one as bf16 changes), and an evaluation message
+with a fixed accuracy. Nodes in ``silent`` never answer;
 ``asked`` counts the messages each node was sent, by message type.
 """
 
@@ -13,7 +14,7 @@ from flwr.app import Message, Metadata, MetricRecord, RecordDict
 
 from fedmoe_app.wire.holdings import held_from_config
 from fedmoe_app.wire.protocol import ARRAYS, CLIENT, CONFIG, METRICS, client_record, train_reply_content
-from fedmoe_app.wire.records import from_record, to_record
+from fedmoe_app.wire.records import from_record, record_wire_dtype, reply_record
 
 EXAMPLES = 100
 
@@ -69,4 +70,5 @@ class FakeGrid:
         hist = np.full(held.shape, EXAMPLES * self.top_k / self.num_experts / layers)
         feedback = {"layer-tokens": tokens, "layer-loss-sum": tokens.copy(), "layer-gate-hist": hist}
         metrics = {"num-examples": EXAMPLES, "train-loss": 1.0, "train-accuracy": 0.5}
-        return train_reply_content(to_record(out), metrics, feedback, f"c{node}")
+        record = reply_record(out, arrays, record_wire_dtype(m.content[ARRAYS]))  # the sent wire dtype
+        return train_reply_content(record, metrics, feedback, f"c{node}")

@@ -18,7 +18,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
 from ..wire.protocol import ARRAYS, CONFIG, FEEDBACK, METRICS
-from ..wire.records import from_record, to_record
+from ..wire.records import from_record, record_wire_dtype, to_record
 from .context import identity, run_config
 
 Handler = Callable[[Message, Context], RecordDict]
@@ -101,7 +101,8 @@ def corrupt(content: RecordDict, kind: str) -> RecordDict:
     else:
         raise ValueError(f"unknown corruption {kind!r}; allowed: {', '.join(CORRUPTIONS)}")
     out = RecordDict({k: v for k, v in content.items() if k not in (ARRAYS, METRICS, FEEDBACK)})
-    out[ARRAYS] = to_record(arrays) if arrays else ArrayRecord()
+    wire = record_wire_dtype(content[ARRAYS])  # garbage in the reply's own wire dtype
+    out[ARRAYS] = to_record(arrays, wire) if arrays else ArrayRecord()
     out[METRICS] = MetricRecord(metrics)
     out[FEEDBACK] = MetricRecord(feedback)
     return out

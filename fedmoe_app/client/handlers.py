@@ -39,7 +39,7 @@ from ..wire.protocol import (
     client_record,
     train_reply_content,
 )
-from ..wire.records import from_record, to_record
+from ..wire.records import from_record, reply_record, to_record
 from .context import identity, run_config
 from .placement import ray_node_id
 
@@ -121,23 +121,29 @@ def handle_query(msg: Message, context: Context) -> RecordDict:
 def _sub_model(msg: Message, cfg: RunConfig, info: Any):
     held = held_from_config(msg.content[CONFIG], cfg.num_experts)
     model = build_model(model_spec(cfg, info), held)
-    load_arrays(model, from_record(msg.content[ARRAYS]))
+    load_arrays(model, from_record(msg.content[ARRAYS]))  # bf16 on the wire: decoded to float32
     return model
 
 
 def handle_train(msg: Message, context: Context) -> RecordDict:
-    """Train the received sub-model (shared + assigned experts) on local data."""
+    """Train the received sub-model (shared + assigned experts) on local data.
+
+    The reply's arrays travel in run-config ``wire-dtype`` (bf16: their changes from what was
+    received, :func:`~fedmoe_app.wire.records.reply_record`).
+    """
     cfg = run_config(context)
     cid = identity(context)
     conf = msg.content[CONFIG]
     train_split, _, info = local_data(cfg, context)
     model = _sub_model(msg, cfg, info)
+    if cfg.grad_checkpointing:  # hf only (checked at start-up)
+        model.enable_gradient_checkpointing()
     if cfg.gate_mode == "local" and LOCAL_GATE in context.state:
         gate = from_record(context.state[LOCAL_GATE])
         load_arrays(model, {**model_to_arrays(model), **gate})
     frozen = bool(conf["frozen-experts"])
     model.set_experts_trainable(not frozen)
-    # the server's message decides the round's local work and learning rate
+    # the server's message decides the round's local work and learning rate (its schedule's value)
     knobs = dataclasses.replace(cfg.training, epochs=int(conf["local-epochs"]), lr=float(conf["lr"]))
     result = train(
         model,
@@ -163,15 +169,17 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
     if frozen:  # read-only experts are not sent back
         arrays = {k: v for k, v in arrays.items() if parse_expert_key(k) is None}
     dp = cfg.privacy
+    received = from_record(msg.content[ARRAYS])
     if dp.mode == "local":  # clip and noise the update before it leaves (privacy.py)
         arrays = privatize(
-            from_record(msg.content[ARRAYS]),
+            received,
             arrays,
             clip_norm=dp.clip_norm,
             noise_multiplier=dp.noise_multiplier,
             rng=np.random.default_rng(),
         )
-    content = train_reply_content(to_record(arrays), metrics, feedback, cid)
+    record = reply_record(arrays, received, cfg.wire_dtype)
+    content = train_reply_content(record, metrics, feedback, cid)
     node = ray_node_id()
     if node is not None:  # simulation: the Ray node this client ran on (placement.py)
         content[CLIENT][RAY_NODE] = node

@@ -49,7 +49,11 @@ GATE_MODES = ("global", "local")
 GATE_AGGREGATIONS = ("auto", "rows", "all")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
+OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("constant", "cosine")
+WIRE_DTYPES = ("fp32", "bf16")
 DP_MODES = ("off", "central", "local")
+PEFT_MODES = ("none", "lora")
 
 
 class ConfigError(ValueError):
@@ -87,8 +91,31 @@ class RunConfig:
     min_evaluate_nodes: int = _opt(2, _range(0), "minimum nodes for client eval")
     local_epochs: int = _opt(1, _range(1), "local epochs per round")
     batch_size: int = _opt(32, _range(1), "local batch size")
-    lr: float = _opt(0.02, _range(0.0, lo_open=True), "SGD learning rate")
+    lr: float = _opt(0.02, _range(0.0, lo_open=True), "learning rate (the peak under a schedule)")
     momentum: float = _opt(0.9, _range(0.0, 1.0), "SGD momentum")
+    optimizer: str = _opt(
+        "sgd", _choice(*OPTIMIZERS), "client optimizer: SGD with momentum, or AdamW (fresh every round)"
+    )
+    weight_decay: float = _opt(0.0, _range(0.0), "weight decay (decoupled under adamw)")
+    adam_beta1: float = _opt(0.9, (lambda v: 0.0 <= v < 1.0, ">= 0 and < 1"), "adamw: beta1")
+    adam_beta2: float = _opt(0.999, (lambda v: 0.0 <= v < 1.0, ">= 0 and < 1"), "adamw: beta2")
+    lr_schedule: str = _opt(
+        "constant",
+        _choice(*LR_SCHEDULES),
+        "the server's lr per round: constant, or cosine decay to lr-min at the last round",
+    )
+    warmup_rounds: int = _opt(0, _range(0), "rounds of linear lr warm-up (round r of W: lr x r / W)")
+    lr_min: float = _opt(0.0, _range(0.0), "cosine: lr of the last round (<= lr)")
+    grad_accum_steps: int = _opt(1, _range(1), "micro-batches of batch-size accumulated per optimizer step")
+    max_grad_norm: float = _opt(0.0, _range(0.0), "clip the trainable parameters' gradient norm; 0: off")
+    grad_checkpointing: bool = _opt(
+        False, None, "hf: recompute activations in backward (transformers' gradient checkpointing)"
+    )
+    wire_dtype: str = _opt(
+        "fp32",
+        _choice(*WIRE_DTYPES),
+        "float tensors on the wire: fp32, or bf16 (half the bytes; the server keeps fp32)",
+    )
     aux_loss_weight: float = _opt(0.01, _range(0.0), "Switch load-balancing loss weight")
     route_loss_weight: float = _opt(
         0.0,
@@ -153,6 +180,19 @@ class RunConfig:
         "and tokenizer (then hf-config, hf-weights unset); empty: hf-config over bytes",
     )
     gate_mode: str = _opt("global", _choice(*GATE_MODES), "aggregated gate, or each client keeps its own")
+    peft: str = _opt(
+        "none", _choice(*PEFT_MODES), "hf: train and send every weight (none), or LoRA adapters only (lora)"
+    )
+    lora_rank: int = _opt(8, _range(1), "peft=lora: rank r of every adapter")
+    lora_alpha: float = _opt(16.0, _range(0.0, lo_open=True), "peft=lora: scaling alpha (update x alpha / r)")
+    lora_dropout: float = _opt(
+        0.0, (lambda v: 0.0 <= v < 1.0, ">= 0 and < 1"), "peft=lora: dropout on the attention adapters' input"
+    )
+    lora_target_modules: str = _opt(
+        "q_proj,k_proj,v_proj,o_proj",
+        None,
+        "peft=lora: comma-separated module-name suffixes given adapters (the experts always are)",
+    )
     # Alignment
     policy: str = _opt("load_balanced", _choice(*POLICIES), "client-expert assignment policy")
     experts_per_client: int = _opt(4, _range(1), "experts per client (fixed) / at most (profiled)")
@@ -281,6 +321,10 @@ class RunConfig:
             lr=self.lr,
             local_epochs=self.local_epochs,
             seed=self.seed,
+            lr_schedule=self.lr_schedule,
+            warmup_rounds=self.warmup_rounds,
+            lr_min=self.lr_min,
+            wire_dtype=self.wire_dtype,
         )
 
     @property
@@ -294,6 +338,11 @@ class RunConfig:
             aux_weight=self.aux_loss_weight,
             route_weight=self.route_loss_weight,
             precision=self.precision,
+            optimizer=self.optimizer,
+            weight_decay=self.weight_decay,
+            betas=(self.adam_beta1, self.adam_beta2),
+            grad_accum_steps=self.grad_accum_steps,
+            max_grad_norm=self.max_grad_norm,
         )
 
     @property
@@ -325,6 +374,7 @@ class RunConfig:
             local_epochs=self.local_epochs,
             batch_size=self.batch_size,
             min_trainers=self.dp_min_trainers if self.dp != "off" else 0,
+            wire_dtype=self.wire_dtype,
         )
 
     @property
@@ -380,6 +430,19 @@ class RunConfig:
         """Where the run writes (:class:`~.sections.OutputSection`)."""
         return sections.OutputSection(run_name=self.run_name, output_dir=self.output_dir, resume=self.resume)
 
+    @property
+    def lora(self) -> sections.LoraSection | None:
+        """LoRA fine-tuning (:class:`~.sections.LoraSection`), ``None`` unless ``peft = "lora"``."""
+        if self.peft != "lora":
+            return None
+        return sections.LoraSection(
+            rank=self.lora_rank,
+            alpha=self.lora_alpha,
+            dropout=self.lora_dropout,
+            target_modules=lora_targets(self.lora_target_modules),
+            base_seed=self.seed,
+        )
+
     def alignment_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`~fedmoe_app.alignment.AlignmentState` (all but ``E``)."""
         return dataclasses.asdict(self.alignment)
@@ -433,6 +496,16 @@ class RunConfig:
                 f"run-config key 'hf-model' = {self.hf_model!r} is invalid for model {self.model!r}; "
                 "allowed: '' (a model folder is read by model 'hf' only)"
             )
+        if self.peft != "none" and self.model != "hf":
+            raise ConfigError(
+                f"run-config key 'peft' = {self.peft!r} is invalid for model {self.model!r}; "
+                "allowed: 'none' (LoRA is for model 'hf')"
+            )
+        if self.peft == "lora":
+            try:
+                lora_targets(self.lora_target_modules)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         if self.model not in TEXT_MODELS:
             return
         if self.model == "hf":
@@ -468,8 +541,25 @@ class RunConfig:
                     f"run-config key '{key}' = {value} is invalid for model {self.model!r}; allowed: 0"
                 )
 
+    def _check_training(self) -> None:
+        if self.grad_checkpointing and self.model != "hf":
+            raise ConfigError(
+                f"run-config key 'grad-checkpointing' = true is invalid for model {self.model!r}; "
+                "allowed: false (gradient checkpointing is transformers', model 'hf' only)"
+            )
+        if self.lr_min > self.lr:
+            raise ConfigError(
+                f"run-config key 'lr-min' = {self.lr_min} is invalid; allowed: 0..lr ({self.lr})"
+            )
+        if self.warmup_rounds and self.warmup_rounds >= self.num_server_rounds:
+            raise ConfigError(
+                f"run-config key 'warmup-rounds' = {self.warmup_rounds} is invalid; allowed: 0 or "
+                f"fewer than num-server-rounds ({self.num_server_rounds})"
+            )
+
     def _check_relations(self) -> None:
         self._check_model()
+        self._check_training()
         if self.top_k > self.num_experts:
             raise ConfigError(
                 f"run-config key 'top-k' = {self.top_k} is invalid; allowed: "
@@ -525,6 +615,25 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """Run-config keys → values (as written to ``config.json``)."""
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def lora_targets(value: str) -> tuple[str, ...]:
+    """Module-name suffixes of ``lora-target-modules`` (comma-separated; empty: the experts only).
+
+    Raises
+    ------
+    ValueError
+        Naming the key, if a name is empty or holds characters other than letters, digits, ``_``, ``.``.
+
+    """
+    names = tuple(n.strip() for n in value.split(",")) if value.strip() else ()
+    bad = [n for n in names if not n or not all(c.isalnum() or c in "_." for c in n)]
+    if bad:
+        raise ValueError(
+            f"run-config key 'lora-target-modules' = {value!r} is invalid; allowed: comma-separated "
+            "module-name suffixes (letters, digits, '_', '.'), e.g. 'q_proj,v_proj'"
+        )
+    return names
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:

@@ -27,6 +27,10 @@ class RoundSection:
     lr: float  # sent to clients with every train message
     local_epochs: int  # sent to clients with every train message
     seed: int
+    lr_schedule: str  # constant or cosine: the lr of each round (server.rounds.round_lr)
+    warmup_rounds: int
+    lr_min: float
+    wire_dtype: str  # fp32 or bf16: the float tensors of every message (wire.records)
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,11 @@ class TrainingSection:
     aux_weight: float
     route_weight: float
     precision: str
+    optimizer: str  # sgd or adamw
+    weight_decay: float
+    betas: tuple[float, float]  # adamw's (beta1, beta2)
+    grad_accum_steps: int
+    max_grad_norm: float  # 0: no clipping
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,7 @@ class PlanningSection:
     local_epochs: int
     batch_size: int
     min_trainers: int  # every planned expert gets at least this many trainers (dp-min-trainers); 0: any
+    wire_dtype: str  # what the transfers carry: "fp32", or "bf16" (half the bytes)
 
 
 @dataclass(frozen=True)
@@ -128,3 +138,18 @@ class OutputSection:
     run_name: str
     output_dir: str
     resume: bool
+
+
+@dataclass(frozen=True)
+class LoraSection:
+    """Parameter-efficient fine-tuning with peft LoRA (``peft = "lora"``, model ``hf`` only).
+
+    Only the adapters train and travel; the base weights (the router included) stay frozen and
+    are built alike on every node: from ``hf-weights``, or for a preset from ``base_seed``.
+    """
+
+    rank: int
+    alpha: float
+    dropout: float  # on the attention adapters' inputs (peft has none for the experts' tensors)
+    target_modules: tuple[str, ...]  # module-name suffixes; the experts are always adapted
+    base_seed: int  # the run's seed: the base weights of a preset, the same on every node

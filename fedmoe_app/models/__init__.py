@@ -13,11 +13,13 @@
   local safetensors weights, a client's experts only;
 * :mod:`.experts`     -- stacked MLP experts and their grouped-matmul / gather dispatch;
 * :mod:`.costs`       -- the CNN's parameters, activations and FLOPs for capacity;
-* :mod:`.arrays`      -- :func:`model_to_arrays` / :func:`load_arrays` under global tensor names.
+* :mod:`.arrays`      -- :func:`model_to_arrays` / :func:`load_arrays` under global tensor names;
+* :mod:`.export`      -- the global model as a standard folder, and :func:`load_exported`.
 """
 
 from .arrays import expected_keys, load_arrays, model_to_arrays
 from .cnn import REFERENCE_SPEC, ModelSpec, MoEClassifier, count_parameters
+from .export import load_exported
 from .hf_spec import HFSpec
 from .interface import MoEModel, MoEOutput
 from .registry import AnySpec, build_model, model_costs, model_spec
@@ -37,6 +39,7 @@ __all__ = [
     "count_parameters",
     "expected_keys",
     "load_arrays",
+    "load_exported",
     "model_costs",
     "model_spec",
     "model_to_arrays",

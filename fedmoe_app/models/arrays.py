@@ -1,10 +1,12 @@
-"""Torch model <-> named arrays: a model's weights under their global names, and back.
+"""Torch model <-> named arrays: a model's federated tensors under their global names, and back.
 
 A model stores its experts stacked by slot (:class:`~fedmoe_app.models.interface.MoEModel`);
 :func:`model_to_arrays` names every tensor globally (:mod:`fedmoe_app.tensors`: slot ``s`` of
 a stacked tensor becomes ``experts.<expert_ids[s]>.<suffix>``) and :func:`load_arrays` loads
 such a dict back, so a message holds the shared part plus exactly the experts it names. The
 same two functions serve every model: the CNN MoE's one MoE layer and a transformer's many.
+What travels is the model's :meth:`~fedmoe_app.models.interface.MoEModel.federated_state`:
+every weight, or a chosen set (an ``hf`` model under LoRA: its adapters only).
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ def _slots(model: MoEModel) -> list[tuple[str, str, list[int]]]:
 
 
 def model_to_arrays(model: MoEModel) -> Arrays:
-    """Flatten a model's weights into global names (shared + the experts it holds per layer)."""
+    """Flatten a model's federated tensors into global names (shared + the experts it holds per layer)."""
     stacked = _slots(model)
     names = {n for n, _, _ in stacked}
-    state = model.state_dict()
+    state = model.federated_state()
     out: Arrays = {}
     for name, tensor in state.items():
         if name not in names:
@@ -58,7 +60,7 @@ def load_arrays(model: MoEModel, arrays: Mapping[str, np.ndarray]) -> None:
         raise KeyError(f"arrays do not match the model: missing={sorted(missing)}, extra={sorted(extra)}")
     stacked = {n: (s, ids) for n, s, ids in _slots(model)}
     new_state = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in model.federated_state().items():
         if name in stacked:
             suffix, ids = stacked[name]
             value = np.stack([arrays[expert_key(e, suffix)] for e in ids])
@@ -67,12 +69,12 @@ def load_arrays(model: MoEModel, arrays: Mapping[str, np.ndarray]) -> None:
         if tuple(value.shape) != tuple(tensor.shape):
             raise ValueError(f"{name}: expected shape {tuple(tensor.shape)}, got {tuple(value.shape)}")
         new_state[name] = torch.as_tensor(np.asarray(value, dtype=np.float32))
-    model.load_state_dict(new_state)
+    model.load_federated_state(new_state)
 
 
 def expected_keys(model: MoEModel) -> list[str]:
     """Global names of every tensor ``model`` holds."""
     stacked = _slots(model)
     names = {n for n, _, _ in stacked}
-    shared = [n for n in model.state_dict() if n not in names]
+    shared = [n for n in model.federated_state() if n not in names]
     return shared + [expert_key(e, s) for _, s, ids in stacked for e in ids]

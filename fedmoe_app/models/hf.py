@@ -13,36 +13,26 @@ transformers 5):
   the interface needs;
 * the router is replaced by :class:`MaskedRouter`, which keeps its weight (one row per global
   expert, same state name) and masks the logits of absent experts before the top-k choice,
-  then hands the experts module slot indices; it records the feedback of the pass.
+  then hands the experts module slot indices; it records the feedback of the pass;
+* under ``peft = "lora"`` (:mod:`.hf_lora`) the base is frozen and only adapters train and
+  travel (:meth:`HFMoE.federated_state`).
 
-:func:`hf_costs` measures what capacity planning needs on the built model: parameters from the
-actual tensors, training FLOPs per sequence with :class:`torch.utils.flop_counter.FlopCounterMode`
-(split into the experts' modules and the rest) and the peak memory of a training step
-(:mod:`.memory_probe`; holding one expert vs two gives the routed part).
+What capacity planning needs of the model is counted from its config, without building it
+(:mod:`.hf_costs`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
-import importlib.metadata
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from ..capacity import ModelCosts
+from .hf_lora import apply_lora, expert_adapter_parameters, load_lora_state, lora_state, seeded_init
 from .hf_spec import HFSpec
 from .hf_weights import load_weights
 from .interface import HeldExperts, MoEModel, MoEOutput
-from .memory_probe import (
-    activation_bytes_per_sample,
-    byte_windows,
-    cached_activation_bytes,
-    costs_from_probe,
-)
 
 
 class MaskedRouter(nn.Module):
@@ -123,13 +113,46 @@ class HFMoE(MoEModel):
             experts.num_experts = len(ids)
         if on_meta:
             self.net.to_empty(device="cpu")
+        if spec.lora is not None:  # base weights never travel: the same on every node for the seed
+            seeded_init(self.net, spec.lora.base_seed, {b.experts: ids for b, ids in zip(blocks, per_layer)})
+        elif on_meta:
             self.net.initialize_weights()  # the model's own init, its rotary buffers included
+        if on_meta or spec.lora is not None:
             self.net.tie_weights()
         if spec.weights:
             load_weights(self.net, spec.weights, rows, spec.num_experts, spec.weights_key)
         for block in blocks:
             block.gate = MaskedRouter(block.gate.weight, bool(getattr(block.gate, "norm_topk_prob", True)))
         self.routers = [b.gate for b in blocks]
+        if spec.lora is not None:
+            apply_lora(self.net, spec.lora)  # adapters only train: base and routers frozen
+
+    def federated_state(self) -> dict[str, Tensor]:
+        """Every weight, or under ``peft = "lora"`` the adapters only (:func:`.hf_lora.lora_state`)."""
+        if self.spec.lora is None:
+            return super().federated_state()
+        return lora_state(self.net, prefix="net.")
+
+    def load_federated_state(self, state: dict[str, Tensor]) -> None:
+        """Load :meth:`federated_state`-named tensors (under LoRA: into the adapters)."""
+        if self.spec.lora is None:
+            super().load_federated_state(state)
+        else:
+            load_lora_state(self.net, state, prefix="net.")
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """Return the experts' weights, or under LoRA their adapters (the base stays frozen)."""
+        if self.spec.lora is None:
+            return super().expert_parameters()
+        return expert_adapter_parameters(self.net)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute every decoder layer's activations in backward instead of keeping them.
+
+        transformers' own activation (gradient) checkpointing, non-reentrant; run-config
+        ``grad-checkpointing``. The routers' feedback is recorded in the forward pass only.
+        """
+        self.net.activation_checkpointing_enable({"use_reentrant": False})
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> MoEOutput:
         """Next-byte logits ``[B, T, V]`` of ``x [B, T]``, with feedback per MoE layer and summed."""
@@ -154,49 +177,3 @@ def build_hf(spec: HFSpec, expert_ids: HeldExperts | None = None, seed: int = 0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return HFMoE(spec, expert_ids)
-
-
-@functools.lru_cache(maxsize=8)
-def hf_costs(spec: HFSpec) -> ModelCosts:
-    """Measure parameters, FLOPs and saved activations of ``spec`` per sequence of context-length.
-
-    * parameters: of one expert (global expert 0's rows of every stacked tensor) and of the rest,
-      counted on the built model;
-    * FLOPs: one forward + backward of a random sequence under ``FlopCounterMode`` (experts in
-      transformers' eager implementation, whose matmuls it counts); ``flops_experts`` is every
-      experts module alone on the same number of (token, expert) rows (``top_k`` per token), and
-      ``flops_shared`` the rest;
-    * activations: the per-sequence slope of a training step's peak memory holding one and two
-      experts (:func:`~fedmoe_app.models.memory_probe.activation_bytes_per_sample`); the
-      difference is the routed part per visited expert.
-    """
-    full = build_hf(spec, seed=0)
-    stacked = full.expert_tensor_names()
-    state = full.state_dict()
-    expert = sum(state[n][0].numel() for n in stacked)
-    shared = sum(t.numel() for n, t in state.items() if n not in stacked)
-    full.net.set_experts_implementation("eager")  # FlopCounterMode counts mm, not grouped_mm
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (1, spec.context_length), generator=gen)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        out = full(x, x)
-        (full.task_loss(out.logits, x) + out.aux_loss).backward()
-    total = float(counter.get_total_flops())
-    experts_flops = 0.0
-    for block in moe_blocks(full.net):  # the experts alone on the same rows: T tokens x top-k
-        rows = torch.randn(spec.context_length, block.gate.weight.shape[1], generator=gen, requires_grad=True)
-        slots = torch.randint(0, spec.num_experts, (spec.context_length, spec.top_k), generator=gen)
-        weights = torch.full((spec.context_length, spec.top_k), 1.0 / spec.top_k, requires_grad=True)
-        with FlopCounterMode(display=False) as probe:
-            block.experts(rows, slots, weights).sum().backward()
-        experts_flops += float(probe.get_total_flops())
-    version = importlib.metadata.version("transformers")
-    fixed, routed = cached_activation_bytes(
-        f"hf {dataclasses.replace(spec, weights='')!r} transformers={version}",
-        lambda: activation_bytes_per_sample(
-            lambda ids: build_hf(spec, ids, seed=0), byte_windows(spec.context_length), spec.num_experts
-        ),
-    )
-    flops = (total - experts_flops, experts_flops)
-    return costs_from_probe(spec, "transformer", params=(shared, expert), probed=(fixed, routed), flops=flops)

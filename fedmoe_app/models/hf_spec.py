@@ -8,12 +8,13 @@ importing ``transformers`` only then (an optional extra: ``pip install -e ".[hf]
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
 
 from ..capacity import ModelCosts
-from ..config import RunConfig
+from ..config import LoraSection, RunConfig
 from ..hf_config import hf_shape, moe_layers, read_config_file, resolve_hf_config
 
 
@@ -28,6 +29,7 @@ class HFSpec:
     context_length: int
     num_moe_layers: int
     vocab_size: int
+    lora: LoraSection | None = None  # peft = "lora": adapters only (models/hf_lora.py)
     weights_key: str = "hf-weights"  # the run-config key that named ``weights`` (for errors)
 
     @classmethod
@@ -42,22 +44,31 @@ class HFSpec:
 
         """
         if cfg.hf_model:
-            return cls.from_folder(cfg.hf_model, cfg.context_length, int(info.vocab_size))
-        config = resolve_hf_config(cfg.hf_config, **cfg.hf_sizes())
-        config["vocab_size"] = max(int(info.vocab_size), int(config.get("vocab_size", 0)))
-        experts, top_k = hf_shape(config, cfg.hf_config)
-        return cls(
-            config_json=json.dumps(config, sort_keys=True),
-            weights=cfg.hf_weights,
-            num_experts=experts,
-            top_k=top_k,
-            context_length=cfg.context_length,
-            num_moe_layers=moe_layers(config),
-            vocab_size=int(config["vocab_size"]),
-        )
+            spec = cls.from_folder(cfg.hf_model, cfg.context_length, int(info.vocab_size), cfg.lora)
+        else:
+            config = resolve_hf_config(cfg.hf_config, **cfg.hf_sizes())
+            config["vocab_size"] = max(int(info.vocab_size), int(config.get("vocab_size", 0)))
+            experts, top_k = hf_shape(config, cfg.hf_config)
+            spec = cls(
+                config_json=json.dumps(config, sort_keys=True),
+                weights=cfg.hf_weights,
+                num_experts=experts,
+                top_k=top_k,
+                context_length=cfg.context_length,
+                num_moe_layers=moe_layers(config),
+                vocab_size=int(config["vocab_size"]),
+                lora=cfg.lora,
+            )
+        if spec.lora is not None:  # targets that match no module stop the run before any round
+            from .hf_lora import check_targets
+
+            check_targets(spec)
+        return spec
 
     @classmethod
-    def from_folder(cls, folder: str, context_length: int, tokens: int) -> HFSpec:
+    def from_folder(
+        cls, folder: str, context_length: int, tokens: int, lora: LoraSection | None = None
+    ) -> HFSpec:
         """Return the spec of a model folder (``hf-model``): its config.json as it is, its weights.
 
         ``tokens`` is the size of the folder's tokenizer; it must fit the model's ``vocab_size``.
@@ -78,6 +89,7 @@ class HFSpec:
             context_length=context_length,
             num_moe_layers=moe_layers(config),
             vocab_size=vocab,
+            lora=lora,
             weights_key="hf-model",
         )
 
@@ -98,7 +110,7 @@ class HFSpec:
         return build_hf(self, expert_ids, seed)
 
     def costs(self) -> ModelCosts:
-        """Parameters, activations and FLOPs as capacity planning sees them (:func:`.hf.hf_costs`)."""
-        from .hf import hf_costs
+        """Parameters, activations and FLOPs as capacity planning sees them (:func:`.hf_costs.hf_costs`)."""
+        from .hf_costs import hf_costs
 
-        return hf_costs(self)
+        return hf_costs(dataclasses.replace(self, lora=None))  # under LoRA: full training's (an upper bound)

@@ -206,9 +206,21 @@ class MoEModel(nn.Module):
         row = {p: i for i, p in enumerate(prefixes)}
         return {n: row[layer_prefix(s)] for n, s in names.items()}
 
+    def federated_state(self) -> dict[str, Tensor]:
+        """Return the tensors that travel, by name: every weight (``state_dict()``) unless overridden.
+
+        A model may federate a chosen set instead (LoRA adapters, :mod:`.hf_lora`); experts'
+        tensors among them are stacked by slot with an ``experts`` component in their name.
+        """
+        return self.state_dict()
+
+    def load_federated_state(self, state: dict[str, Tensor]) -> None:
+        """Load every tensor of :meth:`federated_state` from ``state`` (same names and shapes)."""
+        self.load_state_dict(state)
+
     def expert_tensor_names(self) -> dict[str, str]:
-        """State-dict name → global suffix of every tensor stacked by expert slot."""
-        return {n: expert_suffix(n) for n in self.state_dict() if "experts" in n.split(".")}
+        """Federated name → global suffix of every tensor stacked by expert slot."""
+        return {n: expert_suffix(n) for n in self.federated_state() if "experts" in n.split(".")}
 
     def expert_parameters(self) -> list[nn.Parameter]:
         """Parameters stacked by expert slot (what a read-only holder does not train)."""

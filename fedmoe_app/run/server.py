@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from ..tensors import Arrays
 from ..wire.records import from_record
 from .checkpoint import checkpoint_path, save_checkpoint
 from .evaluation import central_evaluator
+from .export import export_finished_run, write_run_spec
 from .folder import open_run_folder, resumed_arrays
 from .results import RunRecorder
 
@@ -36,6 +37,7 @@ def run_server(grid: Grid, run_config: dict) -> Path:
     strategy = FedMoE(cfg, spec, arrays, state=resumed.strategy if resumed else None)
     ckpt = checkpoint_path(out)
     recorder = RunRecorder(out, cfg.to_dict(), resumed.history if resumed else [])
+    write_run_spec(out, spec)
 
     def on_round(row: dict[str, Any], arrays: Arrays) -> None:
         recorder.add(row)
@@ -66,8 +68,14 @@ def run_server(grid: Grid, run_config: dict) -> Path:
         on_round=on_round,
         start_round=resumed.round + 1 if resumed else 1,
     )
-    np.savez(out / "final_model.npz", **from_record(result.arrays))
+    final = from_record(result.arrays)
+    np.savez(out / "final_model.npz", **final)
     recorder.plot()
+    exported = export_finished_run(out, spec, final, cfg.to_dict(), recorder.rounds)
+    if exported is not None:
+        log(INFO, "fedmoe: model exported to %s", exported)
+    else:
+        log(WARNING, "fedmoe: the model was not exported (error above); retry with: fedmoe-export %s", out)
     last = recorder.rounds[-1] if recorder.rounds else {}
     log(INFO, "fedmoe: done; final accuracy %s; outputs in %s", last.get("accuracy"), out)
     return out

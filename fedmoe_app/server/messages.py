@@ -15,8 +15,9 @@ from ..config import RoundSection
 from ..tensors import select
 from ..wire.holdings import payload
 from ..wire.protocol import ARRAYS, CONFIG, Sent
-from ..wire.records import to_record, wire_nbytes
+from ..wire.records import to_record, wire_dtype_of, wire_nbytes
 from .planner import RoundPlan
+from .rounds import round_lr
 
 
 @dataclass(frozen=True)
@@ -44,28 +45,31 @@ def train_messages(
     """Build one train message per planned client (``nodes``: client id -> node id).
 
     Each message holds the shared tensors and the client's holding (its experts in every MoE
-    layer), the round's ``lr`` and ``local-epochs`` (``rounds``), a training seed drawn from
-    ``rng``, whether its experts are read-only and its sample budget. A read-only client returns
-    the shared part only. Logs the round's bytes down next to the dense model's (``policy``: the plan).
+    layer) in ``wire-dtype``, the round's ``lr`` (:func:`~.rounds.round_lr`) and ``local-epochs``
+    (``rounds``), a training seed drawn from ``rng``, whether its experts are read-only and its
+    sample budget. A read-only client returns the shared part only. Logs the round's bytes down
+    next to the dense model's in the same wire dtype (``policy``: the plan).
     """
     messages, sent, bytes_down = [], {}, 0
+    wire, lr = rounds.wire_dtype, round_lr(rounds, server_round)
     for row, cid in enumerate(plan.client_ids):
         node, held, read_only = nodes[cid], plan.assignment[row], bool(plan.frozen[row])
         sub, names = payload(arrays, held, layers)
         returned = select(sub, []) if read_only else sub
-        record = to_record(sub)
+        record = to_record(sub, wire)
         bytes_down += wire_nbytes(record)
         sent[node] = Sent(
             client_id=cid,
             held=held,
-            shapes={k: (tuple(v.shape), str(v.dtype)) for k, v in returned.items()},
+            shapes={k: (tuple(v.shape), wire_dtype_of(v, wire)) for k, v in returned.items()},
             max_examples=profiles.get(cid, {}).get("num-examples"),
+            base=returned if wire == "bf16" else None,
         )
         config = ConfigRecord(
             {
                 **names,
                 "server-round": server_round,
-                "lr": rounds.lr,
+                "lr": lr,
                 "local-epochs": rounds.local_epochs,
                 "seed": int(rng.integers(2**31)),
                 "frozen-experts": read_only,
@@ -74,7 +78,7 @@ def train_messages(
         )
         content = RecordDict({ARRAYS: record, CONFIG: config})
         messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
-    dense = wire_nbytes(to_record(arrays)) * len(plan.client_ids)
+    dense = wire_nbytes(to_record(arrays, wire)) * len(plan.client_ids)
     if not messages:
         log(WARNING, "configure_train: no node available in round %d", server_round)
     log(
@@ -94,10 +98,12 @@ def evaluate_messages(
     *,
     layers: Sequence[str],
     server_round: int,
+    wire_dtype: str,
 ) -> list[Message]:
     """Return one evaluate message per node of ``held`` (node id -> its holding), skipping empty ones.
 
-    Each holds the shared part and the node's experts: its sparse (personalized) view.
+    Each holds the shared part and the node's experts, its sparse (personalized) view, in
+    ``wire_dtype`` (run-config ``wire-dtype``).
     """
     messages = []
     for node, holding in held.items():
@@ -105,6 +111,6 @@ def evaluate_messages(
             continue
         sub, names = payload(arrays, holding, layers)
         config = ConfigRecord({**names, "server-round": server_round})
-        content = RecordDict({ARRAYS: to_record(sub), CONFIG: config})
+        content = RecordDict({ARRAYS: to_record(sub, wire_dtype), CONFIG: config})
         messages.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node))
     return messages

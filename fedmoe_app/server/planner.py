@@ -229,7 +229,7 @@ def capacity_for_profiles(
     out = np.full(n, fixed, dtype=np.int64)
     if not known.any():
         return out
-    shared_nb, expert_nb = payload_nbytes(global_arrays) if global_arrays else (None, None)
+    shared_nb, expert_nb = wire_payload_nbytes(global_arrays, cfg.wire_dtype)
     # Against a deadline only the transfers and one batch must fit: the strategy shrinks a
     # slow client's local work to its sample budget (deadline_sample_budget).
     samples = np.minimum(cfg.local_epochs * np.nan_to_num(a["num_examples"], nan=0.0), cfg.batch_size)
@@ -250,18 +250,34 @@ def capacity_for_profiles(
     return out
 
 
+def wire_payload_nbytes(
+    global_arrays: Mapping[str, np.ndarray] | None, wire_dtype: str
+) -> tuple[int | None, int | None]:
+    """``(shared bytes, bytes of one expert)`` as the wire carries them (bf16: half of float32).
+
+    ``(None, None)`` without arrays (the planner then prices transfers from the model's costs).
+    """
+    if not global_arrays:
+        return None, None
+    shared, expert = payload_nbytes(global_arrays)
+    if wire_dtype == "bf16":  # every array is float32 on the server; bf16 sends 2 of its 4 bytes
+        shared, expert = shared // 2, expert // 2
+    return shared, expert
+
+
 def _client_times(
     profiles: Profiles,
     n_experts: np.ndarray | Sequence[int],
     memory: MemoryModel,
     global_arrays: Mapping[str, np.ndarray] | None,
     samples: np.ndarray,
+    wire_dtype: str,
 ) -> np.ndarray | None:
     """Per-client round seconds, or None when a profile lacks compute or link figures."""
     a = profile_arrays(profiles)
     if not ((a["gflops"] > 0) & (a["down_mbps"] > 0) & (a["up_mbps"] > 0)).all():
         return None
-    shared_nb, expert_nb = payload_nbytes(global_arrays) if global_arrays else (None, None)
+    shared_nb, expert_nb = wire_payload_nbytes(global_arrays, wire_dtype)
     return round_time_s(
         np.asarray(n_experts),
         a["gflops"],
@@ -300,8 +316,8 @@ def deadline_sample_budget(
     deadline = float(cfg.round_deadline_s)
     if deadline <= 0 or len(profiles) == 0:
         return full
-    t0 = _client_times(profiles, n_experts, memory, global_arrays, np.zeros(len(profiles)))
-    t1 = _client_times(profiles, n_experts, memory, global_arrays, np.ones(len(profiles)))
+    t0 = _client_times(profiles, n_experts, memory, global_arrays, np.zeros(len(profiles)), cfg.wire_dtype)
+    t1 = _client_times(profiles, n_experts, memory, global_arrays, np.ones(len(profiles)), cfg.wire_dtype)
     if t0 is None or t1 is None:
         return full
     per_sample = np.maximum(t1 - t0, 1e-12)
@@ -325,5 +341,5 @@ def virtual_round_time(
     if len(profiles) == 0:
         return 0.0
     samples = planned_samples(profiles, cfg) if samples is None else np.asarray(samples, np.float64)
-    times = _client_times(profiles, n_experts, memory, global_arrays, samples)
+    times = _client_times(profiles, n_experts, memory, global_arrays, samples, cfg.wire_dtype)
     return None if times is None else virtual_round_time_s(times)

@@ -12,6 +12,7 @@ from flwr.app import Message, MetricRecord
 from flwr.common import log
 
 from ..alignment import load_cv
+from ..config import RoundSection
 from ..maths.robust import Bounded
 from ..wire.holdings import holding_lists
 from ..wire.protocol import Sent
@@ -19,6 +20,26 @@ from .planner import RoundPlan
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from .replies import ReplyLimits, TrainReplies
+
+
+def round_lr(rounds: RoundSection, server_round: int) -> float:
+    """Return the learning rate of round ``server_round`` (1-based), sent in its train messages.
+
+    Warm-up: round ``r <= warmup-rounds`` (``W``) gets ``lr × r / W``. After it, ``constant``
+    keeps ``lr``; ``cosine`` decays from ``lr`` to ``lr-min`` over the remaining rounds,
+    ``lr-min + (lr - lr-min) × (1 + cos(π (r - W) / (N - W))) / 2`` with ``N =
+    num-server-rounds``, so the last round gets ``lr-min`` (the FlowerTune schedule when ``W = 0``).
+    Rounds past ``N`` (a resumed run given more rounds) keep ``lr-min``.
+    """
+    r, w, n = server_round, rounds.warmup_rounds, rounds.num_server_rounds
+    if r <= w:
+        return rounds.lr * r / w
+    if rounds.lr_schedule == "constant":
+        return rounds.lr
+    if rounds.lr_schedule != "cosine":
+        raise ValueError(f"lr-schedule must be 'constant' or 'cosine', got {rounds.lr_schedule!r}")
+    progress = min(1.0, (r - w) / max(n - w, 1))
+    return rounds.lr_min + (rounds.lr - rounds.lr_min) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @dataclass(frozen=True)

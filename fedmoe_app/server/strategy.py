@@ -161,7 +161,9 @@ class FedMoE(Strategy):
             grid, self.rounds.fraction_evaluate, self.rounds.min_evaluate_nodes, server_round
         )
         held = {n: self._evaluation_experts(self.state.nodes.client_of(n), arrays) for n in sample.nodes}
-        messages = evaluate_messages(arrays, held, layers=self.layers, server_round=server_round)
+        messages = evaluate_messages(
+            arrays, held, layers=self.layers, server_round=server_round, wire_dtype=self.rounds.wire_dtype
+        )
         return messages, sample.query_failures
 
     def evaluate_round(self, replies: Iterable[Message]) -> EvaluateOutcome:

@@ -1,9 +1,11 @@
 """What travels between server and clients, and how every reply is checked before use.
 
-Train message (server → client): ``arrays`` (ArrayRecord: shared + the experts of its holding),
+Train message (server → client): ``arrays`` (ArrayRecord: shared + the experts of its holding;
+under run-config ``wire-dtype = "bf16"`` its float32 tensors bf16-encoded, :mod:`.records`),
 ``config`` (ConfigRecord: ``layer-experts``, the flat ``[L, E]`` 0/1 holding, and ``expert-ids``,
 its union (:mod:`.holdings`); ``server-round``, ``lr``, ``local-epochs``, ``seed``,
-``frozen-experts``, ``max-samples``). Train reply: ``arrays`` (the same keys, trained),
+``frozen-experts``, ``max-samples``). Train reply: ``arrays`` (the same keys, trained; under
+``wire-dtype = "bf16"`` each float32 tensor's change from what was sent, bf16-encoded),
 ``metrics`` (MetricRecord: ``num-examples``, ``train-loss``, ``train-accuracy``,
 ``train-time-s``, ``samples-per-s``, ``peak-memory-bytes``), ``feedback`` (MetricRecord of flat
 ``[L, E]`` lists, one row per MoE layer: ``layer-tokens`` routed to each held expert,
@@ -24,7 +26,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 
 from ..maths.aggregation import ClientUpdate
 from ..tensors import Arrays
-from .records import from_record
+from .records import BF16, apply_changes, decode_array, wire_dtypes
 
 ARRAYS, CONFIG, METRICS, FEEDBACK, CLIENT, PROFILE = (
     "arrays",
@@ -53,8 +55,11 @@ class Sent:
 
     client_id: str
     held: np.ndarray  # bool [L, E], the holding it was sent
-    shapes: dict[str, tuple[tuple[int, ...], str]]  # key -> (shape, dtype str) it must return
+    shapes: dict[str, tuple[tuple[int, ...], str]]  # key -> (shape, wire dtype str) it must return
     max_examples: int | None = None
+    # wire-dtype bf16: the server's float32 copies of the returned tensors, which the reply's
+    # bf16 changes are added to (wire.records.apply_changes); None: the reply carries the tensors
+    base: Mapping[str, np.ndarray] | None = None
 
 
 def _mean(loss_sum: np.ndarray, tokens: np.ndarray) -> np.ndarray:
@@ -244,23 +249,37 @@ def parse_train_reply(
 
 
 def _checked_arrays(record: ArrayRecord, sent: Sent) -> Arrays:
-    """Return a reply's arrays if they are exactly the tensors sent (keys, shapes, dtypes), finite."""
+    """Return a reply's arrays if they are exactly the tensors sent (keys, shapes, dtypes), finite.
+
+    Dtypes are compared as they travel (``"bfloat16"`` for a bf16-encoded tensor,
+    :func:`~.records.wire_dtypes`), then decoded; a bf16 reply's changes are added to
+    ``sent.base`` (:func:`~.records.apply_changes`) and the sums checked finite too.
+    """
     keys = set(record.keys())
     if keys != set(sent.shapes):
         extra, missing = sorted(keys - set(sent.shapes)), sorted(set(sent.shapes) - keys)
         raise ReplyRejected("keys", f"extra={extra[:5]} missing={missing[:5]}")
+    dtypes = wire_dtypes(record)
+    for key, wire in dtypes.items():
+        if wire != sent.shapes[key][1]:
+            raise ReplyRejected("dtype", f"{key}: expected {sent.shapes[key][1]}, got {wire}")
     try:
-        arrays: Arrays = from_record(record)
+        arrays: Arrays = {k: decode_array(v) for k, v in record.items()}
     except Exception as exc:  # noqa: BLE001 - undecodable payload
         raise ReplyRejected("malformed", f"cannot decode arrays: {exc}") from None
     for key, value in arrays.items():
         shape, dtype = sent.shapes[key]
         if tuple(value.shape) != shape:
             raise ReplyRejected("shape", f"{key}: expected {shape}, got {tuple(value.shape)}")
-        if str(value.dtype) != dtype:
+        if str(value.dtype) != ("float32" if dtype == BF16 else dtype):
             raise ReplyRejected("dtype", f"{key}: expected {dtype}, got {value.dtype}")
         if not np.isfinite(value).all():
             raise ReplyRejected("non-finite", f"{key} has NaN or inf")
+    if sent.base is not None:
+        arrays = apply_changes(arrays, dtypes, sent.base)
+        bad = next((k for k, v in arrays.items() if not np.isfinite(v).all()), None)
+        if bad is not None:
+            raise ReplyRejected("non-finite", f"{bad} has NaN or inf once its change is applied")
     return arrays
 
 

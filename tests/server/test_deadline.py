@@ -8,7 +8,7 @@ from conftest import make_spec, train_args
 from fedmoe_app import capacity as cap
 from fedmoe_app.config import RunConfig
 from fedmoe_app.data import load_splits
-from fedmoe_app.models import REFERENCE_SPEC, build_model, model_costs
+from fedmoe_app.models import REFERENCE_SPEC, build_model, model_costs, model_to_arrays
 from fedmoe_app.server.planner import deadline_sample_budget, planned_samples, virtual_round_time
 from fedmoe_app.training import train
 
@@ -56,3 +56,15 @@ def test_training_stops_at_max_samples():
     assert res.tokens.sum() == 96 * 2  # three batches of 32 (top-2)
     res = train(model, data.subset(np.arange(200)), **train_args(epochs=2, batch_size=32, lr=0.01))
     assert res.tokens.sum() == 400 * 2
+
+
+def test_a_bf16_wire_halves_the_transfer_time_the_planner_prices():
+    profiles = [_profile("phone")]
+    memory = cap.MemoryModel(model_costs(SPEC), 32)
+    arrays = model_to_arrays(build_model(SPEC))
+    fp32 = RunConfig().planning
+    bf16 = dataclasses.replace(fp32, wire_dtype="bf16")
+    none = np.zeros(1)
+    t32 = virtual_round_time(profiles, [2], memory, fp32, arrays, samples=none)  # transfers only
+    t16 = virtual_round_time(profiles, [2], memory, bf16, arrays, samples=none)
+    assert t32 > 0 and abs(t16 / t32 - 0.5) < 0.01, (t32, t16)

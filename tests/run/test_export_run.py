@@ -1,0 +1,75 @@
+"""A run writes its export at the end: the ServerApp's job on an in-process federation, model = hf."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from fake_federation import FakeGrid
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedmoe_app.models import build_model, load_arrays
+from fedmoe_app.models.export import spec_from_document
+from fedmoe_app.run.export import SUMMARY_FILE
+from fedmoe_app.run.server import run_server
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(autouse=True)
+def _serverapp_identity(monkeypatch):
+    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value, raising=False)
+
+
+@pytest.mark.slow
+def test_a_finished_hf_run_writes_a_from_pretrained_folder(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name, sentence in {
+        "en.txt": "The cat sat on the mat. ",
+        "de.txt": "Der Hund sitzt im Gras. ",
+    }.items():
+        (corpus / name).write_text("\n\n".join(sentence * 3 for _ in range(40)), encoding="utf-8")
+    config = {
+        "dataset": "text",
+        "data-dir": str(corpus),
+        "partitioner": "natural",
+        "model": "hf",
+        "hf-config": "tiny-mixtral",
+        "num-layers": 2,
+        "d-model": 32,
+        "expert-hidden": 48,
+        "context-length": 16,
+        "num-server-rounds": 2,
+        "capacity": "fixed",
+        "experts-per-client": 2,
+        "fraction-train": 1.0,
+        "min-train-nodes": 1,
+        "fraction-evaluate": 0.0,
+        "min-evaluate-nodes": 0,
+        "central-eval-samples": 32,
+        "output-dir": str(tmp_path / "outputs"),
+        "run-name": "hf-export",
+    }
+    grid = FakeGrid(2, num_experts=8, top_k=2, scale=0.5)
+    out = run_server(grid, config)
+    export = out / "export"
+    summary = json.loads((export / SUMMARY_FILE).read_text())
+    rows = json.loads((out / "metrics.json").read_text())
+    assert summary["rounds"] == 2 and summary["metrics"]["bpb"] == rows[-1]["bpb"]
+    # the export is the final global model, which the two rounds moved away from the initial one
+    spec = spec_from_document(json.loads((out / "model_spec.json").read_text()))
+    with np.load(out / "final_model.npz") as npz:
+        final = {k: npz[k] for k in npz.files}
+    model = build_model(spec, seed=0).eval()
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        initial = model(x).logits
+        load_arrays(model, final)
+        want = model(x).logits
+        got = AutoModelForCausalLM.from_pretrained(export).eval()(input_ids=x).logits
+    assert torch.allclose(got, want, atol=1e-4)
+    assert not torch.allclose(got, initial, atol=1e-3)
