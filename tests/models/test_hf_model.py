@@ -148,3 +148,19 @@ def test_flwr_run_fine_tunes_a_model_folder_on_its_tokens(run_app, tmp_path):
     assert {"loss", "perplexity", "bpb", "bpb_en.txt", "bpb_de.txt", "bytes_per_token"} <= set(last)
     assert 1.0 < last["bytes_per_token"] < 8.0  # tokens, not bytes
     assert last["bpb"] < first["bpb"] - 0.5
+
+
+def test_lora_fine_tunes_adapters_on_the_folders_weights(tmp_path, corpus):
+    """peft = "lora": the frozen base is the folder's model (zero adapters give its logits)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_model_folder(tmp_path / "model", "olmoe")
+    cfg = folder_cfg(folder, **{"data-dir": str(corpus), "peft": "lora"})
+    train, _, info = load_text("text", str(corpus), 16, 0, str(folder))
+    spec = model_spec(cfg, info)
+    assert spec.lora is not None and spec.weights_key == "hf-model"
+    x = train.tokens[:2, :-1]
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(folder).eval()(input_ids=x.long()).logits
+        got = build_model(spec).eval()(x).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
