@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import resource
 import time
@@ -359,22 +360,54 @@ def evaluate(
     return float(total_loss) / len(data), int(correct) / len(data)
 
 
+@dataclass(frozen=True)
+class TextSums:
+    """Sums of a text evaluation per group ``[G]``: nats, target tokens, their UTF-8 bytes; right guesses."""
+
+    nats: np.ndarray
+    tokens: np.ndarray
+    nbytes: np.ndarray
+    correct: int
+
+    @property
+    def loss(self) -> float:
+        """Mean cross-entropy per token (nats)."""
+        return float(self.nats.sum() / max(self.tokens.sum(), 1))
+
+    @property
+    def accuracy(self) -> float:
+        """Share of next tokens predicted right."""
+        return self.correct / max(float(self.tokens.sum()), 1.0)
+
+    @property
+    def bpb(self) -> float:
+        """Bits per byte: total nats / ln 2 / the targets' UTF-8 bytes."""
+        return float(self.nats.sum() / math.log(2) / max(self.nbytes.sum(), 1))
+
+    def group_loss(self) -> np.ndarray:
+        """Mean cross-entropy per token of every group (NaN without windows)."""
+        out = np.full(len(self.nats), np.nan)
+        return np.divide(self.nats, self.tokens, out=out, where=self.tokens > 0)
+
+    def group_bpb(self) -> np.ndarray:
+        """Bits per byte of every group (NaN without windows)."""
+        out = np.full(len(self.nats), np.nan)
+        return np.divide(self.nats / math.log(2), self.nbytes, out=out, where=self.nbytes > 0)
+
+
 @torch.no_grad()
-def evaluate_text(
+def evaluate_text_sums(
     model: MoEModel,
     data: TextSplit,
     *,
     batch_size: int,
     device: torch.device | str,
     precision: str = "fp32",
-) -> tuple[float, float, np.ndarray]:
-    """``(mean CE per byte in nats, next-byte accuracy, mean CE per group [G])`` on ``data``.
-
-    Groups without windows get NaN. Bits per byte are these losses divided by ``ln 2``.
-    """
+) -> TextSums:
+    """Nats, tokens and target bytes per group of ``model`` on ``data``, and its right next-token guesses."""
     num_groups = int(data.groups.max()) + 1 if len(data) else 0
     if len(data) == 0:
-        return 0.0, 0.0, np.zeros(0)
+        return TextSums(np.zeros(0), np.zeros(0), np.zeros(0), 0)
     device = torch.device(device)
     configure_threads()
     model.to(device=device).eval()
@@ -391,6 +424,24 @@ def evaluate_text(
         group_loss.index_add_(0, g, per_seq.double())
         group_count.index_add_(0, g, torch.full_like(per_seq, y.shape[1], dtype=torch.float64))
         correct += model.correct(logits, y)
-    total, count = group_loss.cpu().numpy(), group_count.cpu().numpy()
-    per_group = np.divide(total, count, out=np.full(num_groups, np.nan), where=count > 0)
-    return float(total.sum() / count.sum()), int(correct) / float(count.sum()), per_group
+    nbytes = np.bincount(data.groups.numpy(), weights=data.nbytes.double().numpy(), minlength=num_groups)
+    return TextSums(group_loss.cpu().numpy(), group_count.cpu().numpy(), nbytes, int(correct))
+
+
+def evaluate_text(
+    model: MoEModel,
+    data: TextSplit,
+    *,
+    batch_size: int,
+    device: torch.device | str,
+    precision: str = "fp32",
+) -> tuple[float, float, np.ndarray]:
+    """``(mean CE per token in nats, next-token accuracy, mean CE per group [G])`` on ``data``.
+
+    Groups without windows get NaN. For bytes, bits per byte are these losses divided by
+    ``ln 2``; for a tokenizer's tokens see :func:`evaluate_text_sums` (:attr:`TextSums.bpb`).
+    """
+    sums = evaluate_text_sums(model, data, batch_size=batch_size, device=device, precision=precision)
+    if len(sums.nats) == 0:
+        return 0.0, 0.0, np.zeros(0)
+    return sums.loss, sums.accuracy, sums.group_loss()

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..alignment import POLICIES
 from ..capacity import parse_device_mix
-from ..hf_config import HF_PRESETS, check_hf_config
+from ..hf_config import HF_PRESETS, check_hf_config, check_hf_model
 from ..maths.aggregation import AGGREGATIONS
 from . import sections
 
@@ -172,6 +172,12 @@ class RunConfig:
     )
     hf_weights: str = _opt(
         "", None, "hf: local safetensors file or folder with the model's weights; empty: random init"
+    )
+    hf_model: str = _opt(
+        "",
+        None,
+        "hf: a model folder (save_pretrained: config.json, tokenizer, safetensors) giving config, weights "
+        "and tokenizer (then hf-config, hf-weights unset); empty: hf-config over bytes",
     )
     gate_mode: str = _opt("global", _choice(*GATE_MODES), "aggregated gate, or each client keeps its own")
     peft: str = _opt(
@@ -463,6 +469,8 @@ class RunConfig:
             "test_fraction": self.local_test_fraction,
             "max_samples": self.max_samples_per_client,
             "seed": self.seed,
+            "context_length": self.context_length,
+            "tokenizer": self.hf_model if self.model == "hf" else "",
         }
 
     def _check_model(self) -> None:
@@ -483,6 +491,11 @@ class RunConfig:
                 "run-config key 'data-dir' = '' is invalid for dataset 'text'; allowed: a folder of "
                 "UTF-8 text files"
             )
+        if self.hf_model and self.model != "hf":
+            raise ConfigError(
+                f"run-config key 'hf-model' = {self.hf_model!r} is invalid for model {self.model!r}; "
+                "allowed: '' (a model folder is read by model 'hf' only)"
+            )
         if self.peft != "none" and self.model != "hf":
             raise ConfigError(
                 f"run-config key 'peft' = {self.peft!r} is invalid for model {self.model!r}; "
@@ -497,9 +510,21 @@ class RunConfig:
             return
         if self.model == "hf":
             try:
-                check_hf_config(
-                    self.hf_config, self.hf_weights, self.num_experts, self.top_k, self.context_length
-                )
+                if self.hf_model:
+                    default = RunConfig.__dataclass_fields__["hf_config"].default
+                    check_hf_model(
+                        self.hf_model,
+                        self.hf_config,
+                        self.hf_weights,
+                        self.num_experts,
+                        self.top_k,
+                        self.context_length,
+                        default,
+                    )
+                else:
+                    check_hf_config(
+                        self.hf_config, self.hf_weights, self.num_experts, self.top_k, self.context_length
+                    )
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
         if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:

@@ -19,6 +19,12 @@ CIFAR-10 3x32x32, synthetic 1x12x12; colour is converted) and labels must be cla
 that dataset. All examples of the folder are pooled and split by a seeded permutation:
 ``local-test-fraction`` of them for local evaluation, the rest (capped at
 ``max-samples-per-client``) for training. Every error names the folder or file.
+
+For the text datasets the folder holds text, read as the global dataset reads ``data-dir``
+(:mod:`.text`): ``text``, a folder of UTF-8 files (each top-level file and each sub-folder a
+group); ``fortunes``, Debian's fortunes layout. Its windows (bytes, or the tokens of
+``hf-model``'s tokenizer) are split the same way, the local test windows capped as a client's
+partition's are.
 """
 
 from __future__ import annotations
@@ -29,10 +35,12 @@ import pickle
 import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from . import DatasetInfo, DatasetUnavailable, Split, read_idx, to_split
+from ..config import TEXT_DATASETS
+from . import DatasetInfo, DatasetUnavailable, read_idx, to_split
 
 log = logging.getLogger(__name__)
 
@@ -313,9 +321,60 @@ def read_node_folder(data_path: str, dataset: str) -> tuple[np.ndarray, np.ndarr
     return images, labels, fmt
 
 
+def node_text(
+    data_path: str,
+    dataset: str,
+    *,
+    test_fraction: float,
+    max_samples: int,
+    seed: int,
+    context_length: int,
+    tokenizer: str,
+) -> tuple[Any, Any, Any]:
+    """Return a node's ``(train, local test, info)`` text windows from its own folder (seeded split).
+
+    Raises
+    ------
+    NodeDataError
+        The folder is missing or holds no UTF-8 text of at least ``context_length + 1`` tokens.
+
+    """
+    from .text import HELDOUT_BYTES, load_text
+
+    path = Path(data_path).expanduser()
+    if not path.is_dir():
+        what = "is not a folder" if path.exists() else "does not exist"
+        raise NodeDataError(f"node config 'data-path' = {data_path!r} {what}")
+    try:
+        windows, _, info = load_text(dataset, str(path), context_length, seed, tokenizer)
+    except DatasetUnavailable as exc:
+        raise NodeDataError(
+            f"node config 'data-path' = {data_path!r} holds no readable UTF-8 text of at least "
+            f"context-length + 1 = {context_length + 1} tokens ({exc})"
+        ) from None
+    idx = np.random.default_rng(seed).permutation(len(windows))
+    n_test = int(round(len(idx) * test_fraction))
+    train_idx, test_idx = idx[n_test:], idx[: min(n_test, HELDOUT_BYTES // context_length)]
+    if max_samples:
+        train_idx = train_idx[:max_samples]
+    if len(train_idx) == 0:
+        raise NodeDataError(
+            f"data-path {data_path!r} holds {len(windows)} text windows: none left for training "
+            f"after local-test-fraction {test_fraction}"
+        )
+    return windows.subset(np.sort(train_idx)), windows.subset(np.sort(test_idx)), info
+
+
 def node_data(
-    data_path: str, dataset: str, *, test_fraction: float, max_samples: int, seed: int
-) -> tuple[Split, Split, DatasetInfo]:
+    data_path: str,
+    dataset: str,
+    *,
+    test_fraction: float,
+    max_samples: int,
+    seed: int,
+    context_length: int = 64,
+    tokenizer: str = "",
+) -> tuple[Any, Any, Any]:
     """Return a node's ``(train, local test, info)`` from its own folder (seeded split).
 
     Parameters
@@ -330,13 +389,28 @@ def node_data(
         Cap on the training examples; 0: all.
     seed : int
         Seed of the split.
+    context_length : int
+        Text: tokens per window (the run's ``context-length``).
+    tokenizer : str
+        Text: the model folder whose tokenizer cuts the text (``hf-model``); empty: bytes.
 
     Returns
     -------
-    tuple[Split, Split, DatasetInfo]
-        Training split, local test split and the model's dataset info.
+    tuple
+        Training split, local test split and the model's dataset info (images: ``Split`` and
+        ``DatasetInfo``; text: ``TextSplit`` and ``TextInfo``).
 
     """
+    if dataset in TEXT_DATASETS:
+        return node_text(
+            data_path,
+            dataset,
+            test_fraction=test_fraction,
+            max_samples=max_samples,
+            seed=seed,
+            context_length=context_length,
+            tokenizer=tokenizer,
+        )
     images, labels, fmt = read_node_folder(str(data_path), dataset)
     idx = np.random.default_rng(seed).permutation(len(labels))
     n_test = int(round(len(idx) * test_fraction))

@@ -1,4 +1,9 @@
-"""Byte-level text datasets, naturally federated: fortunes by language, or a folder of UTF-8 files.
+"""Text datasets, naturally federated: fortunes by language, or a folder of UTF-8 files.
+
+Byte level (vocabulary 256) by default; with a model folder's tokenizer (run-config
+``hf-model``, :mod:`.tokens`) the windows hold its token ids instead and documents are joined
+with its EOS token. Every window records the UTF-8 bytes of its targets' text, so bits per
+byte are exact for either (``nbytes``; ``context-length`` for bytes).
 
 * ``fortunes``: Debian's fortune-cookie collections (``apt-get install fortunes fortunes-de
   fortunes-ru fortunes-zh fortunes-es fortunes-it fortunes-pl fortunes-cs``), read from
@@ -14,7 +19,7 @@ A file that is not valid UTF-8 is skipped with a warning; ANSI colour codes are 
 Texts are split into documents (fortunes separated by ``%`` lines, else paragraphs), and a
 seeded tenth of each group's documents (at most :data:`HELDOUT_BYTES`) is held out: the
 server evaluates it for every group. The rest is cut into windows of ``context-length + 1``
-bytes (stride ``context-length``), the examples a client trains on.
+bytes or tokens (stride ``context-length``), the examples a client trains on.
 
 Partitions: ``natural`` gives client ``c`` group ``c mod G`` (a group's windows shared among
 its clients) or, with fewer clients than groups, every group ``g`` with ``g mod C = c``; the
@@ -35,7 +40,17 @@ import numpy as np
 import torch
 
 from ..config import TEXT_DATASETS, RunConfig, SplitSection
-from . import DatasetInfo, DatasetUnavailable, Rows, Split, client_data, partition_indices, server_test_data
+from . import (
+    DatasetInfo,
+    DatasetUnavailable,
+    Rows,
+    Split,
+    client_data,
+    partition_indices,
+    server_test_data,
+    token_cache,
+)
+from .tokens import TOKEN_DTYPE, encode_documents, load_tokenizer, vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +66,29 @@ _FORTUNE_SEP = re.compile(rb"\n%\n")
 
 @dataclass(frozen=True)
 class TextSplit(Rows):
-    """Windows of bytes ``tokens`` (uint8 ``[N, T + 1]``) and each one's group id ``groups [N]``."""
+    """Windows ``tokens [N, T + 1]``, each one's group id ``groups [N]`` and target bytes ``nbytes [N]``.
+
+    ``tokens`` are bytes (uint8) or a tokenizer's ids (int32); ``nbytes`` (int64) are the UTF-8
+    bytes of the text of each window's ``T`` targets (``T`` for bytes, the default).
+    """
 
     tokens: torch.Tensor
     groups: torch.Tensor
+    nbytes: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.nbytes is None:  # byte level: one byte per target
+            n, width = self.tokens.shape[0], max(self.tokens.shape[-1] - 1, 0)
+            object.__setattr__(self, "nbytes", torch.full((n,), width, dtype=torch.int64))
 
     def inputs_targets(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return every window but its last byte, and the next byte of each position."""
+        """Return every window but its last token, and the next token of each position."""
         return self.tokens[:, :-1], self.tokens[:, 1:]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """The group id of every window (what a window is labelled with, as an image split's labels)."""
+        return self.groups
 
 
 @dataclass(frozen=True)
@@ -68,6 +98,7 @@ class TextInfo:
     vocab_size: int
     context_length: int
     groups: tuple[str, ...]  # group (language / file) names, indexed by group id
+    tokenizer: str = ""  # model folder whose tokenizer made the tokens; empty: bytes
 
 
 def _is_text_name(path: Path) -> bool:
@@ -124,12 +155,42 @@ def documents(data: bytes) -> list[bytes]:
     return [p.strip(b"%\n ") for p in parts if p.strip(b"%\n ")]
 
 
-def windows(data: bytes, context_length: int) -> np.ndarray:
-    """Windows ``[n, T + 1]`` (uint8) of ``data`` at stride ``T``; none if shorter than ``T + 1``."""
-    buf = np.frombuffer(data, dtype=np.uint8)
+def windows(data: bytes | np.ndarray, context_length: int) -> np.ndarray:
+    """Windows ``[n, T + 1]`` of ``data`` (bytes: uint8; or an array of token ids) at stride ``T``.
+
+    None if shorter than ``T + 1``.
+    """
+    buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes) else np.asarray(data)
     n = max(0, (len(buf) - 1) // context_length)
     idx = np.arange(n)[:, None] * context_length + np.arange(context_length + 1)[None, :]
-    return buf[idx] if n else np.zeros((0, context_length + 1), np.uint8)
+    return buf[idx] if n else np.zeros((0, context_length + 1), buf.dtype)
+
+
+def window_bytes(token_bytes: np.ndarray, context_length: int) -> np.ndarray:
+    """UTF-8 bytes of each window's targets (tokens ``1..T`` of window ``w``: ``w T + 1 .. w T + T``)."""
+    n = max(0, (len(token_bytes) - 1) // context_length)
+    return token_bytes[1 : n * context_length + 1].reshape(n, context_length).sum(axis=1).astype(np.int64)
+
+
+def heldout_documents(docs: list[bytes], limit: int) -> list[bytes]:
+    """Keep the first documents of ``docs`` up to ``limit`` bytes with their separators, the last one cut."""
+    out, size = [], 0
+    for d in docs:
+        if size >= limit:
+            break
+        part = d[: limit - size]
+        out.append(part.decode("utf-8", errors="ignore").encode("utf-8"))  # no broken last character
+        size += len(d) + 2
+    return [d for d in out if d]
+
+
+def _token_windows(docs: list[bytes], context_length: int, tokenizer: str) -> tuple[np.ndarray, np.ndarray]:
+    """Windows and target bytes of ``docs``: bytes joined by blank lines, or tokens joined by EOS."""
+    if not tokenizer:
+        buf = windows(b"\n\n".join(docs), context_length)
+        return buf, np.full(len(buf), context_length, np.int64)
+    ids, nbytes = encode_documents(load_tokenizer(tokenizer), docs)
+    return windows(ids, context_length), window_bytes(nbytes, context_length)
 
 
 def _groups_of(name: str, data_dir: str) -> tuple[Path, dict[str, list[Path]]]:
@@ -151,20 +212,59 @@ def _groups_of(name: str, data_dir: str) -> tuple[Path, dict[str, list[Path]]]:
 
 @lru_cache(maxsize=4)
 def load_text(
-    name: str, data_dir: str, context_length: int, seed: int
+    name: str, data_dir: str, context_length: int, seed: int, tokenizer: str = ""
 ) -> tuple[TextSplit, TextSplit, TextInfo]:
     """``(train windows, held-out windows, info)`` of a text dataset (cached per process).
+
+    ``tokenizer`` is a model folder (``hf-model``) whose tokenizer makes the tokens; empty:
+    bytes. The cache is per ``(name, data_dir, context_length, seed, tokenizer)``, in the process
+    and, for a tokenizer's windows, on disk (:mod:`.token_cache`).
 
     Raises
     ------
     DatasetUnavailable
         Naming ``data-dir`` (or the fortunes folder) when no group has a readable UTF-8 text
-        of at least ``context_length + 1`` bytes.
+        of at least ``context_length + 1`` bytes (or tokens).
 
     """
     if name not in TEXT_DATASETS:
         raise ValueError(f"unknown text dataset {name!r}")
     root, found = _groups_of(name, data_dir)
+    if not tokenizer:
+        return _windows_of(root, found, data_dir, context_length, seed, tokenizer)
+    path = token_cache.cache_path(name, root, found, context_length, seed, tokenizer)
+    cached = token_cache.load(path)
+    if cached is not None:
+        return _from_arrays(cached, context_length, tokenizer)
+    train, test, info = _windows_of(root, found, data_dir, context_length, seed, tokenizer)
+    token_cache.save(path, _to_arrays(train, test, info))
+    return train, test, info
+
+
+def _to_arrays(train: TextSplit, test: TextSplit, info: TextInfo) -> dict[str, np.ndarray]:
+    out = {
+        f"{part}_{field}": getattr(split, field).numpy()
+        for part, split in (("train", train), ("test", test))
+        for field in ("tokens", "groups", "nbytes")
+    }
+    return out | {"groups": np.asarray(info.groups, dtype=str), "vocab": np.asarray(info.vocab_size)}
+
+
+def _from_arrays(
+    arrays: dict[str, np.ndarray], context_length: int, tokenizer: str
+) -> tuple[TextSplit, TextSplit, TextInfo]:
+    train, test = (
+        TextSplit(*(torch.from_numpy(arrays[f"{part}_{f}"]) for f in ("tokens", "groups", "nbytes")))
+        for part in ("train", "test")
+    )
+    info = TextInfo(int(arrays["vocab"]), context_length, tuple(str(g) for g in arrays["groups"]), tokenizer)
+    return train, test, info
+
+
+def _windows_of(
+    root: Path, found: dict[str, list[Path]], data_dir: str, context_length: int, seed: int, tokenizer: str
+) -> tuple[TextSplit, TextSplit, TextInfo]:
+    """Cut every group's documents into train and held-out windows (:func:`load_text`)."""
     rng = np.random.default_rng([seed, 1789])
     names: list[str] = []
     train_parts, test_parts = [], []
@@ -173,9 +273,15 @@ def load_text(
         order = rng.permutation(len(docs))
         held = sorted(order[: max(1, int(round(len(docs) * HELDOUT_SHARE))) if len(docs) >= 2 else 0])
         held_set = set(held)
-        train = windows(b"\n\n".join(d for i, d in enumerate(docs) if i not in held_set), context_length)
-        test = windows(b"\n\n".join(docs[i] for i in held)[:HELDOUT_BYTES], context_length)
-        if len(train) == 0:
+        kept = [d for i, d in enumerate(docs) if i not in held_set]
+        train = _token_windows(kept, context_length, tokenizer)
+        held_docs = [docs[i] for i in held]
+        if tokenizer:
+            held_docs = heldout_documents(held_docs, HELDOUT_BYTES)
+        else:  # byte level: the first HELDOUT_BYTES bytes, as they always were
+            held_docs = [b"\n\n".join(held_docs)[:HELDOUT_BYTES]]
+        test = _token_windows(held_docs, context_length, tokenizer)
+        if len(train[0]) == 0:
             log.warning(
                 "text: group %r under %s has under %d bytes of text; left out", group, root, context_length
             )
@@ -190,11 +296,21 @@ def load_text(
             f"{context_length + 1} bytes"
         )
 
-    def split(parts: list[np.ndarray]) -> TextSplit:
-        groups = np.concatenate([np.full(len(p), g, np.int64) for g, p in enumerate(parts)])
-        return TextSplit(torch.from_numpy(np.concatenate(parts)), torch.from_numpy(groups))
+    def split(parts: list[tuple[np.ndarray, np.ndarray]]) -> TextSplit:
+        groups = np.concatenate([np.full(len(p), g, np.int64) for g, (p, _) in enumerate(parts)])
+        tokens = np.concatenate([p for p, _ in parts])
+        tokens = tokens.astype(TOKEN_DTYPE) if tokenizer else tokens
+        nbytes = np.concatenate([b for _, b in parts])
+        return TextSplit(torch.from_numpy(tokens), torch.from_numpy(groups), torch.from_numpy(nbytes))
 
-    return split(train_parts), split(test_parts), TextInfo(VOCAB_SIZE, context_length, tuple(names))
+    vocab = vocab_size(load_tokenizer(tokenizer)) if tokenizer else VOCAB_SIZE
+    info = TextInfo(vocab, context_length, tuple(names), tokenizer)
+    return split(train_parts), split(test_parts), info
+
+
+def text_tokenizer(cfg: RunConfig) -> str:
+    """Return the model folder whose tokenizer cuts the run's text (``hf-model``); empty: bytes."""
+    return cfg.hf_model if cfg.model == "hf" else ""
 
 
 def natural_partitions(
@@ -215,12 +331,17 @@ def natural_partitions(
 
 
 def text_client_data(
-    name: str, partition_id: int, num_partitions: int, split: SplitSection, context_length: int
+    name: str,
+    partition_id: int,
+    num_partitions: int,
+    split: SplitSection,
+    context_length: int,
+    tokenizer: str = "",
 ) -> tuple[TextSplit, TextSplit, TextInfo]:
     """One client's ``(train, local test, info)`` windows of a text dataset, cut as ``split`` says."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
-    train, _, info = load_text(name, split.data_dir, context_length, split.seed)
+    train, _, info = load_text(name, split.data_dir, context_length, split.seed, tokenizer)
     groups = train.groups.numpy()
     if split.partitioner == "natural":
         part = natural_partitions(groups, len(info.groups), num_partitions, split.seed)[partition_id]
@@ -237,7 +358,9 @@ def text_client_data(
 def client_split(cfg: RunConfig, partition_id: int, num_partitions: int):
     """Return a client's ``(train, local test, info)`` for the run's dataset, image or text."""
     if cfg.dataset in TEXT_DATASETS:
-        return text_client_data(cfg.dataset, partition_id, num_partitions, cfg.split, cfg.context_length)
+        return text_client_data(
+            cfg.dataset, partition_id, num_partitions, cfg.split, cfg.context_length, text_tokenizer(cfg)
+        )
     return client_data(cfg.dataset, partition_id, num_partitions, cfg.split)
 
 
@@ -250,7 +373,7 @@ def server_split(cfg: RunConfig) -> tuple[Split | TextSplit, DatasetInfo | TextI
         return server_test_data(
             cfg.dataset, max_samples=cfg.central_eval_samples, data_dir=cfg.data_dir, seed=cfg.seed
         )
-    _, test, info = load_text(cfg.dataset, cfg.data_dir, cfg.context_length, cfg.seed)
+    _, test, info = load_text(cfg.dataset, cfg.data_dir, cfg.context_length, cfg.seed, text_tokenizer(cfg))
     cap = cfg.central_eval_samples
     if cap and cap < len(test):
         test = test.subset(np.sort(np.random.default_rng(cfg.seed).permutation(len(test))[:cap]))

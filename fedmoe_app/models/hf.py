@@ -120,7 +120,7 @@ class HFMoE(MoEModel):
         if on_meta or spec.lora is not None:
             self.net.tie_weights()
         if spec.weights:
-            load_weights(self.net, spec.weights, rows, spec.num_experts)
+            load_weights(self.net, spec.weights, rows, spec.num_experts, spec.weights_key)
         for block in blocks:
             block.gate = MaskedRouter(block.gate.weight, bool(getattr(block.gate, "norm_topk_prob", True)))
         self.routers = [b.gate for b in blocks]

@@ -1,7 +1,8 @@
 """Shape of an ``hf`` model (a Hugging Face ``transformers`` MoE causal LM), without transformers.
 
-:class:`HFSpec` holds the resolved config dict (a preset at the run config's size, or a
-config.json as it is) and the optional local weights; :mod:`.hf` builds the model from it,
+:class:`HFSpec` holds the resolved config dict (a preset at the run config's size, a
+config.json as it is, or the config.json of the model folder ``hf-model``) and the optional
+local weights (``hf-weights``, or the model folder); :mod:`.hf` builds the model from it,
 importing ``transformers`` only then (an optional extra: ``pip install -e ".[hf]"``).
 """
 
@@ -14,7 +15,7 @@ from typing import Any
 
 from ..capacity import ModelCosts
 from ..config import LoraSection, RunConfig
-from ..hf_config import hf_shape, moe_layers, resolve_hf_config
+from ..hf_config import hf_shape, moe_layers, read_config_file, resolve_hf_config
 
 
 @dataclass(frozen=True)
@@ -29,28 +30,68 @@ class HFSpec:
     num_moe_layers: int
     vocab_size: int
     lora: LoraSection | None = None  # peft = "lora": adapters only (models/hf_lora.py)
+    weights_key: str = "hf-weights"  # the run-config key that named ``weights`` (for errors)
 
     @classmethod
     def from_config(cls, cfg: RunConfig, info: Any) -> HFSpec:
-        """Resolve ``hf-config`` (preset at the run config's size, or a file) for byte-level text."""
-        config = resolve_hf_config(cfg.hf_config, **cfg.hf_sizes())
-        config["vocab_size"] = max(int(info.vocab_size), int(config.get("vocab_size", 0)))
-        experts, top_k = hf_shape(config, cfg.hf_config)
-        spec = cls(
-            config_json=json.dumps(config, sort_keys=True),
-            weights=cfg.hf_weights,
-            num_experts=experts,
-            top_k=top_k,
-            context_length=cfg.context_length,
-            num_moe_layers=moe_layers(config),
-            vocab_size=int(config["vocab_size"]),
-            lora=cfg.lora,
-        )
+        """Resolve ``hf-model`` (a model folder) or ``hf-config`` (a preset, or a file) for ``info``'s text.
+
+        Raises
+        ------
+        ValueError
+            Naming ``hf-model`` when its tokenizer (``info.vocab_size`` token ids) does not fit the
+            model's embedding.
+
+        """
+        if cfg.hf_model:
+            spec = cls.from_folder(cfg.hf_model, cfg.context_length, int(info.vocab_size), cfg.lora)
+        else:
+            config = resolve_hf_config(cfg.hf_config, **cfg.hf_sizes())
+            config["vocab_size"] = max(int(info.vocab_size), int(config.get("vocab_size", 0)))
+            experts, top_k = hf_shape(config, cfg.hf_config)
+            spec = cls(
+                config_json=json.dumps(config, sort_keys=True),
+                weights=cfg.hf_weights,
+                num_experts=experts,
+                top_k=top_k,
+                context_length=cfg.context_length,
+                num_moe_layers=moe_layers(config),
+                vocab_size=int(config["vocab_size"]),
+                lora=cfg.lora,
+            )
         if spec.lora is not None:  # targets that match no module stop the run before any round
             from .hf_lora import check_targets
 
             check_targets(spec)
         return spec
+
+    @classmethod
+    def from_folder(
+        cls, folder: str, context_length: int, tokens: int, lora: LoraSection | None = None
+    ) -> HFSpec:
+        """Return the spec of a model folder (``hf-model``): its config.json as it is, its weights.
+
+        ``tokens`` is the size of the folder's tokenizer; it must fit the model's ``vocab_size``.
+        """
+        config = read_config_file(folder, "hf-model")
+        experts, top_k = hf_shape(config, folder, "hf-model")
+        vocab = int(config.get("vocab_size", 0))
+        if tokens > vocab:
+            raise ValueError(
+                f"run-config key 'hf-model' = {folder!r} is invalid: its tokenizer has {tokens} token ids "
+                f"but the model's vocab_size is {vocab}; allowed: a tokenizer of at most vocab_size tokens"
+            )
+        return cls(
+            config_json=json.dumps(config, sort_keys=True),
+            weights=folder,
+            num_experts=experts,
+            top_k=top_k,
+            context_length=context_length,
+            num_moe_layers=moe_layers(config),
+            vocab_size=vocab,
+            lora=lora,
+            weights_key="hf-model",
+        )
 
     @property
     def config(self) -> dict[str, Any]:

@@ -110,13 +110,14 @@ class _Stacker:
         return complete, [n for n in self.stacked if n not in complete]
 
 
-def weight_files(path: Path, weights: str) -> list[Path]:
+def weight_files(path: Path, weights: str, key: str = "hf-weights") -> list[Path]:
     """Return the safetensors files of ``path``: itself, a folder's indexed shards, or all of them.
 
     Raises
     ------
     ValueError
-        Naming ``hf-weights``: an unreadable index, several indexes, or a shard it names missing.
+        Naming ``key`` (``hf-weights`` or ``hf-model``): an unreadable index, several indexes, or a
+        shard it names missing.
 
     """
     if not path.is_dir():
@@ -124,7 +125,7 @@ def weight_files(path: Path, weights: str) -> list[Path]:
     indexes = sorted(path.glob("*.safetensors.index.json"))
     if not indexes:
         return sorted(path.glob("*.safetensors"))
-    problem = f"run-config key 'hf-weights' = {weights!r}"
+    problem = f"run-config key {key!r} = {weights!r}"
     if len(indexes) > 1:
         names = [i.name for i in indexes]
         raise ValueError(f"{problem}: several shard indexes {names}; keep one checkpoint per folder")
@@ -138,42 +139,46 @@ def weight_files(path: Path, weights: str) -> list[Path]:
     return [path / s for s in shards]
 
 
-def load_weights(net: nn.Module, weights: str, rows: dict[str, list[int]], num_experts: int) -> None:
+def load_weights(
+    net: nn.Module, weights: str, rows: dict[str, list[int]], num_experts: int, key: str = "hf-weights"
+) -> None:
     """Load a safetensors file or a folder of shards (:func:`weight_files`) into ``net`` (strict).
 
     ``rows`` names each stacked expert tensor of ``net`` and the global experts of its slots
     (of ``num_experts`` per layer); only those experts are read, in either layout (module
-    docstring).
+    docstring). A model folder (``hf-model``, ``key``) is read the same way; its other files
+    (config, tokenizer) are not safetensors and are left alone.
 
     Raises
     ------
     ValueError
-        Naming ``hf-weights``: a tensor missing, left over, of another shape, or an expert held
+        Naming ``key``: a tensor missing, left over, of another shape, or an expert held
         but absent from the files.
 
     """
     from safetensors import safe_open
 
     path = Path(weights).expanduser()
-    files = weight_files(path, weights)
+    files = weight_files(path, weights, key)
+    config_key = "its config.json" if key == "hf-model" else "hf-config"
+    problem = f"run-config key {key!r} = {weights!r} does not match {config_key}"
     state: dict[str, Tensor] = {}
     stacker, foreign = _Stacker(rows), []
     for f in files:
         state.update(read_rows(f, rows))
         with safe_open(str(f), framework="pt") as handle:
             for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                key = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's checkpoint name
-                m = _PER_EXPERT.match(key)
+                local = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's checkpoint name
+                m = _PER_EXPERT.match(local)
                 if m is None:
-                    if key not in state:
-                        state[key] = handle.get_tensor(name)
+                    if local not in state:
+                        state[local] = handle.get_tensor(name)
                 elif (where := stacker.wants(m)) is not None:
                     stacker.put(where, handle.get_tensor(name))
                 elif int(m.group(2)) >= num_experts or f"{m.group(1)}.down_proj" not in rows:
                     foreign.append(name)  # an expert this model has not: never read, reported
     stacked, partial = stacker.done()
     state.update(stacked)
-    problem = f"run-config key 'hf-weights' = {weights!r} does not match hf-config"
     try:
         missing, unexpected = net.load_state_dict(state, strict=False)
     except RuntimeError as err:  # a tensor of another shape

@@ -6,19 +6,29 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from ..config import RunConfig
 from ..data.text import TextSplit
 from ..models import AnySpec, build_model, load_arrays
 from ..tensors import Arrays
-from ..training import evaluate, evaluate_text, resolve_device
+from ..training import TextSums, evaluate, evaluate_text_sums, resolve_device
 
 
-def text_metrics(loss: float, acc: float, per_group: np.ndarray, names: tuple[str, ...]) -> dict[str, float]:
-    """Central metrics of a text run: loss (nats/byte), accuracy, bits per byte overall and per group."""
-    out = {"accuracy": acc, "loss": loss, "bpb": loss / math.log(2)}
-    out.update({f"bpb_{name}": float(v) / math.log(2) for name, v in zip(names, per_group)})
+def text_metrics(sums: TextSums, names: tuple[str, ...]) -> dict[str, float]:
+    """Central metrics of a text run, from the evaluation's sums per group.
+
+    ``loss`` (nats per token: per byte at byte level), ``perplexity`` (``exp(loss)``), ``accuracy``
+    (next token), ``bpb`` (bits per UTF-8 byte of the targets' text: total nats / ln 2 / bytes;
+    ``loss / ln 2`` at byte level), ``bpb_<group>`` per group, and ``bytes_per_token``.
+    """
+    loss = sums.loss
+    out = {
+        "accuracy": sums.accuracy,
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "bpb": sums.bpb,
+        "bytes_per_token": float(sums.nbytes.sum() / max(sums.tokens.sum(), 1)),
+    }
+    out.update({f"bpb_{name}": float(v) for name, v in zip(names, sums.group_bpb())})
     return out
 
 
@@ -32,8 +42,8 @@ def central_evaluator(
     def central_eval(server_round: int, arrays: Arrays) -> dict[str, float]:
         load_arrays(model, arrays)
         if isinstance(test, TextSplit):
-            per = evaluate_text(model, test, batch_size=64, device=device, precision=cfg.precision)
-            return text_metrics(*per, info.groups)
+            sums = evaluate_text_sums(model, test, batch_size=64, device=device, precision=cfg.precision)
+            return text_metrics(sums, info.groups)
         loss, acc = evaluate(model, test, device=device, precision=cfg.precision)
         return {"accuracy": acc, "loss": loss}
 

@@ -12,7 +12,7 @@ import tomllib
 import pytest
 from conftest import ROOT, shell_blocks
 
-from fedmoe_app.tools import export, launch, layers, partition, plan, routing
+from fedmoe_app.tools import export, launch, layers, partition, plan, pretrain_llm, routing
 from fedmoe_app.tools.bench import cli as bench_cli
 from fedmoe_app.tools.experiments import cli as experiments_cli
 
@@ -25,6 +25,7 @@ PARSERS = {
     "fedmoe-partition": partition.build_parser,
     "fedmoe-export": export.build_parser,
     "fedmoe-plan": plan.build_parser,
+    "fedmoe-pretrain-llm": pretrain_llm.build_parser,
 }
 # `python -m <module>` runs the same tool as the console script
 MODULES = {
@@ -36,6 +37,7 @@ MODULES = {
     "fedmoe_app.tools.partition": "fedmoe-partition",
     "fedmoe_app.tools.export": "fedmoe-export",
     "fedmoe_app.tools.plan": "fedmoe-plan",
+    "fedmoe_app.tools.pretrain_llm": "fedmoe-pretrain-llm",
 }
 PYTHON = re.compile(r"^(\S*/)?python3?$")
 
