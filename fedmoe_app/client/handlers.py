@@ -21,13 +21,13 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.logger import log as flwr_log
 
 from ..capacity.probe import client_profile
-from ..config import RunConfig
+from ..config import TEXT_DATASETS, RunConfig
 from ..data.local import node_data
 from ..data.text import client_split
 from ..maths.privacy import privatize
 from ..models import build_model, load_arrays, model_costs, model_spec, model_to_arrays
 from ..tensors import is_gate_key, parse_expert_key
-from ..training import TrainResult, evaluate, resolve_device, train
+from ..training import TrainResult, evaluate, evaluate_text_sums, resolve_device, train
 from ..wire.holdings import held_from_config
 from ..wire.protocol import (
     ARRAYS,
@@ -192,6 +192,12 @@ def handle_evaluate(msg: Message, context: Context) -> RecordDict:
     cid = identity(context)
     _, test_split, info = local_data(cfg, context)
     model = _sub_model(msg, cfg, info)
-    loss, acc = evaluate(model, test_split, device=resolve_device(cfg.device), precision=cfg.precision)
-    metrics = {"eval-loss": loss, "eval-accuracy": acc, "num-examples": len(test_split)}
+    device = resolve_device(cfg.device)
+    if cfg.dataset in TEXT_DATASETS:  # per token, and in bits per byte of the text (any tokenizer)
+        sums = evaluate_text_sums(model, test_split, batch_size=512, device=device, precision=cfg.precision)
+        metrics = {"eval-loss": sums.loss, "eval-accuracy": sums.accuracy, "num-examples": len(test_split)}
+        metrics |= {"eval-bpb": sums.bpb, "eval-bytes": int(sums.nbytes.sum())}
+    else:
+        loss, acc = evaluate(model, test_split, device=device, precision=cfg.precision)
+        metrics = {"eval-loss": loss, "eval-accuracy": acc, "num-examples": len(test_split)}
     return RecordDict({METRICS: MetricRecord(metrics), CLIENT: client_record(cid)})

@@ -103,6 +103,7 @@ def evaluate_outcome(
     counted by reason. Replies that carry an error (a failed client) are not counted here.
     """
     valid: dict[str, tuple[int, float, float]] = {}
+    text: dict[str, tuple[float, int]] = {}
     rejected: dict[str, int] = {}
     for msg in replies:
         if msg.has_error() or not msg.has_content():
@@ -116,4 +117,6 @@ def evaluate_outcome(
             log(WARNING, "aggregate_evaluate: rejected reply from node %s: %s", node, exc)
             continue
         valid[r.client_id] = (r.num_examples, r.loss, r.accuracy)
-    return EvaluateOutcome.from_clients(valid, rejected)
+        if r.bpb is not None:
+            text[r.client_id] = (r.bpb, r.nbytes)
+    return EvaluateOutcome.from_clients(valid, rejected, text=text)

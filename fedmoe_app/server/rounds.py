@@ -130,14 +130,27 @@ class EvaluateOutcome:
     num_examples: int
     by_client: dict[str, float]  # client id -> accuracy
     rejected: dict[str, int]  # rejected replies by reason
+    bpb: float = math.nan  # text: bits per byte over every valid text reply (byte-weighted)
 
     @classmethod
     def from_clients(
-        cls, clients: dict[str, tuple[int, float, float]], rejected: dict[str, int]
+        cls,
+        clients: dict[str, tuple[int, float, float]],
+        rejected: dict[str, int],
+        *,
+        text: dict[str, tuple[float, int]] | None = None,
     ) -> EvaluateOutcome:
-        """Summarize ``{client id: (examples, loss, accuracy)}`` and the rejections by reason."""
+        """Summarize ``{client id: (examples, loss, accuracy)}`` and the rejections by reason.
+
+        ``text`` (text runs): ``{client id: (bits per byte, target bytes)}``; their byte-weighted
+        mean is the personalized bits per byte, exact whatever the tokenizer.
+        """
         if not clients:
             return cls(math.nan, math.nan, math.nan, 0, {}, dict(rejected))
+        bpb = math.nan
+        if text:
+            bits, nbytes = np.array(list(text.values()), dtype=np.float64).T
+            bpb = float((bits * nbytes).sum() / nbytes.sum())
         n = np.array([c[0] for c in clients.values()], dtype=np.float64)
         loss = np.array([c[1] for c in clients.values()])
         acc = np.array([c[2] for c in clients.values()])
@@ -149,6 +162,7 @@ class EvaluateOutcome:
             num_examples=int(n.sum()),
             by_client={cid: c[2] for cid, c in sorted(clients.items())},
             rejected=dict(rejected),
+            bpb=bpb,
         )
 
     def metric_record(self) -> MetricRecord | None:
@@ -222,6 +236,8 @@ def round_row(
             client_accuracy_worst10=client_eval.worst10_accuracy,
             client_accuracies=client_eval.by_client,
         )
+        if math.isfinite(client_eval.bpb):
+            row["client_bpb"] = client_eval.bpb
     if central_eval:
         row.update(central_eval)
     row["wall_time_s"] = wall_time_s

@@ -155,6 +155,8 @@ class EvalReply:
     num_examples: int
     loss: float
     accuracy: float
+    bpb: float | None = None  # text: bits per byte of its local test text
+    nbytes: int = 0  # text: the UTF-8 bytes of that text's targets (the weight of ``bpb``)
 
 
 def parse_eval_reply(content: RecordDict, client_id: str | None, max_examples: int | None) -> EvalReply:
@@ -164,7 +166,8 @@ def parse_eval_reply(content: RecordDict, client_id: str | None, max_examples: i
     knows behind the replying node; ``None``: not known, so any named client is refused);
     ``num-examples`` is a positive integer, not above ``max_examples`` (the local test size
     the client reported when first queried) when known; the loss is finite and ``>= 0``; the
-    accuracy is finite and in ``[0, 1]``.
+    accuracy is finite and in ``[0, 1]``; a text client's ``eval-bpb`` (finite, ``>= 0``) comes
+    with ``eval-bytes`` (a positive int), or neither is sent.
     """
     try:
         metrics = content[METRICS]
@@ -183,7 +186,14 @@ def parse_eval_reply(content: RecordDict, client_id: str | None, max_examples: i
             raise ReplyRejected("metrics", f"{name}: expected a finite number, got {value!r}")
         if not 0.0 <= value <= hi:
             raise ReplyRejected("metrics", f"{name}: {value!r} is outside [0, {hi}]")
-    return EvalReply(client_id=cid, num_examples=n, loss=float(loss), accuracy=float(acc))
+    bpb, nbytes = metrics.get("eval-bpb"), metrics.get("eval-bytes")
+    if bpb is None and nbytes is None:
+        return EvalReply(client_id=cid, num_examples=n, loss=float(loss), accuracy=float(acc))
+    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes <= 0:
+        raise ReplyRejected("metrics", f"eval-bytes: expected a positive int with eval-bpb, got {nbytes!r}")
+    if not isinstance(bpb, (int, float)) or isinstance(bpb, bool) or not (math.isfinite(bpb) and bpb >= 0):
+        raise ReplyRejected("metrics", f"eval-bpb: expected a finite number >= 0, got {bpb!r}")
+    return EvalReply(cid, n, float(loss), float(acc), bpb=float(bpb), nbytes=nbytes)
 
 
 def parse_train_reply(

@@ -11,10 +11,10 @@ from fedmoe_app.server.strategy import FedMoE
 from fedmoe_app.wire.protocol import CLIENT, METRICS, client_record
 
 
-def reply(node, client_id, n, loss, acc):
-    content = RecordDict(
-        {METRICS: MetricRecord({"num-examples": n, "eval-loss": loss, "eval-accuracy": acc})}
-    )
+def reply(node, client_id, n, loss, acc, **text):
+    metrics = {"num-examples": n, "eval-loss": loss, "eval-accuracy": acc}
+    metrics |= {f"eval-{k}": v for k, v in text.items()}  # bpb=..., bytes=...
+    content = RecordDict({METRICS: MetricRecord(metrics)})
     if client_id is not None:
         content[CLIENT] = client_record(client_id)
     meta = Metadata(
@@ -84,3 +84,31 @@ def test_rejections_reach_the_metrics_row(strategy):
     out = strategy.evaluate_round([reply(1, "c1", 20, 0.7, 0.8), reply(2, "c2", 20, 0.7, 2.0)])
     assert isinstance(out, EvaluateOutcome) and out.rejected == {"metrics": 1}
     assert out.metric_record()["eval-accuracy"] == pytest.approx(0.8)
+
+
+def test_text_clients_bits_per_byte_are_weighted_by_their_bytes(strategy):
+    # two text clients: 2.0 bits/byte over 1000 bytes and 4.0 over 3000 -> 3.5 bits/byte overall
+    out = strategy.evaluate_round(
+        [reply(1, "c1", 20, 3.0, 0.4, bpb=2.0, bytes=1000), reply(2, "c2", 20, 5.0, 0.3, bpb=4.0, bytes=3000)]
+    )
+    assert out.bpb == pytest.approx(3.5) and out.loss == pytest.approx(4.0)  # loss: per token, by windows
+    images = strategy.evaluate_round([reply(1, "c1", 20, 3.0, 0.4)])
+    assert math.isnan(images.bpb)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        {"bpb": 2.0},  # bits per byte without the bytes they weigh
+        {"bytes": 100},  # bytes without bits
+        {"bpb": 2.0, "bytes": 0},
+        {"bpb": 2.0, "bytes": 10.5},
+        {"bpb": math.inf, "bytes": 100},
+        {"bpb": -1.0, "bytes": 100},
+    ],
+)
+def test_malformed_text_evaluation_replies_are_rejected(strategy, text):
+    out = strategy.evaluate_round(
+        [reply(1, "c1", 20, 0.7, 0.8, bpb=1.0, bytes=50), reply(2, "c2", 20, 0.7, 0.5, **text)]
+    )
+    assert out.rejected == {"metrics": 1} and out.bpb == pytest.approx(1.0)

@@ -1,10 +1,10 @@
 """The summary of a text grid (``fortunes``, ``text``): bits per byte, overall and per group.
 
 Text runs record ``bpb`` (central held-out text, full model) and ``bpb_<group>`` per group
-(language) every round, and ``client_loss`` (nats per byte of the clients' own experts on
-their local held-out text). :func:`text_table` renders the last-``n`` means over seeds of
-both views and of every group; :func:`with_client_bpb` adds the personalized view in bits
-(``client_bpb``) so the accuracy plots can draw it. Lower is better everywhere.
+(language) every round, and ``client_bpb`` (bits per byte of the clients' own experts on
+their local held-out text, weighted by its bytes). :func:`text_table` renders the last-``n``
+means over seeds of both views and of every group; :func:`with_client_bpb` fills
+``client_bpb`` for older byte-level rows so the accuracy plots can draw it. Lower is better.
 """
 
 from __future__ import annotations
@@ -25,13 +25,20 @@ def is_text(results: Sequence[FinishedRun]) -> bool:
 
 
 def with_client_bpb(results: Sequence[FinishedRun]) -> list[FinishedRun]:
-    """Copy ``results``, adding ``client_bpb`` (``client_loss / ln 2``) to every row that has a loss."""
+    """Copy ``results`` with ``client_bpb`` in every row that has a loss.
+
+    Rows carry the clients' own ``client_bpb``; rows of byte-level runs written before it was
+    recorded get ``client_loss / ln 2`` (bits per byte when a token is a byte).
+    """
     out = []
     for r in results:
         rows = []
         for row in r.rounds:
             loss = row.get("client_loss")
-            rows.append({**row, "client_bpb": loss / math.log(2)} if isinstance(loss, (int, float)) else row)
+            if "client_bpb" in row or not isinstance(loss, (int, float)):
+                rows.append(row)  # the clients' own bits per byte (any tokenizer), or no loss
+            else:  # byte-level runs recorded before the clients reported bits per byte
+                rows.append({**row, "client_bpb": loss / math.log(2)})
         out.append(replace(r, rounds=rows))
     return out
 
