@@ -10,7 +10,7 @@ PEFT adapter folder that ``PeftModel.from_pretrained`` loads.
 import numpy as np
 import pytest
 import torch
-from conftest import text_run, text_split, train_args
+from conftest import text_split, train_args
 
 from fedmoe_app.config import ConfigError, RunConfig
 from fedmoe_app.data.text import TextInfo
@@ -18,7 +18,6 @@ from fedmoe_app.maths.aggregation import ClientUpdate, aggregate
 from fedmoe_app.models import build_model, expected_keys, load_arrays, model_spec, model_to_arrays
 from fedmoe_app.tensors import experts_in, parse_expert_key, raw_nbytes, select
 from fedmoe_app.training import evaluate, train
-from fedmoe_app.wire.records import to_record, wire_nbytes
 
 pytest.importorskip("peft")
 
@@ -251,24 +250,3 @@ def test_bad_lora_settings_stop_the_run_naming_the_key(extra, key, says):
     with pytest.raises(ConfigError, match=f"'{key}'") as err:
         spec_of(**extra)
     assert says in str(err.value)
-
-
-@pytest.mark.slow
-def test_flwr_run_fine_tunes_lora_adapters_on_text_files(run_app, tmp_path):
-    """Two clients, two rounds of ``flwr run`` with ``peft = "lora"``: adapters only on the wire."""
-    run_config = {"model": "hf", "hf-config": "tiny-mixtral", **TINY, "context-length": 32, **LORA}
-    rows, out = text_run(
-        run_app,
-        tmp_path / "corpus",
-        {"en.txt": "The cat sat on the mat. ", "de.txt": "Der Hund sitzt im Gras. "},
-        {**run_config, "lr": 0.5},
-        num_supernodes=2,
-        run_name="hf-lora-e2e",
-    )
-    assert rows[-1]["bpb"] < rows[0]["bpb"] - 0.05
-    cfg = RunConfig.from_run_config({"dataset": "fortunes", **run_config})
-    spec = model_spec(cfg, TextInfo(256, 32, ("en",)))
-    client = wire_nbytes(to_record(model_to_arrays(build_model(spec, [0, 1], seed=0))))  # 2 experts
-    server = wire_nbytes(to_record(model_to_arrays(build_model(spec, seed=0))))  # every expert
-    assert rows[-1]["bytes_down"] == 2 * client  # two clients, adapters only
-    assert rows[-1]["dense_bytes_down"] == 2 * server  # the server's model: the adapters

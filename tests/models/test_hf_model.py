@@ -10,7 +10,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import text_run
 from llm_folder import TEXT, tiny_model_folder
 
 from fedmoe_app.config import ConfigError, RunConfig
@@ -131,23 +130,6 @@ def test_bad_model_folders_stop_the_run_naming_the_key(tmp_path, corpus):
     # a tokenizer without tokenizer.json is checked when loaded, against the model's vocab_size
     with pytest.raises(ValueError, match="'hf-model'.*400 token ids.*vocab_size is 320"):
         HFSpec.from_folder(str(folder), 16, 400)
-
-
-@pytest.mark.slow
-def test_flwr_run_fine_tunes_a_model_folder_on_its_tokens(run_app, tmp_path):
-    folder = tiny_model_folder(tmp_path / "model", "mixtral")
-    rows, _ = text_run(
-        run_app,
-        tmp_path / "corpus",
-        {"en.txt": "The cat sat on the mat number 7. ", "de.txt": "Der Hund läuft über die Straße. "},
-        {"model": "hf", "hf-model": str(folder)},
-        num_supernodes=2,
-        run_name="hf-model-e2e",
-    )
-    first, last = rows[0], rows[-1]
-    assert {"loss", "perplexity", "bpb", "bpb_en.txt", "bpb_de.txt", "bytes_per_token"} <= set(last)
-    assert 1.0 < last["bytes_per_token"] < 8.0  # tokens, not bytes
-    assert last["bpb"] < first["bpb"] - 0.5
 
 
 def test_lora_fine_tunes_adapters_on_the_folders_weights(tmp_path, corpus):
