@@ -13,18 +13,19 @@ and the model folder as ``hf-model``:
   loads with ``PeftModel`` with the logits of the app's global model.
 """
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
 from conftest import text_run
-from llm_folder import TEXT
+from llm_folder import TEXT, tiny_args
 
 from fedmoe_app.models import build_model, load_arrays, model_to_arrays
 from fedmoe_app.models.export import spec_from_document
 from fedmoe_app.run.export import FINAL_MODEL_FILE, SPEC_FILE
-from fedmoe_app.tools.pretrain_llm import PretrainArgs, make_model_folder
+from fedmoe_app.tools.pretrain_llm import make_model_folder
 from fedmoe_app.wire.records import to_record, wire_nbytes
 
 pytestmark = pytest.mark.slow
@@ -41,24 +42,8 @@ def pretrained(tmp_path_factory):
     """A model folder pretrained for 40 steps on :data:`TEXT` (config, tokenizer, safetensors)."""
     root = tmp_path_factory.mktemp("pretrained")
     (root / "pretrain.txt").write_bytes(b"\n\n".join(TEXT))
-    args = PretrainArgs(
-        text=(str(root / "pretrain.txt"),),
-        family="olmoe",
-        vocab=320,
-        layers=2,
-        d_model=32,
-        heads=4,
-        expert_hidden=32,
-        experts=8,
-        top_k=2,
-        context=32,
-        batch=8,
-        lr=3e-3,
-        steps=40,
-        minutes=0.0,
-        seed=0,
-    )
-    folder, summary = make_model_folder(args, root / "model")
+    args = dataclasses.replace(tiny_args("olmoe"), text=(str(root / "pretrain.txt"),), batch=8, steps=40)
+    folder, _ = make_model_folder(args, root / "model")
     return folder
 
 
