@@ -13,11 +13,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import ml_dtypes
 import numpy as np
 import torch
 
 from ..tensors import Arrays, expert_key
 from .interface import MoEModel
+
+
+def to_torch(value: np.ndarray) -> torch.Tensor:
+    """Return ``value`` as a CPU tensor of the same dtype, ``ml_dtypes.bfloat16`` as ``torch.bfloat16``.
+
+    The tensor shares memory with ``value`` where it is contiguous (bf16: its bits, viewed).
+    """
+    value = np.ascontiguousarray(value)
+    if value.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(value.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(value)
 
 
 def _slots(model: MoEModel) -> list[tuple[str, str, list[int]]]:
@@ -46,6 +58,8 @@ def model_to_arrays(model: MoEModel) -> Arrays:
 def load_arrays(model: MoEModel, arrays: Mapping[str, np.ndarray]) -> None:
     """Load global-named arrays into ``model``; they must cover exactly what it holds.
 
+    Each tensor is cast to the dtype of the model's own tensor (float32 or bfloat16 arrays alike).
+
     Raises
     ------
     KeyError
@@ -68,7 +82,7 @@ def load_arrays(model: MoEModel, arrays: Mapping[str, np.ndarray]) -> None:
             value = arrays[name]
         if tuple(value.shape) != tuple(tensor.shape):
             raise ValueError(f"{name}: expected shape {tuple(tensor.shape)}, got {tuple(value.shape)}")
-        new_state[name] = torch.as_tensor(np.asarray(value, dtype=np.float32))
+        new_state[name] = to_torch(value).to(tensor.dtype)
     model.load_federated_state(new_state)
 
 
