@@ -55,6 +55,20 @@ def model_to_arrays(model: MoEModel) -> Arrays:
     return out
 
 
+def global_shapes(model: MoEModel) -> dict[str, tuple[int, ...]]:
+    """Return the shape of every tensor :func:`model_to_arrays` gives, in its order (a meta model will do)."""
+    stacked = _slots(model)
+    names = {n for n, _, _ in stacked}
+    state = model.federated_state()
+    out = {name: tuple(t.shape) for name, t in state.items() if name not in names}
+    width = max(len(ids) for _, _, ids in stacked) if stacked else 0
+    for slot in range(width):
+        for name, suffix, ids in stacked:
+            if slot < len(ids):
+                out[expert_key(ids[slot], suffix)] = tuple(state[name].shape[1:])
+    return out
+
+
 def load_arrays(model: MoEModel, arrays: Mapping[str, np.ndarray]) -> None:
     """Load global-named arrays into ``model``; they must cover exactly what it holds.
 

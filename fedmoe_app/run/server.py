@@ -13,7 +13,8 @@ from flwr.serverapp import Grid
 
 from ..config.run import RunConfig
 from ..data.text import server_split
-from ..models import build_model, model_spec, model_to_arrays
+from ..models import AnySpec, HFSpec, build_model, model_spec, model_to_arrays
+from ..models.hf_global import hf_global_arrays
 from ..server.strategy import FedMoE
 from ..tensors import Arrays
 from ..wire.records import from_record
@@ -24,13 +25,26 @@ from .folder import open_run_folder, resumed_arrays
 from .results import RunRecorder
 
 
+def initial_arrays(spec: AnySpec, seed: int) -> Arrays:
+    """Return the initial global model: an ``hf`` checkpoint's tensors in their own dtype, else built.
+
+    An ``hf`` model with weights (``hf-model`` or ``hf-weights``) trained in full is read tensor by
+    tensor (:func:`~..models.hf_global.hf_global_arrays`: a bf16 checkpoint stays bf16, never a
+    whole float32 copy); under ``peft = "lora"`` the global model is the adapters, and presets and
+    other models are seeded: those are built (``build_model(spec, seed)``).
+    """
+    if isinstance(spec, HFSpec) and spec.weights and spec.lora is None:
+        return hf_global_arrays(spec)
+    return model_to_arrays(build_model(spec, seed=seed))
+
+
 def run_server(grid: Grid, run_config: dict) -> Path:
     """Run a whole fedmoe job on ``grid``; return the output folder."""
     cfg = RunConfig.from_run_config(run_config)
     out, resumed = open_run_folder(cfg)
     test, info = server_split(cfg)
     spec = model_spec(cfg, info)
-    arrays = model_to_arrays(build_model(spec, seed=cfg.seed))
+    arrays = initial_arrays(spec, cfg.seed)
     if resumed is not None:
         arrays = resumed_arrays(resumed, arrays, out)
         log(INFO, "Resuming run %s after round %d", out.name, resumed.round)
