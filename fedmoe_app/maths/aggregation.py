@@ -25,6 +25,8 @@ An expert (or gate row) with zero total weight keeps its value.
 Memory: the result shares every tensor it does not change with ``global_arrays`` and computes
 the others one at a time, in float64 for a float32 tensor and in float32 for a narrower one
 (a bfloat16 global model), cast back to the tensor's dtype; no copy of the whole model is made.
+With ``in_place`` each result is written into the global tensor itself, so the server holds one
+model plus one tensor's temporaries.
 
 Gate balancing (:func:`balance_gate_bias`, ``gate-balance-rate > 0``): after aggregation the
 server moves the gate's bias, as Loss-Free Balancing (Wang et al. 2024, arXiv 2408.15664) moves
@@ -80,8 +82,9 @@ def aggregate(
     method: str = "mean",
     trim_fraction: float | None = None,
     per_layer: bool = False,
+    in_place: bool = False,
 ) -> Arrays:
-    """Return the new global arrays from ``updates`` (``global_arrays`` is not modified).
+    """Return the new global arrays from ``updates`` (``global_arrays`` is not modified unless ``in_place``).
 
     Parameters
     ----------
@@ -107,6 +110,9 @@ def aggregate(
         returned it, weighted by the tokens *that layer* routed to it, and the rows of layer
         ``l``'s router by layer ``l``'s tokens (clients holding at least two experts in it);
         needs every update's ``layer_tokens`` and ``layer_held``.
+    in_place : bool
+        Write each new tensor into ``global_arrays``' own (writeable) tensor, cast to its dtype,
+        instead of a new array: the model is never held twice.
 
     Returns
     -------
@@ -132,7 +138,11 @@ def aggregate(
             new = _gate_rows(key, old, updates, weights.gate(key))
         else:
             new = _example_mean(key, old, updates, examples)
-        if new is not None:
+        if new is None:
+            continue
+        if in_place and old.flags.writeable:
+            np.copyto(old, new, casting="unsafe")  # the cast astype would make
+        else:
             out[key] = new.astype(old.dtype)
     return out
 

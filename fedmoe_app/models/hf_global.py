@@ -107,7 +107,8 @@ def hf_global_arrays(spec: HFSpec) -> Arrays:
                     raise ValueError(f"{problem}: {name} is not a tensor of this model")
     tied = "net.lm_head.weight"
     if tied in shapes and tied not in out and spec.config.get("tie_word_embeddings"):
-        out[tied] = out.get("net.model.embed_tokens.weight")
+        embed = out.get("net.model.embed_tokens.weight")
+        out[tied] = None if embed is None else embed.copy()  # two tensors, as model_to_arrays gives
     missing = [k for k in shapes if out.get(k) is None]
     wrong = [k for k in shapes if k in out and out[k] is not None and tuple(out[k].shape) != shapes[k]]
     if missing or wrong:

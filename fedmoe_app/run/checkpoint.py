@@ -26,6 +26,30 @@ from ..tensors import Arrays
 
 CHECKPOINT_FILE = "checkpoint.npz"
 BF16_KEY = "bfloat16"  # the state's list of the tensors stored as bfloat16 bits
+BF16_ENTRY = "__bfloat16__"  # a model file's entry listing its tensors stored as bfloat16 bits
+
+
+def save_model(path: Path, arrays: Arrays) -> None:
+    """Write named arrays to the ``.npz`` file ``path`` (``final_model.npz``), bf16 ones as their bits.
+
+    Tensors other than bfloat16 are stored as they are (a float32 model's file is plain
+    ``np.savez``); bfloat16 ones as ``uint16`` bits, named in the entry ``__bfloat16__``
+    (:func:`load_model` reads them back as bfloat16).
+    """
+    bf16 = sorted(k for k, v in arrays.items() if v.dtype == ml_dtypes.bfloat16)
+    payload = {k: v.view(np.uint16) if k in bf16 else v for k, v in arrays.items()}
+    if bf16:
+        payload[BF16_ENTRY] = np.array(bf16)
+    np.savez(Path(path), **payload)
+
+
+def load_model(path: Path) -> Arrays:
+    """Read a model file written by :func:`save_model` (or ``np.savez``), bf16 tensors as bfloat16."""
+    with np.load(Path(path), allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    for key in arrays.pop(BF16_ENTRY, np.array([], dtype=str)).tolist():
+        arrays[key] = arrays[key].view(ml_dtypes.bfloat16)
+    return arrays
 
 
 def checkpoint_path(run_dir: Path) -> Path:

@@ -7,7 +7,6 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flwr.common import log
 from flwr.serverapp import Grid
 
@@ -18,7 +17,7 @@ from ..models.hf_global import hf_global_arrays
 from ..server.strategy import FedMoE
 from ..tensors import Arrays
 from ..wire.records import from_record
-from .checkpoint import checkpoint_path, save_checkpoint
+from .checkpoint import checkpoint_path, save_checkpoint, save_model
 from .evaluation import central_evaluator
 from .export import export_finished_run, write_run_spec
 from .folder import open_run_folder, resumed_arrays
@@ -48,12 +47,16 @@ def run_server(grid: Grid, run_config: dict) -> Path:
     if resumed is not None:
         arrays = resumed_arrays(resumed, arrays, out)
         log(INFO, "Resuming run %s after round %d", out.name, resumed.round)
-    strategy = FedMoE(cfg, spec, arrays, state=resumed.strategy if resumed else None)
+    # the server hands its arrays over: each round is averaged into them, one model held
+    strategy = FedMoE(cfg, spec, arrays, state=resumed.strategy if resumed else None, in_place=True)
     ckpt = checkpoint_path(out)
     recorder = RunRecorder(out, cfg.to_dict(), resumed.history if resumed else [])
     write_run_spec(out, spec)
 
+    latest: list[Arrays] = []  # the model after the last round (bf16 stays bf16)
+
     def on_round(row: dict[str, Any], arrays: Arrays) -> None:
+        latest[:] = [arrays]
         recorder.add(row)
         if row["round"] > 0:
             t0 = time.perf_counter()
@@ -82,8 +85,8 @@ def run_server(grid: Grid, run_config: dict) -> Path:
         on_round=on_round,
         start_round=resumed.round + 1 if resumed else 1,
     )
-    final = from_record(result.arrays)
-    np.savez(out / "final_model.npz", **final)
+    final = latest[0] if latest else from_record(result.arrays)
+    save_model(out / "final_model.npz", final)
     recorder.plot()
     exported = export_finished_run(out, spec, final, cfg.to_dict(), recorder.rounds)
     if exported is not None:

@@ -85,6 +85,11 @@ def to_record(arrays: Mapping[str, np.ndarray], wire_dtype: str = "fp32") -> Arr
     return ArrayRecord(array_dict={k: _array(v, wire_dtype) for k, v in arrays.items()})
 
 
+def model_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Pack a model into an ArrayRecord with no cast: bfloat16 tensors as their bits, the rest as they are."""
+    return ArrayRecord(array_dict={k: _array(v, "bf16" if is_bf16(v) else "fp32") for k, v in arrays.items()})
+
+
 def decode_array(array: Array) -> np.ndarray:
     """Return one record entry as numpy, a bf16-marked one decoded to float32.
 

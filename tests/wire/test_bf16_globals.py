@@ -8,7 +8,7 @@ from conftest import make_spec
 
 from fedmoe_app.maths.aggregation import ClientUpdate, aggregate
 from fedmoe_app.models import build_model, load_arrays, model_to_arrays
-from fedmoe_app.run.checkpoint import load_checkpoint, save_checkpoint
+from fedmoe_app.run.checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
 from fedmoe_app.tensors import payload_nbytes
 from fedmoe_app.wire.records import (
     BF16,
@@ -90,6 +90,13 @@ def test_aggregating_a_bf16_model_matches_the_fp32_average_to_bf16_precision_and
         tol = 2**-7 * (np.abs(v).max() + 1)
         np.testing.assert_allclose(new16[k].astype(np.float32), v, atol=tol, err_msg=k)
     assert not np.array_equal(new16["experts.1.w1"], g16["experts.1.w1"])
+    for g in (g32, g16):  # in place: the same values, written into the global tensors themselves
+        expected = aggregate(g, updates(next(iter(g.values())).dtype), gate_from_all=False)
+        tensors, before = dict(g), {k: v.copy() for k, v in g.items()}
+        got = aggregate(g, updates(next(iter(g.values())).dtype), gate_from_all=False, in_place=True)
+        assert all(got[k] is tensors[k] for k in g) and any(not np.array_equal(g[k], before[k]) for k in g)
+        for k, v in expected.items():
+            assert got[k].dtype == v.dtype and got[k].tobytes() == v.tobytes(), k
 
 
 def test_a_checkpoint_keeps_bf16_tensors_bf16(tmp_path):
@@ -101,6 +108,13 @@ def test_a_checkpoint_keeps_bf16_tensors_bf16(tmp_path):
     assert back["a"].dtype == BF and back["b"].dtype == np.float32
     np.testing.assert_array_equal(back["a"].view(np.uint16), arrays["a"].view(np.uint16))
     np.testing.assert_array_equal(back["b"], arrays["b"])
+    save_model(tmp_path / "final_model.npz", arrays)  # the final model's file: the same
+    back = load_model(tmp_path / "final_model.npz")
+    assert set(back) == set(arrays) and back["a"].dtype == BF and back["b"].dtype == np.float32
+    assert back["a"].tobytes() == arrays["a"].tobytes() and back["b"].tobytes() == arrays["b"].tobytes()
+    save_model(tmp_path / "f32.npz", {"b": arrays["b"]})  # a float32 model: plain np.savez
+    with np.load(tmp_path / "f32.npz") as npz:
+        assert npz.files == ["b"]
 
 
 def test_load_arrays_casts_bf16_arrays_to_the_models_dtype_and_bytes_count_two_per_weight():
