@@ -13,7 +13,6 @@ or Flower.
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from ..files import atomic_write
+from ..files import atomic_write_with
 from ..tensors import Arrays
 
 CHECKPOINT_FILE = "checkpoint.npz"
@@ -60,15 +59,14 @@ def checkpoint_path(run_dir: Path) -> Path:
 def save_checkpoint(path: Path, arrays: Arrays, state: dict[str, Any]) -> None:
     """Atomically write ``arrays`` and JSON-serializable ``state`` to ``path``.
 
-    ``state`` must not use the key ``"bfloat16"`` (it lists the bfloat16 tensors).
+    The file is streamed tensor by tensor (no copy of the model in memory). ``state`` must not
+    use the key ``"bfloat16"`` (it lists the bfloat16 tensors).
     """
-    buf = io.BytesIO()
     bf16 = sorted(k for k, v in arrays.items() if v.dtype == ml_dtypes.bfloat16)
     payload = {f"model/{k}": v.view(np.uint16) if k in bf16 else v for k, v in arrays.items()}
     document = {**state, BF16_KEY: bf16} if bf16 else state
     payload["state"] = np.frombuffer(json.dumps(document).encode(), dtype=np.uint8)
-    np.savez(buf, **payload)
-    atomic_write(Path(path), buf.getvalue())
+    atomic_write_with(Path(path), lambda f: np.savez(f, **payload))
 
 
 def load_checkpoint(path: Path) -> tuple[Arrays, dict[str, Any]]:

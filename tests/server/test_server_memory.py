@@ -11,7 +11,8 @@ The replies' decoded tensors (``R``: the trained tensors in the global's dtype, 
 returned) are allocated during it and subtracted: the peak beyond them is the server's own cost,
 and N plus it is what the server holds for the model while aggregating. ``in_place=True`` is how
 ``run_server`` makes the strategy (the averages written into the global tensors); the default
-(new tensors for those that change) is measured too.
+(new tensors for those that change) is measured too. Writing the round's checkpoint is traced
+as well: it streams tensor by tensor to the file.
 """
 
 import time
@@ -27,6 +28,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedmoe_app.config import RunConfig
 from fedmoe_app.data.text import TextInfo
 from fedmoe_app.models import build_model, model_spec
+from fedmoe_app.run.checkpoint import save_checkpoint
 from fedmoe_app.run.server import initial_arrays
 from fedmoe_app.server.strategy import FedMoE
 from fedmoe_app.tensors import raw_nbytes
@@ -70,7 +72,14 @@ def round_memory(folder, in_place):
     assert changed and all(np.array_equal(new[k], before[k]) for k in new if k not in changed)
     assert all((new[k] is arrays[k]) == in_place for k in changed if k != "gate.bias")
     n, c = raw_nbytes(arrays), sum(before[k].nbytes for k in changed)
-    return {"N": n, "R": r, "new": c, "changed": len(changed), "tensors": len(new), "peak": peak}, seconds
+    del replies, train_round, before
+    tracemalloc.start()  # the round's checkpoint: streamed to the file, bf16 as bf16
+    save_checkpoint(folder / "checkpoint.npz", new, {"round": 1})
+    _, saving = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert (folder / "checkpoint.npz").stat().st_size < 1.01 * n
+    figures = {"N": n, "R": r, "new": c, "changed": len(changed), "tensors": len(new), "peak": peak}
+    return figures | {"checkpoint": saving}, seconds
 
 
 def test_a_bf16_checkpoint_is_held_in_bf16_and_a_round_aggregates_in_under_one_and_a_half_times_it(tmp_path):
@@ -89,8 +98,10 @@ def test_a_bf16_checkpoint_is_held_in_bf16_and_a_round_aggregates_in_under_one_a
             f"in_place={in_place}: N={n / 1e6:.1f} MB bf16; replies R={m['R'] / 1e6:.1f} MB; changed "
             f"{m['changed']}/{m['tensors']} tensors ({m['new'] / 1e6:.1f} MB); traced peak "
             f"{m['peak'] / 1e6:.1f} MB = R + {own / 1e6:.1f} MB ({own / n:.2f} N); "
-            f"model + peak beyond the replies: {(n + own) / n:.2f} N; {seconds:.2f} s"
+            f"model + peak beyond the replies: {(n + own) / n:.2f} N; {seconds:.2f} s; "
+            f"checkpoint written with {m['checkpoint'] / 1e6:.1f} MB"
         )
+        assert m["checkpoint"] < 0.1 * n
         assert own < m["new"] + 0.25 * n  # new tensors (copying) and one tensor's temporaries: no model copy
         if in_place:
             assert n + own < 1.5 * n  # the model once, plus temporaries: under 1.5 N
