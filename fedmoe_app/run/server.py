@@ -37,6 +37,11 @@ def initial_arrays(spec: AnySpec, seed: int) -> Arrays:
     return model_to_arrays(build_model(spec, seed=seed))
 
 
+def model_dtype(arrays: Arrays) -> str | None:
+    """Return ``"bfloat16"`` if the global model holds bfloat16 tensors, else None (float32)."""
+    return "bfloat16" if any(str(v.dtype) == "bfloat16" for v in arrays.values()) else None
+
+
 def run_server(grid: Grid, run_config: dict) -> Path:
     """Run a whole fedmoe job on ``grid``; return the output folder."""
     cfg = RunConfig.from_run_config(run_config)
@@ -81,7 +86,7 @@ def run_server(grid: Grid, run_config: dict) -> Path:
         grid,
         num_rounds=cfg.num_server_rounds,
         timeout=cfg.round_timeout_s,
-        central_eval=central_evaluator(cfg, spec, test, info),
+        central_eval=central_evaluator(cfg, spec, test, info, dtype=model_dtype(arrays)),
         on_round=on_round,
         start_round=resumed.round + 1 if resumed else 1,
     )

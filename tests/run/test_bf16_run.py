@@ -10,10 +10,11 @@ from fake_federation import FakeGrid
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmoe_app.config import RunConfig
-from fedmoe_app.data.text import TextInfo
+from fedmoe_app.data.text import TextInfo, server_split
 from fedmoe_app.models import build_model, load_arrays, model_spec
 from fedmoe_app.models.export import spec_from_document
 from fedmoe_app.run.checkpoint import checkpoint_path, load_checkpoint, load_model
+from fedmoe_app.run.evaluation import central_evaluator
 from fedmoe_app.run.server import initial_arrays, run_server
 
 pytest.importorskip("transformers")
@@ -66,6 +67,7 @@ def test_a_bf16_checkpoint_is_trained_checkpointed_saved_and_exported_in_bf16(tm
         "run-name": "bf16",
     }
     out = run_server(FakeGrid(2, num_experts=8, top_k=2, scale=5.0), config)
+    assert torch.get_default_dtype() == torch.float32  # the bf16 evaluation model was built in a block
     start = initial_arrays(model_spec(RunConfig.from_run_config(config), TextInfo(256, 16, ("en",))), 0)
     final = load_model(out / "final_model.npz")
     saved, ckpt = load_checkpoint(checkpoint_path(out))
@@ -75,6 +77,14 @@ def test_a_bf16_checkpoint_is_trained_checkpointed_saved_and_exported_in_bf16(tm
     assert sum(not np.array_equal(final[k], start[k]) for k in final) > len(final) // 2  # it moved
     rows = json.loads((out / "metrics.json").read_text())
     assert [r["round"] for r in rows] == [0, 1, 2] and all(np.isfinite(r["bpb"]) for r in rows)
+    # the run evaluated the model in bf16 (its evaluation model was built in the global's dtype)
+    cfg = RunConfig.from_run_config(config)
+    test, info = server_split(cfg)
+    spec16 = model_spec(cfg, info)
+    in_bf16 = central_evaluator(cfg, spec16, test, info, dtype="bfloat16")(2, final)["bpb"]
+    in_fp32 = central_evaluator(cfg, spec16, test, info)(2, final)["bpb"]
+    assert rows[-1]["bpb"] == pytest.approx(in_bf16, rel=1e-9) and in_bf16 != in_fp32
+    assert in_bf16 == pytest.approx(in_fp32, rel=0.02)
     # the export holds the final model (loaded into a float32 model: exact upcast)
     model = build_model(spec_from_document(json.loads((out / "model_spec.json").read_text())), seed=0).eval()
     load_arrays(model, final)
