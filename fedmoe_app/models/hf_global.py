@@ -35,7 +35,7 @@ _DTYPES = {
 }
 
 
-def _skeleton_shapes(spec: HFSpec) -> dict[str, tuple[int, ...]]:
+def hf_global_shapes(spec: HFSpec) -> dict[str, tuple[int, ...]]:
     """Global names and shapes of ``spec``'s model holding every expert, built on the meta device."""
     from dataclasses import replace
 
@@ -64,7 +64,7 @@ def hf_global_arrays(spec: HFSpec) -> Arrays:
         from the files, or one the model has not.
 
     """
-    shapes = _skeleton_shapes(spec)
+    shapes = hf_global_shapes(spec)
     problem = f"run-config key {spec.weights_key!r} = {spec.weights!r}"
     out: Arrays = {}
     for path in weight_files(Path(spec.weights).expanduser(), spec.weights, spec.weights_key):

@@ -13,7 +13,7 @@ from flwr.serverapp import Grid
 from ..config.run import RunConfig
 from ..data.text import server_split
 from ..models import AnySpec, HFSpec, build_model, model_spec, model_to_arrays
-from ..models.hf_global import hf_global_arrays
+from ..models.hf_global import hf_global_arrays, hf_global_shapes
 from ..server.strategy import FedMoE
 from ..tensors import Arrays
 from ..wire.records import from_record
@@ -32,9 +32,21 @@ def initial_arrays(spec: AnySpec, seed: int) -> Arrays:
     whole float32 copy); under ``peft = "lora"`` the global model is the adapters, and presets and
     other models are seeded: those are built (``build_model(spec, seed)``).
     """
-    if isinstance(spec, HFSpec) and spec.weights and spec.lora is None:
+    if _read_from_files(spec):
         return hf_global_arrays(spec)
     return model_to_arrays(build_model(spec, seed=seed))
+
+
+def initial_shapes(spec: AnySpec, seed: int) -> dict[str, tuple[int, ...]]:
+    """Return the names and shapes of :func:`initial_arrays` (an ``hf`` checkpoint's: not read)."""
+    if _read_from_files(spec):
+        return hf_global_shapes(spec)
+    return {k: tuple(v.shape) for k, v in model_to_arrays(build_model(spec, seed=seed)).items()}
+
+
+def _read_from_files(spec: AnySpec) -> bool:
+    """Whether the initial global model is read from an ``hf`` checkpoint (not built)."""
+    return isinstance(spec, HFSpec) and bool(spec.weights) and spec.lora is None
 
 
 def model_dtype(arrays: Arrays) -> str | None:
@@ -48,9 +60,10 @@ def run_server(grid: Grid, run_config: dict) -> Path:
     out, resumed = open_run_folder(cfg)
     test, info = server_split(cfg)
     spec = model_spec(cfg, info)
-    arrays = initial_arrays(spec, cfg.seed)
-    if resumed is not None:
-        arrays = resumed_arrays(resumed, arrays, out)
+    if resumed is None:
+        arrays = initial_arrays(spec, cfg.seed)
+    else:  # the checkpoint's model, checked against the run's names and shapes (never read twice)
+        arrays = resumed_arrays(resumed, initial_shapes(spec, cfg.seed), out)
         log(INFO, "Resuming run %s after round %d", out.name, resumed.round)
     # the server hands its arrays over: each round is averaged into them, one model held
     strategy = FedMoE(cfg, spec, arrays, state=resumed.strategy if resumed else None, in_place=True)

@@ -93,3 +93,16 @@ def test_a_bf16_checkpoint_is_trained_checkpointed_saved_and_exported_in_bf16(tm
         want = model(x).logits
         got = AutoModelForCausalLM.from_pretrained(out / "export").eval()(input_ids=x).logits
     assert torch.allclose(got.float(), want, atol=1e-3)
+    # resumed for a third round: from the bf16 checkpoint (the files are not read as a model again)
+    again = run_server(
+        FakeGrid(2, num_experts=8, top_k=2, scale=5.0), config | {"resume": True, "num-server-rounds": 3}
+    )
+    assert again == out and [r["round"] for r in json.loads((out / "metrics.json").read_text())] == [
+        0,
+        1,
+        2,
+        3,
+    ]
+    third = load_model(out / "final_model.npz")
+    assert all(v.dtype == ml_dtypes.bfloat16 for v in third.values())
+    assert any(not np.array_equal(third[k], final[k]) for k in final)
