@@ -67,6 +67,7 @@ def hf_global_arrays(spec: HFSpec) -> Arrays:
     shapes = hf_global_shapes(spec)
     problem = f"run-config key {spec.weights_key!r} = {spec.weights!r}"
     out: Arrays = {}
+    parts: dict[str, set[int]] = {}  # per-expert layout: the parts of gate_up / down read so far
     for path in weight_files(Path(spec.weights).expanduser(), spec.weights, spec.weights_key):
         with open(path, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
@@ -87,15 +88,20 @@ def hf_global_arrays(spec: HFSpec) -> Arrays:
                     want = shapes.get(key)
                     if want is None:
                         raise ValueError(f"{problem}: {name} is not a tensor of this model")
+                    half = want[0] // (2 if target == "gate_up_proj" else 1)
+                    if tuple(shape) != (half, *want[1:]):
+                        raise ValueError(
+                            f"{problem}: {name} has shape {tuple(shape)}, expected {(half, *want[1:])}"
+                        )
                     if key not in out:
                         out[key] = np.empty(want, dtype=kept)
-                    half = want[0] // (2 if target == "gate_up_proj" else 1)
                     out[key][part * half : (part + 1) * half] = _read(
                         f, start, end - begin, shape, stored, kept
                     )
+                    parts.setdefault(key, set()).add(part)
                 elif f"net.{local}" in shapes:
                     out[f"net.{local}"] = _read(f, start, end - begin, shape, stored, kept)
-                elif local.split(".")[-2] == "experts":  # stacked layout: one expert at a time
+                elif local.split(".")[-2:-1] == ["experts"]:  # stacked layout: one expert at a time
                     suffix = expert_suffix(f"net.{local}")
                     stride = (end - begin) // max(shape[0], 1)
                     for e in range(shape[0]):
@@ -105,12 +111,16 @@ def hf_global_arrays(spec: HFSpec) -> Arrays:
                         out[key] = _read(f, start + e * stride, stride, shape[1:], stored, kept)
                 elif not local.endswith("rotary_emb.inv_freq"):
                     raise ValueError(f"{problem}: {name} is not a tensor of this model")
+    for key, got in parts.items():  # gate_up needs both halves
+        if len(got) < (2 if key.endswith("gate_up_proj") else 1):
+            del out[key]
     tied = "net.lm_head.weight"
     if tied in shapes and tied not in out and spec.config.get("tie_word_embeddings"):
         embed = out.get("net.model.embed_tokens.weight")
-        out[tied] = None if embed is None else embed.copy()  # two tensors, as model_to_arrays gives
-    missing = [k for k in shapes if out.get(k) is None]
-    wrong = [k for k in shapes if k in out and out[k] is not None and tuple(out[k].shape) != shapes[k]]
+        if embed is not None:
+            out[tied] = embed.copy()  # two tensors, as model_to_arrays gives
+    missing = [k for k in shapes if k not in out]
+    wrong = [k for k in shapes if k in out and tuple(out[k].shape) != shapes[k]]
     if missing or wrong:
         raise ValueError(f"{problem}: tensors missing {missing[:5]}, of another shape {wrong[:5]}")
     return {k: out[k] for k in shapes}

@@ -61,7 +61,7 @@ def test_the_files_give_the_built_models_arrays_in_their_own_dtype(tmp_path, pre
         assert sum(a.nbytes for a in got.values()) * 2 == sum(a.nbytes for a in want.values())
 
 
-def test_lora_presets_and_foreign_tensors(tmp_path):
+def test_lora_and_presets_are_built_and_foreign_or_missing_tensors_stop_the_run_naming_the_key(tmp_path):
     folder = write(tmp_path / "w", "tiny-mixtral", "stacked", torch.bfloat16)
     lora = spec_of("tiny-mixtral", **{"hf-weights": str(folder), "peft": "lora"})
     adapters = initial_arrays(lora, seed=0)  # the adapters, built as before (float32)
@@ -69,8 +69,23 @@ def test_lora_presets_and_foreign_tensors(tmp_path):
     preset = initial_arrays(spec_of("tiny-mixtral"), seed=3)
     built = model_to_arrays(build_model(spec_of("tiny-mixtral"), seed=3))
     assert all(np.array_equal(preset[k], v) for k, v in built.items())
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     save_file({"model.layers.0.mlp.experts.8.w1.weight": torch.zeros(48, 32)}, str(folder / "x.safetensors"))
     with pytest.raises(ValueError, match=r"'hf-weights'.*experts\.8\.w1.*not a tensor of this model"):
         hf_global_arrays(spec_of("tiny-mixtral", **{"hf-weights": str(folder)}))
+    save_file({"x": torch.zeros(1)}, str(folder / "x.safetensors"))
+    with pytest.raises(ValueError, match=r"'hf-weights'.*x is not a tensor of this model"):
+        hf_global_arrays(spec_of("tiny-mixtral", **{"hf-weights": str(folder)}))
+    (folder / "x.safetensors").unlink()
+    per_expert = write(tmp_path / "p", "tiny-mixtral", "per-expert", torch.bfloat16)
+    removed = 0
+    for shard in per_expert.glob("*.safetensors"):  # the up halves of expert 3, gone from the files
+        tensors = load_file(shard)
+        kept = {k: v for k, v in tensors.items() if ".experts.3.w3." not in k}
+        if len(kept) < len(tensors):
+            save_file(kept, str(shard), metadata={"format": "pt"})
+            removed += len(tensors) - len(kept)
+    assert removed == 2  # one per layer
+    with pytest.raises(ValueError, match=r"'hf-weights'.*missing \['experts\.3\..*gate_up_proj'"):
+        hf_global_arrays(spec_of("tiny-mixtral", **{"hf-weights": str(per_expert)}))
