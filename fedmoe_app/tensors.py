@@ -141,10 +141,15 @@ def payload_nbytes(arrays: Mapping[str, np.ndarray]) -> tuple[int, int]:
     return shared, expert
 
 
-def check_same_tensors(arrays: Mapping[str, np.ndarray], model: Mapping[str, np.ndarray], what: str) -> None:
-    """Raise ValueError naming the first tensors whose names or shapes differ from ``model``'s."""
+def check_same_tensors(
+    arrays: Mapping[str, np.ndarray], model: Mapping[str, np.ndarray | tuple[int, ...]], what: str
+) -> None:
+    """Raise ValueError naming the first tensors whose names or shapes differ from ``model``'s.
+
+    ``model`` maps names to tensors or to their shapes.
+    """
     shapes = {k: tuple(v.shape) for k, v in arrays.items()}
-    want = {k: tuple(v.shape) for k, v in model.items()}
+    want = {k: tuple(v.shape) if hasattr(v, "shape") else tuple(v) for k, v in model.items()}
     if shapes == want:
         return
     differ = sorted(set(shapes) ^ set(want)) or sorted(k for k in shapes if shapes[k] != want[k])

@@ -22,6 +22,12 @@ Weights
 
 An expert (or gate row) with zero total weight keeps its value.
 
+Memory: the result shares every tensor it does not change with ``global_arrays`` and computes
+the others one at a time, in float64 for a float32 tensor and in float32 for a narrower one
+(a bfloat16 global model), cast back to the tensor's dtype; no copy of the whole model is made.
+With ``in_place`` each result is written into the global tensor itself, so the server holds one
+model plus one tensor's temporaries.
+
 Gate balancing (:func:`balance_gate_bias`, ``gate-balance-rate > 0``): after aggregation the
 server moves the gate's bias, as Loss-Free Balancing (Wang et al. 2024, arXiv 2408.15664) moves
 a router bias, by a fixed step towards equal load: up for experts the *unmasked* gate chose
@@ -76,13 +82,14 @@ def aggregate(
     method: str = "mean",
     trim_fraction: float | None = None,
     per_layer: bool = False,
+    in_place: bool = False,
 ) -> Arrays:
-    """Return the new global arrays from ``updates`` (``global_arrays`` is not modified).
+    """Return the new global arrays from ``updates`` (``global_arrays`` is not modified unless ``in_place``).
 
     Parameters
     ----------
     global_arrays : Mapping[str, np.ndarray]
-        Current global model (shared + all experts).
+        Current global model (shared + all experts), float32 or bfloat16 tensors.
     updates : Sequence[ClientUpdate]
         Validated replies; each holds the shared tensors and the experts it trained.
     gate_from_all : bool
@@ -103,16 +110,20 @@ def aggregate(
         returned it, weighted by the tokens *that layer* routed to it, and the rows of layer
         ``l``'s router by layer ``l``'s tokens (clients holding at least two experts in it);
         needs every update's ``layer_tokens`` and ``layer_held``.
+    in_place : bool
+        Write each new tensor into ``global_arrays``' own (writeable) tensor, cast to its dtype,
+        instead of a new array: the model is never held twice.
 
     Returns
     -------
     Arrays
-        New global model with the same keys, shapes and dtypes.
+        New global model with the same keys, shapes and dtypes; tensors no update changed are
+        ``global_arrays``' own (treat both as read-only).
 
     """
     if method not in AGGREGATIONS or (method == "trimmed-mean" and trim_fraction is None):
         raise ValueError(f"aggregation {method!r}: one of {AGGREGATIONS} (trimmed-mean with a trim_fraction)")
-    out = {k: np.array(v, copy=True) for k, v in global_arrays.items()}
+    out = dict(global_arrays)  # tensors that do not change are shared, not copied
     if not updates:
         return out
     weights = (_LayerWeights if per_layer else _TiedWeights)(global_arrays, updates, single_holders)
@@ -127,7 +138,11 @@ def aggregate(
             new = _gate_rows(key, old, updates, weights.gate(key))
         else:
             new = _example_mean(key, old, updates, examples)
-        if new is not None:
+        if new is None:
+            continue
+        if in_place and old.flags.writeable:
+            np.copyto(old, new, casting="unsafe")  # the cast astype would make
+        else:
             out[key] = new.astype(old.dtype)
     return out
 
@@ -139,9 +154,13 @@ def _robust(
     trainers = [u for u, r in zip(updates, returned) if r]
     if not trainers:
         return None
-    return robust_combine(
-        np.stack([u.arrays[key] for u in trainers]).astype(np.float64), method, trim_fraction
-    )
+    acc = accumulator_dtype(trainers[0].arrays[key])
+    return robust_combine(np.stack([u.arrays[key].astype(acc) for u in trainers]), method, trim_fraction)
+
+
+def accumulator_dtype(value: np.ndarray) -> np.dtype:
+    """Return the dtype to average a tensor like ``value`` in: float64 from float32 up, else float32."""
+    return np.dtype(np.float64) if value.dtype.itemsize >= 4 else np.dtype(np.float32)
 
 
 def _expert_mean(
@@ -150,27 +169,31 @@ def _expert_mean(
     """``sum_c weight[c] * update_c[key] / total`` over its trainers (None if ``total <= 0``)."""
     if total <= 0:
         return None
-    acc = np.zeros(old.shape, dtype=np.float64)
+    dtype = accumulator_dtype(old)
+    acc = np.zeros(old.shape, dtype=dtype)
     for u, w in zip(updates, weight):
         if w > 0:
-            acc += w * u.arrays[key]
-    return acc / total
+            acc += dtype.type(w) * u.arrays[key].astype(dtype, copy=False)
+    acc /= dtype.type(total)
+    return acc
 
 
 def _example_mean(key: str, old: np.ndarray, updates: Sequence[ClientUpdate], examples: np.ndarray):
     """Example-weighted mean of a shared tensor over every update (None without examples)."""
     if examples.sum() <= 0:
         return None
-    stacked = np.stack([u.arrays[key] for u in updates]).astype(np.float64)
-    w = examples.reshape((-1,) + (1,) * old.ndim)
-    return (w * stacked).sum(axis=0) / examples.sum()
+    dtype = accumulator_dtype(old)
+    stacked = np.stack([u.arrays[key].astype(dtype, copy=False) for u in updates])
+    w = examples.astype(dtype).reshape((-1,) + (1,) * old.ndim)
+    return (w * stacked).sum(axis=0) / dtype.type(examples.sum())
 
 
 def _gate_rows(key: str, old: np.ndarray, updates: Sequence[ClientUpdate], g: np.ndarray) -> np.ndarray:
     """Each router row ``e`` averaged over the updates by their weights ``g[:, e]`` (untrained rows kept)."""
     col_total = g.sum(axis=0)  # [E]
-    stacked = np.stack([u.arrays[key] for u in updates]).astype(np.float64)  # [C, E, ...]
-    w = g.reshape(g.shape + (1,) * (old.ndim - 1))
+    dtype = accumulator_dtype(old)
+    stacked = np.stack([u.arrays[key].astype(dtype, copy=False) for u in updates])  # [C, E, ...]
+    w = g.astype(dtype).reshape(g.shape + (1,) * (old.ndim - 1))
     summed = (w * stacked).sum(axis=0)
     trained = col_total > 0
     denom = np.where(trained, col_total, 1.0).reshape((-1,) + (1,) * (old.ndim - 1))

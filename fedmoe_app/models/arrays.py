@@ -13,11 +13,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import ml_dtypes
 import numpy as np
 import torch
 
 from ..tensors import Arrays, expert_key
 from .interface import MoEModel
+
+
+def to_torch(value: np.ndarray) -> torch.Tensor:
+    """Return ``value`` as a CPU tensor of the same dtype, ``ml_dtypes.bfloat16`` as ``torch.bfloat16``.
+
+    The tensor shares memory with ``value`` where it is contiguous (bf16: its bits, viewed).
+    """
+    value = np.ascontiguousarray(value)
+    if value.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(value.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(value)
 
 
 def _slots(model: MoEModel) -> list[tuple[str, str, list[int]]]:
@@ -43,8 +55,24 @@ def model_to_arrays(model: MoEModel) -> Arrays:
     return out
 
 
+def global_shapes(model: MoEModel) -> dict[str, tuple[int, ...]]:
+    """Return the shape of every tensor :func:`model_to_arrays` gives, in its order (a meta model will do)."""
+    stacked = _slots(model)
+    names = {n for n, _, _ in stacked}
+    state = model.federated_state()
+    out = {name: tuple(t.shape) for name, t in state.items() if name not in names}
+    width = max(len(ids) for _, _, ids in stacked) if stacked else 0
+    for slot in range(width):
+        for name, suffix, ids in stacked:
+            if slot < len(ids):
+                out[expert_key(ids[slot], suffix)] = tuple(state[name].shape[1:])
+    return out
+
+
 def load_arrays(model: MoEModel, arrays: Mapping[str, np.ndarray]) -> None:
     """Load global-named arrays into ``model``; they must cover exactly what it holds.
+
+    Each tensor is cast to the dtype of the model's own tensor (float32 or bfloat16 arrays alike).
 
     Raises
     ------
@@ -68,7 +96,7 @@ def load_arrays(model: MoEModel, arrays: Mapping[str, np.ndarray]) -> None:
             value = arrays[name]
         if tuple(value.shape) != tuple(tensor.shape):
             raise ValueError(f"{name}: expected shape {tuple(tensor.shape)}, got {tuple(value.shape)}")
-        new_state[name] = torch.as_tensor(np.asarray(value, dtype=np.float32))
+        new_state[name] = to_torch(value).to(tensor.dtype)
     model.load_federated_state(new_state)
 
 

@@ -31,6 +31,7 @@ import torch
 
 from ..files import atomic_write
 from ..tensors import expert_key
+from .arrays import to_torch
 from .interface import MoEModel, expert_suffix
 from .registry import MODEL_FAMILIES, Spec
 
@@ -130,7 +131,7 @@ def stacked_state(
 
 
 def _tensors(state: Mapping[str, np.ndarray], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(dtype) for k, v in state.items()}
+    return {k: to_torch(v).to(dtype) for k, v in state.items()}
 
 
 def hf_dtype(config: Mapping[str, Any]) -> torch.dtype:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
+
+import torch
 
 from ..config import RunConfig
 from ..data.text import TextSplit
@@ -32,11 +35,29 @@ def text_metrics(sums: TextSums, names: tuple[str, ...]) -> dict[str, float]:
     return out
 
 
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """Make ``dtype`` torch's default floating dtype inside the block (``None``: leave it)."""
+    previous = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def central_evaluator(
-    cfg: RunConfig, spec: AnySpec, test: Any, info: Any
+    cfg: RunConfig, spec: AnySpec, test: Any, info: Any, dtype: str | None = None
 ) -> Callable[[int, Arrays], dict[str, float]]:
-    """Return ``evaluate(round, arrays)``: accuracy and loss (and bits per byte for text) on ``test``."""
-    model = build_model(spec)
+    """Return ``evaluate(round, arrays)``: accuracy and loss (and bits per byte for text) on ``test``.
+
+    ``dtype`` (``"bfloat16"``): the global model's dtype; the evaluation model's weights are
+    created in it, so a bf16 checkpoint is evaluated in bf16 rather than copied into float32
+    (``None``: torch's default, float32).
+    """
+    with default_dtype(getattr(torch, dtype) if dtype else None):
+        model = build_model(spec)
     device = resolve_device(cfg.device)
 
     def central_eval(server_round: int, arrays: Arrays) -> dict[str, float]:

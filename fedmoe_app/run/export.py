@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..config import RunConfig
 from ..files import atomic_write
 from ..models import AnySpec, model_spec
@@ -38,7 +36,7 @@ from ..models.export import (
     spec_from_document,
 )
 from ..tensors import Arrays
-from .checkpoint import checkpoint_path, load_checkpoint
+from .checkpoint import checkpoint_path, load_checkpoint, load_model
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +98,7 @@ def read_run(run_dir: Path) -> RunModel:
     rounds = _read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else []
     final, ckpt = run_dir / FINAL_MODEL_FILE, checkpoint_path(run_dir)
     if final.is_file():
-        with np.load(final, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
+        arrays = load_model(final)
         source = final.name
     elif ckpt.is_file():
         arrays, state = load_checkpoint(ckpt)

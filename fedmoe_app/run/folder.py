@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..config import RunConfig
 from ..tensors import Arrays, check_same_tensors
@@ -84,8 +87,8 @@ class Resumed:
     history: list[dict[str, Any]]
 
 
-def resumed_arrays(resumed: Resumed, model: Arrays, out: Path) -> Arrays:
-    """Return the checkpoint's arrays if they are ``model``'s tensors (names, shapes).
+def resumed_arrays(resumed: Resumed, model: Mapping[str, np.ndarray | tuple[int, ...]], out: Path) -> Arrays:
+    """Return the checkpoint's arrays if they are ``model``'s tensors (names, and shapes or tensors).
 
     Raises
     ------

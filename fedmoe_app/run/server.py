@@ -7,21 +7,51 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flwr.common import log
 from flwr.serverapp import Grid
 
 from ..config.run import RunConfig
 from ..data.text import server_split
-from ..models import build_model, model_spec, model_to_arrays
+from ..models import AnySpec, HFSpec, build_model, model_spec, model_to_arrays
+from ..models.hf_global import hf_global_arrays, hf_global_shapes
 from ..server.strategy import FedMoE
 from ..tensors import Arrays
 from ..wire.records import from_record
-from .checkpoint import checkpoint_path, save_checkpoint
+from .checkpoint import checkpoint_path, save_checkpoint, save_model
 from .evaluation import central_evaluator
 from .export import export_finished_run, write_run_spec
 from .folder import open_run_folder, resumed_arrays
 from .results import RunRecorder
+
+
+def initial_arrays(spec: AnySpec, seed: int) -> Arrays:
+    """Return the initial global model: an ``hf`` checkpoint's tensors in their own dtype, else built.
+
+    An ``hf`` model with weights (``hf-model`` or ``hf-weights``) trained in full is read tensor by
+    tensor (:func:`~..models.hf_global.hf_global_arrays`: a bf16 checkpoint stays bf16, never a
+    whole float32 copy); under ``peft = "lora"`` the global model is the adapters, and presets and
+    other models are seeded: those are built (``build_model(spec, seed)``).
+    """
+    if _read_from_files(spec):
+        return hf_global_arrays(spec)
+    return model_to_arrays(build_model(spec, seed=seed))
+
+
+def initial_shapes(spec: AnySpec, seed: int) -> dict[str, tuple[int, ...]]:
+    """Return the names and shapes of :func:`initial_arrays` (an ``hf`` checkpoint's: not read)."""
+    if _read_from_files(spec):
+        return hf_global_shapes(spec)
+    return {k: tuple(v.shape) for k, v in model_to_arrays(build_model(spec, seed=seed)).items()}
+
+
+def _read_from_files(spec: AnySpec) -> bool:
+    """Whether the initial global model is read from an ``hf`` checkpoint (not built)."""
+    return isinstance(spec, HFSpec) and bool(spec.weights) and spec.lora is None
+
+
+def model_dtype(arrays: Arrays) -> str | None:
+    """Return ``"bfloat16"`` if the global model holds bfloat16 tensors, else None (float32)."""
+    return "bfloat16" if any(str(v.dtype) == "bfloat16" for v in arrays.values()) else None
 
 
 def run_server(grid: Grid, run_config: dict) -> Path:
@@ -30,16 +60,21 @@ def run_server(grid: Grid, run_config: dict) -> Path:
     out, resumed = open_run_folder(cfg)
     test, info = server_split(cfg)
     spec = model_spec(cfg, info)
-    arrays = model_to_arrays(build_model(spec, seed=cfg.seed))
-    if resumed is not None:
-        arrays = resumed_arrays(resumed, arrays, out)
+    if resumed is None:
+        arrays = initial_arrays(spec, cfg.seed)
+    else:  # the checkpoint's model, checked against the run's names and shapes (never read twice)
+        arrays = resumed_arrays(resumed, initial_shapes(spec, cfg.seed), out)
         log(INFO, "Resuming run %s after round %d", out.name, resumed.round)
-    strategy = FedMoE(cfg, spec, arrays, state=resumed.strategy if resumed else None)
+    # the server hands its arrays over: each round is averaged into them, one model held
+    strategy = FedMoE(cfg, spec, arrays, state=resumed.strategy if resumed else None, in_place=True)
     ckpt = checkpoint_path(out)
     recorder = RunRecorder(out, cfg.to_dict(), resumed.history if resumed else [])
     write_run_spec(out, spec)
 
+    latest: list[Arrays] = []  # the model after the last round (bf16 stays bf16)
+
     def on_round(row: dict[str, Any], arrays: Arrays) -> None:
+        latest[:] = [arrays]
         recorder.add(row)
         if row["round"] > 0:
             t0 = time.perf_counter()
@@ -64,12 +99,12 @@ def run_server(grid: Grid, run_config: dict) -> Path:
         grid,
         num_rounds=cfg.num_server_rounds,
         timeout=cfg.round_timeout_s,
-        central_eval=central_evaluator(cfg, spec, test, info),
+        central_eval=central_evaluator(cfg, spec, test, info, dtype=model_dtype(arrays)),
         on_round=on_round,
         start_round=resumed.round + 1 if resumed else 1,
     )
-    final = from_record(result.arrays)
-    np.savez(out / "final_model.npz", **final)
+    final = latest[0] if latest else from_record(result.arrays)
+    save_model(out / "final_model.npz", final)
     recorder.plot()
     exported = export_finished_run(out, spec, final, cfg.to_dict(), recorder.rounds)
     if exported is not None:

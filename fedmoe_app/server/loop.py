@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import Result
 
 from ..config import RoundSection
 from ..tensors import Arrays, check_same_tensors
-from ..wire.records import from_record, to_record
+from ..wire.records import from_record, model_record, to_record
 from .rounds import EvaluateOutcome, TrainOutcome, TrainRound, log_round, round_row
 from .timing import TimedGrid, server_time
 
@@ -144,7 +144,7 @@ def run_rounds(
                 f"run-config 'max-failed-rounds' = {rounds.max_failed_rounds}): every client failed "
                 "or was rejected, see the log"
             )
-    result.arrays = to_record(arrays)
+    result.arrays = model_record(arrays)
     return result
 
 

@@ -47,13 +47,25 @@ class FedMoE(Strategy):
         The global model :meth:`start` begins from unless given one (:mod:`fedmoe_app.tensors` names).
     state : dict, optional
         What :meth:`state_dict` saved (a checkpoint's), to resume from.
+    in_place : bool
+        The caller hands ``initial_arrays`` over: each round's averages are written into the
+        global tensors (:func:`~..maths.aggregation.aggregate` ``in_place``), so the server holds
+        one model (a bf16 checkpoint: N bytes, not N for the old tensors plus N for the new).
+        Default: new tensors each round, ``initial_arrays`` left as they are.
 
     """
 
     def __init__(
-        self, cfg: RunConfig, spec: AnySpec, initial_arrays: Arrays, state: dict[str, Any] | None = None
+        self,
+        cfg: RunConfig,
+        spec: AnySpec,
+        initial_arrays: Arrays,
+        state: dict[str, Any] | None = None,
+        *,
+        in_place: bool = False,
     ) -> None:
         self.rounds, self.rules, self.knobs = cfg.round, cfg.aggregation_rules, cfg.alignment
+        self.in_place = in_place
         self.spec = spec
         self.num_experts = spec.num_experts
         self.initial_arrays: Arrays = dict(initial_arrays)
@@ -146,7 +158,13 @@ class FedMoE(Strategy):
         kept, new = [got.valid[i] for i in bounded.kept], dict(arrays)
         if kept:
             new = updated_model(
-                arrays, kept, bounded, self.rules, privacy=priv, population=train_round.population
+                arrays,
+                kept,
+                bounded,
+                self.rules,
+                privacy=priv,
+                population=train_round.population,
+                in_place=self.in_place,
             )
             self.state.learn(kept, bounded.updates)
         return new, train_outcome(got, bounded, self.limits, self.state.privacy_report())

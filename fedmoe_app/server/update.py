@@ -37,12 +37,14 @@ def updated_model(
     *,
     privacy: PrivateAggregation | None,
     population: int,
+    in_place: bool = False,
 ) -> Arrays:
     """Return the new global model from the ``kept`` replies and their ``bounded`` updates.
 
     Each expert is averaged over its trainers and the shared part over everyone
     (:func:`~..maths.aggregation.aggregate`), or privately under DP; then the router bias is
     nudged toward balance by the kept replies' gate histograms (``gate-balance-rate``).
+    ``in_place``: the averages are written into ``arrays``' tensors (not under DP).
     """
     if privacy is not None:
         averaged = privacy.apply(arrays, kept, population)
@@ -55,6 +57,7 @@ def updated_model(
             method=rules.method,
             trim_fraction=rules.trim_fraction,
             per_layer=rules.per_layer,
+            in_place=in_place,
         )
     hist = np.stack([r.gate_hist for r in kept])
     return balance_gate_bias(averaged, hist, rules.gate_balance_rate)

@@ -36,6 +36,7 @@ from ..config import TEXT_DATASETS, RunConfig
 from ..data import Split, server_test_data
 from ..data.text import server_split
 from ..models import ModelSpec, MoEClassifier, build_model, load_arrays, model_spec
+from ..run.checkpoint import load_model
 from .experiments import ExperimentGrid, run_dir
 from .routing_text import group_routing, plot_heatmaps, routing_share, specialisation
 
@@ -108,8 +109,7 @@ def routing_report(model: MoEClassifier, data: Split, num_classes: int) -> Routi
 
 
 def _load_final(run_dir: Path, model: torch.nn.Module) -> None:
-    with np.load(run_dir / "final_model.npz", allow_pickle=False) as npz:
-        load_arrays(model, {k: npz[k] for k in npz.files})
+    load_arrays(model, load_model(run_dir / "final_model.npz"))
 
 
 def load_run(run_dir: Path) -> tuple[MoEClassifier, Split, int]:

@@ -273,11 +273,12 @@ def _checked_arrays(record: ArrayRecord, sent: Sent) -> Arrays:
     for key, wire in dtypes.items():
         if wire != sent.shapes[key][1]:
             raise ReplyRejected("dtype", f"{key}: expected {sent.shapes[key][1]}, got {wire}")
-    try:
-        arrays: Arrays = {k: decode_array(v) for k, v in record.items()}
-    except Exception as exc:  # noqa: BLE001 - undecodable payload
-        raise ReplyRejected("malformed", f"cannot decode arrays: {exc}") from None
-    for key, value in arrays.items():
+    arrays: Arrays = {}
+    for key, entry in record.items():  # one tensor at a time: a bf16 change is decoded, added, dropped
+        try:
+            value = decode_array(entry)
+        except Exception as exc:  # noqa: BLE001 - undecodable payload
+            raise ReplyRejected("malformed", f"cannot decode arrays: {exc}") from None
         shape, dtype = sent.shapes[key]
         if tuple(value.shape) != shape:
             raise ReplyRejected("shape", f"{key}: expected {shape}, got {tuple(value.shape)}")
@@ -285,11 +286,11 @@ def _checked_arrays(record: ArrayRecord, sent: Sent) -> Arrays:
             raise ReplyRejected("dtype", f"{key}: expected {dtype}, got {value.dtype}")
         if not np.isfinite(value).all():
             raise ReplyRejected("non-finite", f"{key} has NaN or inf")
-    if sent.base is not None:
-        arrays = apply_changes(arrays, dtypes, sent.base)
-        bad = next((k for k, v in arrays.items() if not np.isfinite(v).all()), None)
-        if bad is not None:
-            raise ReplyRejected("non-finite", f"{bad} has NaN or inf once its change is applied")
+        if sent.base is not None:
+            value = apply_changes({key: value}, {key: dtypes[key]}, sent.base)[key]
+            if not np.isfinite(value).all():
+                raise ReplyRejected("non-finite", f"{key} has NaN or inf once its change is applied")
+        arrays[key] = value
     return arrays
 
 

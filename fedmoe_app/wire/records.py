@@ -7,12 +7,18 @@ float32 values (a ``uint16`` numpy array, rounded to nearest, ties to even, as t
 ``"bfloat16"`` (what :func:`to_record` writes; the payload itself is a ``uint16`` ``.npy``).
 :func:`from_record` decodes every marked tensor back to float32, so nothing past it sees the
 encoding. Tensors of other dtypes travel as they are under either setting.
+
+The server's global tensors may themselves be bfloat16 (``ml_dtypes.bfloat16``, a numpy dtype:
+a bf16 checkpoint is kept in its own dtype). Such a tensor travels under ``bf16`` as its bits,
+unchanged (no rounding), and under ``fp32`` upcast to float32 (exact); either way the receiver
+decodes float32, as for a float32 tensor.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+import ml_dtypes
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
@@ -20,6 +26,12 @@ from ..tensors import Arrays
 
 BF16 = "bfloat16"  # the Array.dtype of a bf16-encoded tensor
 WIRE_DTYPES = ("fp32", "bf16")
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)  # numpy's dtype of a bfloat16 global tensor
+
+
+def is_bf16(value: np.ndarray) -> bool:
+    """Return whether ``value`` is a bfloat16 array (``ml_dtypes.bfloat16``)."""
+    return value.dtype == BFLOAT16
 
 
 def bf16_encode(x: np.ndarray) -> np.ndarray:
@@ -43,17 +55,24 @@ def bf16_decode(bits: np.ndarray) -> np.ndarray:
 
 def _array(value: np.ndarray, wire_dtype: str) -> Array:
     value = np.ascontiguousarray(value)
-    if wire_dtype == "bf16" and value.dtype == np.float32:
-        encoded = Array(bf16_encode(value))
-        return Array(dtype=BF16, shape=tuple(value.shape), stype=encoded.stype, data=encoded.data)
-    return Array(value)
+    if is_bf16(value):  # a bf16 global tensor: its bits (bf16 wire) or float32, exact (fp32 wire)
+        if wire_dtype == "fp32":
+            return Array(value.astype(np.float32))
+        bits = value.view(np.uint16)
+    elif wire_dtype == "bf16" and value.dtype == np.float32:
+        bits = bf16_encode(value)
+    else:
+        return Array(value)
+    encoded = Array(bits)
+    return Array(dtype=BF16, shape=tuple(value.shape), stype=encoded.stype, data=encoded.data)
 
 
 def to_record(arrays: Mapping[str, np.ndarray], wire_dtype: str = "fp32") -> ArrayRecord:
     """Pack arrays into a fresh ArrayRecord (one per message; never shared).
 
-    ``wire_dtype = "bf16"`` encodes float32 arrays as bf16 (module docstring); ``"fp32"`` packs
-    every array as it is (the default: local state, checkpoints and Flower's own records).
+    ``wire_dtype = "bf16"`` encodes float32 arrays as bf16 and packs bfloat16 ones as their bits
+    (module docstring); ``"fp32"`` packs every array as it is, bfloat16 ones upcast to float32 (the
+    default: local state, checkpoints and Flower's own records).
 
     Raises
     ------
@@ -64,6 +83,11 @@ def to_record(arrays: Mapping[str, np.ndarray], wire_dtype: str = "fp32") -> Arr
     if wire_dtype not in WIRE_DTYPES:
         raise ValueError(f"wire dtype must be one of {WIRE_DTYPES}, got {wire_dtype!r}")
     return ArrayRecord(array_dict={k: _array(v, wire_dtype) for k, v in arrays.items()})
+
+
+def model_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Pack a model into an ArrayRecord with no cast: bfloat16 tensors as their bits, the rest as they are."""
+    return ArrayRecord(array_dict={k: _array(v, "bf16" if is_bf16(v) else "fp32") for k, v in arrays.items()})
 
 
 def decode_array(array: Array) -> np.ndarray:
@@ -103,6 +127,8 @@ def record_wire_dtype(record: ArrayRecord) -> str:
 
 def wire_dtype_of(value: np.ndarray, wire_dtype: str) -> str:
     """Return the dtype ``value`` travels as under ``wire_dtype`` (what :func:`wire_dtypes` reads)."""
+    if is_bf16(value):
+        return BF16 if wire_dtype == "bf16" else "float32"
     return BF16 if wire_dtype == "bf16" and value.dtype == np.float32 else str(value.dtype)
 
 
@@ -114,7 +140,7 @@ def reply_record(
     Under ``bf16`` each float32 tensor travels as ``trained - received`` (the change from what
     the client was sent, decoded), so that bf16's 8 significant bits bound the error of the
     *update*, not of the weights, and an update smaller than a weight's bf16 spacing is not
-    lost; the server adds the change to its float32 copy (:func:`apply_changes`).
+    lost; the server adds the change to its copy (:func:`apply_changes`).
     """
     if wire_dtype != "bf16":
         return to_record(trained, wire_dtype)
@@ -130,13 +156,20 @@ def apply_changes(
     """Return a bf16 reply's trained tensors: ``base + change`` for every bf16-encoded entry.
 
     ``decoded`` is :func:`from_record` of the reply, ``dtypes`` its :func:`wire_dtypes`, ``base``
-    the server's float32 tensors that were sent (entries not bf16-encoded are returned as they are).
-    A sum may overflow to infinity; the caller checks (:func:`~.protocol.parse_train_reply` does).
+    the server's tensors that were sent (entries not bf16-encoded are returned as they are). The sum
+    is computed in float32 and stored in the base tensor's dtype (a bfloat16 base: rounded to
+    nearest, ties to even). A sum may overflow to infinity; the caller checks
+    (:func:`~.protocol.parse_train_reply` does).
     """
     with np.errstate(over="ignore"):
-        return {
-            k: np.add(base[k], v, dtype=np.float32) if dtypes[k] == BF16 else v for k, v in decoded.items()
-        }
+        return {k: _add(base[k], v) if dtypes[k] == BF16 else v for k, v in decoded.items()}
+
+
+def _add(base: np.ndarray, change: np.ndarray) -> np.ndarray:
+    """Return ``base + change``, computed in float32, in ``base``'s dtype."""
+    if base.dtype == np.float32:
+        return np.add(base, change, dtype=np.float32)
+    return (base.astype(np.float32) + change).astype(base.dtype)
 
 
 def wire_nbytes(record: ArrayRecord) -> int:
