@@ -432,7 +432,7 @@ def summary_markdown(
             "text; one column per group (full model). MB down per round: mean over rounds and runs.",
             "",
             text,
-            "Accuracy below is next-byte accuracy.",
+            "Accuracy below is next-token accuracy (next-byte accuracy for byte-level text).",
             "",
         ]
     lines += [
