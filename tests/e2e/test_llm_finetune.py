@@ -16,7 +16,6 @@ and the model folder as ``hf-model``:
 import dataclasses
 import json
 
-import numpy as np
 import pytest
 import torch
 from conftest import text_run
@@ -24,6 +23,7 @@ from llm_folder import TEXT, tiny_args
 
 from fedmoe_app.models import build_model, load_arrays, model_to_arrays
 from fedmoe_app.models.export import spec_from_document
+from fedmoe_app.run.checkpoint import load_model
 from fedmoe_app.run.export import FINAL_MODEL_FILE, SPEC_FILE
 from fedmoe_app.tools.pretrain_llm import make_model_folder
 from fedmoe_app.wire.records import to_record, wire_nbytes
@@ -50,8 +50,7 @@ def pretrained(tmp_path_factory):
 def app_global_model(out):
     """The app's global model of a finished run: its spec, every expert, the final arrays."""
     spec = spec_from_document(json.loads((out / SPEC_FILE).read_text()))
-    with np.load(out / FINAL_MODEL_FILE) as npz:
-        arrays = {k: npz[k] for k in npz.files}
+    arrays = load_model(out / FINAL_MODEL_FILE)
     model = build_model(spec, seed=0)
     load_arrays(model, arrays)
     return model.eval(), spec, arrays
