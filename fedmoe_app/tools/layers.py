@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import tomllib
 from collections import Counter
 from collections.abc import Sequence
@@ -85,7 +86,9 @@ def draw(layers: list[list[str]], modules: dict[str, list[str]], edges: Counter,
             ax.text(x + 0.1, y + band_h - 0.22, pkg.removeprefix(PACKAGE + "."), fontsize=10, weight="bold")
             names = sorted({m.split(".")[0] + ("/" if "." in m else "") for m in modules[pkg] if m})
             names = [n for n in names if n.rstrip("/") + "/" not in names or n.endswith("/")] or ["(module)"]
-            ax.text(x + 0.1, y + 0.12, "  ".join(names), fontsize=6.5, wrap=True, va="bottom")
+            per_line = max(10, int(box_w * 17))  # characters of 6.5 pt text that fit the box's width
+            label = textwrap.fill("  ".join(names), per_line, break_on_hyphens=False)
+            ax.text(x + 0.1, y + 0.08, label, fontsize=6.5, va="bottom", linespacing=1.1)
             centers[pkg] = (x + box_w / 2, y + band_h / 2)
     packages = list(centers)
     for (src, dst), count in sorted(edges.items()):
