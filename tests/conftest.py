@@ -85,6 +85,24 @@ def text_run(run_app, folder, texts, run_config, *, num_supernodes, run_name):
     return rows, out
 
 
+@pytest.fixture
+def serverapp_identity(monkeypatch):
+    """The task identity a ServerApp process has (for ``run_server`` called in the test's process)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value, raising=False)
+
+
+def write_corpus(folder):
+    """Two small text files (``en.txt``, ``de.txt``: one client group each) in ``folder``; return it."""
+    folder.mkdir()
+    sentences = {"en.txt": "The cat sat on the mat. ", "de.txt": "Der Hund sitzt im Gras. "}
+    for name, sentence in sentences.items():
+        (folder / name).write_text("\n\n".join(sentence * 3 for _ in range(40)), encoding="utf-8")
+    return folder
+
+
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 

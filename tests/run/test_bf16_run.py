@@ -6,8 +6,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from conftest import write_corpus
 from fake_federation import FakeGrid
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedmoe_app.config import RunConfig
 from fedmoe_app.data.text import TextInfo, server_split
@@ -28,10 +28,7 @@ SIZES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _serverapp_identity(monkeypatch):
-    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value, raising=False)
+pytestmark = pytest.mark.usefixtures("serverapp_identity")
 
 
 @pytest.mark.slow
@@ -39,13 +36,7 @@ def test_a_bf16_checkpoint_is_trained_checkpointed_saved_and_exported_in_bf16(tm
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for name, sentence in {
-        "en.txt": "The cat sat on the mat. ",
-        "de.txt": "Der Hund sitzt im Gras. ",
-    }.items():
-        (corpus / name).write_text("\n\n".join(sentence * 3 for _ in range(40)), encoding="utf-8")
+    corpus = write_corpus(tmp_path / "corpus")
     keys = {"dataset": "text", "data-dir": str(corpus), "model": "hf", **SIZES}
     spec = model_spec(RunConfig.from_run_config(keys), TextInfo(256, 16, ("en",)))
     state = build_model(spec, seed=5).net.state_dict()

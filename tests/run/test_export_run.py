@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import write_corpus
 from fake_federation import FakeGrid
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedmoe_app.models import build_model, load_arrays
 from fedmoe_app.models.export import spec_from_document
@@ -16,23 +16,14 @@ from fedmoe_app.run.server import run_server
 pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def _serverapp_identity(monkeypatch):
-    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value, raising=False)
+pytestmark = pytest.mark.usefixtures("serverapp_identity")
 
 
 @pytest.mark.slow
 def test_a_finished_hf_run_writes_a_from_pretrained_folder(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for name, sentence in {
-        "en.txt": "The cat sat on the mat. ",
-        "de.txt": "Der Hund sitzt im Gras. ",
-    }.items():
-        (corpus / name).write_text("\n\n".join(sentence * 3 for _ in range(40)), encoding="utf-8")
+    corpus = write_corpus(tmp_path / "corpus")
     config = {
         "dataset": "text",
         "data-dir": str(corpus),
