@@ -4,12 +4,14 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from conftest import text_split, train_args
 
 from fedmoe_app.config import RunConfig
 from fedmoe_app.data.text import TextInfo
 from fedmoe_app.models import build_model, model_spec, model_to_arrays
 from fedmoe_app.models.hf_global import hf_global_arrays
 from fedmoe_app.run.server import initial_arrays
+from fedmoe_app.training import train
 
 pytest.importorskip("transformers")
 
@@ -89,3 +91,15 @@ def test_lora_and_presets_are_built_and_foreign_or_missing_tensors_stop_the_run_
     assert removed == 2  # one per layer
     with pytest.raises(ValueError, match=r"'hf-weights'.*missing \['experts\.3\..*gate_up_proj'"):
         hf_global_arrays(spec_of("tiny-mixtral", **{"hf-weights": str(per_expert)}))
+
+
+def test_a_client_of_a_bf16_checkpoint_trains_bf16_weights(tmp_path):
+    """A config naming bfloat16 builds the sub-model in bfloat16 (transformers follows the config's dtype)."""
+    folder = write(tmp_path / "bf16", "tiny-mixtral", "per-expert", torch.bfloat16)
+    spec = spec_of(str(folder / "config.json"), **{"hf-weights": str(folder)})
+    client = build_model(spec, [0, 3], seed=0)
+    assert {p.dtype for p in client.parameters()} == {torch.bfloat16}  # N/2 bytes of fp32's
+    data = text_split(96)
+    first = train(client, data, **{**train_args(epochs=1, batch_size=16, lr=0.01), "optimizer": "adamw"})
+    later = train(client, data, **{**train_args(epochs=3, batch_size=16, lr=0.01), "optimizer": "adamw"})
+    assert later.loss < first.loss and {p.dtype for p in client.parameters()} == {torch.bfloat16}
