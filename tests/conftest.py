@@ -94,6 +94,21 @@ def serverapp_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, value, raising=False)
 
 
+#: Two rounds of a small in-process run (``run_server`` on a fake grid): every client trains 2
+#: experts, no client evaluation, 32 central windows.
+IN_PROCESS_RUN = {
+    "partitioner": "natural",
+    "num-server-rounds": 2,
+    "capacity": "fixed",
+    "experts-per-client": 2,
+    "fraction-train": 1.0,
+    "min-train-nodes": 1,
+    "fraction-evaluate": 0.0,
+    "min-evaluate-nodes": 0,
+    "central-eval-samples": 32,
+}
+
+
 def write_corpus(folder):
     """Two small text files (``en.txt``, ``de.txt``: one client group each) in ``folder``; return it."""
     folder.mkdir()

@@ -151,12 +151,11 @@ def hf_dtype(config: Mapping[str, Any]) -> torch.dtype:
     return dtype
 
 
-def _save_pretrained(spec: Any, state: Mapping[str, torch.Tensor], folder: Path) -> list[Path]:
-    """``save_pretrained`` the transformers model of ``spec.config`` with ``state`` (its own names).
+def _meta_net(spec: Any) -> tuple[Any, torch.dtype]:
+    """Return ``spec.config``'s transformers model on the meta device and its dtype (:func:`hf_dtype`).
 
-    The model is built on the meta device (architecture, config and weight-name conversions, no
-    weights); ``state`` is cast to the config's dtype (:func:`hf_dtype`). :data:`MODEL_FILE`
-    records the spec (without its weights path). Returns the files written.
+    Its architecture, config and weight-name conversions are what ``save_pretrained`` needs; it
+    holds no weights.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -164,11 +163,17 @@ def _save_pretrained(spec: Any, state: Mapping[str, torch.Tensor], folder: Path)
     dtype = hf_dtype(config)
     hf_cfg = AutoConfig.for_model(config.pop("model_type"), **config)
     with torch.device("meta"):
-        net = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
-    state = {k: v.detach().cpu().to(dtype).contiguous() for k, v in state.items()}
+        return AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype), dtype
+
+
+def _save_pretrained(spec: Any, net: Any, state: Mapping[str, torch.Tensor], folder: Path) -> list[Path]:
+    """``save_pretrained`` the meta model ``net`` of ``spec`` with ``state`` (its own names, its dtype).
+
+    :data:`MODEL_FILE` records the spec (without its weights path). Returns the files written.
+    """
     folder = Path(folder)
     before = set(folder.iterdir()) if folder.is_dir() else set()
-    net.save_pretrained(folder, state_dict=state, safe_serialization=True)
+    net.save_pretrained(folder, state_dict=dict(state), safe_serialization=True)
     doc = spec_document(dataclasses.replace(spec, weights=""))
     atomic_write(folder / MODEL_FILE, json.dumps(doc, indent=2))
     return sorted(set(folder.iterdir()) - before)
@@ -177,21 +182,16 @@ def _save_pretrained(spec: Any, state: Mapping[str, torch.Tensor], folder: Path)
 def save_hf_model(spec: Any, arrays: Mapping[str, np.ndarray], folder: Path) -> list[Path]:
     """Write the ``hf`` global model as a ``save_pretrained`` folder; return the files written.
 
-    The arrays, restacked (:func:`stacked_state`) into the state dict of the transformers model,
-    are written in the config's dtype, in transformers' published layout, so
+    The arrays, restacked (:func:`stacked_state`) into the state dict of the transformers model
+    and cast to the config's dtype, are written in transformers' published layout, so
     ``AutoModelForCausalLM.from_pretrained(folder)`` loads them. A ``peft = "lora"`` spec's arrays
     are adapters only: :func:`save_hf_lora`.
     """
     if getattr(spec, "lora", None) is not None:
         return save_hf_lora(spec, arrays, folder)
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = spec.config
-    hf_cfg = AutoConfig.for_model(config.pop("model_type"), **config)
-    with torch.device("meta"):
-        names = list(AutoModelForCausalLM.from_config(hf_cfg).state_dict())
-    state = _tensors(stacked_state(arrays, names, spec.num_experts, prefix="net."), torch.float32)
-    return _save_pretrained(spec, state, folder)
+    net, dtype = _meta_net(spec)
+    state = _tensors(stacked_state(arrays, net.state_dict(), spec.num_experts, prefix="net."), dtype)
+    return _save_pretrained(spec, net, state, folder)
 
 
 def save_hf_lora(spec: Any, arrays: Mapping[str, np.ndarray], folder: Path) -> list[Path]:
@@ -210,7 +210,9 @@ def save_hf_lora(spec: Any, arrays: Mapping[str, np.ndarray], folder: Path) -> l
 
     model = build_hf(spec)
     load_arrays(model, arrays)
-    files = _save_pretrained(spec, base_state_dict(model), folder)
+    net, dtype = _meta_net(spec)
+    base = {k: v.detach().to(dtype).contiguous() for k, v in base_state_dict(model).items()}
+    files = _save_pretrained(spec, net, base, folder)
     adapter = write_adapter(Path(folder) / ADAPTER_DIR, model)
     return files + sorted(adapter.iterdir())
 

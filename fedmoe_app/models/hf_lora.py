@@ -197,11 +197,9 @@ def check_targets(spec: HFSpec) -> None:
         Naming ``lora-target-modules``, the names that match no ``nn.Linear`` and the ones that do.
 
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from .hf_costs import meta_model
 
-    config = spec.config
-    with torch.device("meta"):
-        net = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
+    net = meta_model(spec.config)
     linear = {n for n, m in net.named_modules() if isinstance(m, nn.Linear)}
     targets = spec.lora.target_modules
     unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear)]

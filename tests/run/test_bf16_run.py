@@ -6,7 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from conftest import write_corpus
+from conftest import IN_PROCESS_RUN, write_corpus
 from fake_federation import FakeGrid
 
 from fedmoe_app.config import RunConfig
@@ -44,15 +44,7 @@ def test_a_bf16_checkpoint_is_trained_checkpointed_saved_and_exported_in_bf16(tm
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in state.items()}, str(weights))
     config = keys | {
         "hf-weights": str(weights),
-        "partitioner": "natural",
-        "num-server-rounds": 2,
-        "capacity": "fixed",
-        "experts-per-client": 2,
-        "fraction-train": 1.0,
-        "min-train-nodes": 1,
-        "fraction-evaluate": 0.0,
-        "min-evaluate-nodes": 0,
-        "central-eval-samples": 32,
+        **IN_PROCESS_RUN,
         "wire-dtype": "bf16",
         "output-dir": str(tmp_path / "outputs"),
         "run-name": "bf16",

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import write_corpus
+from conftest import IN_PROCESS_RUN, write_corpus
 from fake_federation import FakeGrid
 
 from fedmoe_app.models import build_model, load_arrays
@@ -27,21 +27,13 @@ def test_a_finished_hf_run_writes_a_from_pretrained_folder(tmp_path):
     config = {
         "dataset": "text",
         "data-dir": str(corpus),
-        "partitioner": "natural",
         "model": "hf",
         "hf-config": "tiny-mixtral",
         "num-layers": 2,
         "d-model": 32,
         "expert-hidden": 48,
         "context-length": 16,
-        "num-server-rounds": 2,
-        "capacity": "fixed",
-        "experts-per-client": 2,
-        "fraction-train": 1.0,
-        "min-train-nodes": 1,
-        "fraction-evaluate": 0.0,
-        "min-evaluate-nodes": 0,
-        "central-eval-samples": 32,
+        **IN_PROCESS_RUN,
         "output-dir": str(tmp_path / "outputs"),
         "run-name": "hf-export",
     }
