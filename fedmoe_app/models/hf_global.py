@@ -23,7 +23,7 @@ import torch
 from ..tensors import Arrays, expert_key
 from .arrays import global_shapes
 from .hf_spec import HFSpec
-from .hf_weights import _PARTS, _PER_EXPERT, weight_files
+from .hf_weights import EXPERT_PARTS, PER_EXPERT, weight_files
 from .interface import expert_suffix
 
 #: safetensors dtype -> (numpy dtype of its bytes, numpy dtype kept)
@@ -81,9 +81,9 @@ def hf_global_arrays(spec: HFSpec) -> Arrays:
                 shape, (begin, end) = info["shape"], info["data_offsets"]
                 start = 8 + size + begin
                 local = name.replace(".block_sparse_moe.", ".mlp.")
-                m = _PER_EXPERT.match(local)
+                m = PER_EXPERT.match(local)
                 if m is not None:
-                    target, part = _PARTS[m.group(3)]
+                    target, part = EXPERT_PARTS[m.group(3)]
                     key = expert_key(int(m.group(2)), expert_suffix(f"net.{m.group(1)}.{target}"))
                     want = shapes.get(key)
                     if want is None:

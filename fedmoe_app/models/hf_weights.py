@@ -34,10 +34,10 @@ _SAFETENSORS_DTYPES = {
 }
 
 #: one expert's tensor in the per-expert layout (after Mixtral's ``block_sparse_moe`` rename)
-_PER_EXPERT = re.compile(r"^(.+\.experts)\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+PER_EXPERT = re.compile(r"^(.+\.experts)\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
 
 #: per-expert part -> (stacked tensor, its half of ``gate_up_proj``'s dim 1, or 0 for ``down_proj``)
-_PARTS = {
+EXPERT_PARTS = {
     "w1": ("gate_up_proj", 0),
     "gate_proj": ("gate_up_proj", 0),
     "w3": ("gate_up_proj", 1),
@@ -84,7 +84,7 @@ class _Stacker:
 
     def wants(self, m: re.Match[str]) -> tuple[str, int, int] | None:
         """``(stacked name, slot, part)`` of a per-expert tensor's name match; ``None``: not held."""
-        target, part = _PARTS[m.group(3)]
+        target, part = EXPERT_PARTS[m.group(3)]
         stacked = f"{m.group(1)}.{target}"
         slot = self.slot_of.get(stacked, {}).get(int(m.group(2)))
         return None if slot is None else (stacked, slot, part)
@@ -169,7 +169,7 @@ def load_weights(
         with safe_open(str(f), framework="pt") as handle:
             for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 local = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's checkpoint name
-                m = _PER_EXPERT.match(local)
+                m = PER_EXPERT.match(local)
                 if m is None:
                     if local not in state:
                         state[local] = handle.get_tensor(name)
