@@ -393,6 +393,11 @@ class AlignmentState:
         usage = np.asarray(d["usage"], dtype=np.float64)
         if usage.shape != (state.num_experts,):
             raise ValueError("usage has the wrong length")
+        for name, value in (("fitness", fitness), ("usage", usage)):
+            if not np.isfinite(value).all():
+                raise ValueError(f"{name} holds non-finite values (NaN or inf)")
+        if (usage < 0).any():
+            raise ValueError("usage holds negative values")
         state.index(ids)
         state.fitness = fitness.copy()
         state.usage = usage.copy()

@@ -123,18 +123,37 @@ def fortune_groups(root: Path) -> dict[str, list[Path]]:
 
 
 def folder_groups(root: Path) -> dict[str, list[Path]]:
-    """Group → files of a user's folder: each top-level file, and each sub-folder's files."""
+    """Group → files of a user's folder: each top-level file, and each sub-folder's files.
+
+    Links are followed only where they stay inside ``root``: a file or folder that resolves
+    outside it raises ``ValueError`` naming it (text read from elsewhere would be trained on and
+    name a metric).
+    """
+    inside = root.resolve()
     groups: dict[str, list[Path]] = {}
     for path in sorted(root.iterdir()):
         if path.name.startswith("."):
             continue
+        _check_inside(path, inside)
         if path.is_file():
             groups[path.name] = [path]
         elif path.is_dir():
-            files = [f for f in sorted(path.rglob("*")) if f.is_file() and not f.name.startswith(".")]
+            found = [f for f in sorted(path.rglob("*")) if not f.name.startswith(".")]
+            for f in found:
+                _check_inside(f, inside)
+            files = [f for f in found if f.is_file()]
             if files:
                 groups[path.name] = files
     return groups
+
+
+def _check_inside(path: Path, root: Path) -> None:
+    """Raise ``ValueError`` naming ``path`` if it (a link, or inside one) resolves outside ``root``."""
+    if not path.resolve().is_relative_to(root):
+        raise ValueError(
+            f"text folder {root}: {path} links outside the folder (to {path.resolve()}); "
+            "copy the file into the folder or remove the link"
+        )
 
 
 def read_text(path: Path) -> bytes | None:
@@ -207,7 +226,10 @@ def _groups_of(name: str, data_dir: str) -> tuple[Path, dict[str, list[Path]]]:
     root = Path(data_dir)
     if not root.is_dir():
         raise DatasetUnavailable(f"run-config key 'data-dir' = {data_dir!r} is not a folder")
-    return root, folder_groups(root)
+    try:
+        return root, folder_groups(root)
+    except ValueError as err:
+        raise ValueError(f"run-config key 'data-dir' = {data_dir!r}: {err}") from None
 
 
 @lru_cache(maxsize=4)

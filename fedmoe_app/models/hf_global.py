@@ -13,7 +13,6 @@ from the per-expert layout (``w1``/``w3``/``w2`` or ``gate_proj``/``up_proj``/``
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import ml_dtypes
@@ -23,7 +22,7 @@ import torch
 from ..tensors import Arrays, expert_key
 from .arrays import global_shapes
 from .hf_spec import HFSpec
-from .hf_weights import EXPERT_PARTS, PER_EXPERT, weight_files
+from .hf_weights import EXPERT_PARTS, PER_EXPERT, read_header, weight_files
 from .interface import expert_suffix
 
 #: safetensors dtype -> (numpy dtype of its bytes, numpy dtype kept)
@@ -69,17 +68,15 @@ def hf_global_arrays(spec: HFSpec) -> Arrays:
     out: Arrays = {}
     parts: dict[str, set[int]] = {}  # per-expert layout: the parts of gate_up / down read so far
     for path in weight_files(Path(spec.weights).expanduser(), spec.weights, spec.weights_key):
+        body, header = read_header(path, problem)  # every entry checked against the file
         with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
-                if info["dtype"] not in _DTYPES:
-                    raise ValueError(f"{problem}: {name} is {info['dtype']}; allowed: {sorted(_DTYPES)}")
                 stored, kept = _DTYPES[info["dtype"]]
                 shape, (begin, end) = info["shape"], info["data_offsets"]
-                start = 8 + size + begin
+                start = body + begin
+                where = f"{problem}: {path}: tensor {name!r}"
                 local = name.replace(".block_sparse_moe.", ".mlp.")
                 m = PER_EXPERT.match(local)
                 if m is not None:
@@ -87,12 +84,10 @@ def hf_global_arrays(spec: HFSpec) -> Arrays:
                     key = expert_key(int(m.group(2)), expert_suffix(f"net.{m.group(1)}.{target}"))
                     want = shapes.get(key)
                     if want is None:
-                        raise ValueError(f"{problem}: {name} is not a tensor of this model")
+                        raise ValueError(f"{where} is not a tensor of this model")
                     half = want[0] // (2 if target == "gate_up_proj" else 1)
                     if tuple(shape) != (half, *want[1:]):
-                        raise ValueError(
-                            f"{problem}: {name} has shape {tuple(shape)}, expected {(half, *want[1:])}"
-                        )
+                        raise ValueError(f"{where} has shape {tuple(shape)}, expected {(half, *want[1:])}")
                     if key not in out:
                         out[key] = np.empty(want, dtype=kept)
                     out[key][part * half : (part + 1) * half] = _read(
@@ -100,6 +95,10 @@ def hf_global_arrays(spec: HFSpec) -> Arrays:
                     )
                     parts.setdefault(key, set()).add(part)
                 elif f"net.{local}" in shapes:
+                    if tuple(shape) != shapes[f"net.{local}"]:
+                        raise ValueError(
+                            f"{where} has shape {tuple(shape)}, expected {shapes[f'net.{local}']}"
+                        )
                     out[f"net.{local}"] = _read(f, start, end - begin, shape, stored, kept)
                 elif local.split(".")[-2:-1] == ["experts"]:  # stacked layout: one expert at a time
                     suffix = expert_suffix(f"net.{local}")
@@ -107,10 +106,14 @@ def hf_global_arrays(spec: HFSpec) -> Arrays:
                     for e in range(shape[0]):
                         key = expert_key(e, suffix)
                         if key not in shapes:
-                            raise ValueError(f"{problem}: {name} has expert {e}, which this model has not")
+                            raise ValueError(f"{where} has expert {e}, which this model has not")
+                        if tuple(shape[1:]) != shapes[key]:
+                            raise ValueError(
+                                f"{where} has experts of shape {tuple(shape[1:])}, expected {shapes[key]}"
+                            )
                         out[key] = _read(f, start + e * stride, stride, shape[1:], stored, kept)
                 elif not local.endswith("rotary_emb.inv_freq"):
-                    raise ValueError(f"{problem}: {name} is not a tensor of this model")
+                    raise ValueError(f"{where} is not a tensor of this model")
     for key, got in parts.items():  # gate_up needs both halves
         if len(got) < (2 if key.endswith("gate_up_proj") else 1):
             del out[key]

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from ..alignment import alignment_from_state_dict
 from ..config import RunConfig
 from ..tensors import Arrays, check_same_tensors
 from .checkpoint import checkpoint_path, load_checkpoint
@@ -118,8 +119,39 @@ def open_run_folder(cfg: RunConfig) -> tuple[Path, Resumed | None]:
     if saved is None:
         return out, None
     arrays, state = saved
-    changed = config_changes(state.get("config", {}), cfg)
+    check_resume_state(checkpoint_path(out), state, cfg)
+    changed = config_changes(state["config"], cfg)
     if changed:
         detail = ", ".join(f"'{k}': {a!r} -> {b!r}" for k, (a, b) in changed.items())
         raise RunFolderError(f"cannot resume {out}: the run config changed ({detail})")
-    return out, Resumed(arrays, state["strategy"], int(state["round"]), state["history"])
+    return out, Resumed(arrays, state["strategy"], state["round"], state["history"])
+
+
+def check_resume_state(path: Path, state: dict[str, Any], cfg: RunConfig) -> None:
+    """Check a checkpoint's state document before a run resumes from it.
+
+    ``round`` is a whole number from 1 to ``num-server-rounds`` (a run may resume once it has
+    finished: it then does nothing), ``history`` a list of round rows, ``config`` a mapping, and
+    the strategy's alignment state (fitness, usage) is finite and of consistent shapes.
+
+    Raises
+    ------
+    RunFolderError
+        Naming the file ``path``, the key and its value.
+
+    """
+    rnd = state.get("round")
+    if isinstance(rnd, bool) or not isinstance(rnd, int) or not 1 <= rnd <= cfg.num_server_rounds:
+        raise RunFolderError(
+            f"checkpoint {path}: key 'round' = {rnd!r}; allowed: a whole number from 1 to "
+            f"num-server-rounds = {cfg.num_server_rounds}"
+        )
+    for key, kind in (("config", dict), ("strategy", dict), ("history", list)):
+        if not isinstance(state.get(key), kind):
+            raise RunFolderError(f"checkpoint {path}: key {key!r} is missing or not a {kind.__name__}")
+    if not all(isinstance(row, dict) for row in state["history"]):
+        raise RunFolderError(f"checkpoint {path}: key 'history' holds entries that are not round rows")
+    try:
+        alignment_from_state_dict(state["strategy"]["alignment"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise RunFolderError(f"checkpoint {path}: key 'strategy.alignment' is invalid ({err})") from None

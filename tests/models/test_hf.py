@@ -144,7 +144,7 @@ def test_expert_rows_are_read_from_the_safetensors_bytes(tmp_path, dtype):
 
     w = torch.randn(8, 6, 4).to(dtype)
     save_file({"a": torch.zeros(3), "w": w, "b": torch.ones(2, 2)}, str(tmp_path / "m.safetensors"))
-    got = read_rows(tmp_path / "m.safetensors", {"w": [6, 1, 5], "absent": [0]})
+    got = read_rows(tmp_path / "m.safetensors", {"w": [6, 1, 5], "absent": [0]}, "test")
     assert set(got) == {"w"} and got["w"].dtype == dtype
     assert torch.equal(got["w"], w[[6, 1, 5]])
 
