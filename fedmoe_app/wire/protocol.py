@@ -211,6 +211,7 @@ def parse_train_reply(
     shapes and dtypes and finite values; ``num-examples`` is a positive integer (not
     above ``sent.max_examples`` when known); the feedback is ``[L, E]`` like the holding sent,
     finite and non-negative, with no tokens (nor loss) where a layer does not hold the expert;
+    the measured numbers it reports lie in :data:`TRAIN_METRIC_RANGES`;
     tokens stay under ``num-examples × routes-per-example × top-k × local-epochs`` in all
     (routes per example: 1 for an image through one MoE layer, tokens × MoE layers for a
     sequence) and under each layer's share of it; the client id matches.
@@ -229,11 +230,7 @@ def parse_train_reply(
     if sent.max_examples is not None and n > sent.max_examples:
         raise ReplyRejected("num-examples", f"{n} exceeds the client's data size {sent.max_examples}")
     feedback = _checked_feedback(fb, sent.held, n * routes_per_example * local_epochs, top_k)
-    extra = {}
-    for key in ("train-loss", "train-accuracy", "train-time-s", "samples-per-s", "peak-memory-bytes"):
-        value = metrics.get(key)
-        if isinstance(value, (int, float)) and math.isfinite(value) and value >= 0:
-            extra[key] = float(value)
+    extra = _checked_train_metrics(metrics)
     tokens = feedback["layer-tokens"]
     held = np.array(sent.held, dtype=bool)
     return TrainReply(
@@ -256,6 +253,36 @@ def parse_train_reply(
         metrics=extra,
         ray_node=content_ray_node(content),
     )
+
+
+#: the measured numbers a train reply may carry, each optional, and the range each must lie in
+TRAIN_METRIC_RANGES = {
+    "train-loss": (0.0, 1e6),
+    "train-accuracy": (0.0, 1.0),
+    "train-time-s": (0.0, 7 * 24 * 3600.0),  # a week
+    "samples-per-s": (0.0, 1e7),
+    "peak-memory-bytes": (0.0, float(2**50)),  # a pebibyte
+}
+
+
+def _checked_train_metrics(metrics: MetricRecord) -> dict[str, float]:
+    """Return the reply's measured numbers (:data:`TRAIN_METRIC_RANGES`); raise for one out of range.
+
+    A number that is present but not finite or outside its range rejects the whole reply (a
+    client that misreports its loss or speed would otherwise blank the round's mean or enter
+    the capacity profiles the planner trusts); an absent one is left out.
+    """
+    extra: dict[str, float] = {}
+    for key, (lo, hi) in TRAIN_METRIC_RANGES.items():
+        value = metrics.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ReplyRejected("metrics", f"{key}: expected a finite number, got {value!r}")
+        if not lo <= value <= hi:
+            raise ReplyRejected("metrics", f"{key}: {value!r} is outside [{lo:g}, {hi:g}]")
+        extra[key] = float(value)
+    return extra
 
 
 def _checked_arrays(record: ArrayRecord, sent: Sent) -> Arrays:

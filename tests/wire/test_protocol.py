@@ -128,3 +128,31 @@ def test_ray_node_id_is_read_when_plausible_and_ignored_otherwise(reply):
         record = ConfigRecord({"client-id": "c7", RAY_NODE: value})
         tampered = RecordDict({**{k: content[k] for k in content}, CLIENT: record})
         assert parse(tampered, sent).ray_node == expected, value
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("train-loss", float("nan")),
+        ("train-loss", -0.5),
+        ("train-loss", float("inf")),
+        ("train-accuracy", 1.5),
+        ("train-time-s", -1.0),
+        ("samples-per-s", 1e300),
+        ("peak-memory-bytes", 1e300),
+    ],
+)
+def test_a_measured_number_out_of_range_rejects_the_reply(reply, key, value):
+    content, sent = reply
+    bad = _with(content, **{METRICS: MetricRecord({**dict(content[METRICS]), key: value})})
+    with pytest.raises(ReplyRejected, match=key) as err:
+        parse(bad, sent)
+    assert err.value.reason == "metrics"
+
+
+def test_measured_numbers_in_range_are_kept_and_absent_ones_left_out(reply):
+    content, sent = reply
+    measured = {"train-accuracy": 0.5, "train-time-s": 2.0, "samples-per-s": 32.0, "peak-memory-bytes": 1e8}
+    out = parse(_with(content, **{METRICS: MetricRecord({**dict(content[METRICS]), **measured})}), sent)
+    assert out.metrics == {"train-loss": pytest.approx(out.loss), **measured} and np.isfinite(out.loss)
+    assert set(parse(content, sent).metrics) == {"train-loss"}
