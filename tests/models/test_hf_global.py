@@ -77,7 +77,7 @@ def test_lora_and_presets_are_built_and_foreign_or_missing_tensors_stop_the_run_
     with pytest.raises(ValueError, match=r"'hf-weights'.*experts\.8\.w1.*not a tensor of this model"):
         hf_global_arrays(spec_of("tiny-mixtral", **{"hf-weights": str(folder)}))
     save_file({"x": torch.zeros(1)}, str(folder / "x.safetensors"))
-    with pytest.raises(ValueError, match=r"'hf-weights'.*x.safetensors: tensor 'x' is not a tensor of this model"):
+    with pytest.raises(ValueError, match=r"'hf-weights'.*x.safetensors: tensor 'x' is not a tensor of"):
         hf_global_arrays(spec_of("tiny-mixtral", **{"hf-weights": str(folder)}))
     (folder / "x.safetensors").unlink()
     per_expert = write(tmp_path / "p", "tiny-mixtral", "per-expert", torch.bfloat16)
