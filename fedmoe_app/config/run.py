@@ -583,6 +583,11 @@ class RunConfig:
                 ),
                 ("update-bound", self.update_bound > 0, "0 when dp is on (clipping bounds every update)"),
                 ("tie-layers", not self.tie_layers, "true when dp is on (privacy accounts per expert)"),
+                (
+                    "gate-balance-rate",
+                    self.gate_balance_rate > 0,
+                    "0 when dp is on (the router-bias step uses clients' raw routing counts, unaccounted)",
+                ),
             ):
                 if bad:
                     value = getattr(self, key.replace("-", "_"))

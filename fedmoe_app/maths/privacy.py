@@ -16,8 +16,11 @@ over everything it returns (the shared tensors and its experts, taken together).
 
 With ``dp = "local"`` each client clips its own update and adds noise of std ``z · C`` to
 every coordinate before replying (:func:`privatize`); the server then takes the same
-unweighted per-group means, without clipping or noise of its own (clipping a noised update
-would only shrink it: the noise's norm is ``z · C · sqrt(d)``).
+unweighted per-group means, adding no noise, and clips each reply at the norm an honest noised
+reply of ``d`` coordinates stays under (:func:`local_reply_bound`: ``C · (1 + z · (sqrt(d) +
+6))``, exceeded with probability below 1e-8): an honest reply is left as it is, a reply of 1e30
+weighs no more than an honest one. Clipping what a client already privatized is
+post-processing: it costs no privacy.
 
 Noise is drawn from a generator seeded by the operating system, never from the run's seed:
 anyone who knows the seed (it is in ``config.json``) could otherwise regenerate and subtract
@@ -90,6 +93,15 @@ def privatize(
     }
 
 
+def local_reply_bound(delta_size: int, clip_norm: float, noise_multiplier: float) -> float:
+    """Norm bound on an honest local-DP reply's delta of ``delta_size`` coordinates.
+
+    The clipped update (norm ``<= C``) plus Gaussian noise of std ``z · C`` per coordinate, whose
+    norm exceeds ``z · C · (sqrt(d) + t)`` with probability at most ``exp(-t² / 2)``; ``t = 6``.
+    """
+    return clip_norm * (1.0 + noise_multiplier * (float(np.sqrt(delta_size)) + 6.0))
+
+
 @dataclass(frozen=True)
 class PrivateMean:
     """One round's DP aggregation: the new model and who was averaged into each group."""
@@ -97,7 +109,7 @@ class PrivateMean:
     arrays: Arrays
     shared_trainers: int
     expert_trainers: np.ndarray  # int64 [E]: n_e
-    clipped: int  # replies whose update the server scaled down (central)
+    clipped: int  # replies whose update the server scaled down
 
 
 def private_mean(
@@ -105,7 +117,7 @@ def private_mean(
     replies: Sequence[Mapping[str, np.ndarray]],
     num_experts: int,
     *,
-    clip_norm: float | None,
+    clip_norm: float | Sequence[float] | None,
     noise_std: float,
     rng: np.random.Generator,
     min_trainers: int = 1,
@@ -120,9 +132,9 @@ def private_mean(
         Each reply's tensors (shared + the experts it returned).
     num_experts : int
         Experts in the model.
-    clip_norm : float or None
-        Clip each reply's whole delta to this norm (central DP); None: do not clip (local
-        DP, the clients did).
+    clip_norm : float, sequence of float, or None
+        Clip each reply's whole delta to this norm (central DP: ``C``), or reply ``i``'s to
+        ``clip_norm[i]`` (local DP: :func:`local_reply_bound`); None: do not clip.
     noise_std : float
         ``z · C``, the noise std on a group's *sum* (0: no noise, local DP).
     rng : np.random.Generator
@@ -138,10 +150,10 @@ def private_mean(
 
     """
     deltas, clipped = [], 0
-    for arrays in replies:
+    for i, arrays in enumerate(replies):
         delta = update_delta(global_arrays, arrays)
         if clip_norm is not None:
-            delta, was = clip_delta(delta, clip_norm)
+            delta, was = clip_delta(delta, clip_norm if np.isscalar(clip_norm) else clip_norm[i])
             clipped += was
         deltas.append(delta)
     out = {k: np.array(v, copy=True) for k, v in global_arrays.items()}

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..config import PrivacySection
-from ..maths.privacy import private_mean
+from ..maths.privacy import local_reply_bound, private_mean
 from ..tensors import Arrays, experts_in
 from ..wire.protocol import TrainReply
 from .accounting import GroupAccountant
@@ -38,11 +38,16 @@ class PrivateAggregation:
         self, global_arrays: Mapping[str, np.ndarray], kept: Sequence[TrainReply], population: int
     ) -> Arrays:
         """Return the new model from ``kept`` and account the round (``population``: clients known)."""
+        replies = [r.update.arrays for r in kept]
+        local = [
+            local_reply_bound(sum(v.size for v in a.values()), self.clip_norm, self.noise_multiplier)
+            for a in replies
+        ]
         res = private_mean(
             global_arrays,
-            [r.update.arrays for r in kept],
+            replies,
             self.num_experts,
-            clip_norm=self.clip_norm if self.central else None,
+            clip_norm=self.clip_norm if self.central else local,
             noise_std=self.noise_multiplier * self.clip_norm if self.central else 0.0,
             rng=self.rng,
             min_trainers=self.min_trainers,

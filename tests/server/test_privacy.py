@@ -11,7 +11,14 @@ from opacus.accountants import RDPAccountant
 
 from fedmoe_app.alignment import AlignmentState, enforce_min_trainers
 from fedmoe_app.config import ConfigError, RunConfig
-from fedmoe_app.maths.privacy import clip_delta, delta_norm, private_mean, privatize, update_delta
+from fedmoe_app.maths.privacy import (
+    clip_delta,
+    delta_norm,
+    local_reply_bound,
+    private_mean,
+    privatize,
+    update_delta,
+)
 from fedmoe_app.models import build_model, model_costs, model_to_arrays
 from fedmoe_app.server.accounting import GroupAccountant
 from fedmoe_app.server.planner import Planner
@@ -146,31 +153,58 @@ def test_groups_without_trainers_keep_their_values_and_no_noise():
 # --------------------------------------------------------------------------- accounting
 
 
-def test_epsilon_matches_opacus_for_the_same_parameters():
+def test_epsilon_matches_opacus_at_the_shared_rate_for_every_group():
     z, delta, population = 1.1, 1e-5, 20
     acc = GroupAccountant(3, "central", z, delta)
-    shared, e0, e2 = RDPAccountant(), RDPAccountant(), RDPAccountant()
+    shared, e2 = RDPAccountant(), RDPAccountant()
     for rnd in range(6):
         n0 = 2 + rnd % 3
         clients = [f"c{i}" for i in range(10)]
         acc.step({-1: clients, 0: clients[:n0], 2: clients[:4] if rnd % 2 else []}, population)
         shared.step(noise_multiplier=z, sample_rate=10 / population)
-        e0.step(noise_multiplier=z, sample_rate=n0 / population)
         if rnd % 2:
-            e2.step(noise_multiplier=z, sample_rate=4 / population)
+            e2.step(noise_multiplier=z, sample_rate=10 / population)  # released: at the shared rate
     assert acc.epsilon(-1) == pytest.approx(shared.get_epsilon(delta), rel=1e-12)
-    assert acc.epsilon(0) == pytest.approx(e0.get_epsilon(delta), rel=1e-12)
+    assert acc.epsilon(0) == pytest.approx(shared.get_epsilon(delta), rel=1e-12)  # every round
     assert acc.epsilon(2) == pytest.approx(e2.get_epsilon(delta), rel=1e-12)
     assert acc.epsilon(1) == 0.0  # never trained
-    assert acc.epsilon(0) < acc.epsilon(-1)  # fewer trainers per round: a smaller sampling rate
+    swap = RDPAccountant()
+    swap.history = [(z / 2, 10 / population, 6)]  # replace-one: sensitivity 2C
+    assert acc.epsilon(-1, swap=True) == pytest.approx(swap.get_epsilon(delta), rel=1e-12)
     report = acc.report(10, np.array([2, 0, 4]))
     assert report["dp_epsilon_max_expert"] == max(report["dp_epsilon_experts"])
+    assert report["dp_epsilon_swap_max_expert"] > report["dp_epsilon_max_expert"]
+    assert report["dp_neighbouring"] == "add-remove"
     restored = GroupAccountant(3, "central", z, delta)
     restored.load_state_dict(acc.state_dict())
     assert restored.epsilon(0) == acc.epsilon(0)
 
 
-def test_local_epsilon_is_the_busiest_clients_composition():
+@pytest.mark.parametrize("z", [0.3, 1.0])
+def test_an_experts_epsilon_bounds_the_client_assigned_it_whenever_sampled(z):
+    """Client c0 gets expert 0 every time it is sampled (10 of 20, 40 rounds): its true rate is 1/2.
+
+    The expert has 2 trainers a round; accounting it at n_e / K = 0.1 understated c0's epsilon.
+    """
+    delta, population, rounds = 1e-5, 20, 40
+    rng = np.random.default_rng(0)
+    acc = GroupAccountant(1, "central", z, delta)
+    sampled_c0 = 0
+    for _ in range(rounds):
+        sample = [f"c{i}" for i in rng.choice(population, 10, replace=False)]
+        sampled_c0 += "c0" in sample
+        trainers = ["c0", sample[0] if sample[0] != "c0" else sample[1]] if "c0" in sample else sample[:2]
+        acc.step({-1: sample, 0: trainers}, population)
+    true_rate = RDPAccountant()
+    true_rate.history = [(z, 10 / population, rounds)]  # c0's participation rate in expert 0
+    understated = RDPAccountant()
+    understated.history = [(z, 2 / population, rounds)]
+    assert acc.epsilon(0) >= true_rate.get_epsilon(delta) * (1 - 1e-12)
+    assert true_rate.get_epsilon(delta) > 1.5 * understated.get_epsilon(delta)  # what n_e / K gave
+    assert 10 <= sampled_c0 <= 30
+
+
+def test_local_epsilon_is_the_busiest_clients_composition_at_sensitivity_2c():
     z, delta = 2.0, 1e-6
     acc = GroupAccountant(2, "local", z, delta)
     acc.step({-1: ["a", "b"], 0: ["a"], 1: ["b"]}, 10)
@@ -178,11 +212,11 @@ def test_local_epsilon_is_the_busiest_clients_composition():
     acc.step({-1: ["a", "b"], 1: ["b"]}, 10)
     ref = RDPAccountant()
     for _ in range(3):
-        ref.step(noise_multiplier=z, sample_rate=1.0)
+        ref.step(noise_multiplier=z / 2, sample_rate=1.0)  # a reply may move anywhere in its 2C ball
     assert acc.epsilon(-1) == pytest.approx(ref.get_epsilon(delta), rel=1e-12)  # client a: 3 rounds
     two = RDPAccountant()
     for _ in range(2):
-        two.step(noise_multiplier=z, sample_rate=1.0)
+        two.step(noise_multiplier=z / 2, sample_rate=1.0)
     assert acc.epsilon(0) == pytest.approx(two.get_epsilon(delta), rel=1e-12)
 
 
@@ -263,6 +297,7 @@ def test_a_dp_run_never_trains_an_expert_below_the_minimum():
         ("dp", "on"),
         ("aggregation", "median"),
         ("update-bound", 3.0),
+        ("gate-balance-rate", 0.1),  # the router-bias step would use raw, unaccounted histograms
     ],
 )
 def test_bad_dp_values_name_the_key(key, value):
@@ -279,3 +314,42 @@ def test_min_trainers_above_the_clients_per_round_stops_the_run_at_start():
 def test_dp_off_takes_no_dp_path():
     strategy = FedMoE(dp_config(dp="off"), SPEC, model_to_arrays(build_model(SPEC, seed=0)))
     assert strategy.state.privacy is None and "accountant" not in strategy.state_dict()
+
+
+class OneHugeReply(FakeGrid):
+    """Node 1 adds 1e30 times a unit direction to what it was sent (finite in float32)."""
+
+    def _train(self, node, m):
+        content = super()._train(node, m)
+        if node == 1:
+            from fedmoe_app.wire.protocol import ARRAYS
+            from fedmoe_app.wire.records import from_record, to_record
+
+            arrays = from_record(content[ARRAYS])
+            sent = from_record(m.content[ARRAYS])
+            content[ARRAYS] = to_record(
+                {
+                    k: (sent[k] + np.sign(v - sent[k] + 1e-12) * 1e30).astype(v.dtype)
+                    for k, v in arrays.items()
+                }
+            )
+        return content
+
+
+@pytest.mark.parametrize("huge", [False, True])
+def test_local_dp_keeps_a_server_side_bound_an_honest_reply_never_reaches(huge):
+    cfg = dp_config(**{"dp": "local", "dp-noise-multiplier": 1.0})
+    start = model_to_arrays(build_model(SPEC, seed=0))
+    strategy = FedMoE(cfg, SPEC, start)
+    grid_class = OneHugeReply if huge else FakeGrid
+    grid = grid_class(4, num_experts=SPEC.num_experts, top_k=SPEC.top_k, scale=0.5)
+    rows = []
+    strategy.start(grid, num_rounds=1, on_round=lambda row, arrays: rows.append((row, dict(arrays))))
+    row, model = rows[-1]
+    moved = delta_norm(update_delta(start, model))
+    d = sum(v.size for v in start.values())
+    assert np.isfinite(moved)
+    if huge:  # clipped to what an honest noised reply can weigh, shared among the 4 replies
+        assert row["dp_clipped"] == 1 and moved <= local_reply_bound(d, 1.0, 1.0) / 4 + 2 * 0.5
+    else:  # honest replies (norm 0.5 here) are never scaled
+        assert row["dp_clipped"] == 0 and moved <= 0.5
