@@ -48,6 +48,7 @@ class Discovery:
         self.unanswered: dict[int, int] = {}  # node id -> round its last query failed
         self.misses: dict[int, int] = {}  # node id -> failed queries in a row
         self.queries_sent = 0  # query messages sent so far (what discovery costs)
+        self.bound_changes = 0  # queries that reported another example count than the kept bound
 
     def client_of(self, node: int) -> str:
         """Client id of a known node."""
@@ -143,7 +144,7 @@ class Discovery:
             if owner is not None:  # the client reconnected under a new node id
                 del self.clients[owner]
             self.clients[node] = cid
-            self.profiles[cid] = {**self.profiles.get(cid, {}), **self._profile(msg, node)}
+            self.profiles[cid] = self._merged(cid, self._profile(msg, node))
             self.unanswered.pop(node, None)
             self.misses.pop(node, None)
             answered += 1
@@ -152,6 +153,33 @@ class Discovery:
                 self.unanswered[n] = server_round
                 self.misses[n] = self.misses.get(n, 0) + 1
         return len(unknown) - answered
+
+    #: Counts a client reports once and the server keeps: the bounds its replies are checked against.
+    BOUNDS = ("num-examples", "num-test-examples")
+
+    def _merged(self, client_id: str, profile: dict[str, Any]) -> dict[str, Any]:
+        """Return a client's known profile updated by a new query's, its example bounds kept.
+
+        A client that reconnects (a new node id) or is queried again after the server resumed may
+        report other counts; a bound never changes once known (a larger claim would let its
+        replies weigh more): the change is logged and counted (:attr:`bound_changes`).
+        """
+        known = self.profiles.get(client_id, {})
+        merged = {**known, **profile}
+        for key in self.BOUNDS:
+            if key in known:
+                if profile.get(key, known[key]) != known[key]:
+                    self.bound_changes += 1
+                    log(
+                        WARNING,
+                        "query: client %r now reports %s = %s; its bound stays %s (first reported)",
+                        client_id,
+                        key,
+                        profile[key],
+                        known[key],
+                    )
+                merged[key] = known[key]
+        return merged
 
     @staticmethod
     def _profile(msg: Message, node: int) -> dict[str, Any]:
