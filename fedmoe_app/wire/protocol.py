@@ -214,7 +214,9 @@ def parse_train_reply(
     the measured numbers it reports lie in :data:`TRAIN_METRIC_RANGES`;
     tokens stay under ``num-examples × routes-per-example × top-k × local-epochs`` in all
     (routes per example: 1 for an image through one MoE layer, tokens × MoE layers for a
-    sequence) and under each layer's share of it; the client id matches.
+    sequence), under each layer's share of it, and on any one expert under the layer's routes
+    (a client cannot pile all its tokens onto one expert to weigh more there than a client
+    whose every route chose it); the client id matches.
     """
     try:
         arrays_rec, metrics, fb = content[ARRAYS], content[METRICS], content[FEEDBACK]
@@ -356,5 +358,9 @@ def _checked_feedback(fb: MetricRecord, held: np.ndarray, routes: float, top_k: 
     ).any():
         raise ReplyRejected(
             "feedback", f"a layer's token counts exceed its routes x top-k ({per_layer * k_l.max():.0f})"
+        )
+    if tokens.max(initial=0.0) > per_layer * 1.0001 or hist.max(initial=0.0) > per_layer * 1.0001:
+        raise ReplyRejected(  # top-k picks distinct experts: a route reaches an expert at most once
+            "feedback", f"an expert's token count exceeds its layer's routes ({per_layer:.0f})"
         )
     return out

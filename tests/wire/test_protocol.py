@@ -156,3 +156,17 @@ def test_measured_numbers_in_range_are_kept_and_absent_ones_left_out(reply):
     out = parse(_with(content, **{METRICS: MetricRecord({**dict(content[METRICS]), **measured})}), sent)
     assert out.metrics == {"train-loss": pytest.approx(out.loss), **measured} and np.isfinite(out.loss)
     assert set(parse(content, sent).metrics) == {"train-loss"}
+
+
+def test_all_tokens_piled_on_one_expert_are_refused(reply):
+    """k = 2 of 2 held experts on 64 examples: each expert can take at most 64 routes, not 128."""
+    content, sent = reply
+    fb = dict(content[FEEDBACK])
+    honest = list(fb["layer-tokens"])
+    assert max(honest) == 64 and sum(honest) == 128  # every route reached both held experts
+    piled = [128.0 if i == EXPERTS[0] else 0.0 for i in range(len(honest))]
+    loss = [1.0 if i == EXPERTS[0] else 0.0 for i in range(len(honest))]
+    bad = _with(content, **{FEEDBACK: MetricRecord({**fb, "layer-tokens": piled, "layer-loss-sum": loss})})
+    with pytest.raises(ReplyRejected, match="an expert's token count exceeds its layer's routes") as err:
+        parse(bad, sent)
+    assert err.value.reason == "feedback"
