@@ -237,7 +237,7 @@ class RichDisplay:
         from rich.live import Live
 
         self.watcher = watcher
-        self.console = Console(file=out, force_terminal=True, highlight=False, soft_wrap=True)
+        self.console = Console(file=out, force_terminal=True, highlight=False)
         self.live = Live(self, console=self.console, refresh_per_second=2, transient=False)
         self.live.start()
 
@@ -261,7 +261,7 @@ class RichDisplay:
         from rich.text import Text
 
         self.watcher.feed(text)
-        self.console.print(Text.from_ansi(text.rstrip("\n")))
+        self.console.print(Text.from_ansi(text.rstrip("\n")), soft_wrap=True)
 
     def close(self) -> None:
         """Stop the live bar, leaving its last state on screen."""
