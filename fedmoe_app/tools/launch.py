@@ -253,9 +253,19 @@ def flwr_run_command(
 
 
 def pump_lines(stream: IO[bytes], display: Display) -> None:
-    """Hand every line of ``stream`` (decoded; undecodable bytes replaced) to ``display`` until EOF."""
+    """Hand every line of ``stream`` (decoded; undecodable bytes replaced) to ``display`` until EOF.
+
+    The pipe is drained to its end whatever the display does: a line it fails on is dropped
+    (counted once on stderr), so ``flwr run`` never blocks on a full pipe.
+    """
+    failed = 0
     for raw in iter(stream.readline, b""):
-        display.line(raw.decode("utf-8", errors="replace"))
+        try:
+            display.line(raw.decode("utf-8", errors="replace"))
+        except Exception as exc:
+            failed += 1
+            if failed == 1:
+                print(f"fedmoe: the log display failed ({exc!r}); draining the log", file=sys.stderr)
 
 
 def _run_to_end(

@@ -116,6 +116,7 @@ class RunWatcher:
         self.state = RunState()
         self.output_root = output_root
         self._metrics_stamp: tuple[int, int] | None = None
+        self.errors = 0  # lines that feed() failed on
 
     def feed(self, line: str) -> int | None:
         """Take one log line; return the round it finished, if it did."""
@@ -139,6 +140,14 @@ class RunWatcher:
             s.out_dir = out if out.is_absolute() or self.output_root is None else self.output_root / out
         self.read_metrics()
         return finished
+
+    def safe_feed(self, line: str) -> int | None:
+        """Return :meth:`feed`'s answer; None if it failed (the progress is a view: the log goes on)."""
+        try:
+            return self.feed(line)
+        except Exception:
+            self.errors += 1
+            return None
 
     def read_metrics(self) -> bool:
         """Take the last round's numbers from ``metrics.json`` if it changed; return whether it was read.
@@ -202,7 +211,7 @@ class PlainDisplay:
     def line(self, text: str) -> None:
         """Write ``text``; after a round's line, the progress line."""
         self.out.write(text)
-        if self.watcher.feed(text) is not None:
+        if self.watcher.safe_feed(text) is not None:
             self.out.write(f"fedmoe: progress {self.watcher.state.describe()}\n")
         self.out.flush()
 
@@ -260,7 +269,7 @@ class RichDisplay:
         """Print ``text`` above the bar (its colours kept)."""
         from rich.text import Text
 
-        self.watcher.feed(text)
+        self.watcher.safe_feed(text)
         self.console.print(Text.from_ansi(text.rstrip("\n")), soft_wrap=True)
 
     def close(self) -> None:

@@ -141,3 +141,21 @@ def test_the_launcher_refuses_a_tracker_whose_package_is_missing_before_starting
         )
         == 2
     )
+
+
+def test_a_failing_display_never_blocks_the_run(tmp_path, monkeypatch):
+    shown = []
+
+    class Broken:
+        def line(self, text):
+            if "[ROUND 1/" in text:
+                raise OSError("terminal gone")
+            shown.append(text)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(launch_mod, "make_display", lambda mode, out, root: Broken())
+    lines = log_lines(tmp_path / "run", rounds=1) + ["x" * 1000 + "\n"] * 200  # more than a pipe holds
+    code, _ = run_fake(tmp_path, monkeypatch, lines, "plain", timeout=60, pause=0)
+    assert code == 0 and len(shown) == len(lines) - 1
