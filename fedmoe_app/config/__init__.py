@@ -21,6 +21,7 @@ from .sections import (
     PrivacySection,
     RoundSection,
     SplitSection,
+    TrackingSection,
     TrainingSection,
 )
 
@@ -42,6 +43,7 @@ __all__ = [
     "RoundSection",
     "RunConfig",
     "SplitSection",
+    "TrackingSection",
     "TrainingSection",
     "cache_root",
 ]

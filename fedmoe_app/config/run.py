@@ -49,6 +49,7 @@ GATE_MODES = ("global", "local")
 GATE_AGGREGATIONS = ("auto", "rows", "all")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
+TRACKERS = ("none", "tensorboard", "mlflow")
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
 WIRE_DTYPES = ("fp32", "bf16")
@@ -262,6 +263,11 @@ class RunConfig:
     precision: str = _opt(
         "fp32", _choice(*PRECISIONS), "train and evaluate in fp32, or under bf16 autocast (weights stay fp32)"
     )
+    # Experiment tracking (docs/TRACKING.md)
+    tracking: str = _opt(
+        "none", _choice(*TRACKERS), "also log every round's metrics to TensorBoard or MLflow (offline files)"
+    )
+    tracking_dir: str = _opt("", None, "where the tracker writes; empty: <run folder>/tracking")
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -429,6 +435,11 @@ class RunConfig:
     def output(self) -> sections.OutputSection:
         """Where the run writes (:class:`~.sections.OutputSection`)."""
         return sections.OutputSection(run_name=self.run_name, output_dir=self.output_dir, resume=self.resume)
+
+    @property
+    def tracking_section(self) -> sections.TrackingSection:
+        """Experiment tracking (:class:`~.sections.TrackingSection`)."""
+        return sections.TrackingSection(tracker=self.tracking, tracking_dir=self.tracking_dir)
 
     @property
     def lora(self) -> sections.LoraSection | None:

@@ -141,6 +141,14 @@ class OutputSection:
 
 
 @dataclass(frozen=True)
+class TrackingSection:
+    """Experiment tracking of the per-round metrics (``tracking``, ``tracking-dir``)."""
+
+    tracker: str  # "none" | "tensorboard" | "mlflow"
+    tracking_dir: str  # empty: <run folder>/tracking
+
+
+@dataclass(frozen=True)
 class LoraSection:
     """Parameter-efficient fine-tuning with peft LoRA (``peft = "lora"``, model ``hf`` only).
 

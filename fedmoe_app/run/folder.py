@@ -17,7 +17,16 @@ from ..tensors import Arrays, check_same_tensors
 from .checkpoint import checkpoint_path, load_checkpoint
 
 #: Run-config keys a resumed run may change: how long it runs and where its files go.
-RESUMABLE_KEYS = ("num-server-rounds", "resume", "round-timeout-s", "run-name", "output-dir", "device")
+RESUMABLE_KEYS = (
+    "num-server-rounds",
+    "resume",
+    "round-timeout-s",
+    "run-name",
+    "output-dir",
+    "device",
+    "tracking",
+    "tracking-dir",
+)
 
 
 class RunFolderError(ValueError):

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ METRIC_KEYS = (
     "assignment",
     "failures",
 )
+#: At most this share of a run's wall time goes to refreshing the plots between rounds.
+PLOT_SHARE = 0.1
 
 
 def _jsonable(value: Any) -> Any:
@@ -66,6 +69,8 @@ class RunRecorder:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.rounds: list[dict[str, Any]] = [dict(r) for r in history]
+        self.last_plot_s: float | None = None  # seconds the last plot refresh took
+        self._next_plot = 0.0  # time.monotonic() from which the next refresh may run
         atomic_write(self.out_dir / "config.json", json.dumps(_jsonable(config), indent=2))
 
     def add(self, row: Mapping[str, Any]) -> None:
@@ -79,6 +84,28 @@ class RunRecorder:
     def plot(self) -> list[Path]:
         """Write the PNG plots; returns their paths."""
         return write_plots(self.rounds, self.out_dir)
+
+    def refresh_plots(self, *, force: bool = False) -> list[Path]:
+        """Rewrite the plots during the run, throttled to :data:`PLOT_SHARE` of the wall time.
+
+        After a refresh that took ``t`` seconds the next one waits until
+        ``t x (1 / PLOT_SHARE - 1)`` seconds have passed (a round that comes sooner keeps the
+        plots of an earlier round), so plotting never takes more than that share of a run however
+        short its rounds. A failure is logged, not raised: plots are a view, the metrics files the
+        record. Returns the paths written (none when throttled or failed).
+        """
+        now = time.monotonic()
+        if not force and now < self._next_plot:
+            return []
+        try:
+            paths = self.plot()
+        except Exception:
+            log.warning("fedmoe: refreshing the plots failed; the run goes on", exc_info=True)
+            return []
+        done = time.monotonic()
+        self.last_plot_s = done - now
+        self._next_plot = done + self.last_plot_s * (1 / PLOT_SHARE - 1)
+        return paths
 
 
 def rounds_to_csv(rounds: Sequence[Mapping[str, Any]]) -> str:
@@ -127,22 +154,22 @@ def write_plots(rounds: Sequence[Mapping[str, Any]], out_dir: Path) -> list[Path
         ax.legend()
     fig.tight_layout()
     paths.append(out_dir / "accuracy_loss.png")
-    fig.savefig(paths[-1], dpi=110)
+    save_figure(fig, paths[-1])
     plt.close(fig)
 
     loads = [r.get("expert_load") for r in rounds if r.get("expert_load")]
     if loads:
         mat = np.array(loads, dtype=float)
-        fig, ax = plt.subplots(figsize=(max(4, 0.5 * mat.shape[1] + 2), max(3, 0.25 * len(loads) + 2)))
+        fig, ax = plt.subplots(figsize=(max(4, 0.5 * mat.shape[1] + 2), _height(len(loads), 2)))
         im = ax.imshow(mat, aspect="auto", cmap="viridis")
         ax.set_xlabel("expert")
         ax.set_ylabel("round")
-        ax.set_yticks(range(len(loads)), [r["round"] for r in rounds if r.get("expert_load")])
+        label_rows(ax, [r["round"] for r in rounds if r.get("expert_load")])
         ax.set_title("Expert load (tokens trained per round)")
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
         paths.append(out_dir / "expert_load.png")
-        fig.savefig(paths[-1], dpi=110)
+        save_figure(fig, paths[-1])
         plt.close(fig)
 
     layer_plot = plot_layer_load(rounds, out_dir, plt)
@@ -157,15 +184,15 @@ def write_plots(rounds: Sequence[Mapping[str, Any]], out_dir: Path) -> list[Path
         mat = np.zeros((len(ids), num_e))
         for i, cid in enumerate(ids):
             mat[i, last[cid]] = 1
-        fig, ax = plt.subplots(figsize=(max(4, 0.4 * num_e + 2), max(3, 0.25 * len(ids) + 1.5)))
+        fig, ax = plt.subplots(figsize=(max(4, 0.4 * num_e + 2), _height(len(ids), 1.5)))
         ax.imshow(mat, aspect="auto", cmap="Greys", vmin=0, vmax=1)
         ax.set_xlabel("expert")
         ax.set_ylabel("client-id")
-        ax.set_yticks(range(len(ids)), ids)
+        label_rows(ax, ids)
         ax.set_title(f"Assignment, round {next(r['round'] for r in reversed(rounds) if r.get('assignment'))}")
         fig.tight_layout()
         paths.append(out_dir / "assignment.png")
-        fig.savefig(paths[-1], dpi=110)
+        save_figure(fig, paths[-1])
         plt.close(fig)
     return paths
 
@@ -186,7 +213,7 @@ def plot_layer_load(rounds: Sequence[Mapping[str, Any]], out_dir: Path, plt: Any
     fig, axes = plt.subplots(
         1,
         num_layers,
-        figsize=(max(4, num_layers * (0.45 * num_e + 1.5)), max(3, 0.25 * len(rows) + 2)),
+        figsize=(max(4, num_layers * (0.45 * num_e + 1.5)), _height(len(rows), 2)),
         squeeze=False,
     )
     for layer, ax in enumerate(axes[0]):
@@ -195,14 +222,46 @@ def plot_layer_load(rounds: Sequence[Mapping[str, Any]], out_dir: Path, plt: Any
         )
         ax.set_xlabel("expert")
         ax.set_title(f"MoE layer {layer}")
-        ax.set_yticks(range(len(rows)), [r["round"] for r in rows])
+        label_rows(ax, [r["round"] for r in rows])
     axes[0][0].set_ylabel("round")
     fig.suptitle("Expert load per layer (share of the layer's tokens)")
     fig.colorbar(im, ax=list(axes[0]))
     path = Path(out_dir) / "expert_load_per_layer.png"
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return path
+
+
+#: Heat maps grow with their rows up to this height (inches); at most MAX_ROW_LABELS rows are labelled.
+MAX_HEIGHT = 8.0
+MAX_ROW_LABELS = 16
+
+
+def _height(rows: int, extra: float) -> float:
+    """Return a heat map's height: 0.25 inch a row plus ``extra``, within [3, MAX_HEIGHT]."""
+    return min(max(3.0, 0.25 * rows + extra), MAX_HEIGHT)
+
+
+def label_rows(ax: Any, labels: Sequence[Any]) -> None:
+    """Label a heat map's rows (row ``i``: ``labels[i]``) with at most :data:`MAX_ROW_LABELS` ticks.
+
+    One tick per row made long histories slow to draw (about a second per heat map at 60 rounds)
+    and unreadable; the ticks are spaced out instead.
+    """
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    names = [str(label) for label in labels]
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=MAX_ROW_LABELS, integer=True, min_n_ticks=1))
+    ax.yaxis.set_major_formatter(
+        FuncFormatter(lambda v, _: names[int(v)] if float(v).is_integer() and 0 <= v < len(names) else "")
+    )
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Save ``fig`` as a PNG at ``path`` atomically: a viewer never sees half a file."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write(path, buf.getvalue())
 
 
 def _nan(v: Any) -> float:

@@ -10,6 +10,7 @@ from typing import Any
 from flwr.common import log
 from flwr.serverapp import Grid
 
+from ..config import ConfigError
 from ..config.run import RunConfig
 from ..data.text import server_split
 from ..models import AnySpec, HFSpec, build_model, model_spec, model_to_arrays
@@ -22,6 +23,7 @@ from .evaluation import central_evaluator
 from .export import export_finished_run, write_run_spec
 from .folder import open_run_folder, resumed_arrays
 from .results import RunRecorder
+from .tracking import open_tracker, tracking_problem
 
 
 def initial_arrays(spec: AnySpec, seed: int) -> Arrays:
@@ -57,6 +59,9 @@ def model_dtype(arrays: Arrays) -> str | None:
 def run_server(grid: Grid, run_config: dict) -> Path:
     """Run a whole fedmoe job on ``grid``; return the output folder."""
     cfg = RunConfig.from_run_config(run_config)
+    problem = tracking_problem(cfg.tracking_section)
+    if problem:
+        raise ConfigError(problem)
     out, resumed = open_run_folder(cfg)
     test, info = server_split(cfg)
     spec = model_spec(cfg, info)
@@ -71,11 +76,16 @@ def run_server(grid: Grid, run_config: dict) -> Path:
     recorder = RunRecorder(out, cfg.to_dict(), resumed.history if resumed else [])
     write_run_spec(out, spec)
 
+    tracker = open_tracker(cfg.tracking_section, out, cfg.to_dict())
     latest: list[Arrays] = []  # the model after the last round (bf16 stays bf16)
 
     def on_round(row: dict[str, Any], arrays: Arrays) -> None:
         latest[:] = [arrays]
+        if tracker is not None:
+            tracker.log_round(row)
+            row = {**row, "tracking_failures": tracker.failures}
         recorder.add(row)
+        recorder.refresh_plots()
         if row["round"] > 0:
             t0 = time.perf_counter()
             state = {
@@ -95,17 +105,26 @@ def run_server(grid: Grid, run_config: dict) -> Path:
             )
 
     log(INFO, "fedmoe: outputs in %s", out)
-    result = strategy.start(
-        grid,
-        num_rounds=cfg.num_server_rounds,
-        timeout=cfg.round_timeout_s,
-        central_eval=central_evaluator(cfg, spec, test, info, dtype=model_dtype(arrays)),
-        on_round=on_round,
-        start_round=resumed.round + 1 if resumed else 1,
-    )
+    try:
+        result = strategy.start(
+            grid,
+            num_rounds=cfg.num_server_rounds,
+            timeout=cfg.round_timeout_s,
+            central_eval=central_evaluator(cfg, spec, test, info, dtype=model_dtype(arrays)),
+            on_round=on_round,
+            start_round=resumed.round + 1 if resumed else 1,
+        )
+    except BaseException:
+        if tracker is not None:
+            tracker.close(failed=True)
+        raise
+    if tracker is not None:
+        tracker.close()
+        if tracker.failures:
+            log(WARNING, "fedmoe: %d %s tracking failures (see above)", tracker.failures, tracker.name)
     final = latest[0] if latest else from_record(result.arrays)
     save_model(out / "final_model.npz", final)
-    recorder.plot()
+    recorder.refresh_plots(force=True)
     exported = export_finished_run(out, spec, final, cfg.to_dict(), recorder.rounds)
     if exported is not None:
         log(INFO, "fedmoe: model exported to %s", exported)

@@ -18,17 +18,20 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import psutil
 from flwr.common.config import parse_config_args
 
 from ..config import ConfigError, RunConfig
+from ..run.tracking import tracking_problem
+from .run_progress import MODES, Display, make_display
 
 CONNECTION = "fedmoe-local"
 # Ray starts simulated clients at nice 15, so they yield the CPU to everything else; a client
@@ -78,10 +81,10 @@ def run_config_problem(app_dir: Path, run_config: Mapping[str, Any] | str | None
     defaults = tomllib.loads(pyproject.read_text()).get("tool", {}).get("flwr", {}).get("app", {})
     overrides = parse_config_args([run_config]) if isinstance(run_config, str) else dict(run_config or {})
     try:
-        RunConfig.from_run_config({**defaults.get("config", {}), **overrides})
+        cfg = RunConfig.from_run_config({**defaults.get("config", {}), **overrides})
     except ConfigError as exc:
         return str(exc)
-    return None
+    return tracking_problem(cfg.tracking_section)
 
 
 def write_flower_config(flwr_home: Path, address: str) -> None:
@@ -249,21 +252,48 @@ def flwr_run_command(
     ]
 
 
-def _run_to_end(cmd: list[str], env: dict[str, str], app_dir: Path, out: Any, timeout: float | None) -> int:
+def pump_lines(stream: IO[bytes], display: Display) -> None:
+    """Hand every line of ``stream`` (decoded; undecodable bytes replaced) to ``display`` until EOF.
+
+    The pipe is drained to its end whatever the display does: a line it fails on is dropped
+    (counted once on stderr), so ``flwr run`` never blocks on a full pipe.
+    """
+    failed = 0
+    for raw in iter(stream.readline, b""):
+        try:
+            display.line(raw.decode("utf-8", errors="replace"))
+        except Exception as exc:
+            failed += 1
+            if failed == 1:
+                print(f"fedmoe: the log display failed ({exc!r}); draining the log", file=sys.stderr)
+
+
+def _run_to_end(
+    cmd: list[str], env: dict[str, str], app_dir: Path, out: Any, timeout: float | None, progress: str
+) -> int:
     """Run ``flwr run`` (``cmd``) to its end; return its exit code, 124 on timeout, 1 if the run failed.
 
-    ``flwr run --stream`` exits 0 even when the run failed, so the SuperLink is asked for the
-    run's status afterwards. The process group of ``flwr run`` is stopped in any case.
+    The log is read through a pipe and shown by the ``progress`` display
+    (:func:`.run_progress.make_display`). ``flwr run --stream`` exits 0 even when the run
+    failed, so the SuperLink is asked for the run's status afterwards. The process group of
+    ``flwr run`` is stopped in any case.
     """
+    display = make_display(progress, out, Path(env["FEDMOE_OUTPUT_ROOT"]))
     run = subprocess.Popen(
-        cmd, env=env, cwd=app_dir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        cmd, env=env, cwd=app_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )
+    assert run.stdout is not None
+    reader = threading.Thread(target=pump_lines, args=(run.stdout, display), daemon=True)
+    reader.start()
     try:
         code = run.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         return 124
     finally:
         stop_process_group(run)
+        reader.join(timeout=10)  # the group is gone: the pipe is at its end
+        display.close()
+        run.stdout.close()
     status = last_run_status(env, app_dir)
     if code == 0 and status != "finished:completed":
         print(f"fedmoe: run ended with status {status!r}", file=out, flush=True)
@@ -283,6 +313,7 @@ def launch(
     timeout: float | None = None,
     stream_to: Any = None,
     ray_address: str | None = None,
+    progress: str = "auto",
 ) -> int:
     """Run the Flower app at ``app_dir`` in local simulation; return ``flwr run``'s exit code.
 
@@ -308,6 +339,11 @@ def launch(
         ``host:port`` of a running Ray cluster (``ray start --head``) the simulation joins
         instead of starting its own Ray (set as ``RAY_ADDRESS`` for the SuperLink, which
         runs the simulation; docs/SCALE.md); ``None``: the environment's ``RAY_ADDRESS``, if any.
+    progress : str
+        How the run's progress shows next to its log (:data:`.run_progress.MODES`): ``rich`` (a
+        live bar with round i/N, elapsed, ETA, last metrics and bytes), ``plain`` (a
+        ``fedmoe: progress ...`` line after each round), ``off``; ``auto``: ``rich`` when
+        ``stream_to`` is a terminal, else ``plain``.
 
     """
     app_dir = Path(app_dir).resolve()
@@ -332,7 +368,7 @@ def launch(
         try:
             wait_healthy(port, superlink)
             cmd = flwr_run_command(app_dir, num_supernodes, num_cpus, num_gpus, run_config)
-            return _run_to_end(cmd, env, app_dir, out, timeout)
+            return _run_to_end(cmd, env, app_dir, out, timeout, progress)
         finally:
             stop_process_group(superlink)
             reap(home)
@@ -356,6 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--ray-address",
         default=None,
         help="join this running Ray cluster (host:port of `ray start --head`) instead of a private Ray",
+    )
+    parser.add_argument(
+        "--progress",
+        choices=MODES,
+        default="auto",
+        help="progress next to the log: a live bar (rich), a line per round (plain), off; "
+        "auto: rich on a terminal, else plain",
     )
     return parser
 
