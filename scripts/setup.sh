@@ -98,7 +98,7 @@ VPY="$VENV/bin/python"
 # PyTorch first, pinned to the builds this project is tested with, then the app itself.
 "$VPY" -m pip install -q "torch==$TORCH" "torchvision==$TORCHVISION"
 extra=""
-[ "${1:-}" = "--test" ] && extra="[test,hf]"
+[ "${1:-}" = "--test" ] && extra="[test,hf,track]"
 "$VPY" -m pip install -q -e ".${extra}"
 
 # The venv's Python processes use the venv's executables and installed packages (see the .pth file);
