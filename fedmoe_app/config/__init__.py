@@ -10,6 +10,7 @@ from .run import (
     ConfigError,
     RunConfig,
     cache_root,
+    is_model_factory,
 )
 from .sections import (
     AggregationSection,
@@ -44,4 +45,5 @@ __all__ = [
     "SplitSection",
     "TrainingSection",
     "cache_root",
+    "is_model_factory",
 ]
