@@ -99,7 +99,11 @@ def resolve_factory(value: str) -> Callable[..., Any]:
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+            public = sorted(
+                n
+                for n, v in vars(module).items()
+                if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == module_name
+            )
             raise model_error(
                 value,
                 f"module {module_name!r} has no attribute {attr!r}",

@@ -28,7 +28,7 @@ from typing import Any
 import psutil
 from flwr.common.config import parse_config_args
 
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig, is_model_factory
 
 CONNECTION = "fedmoe-local"
 # Ray starts simulated clients at nice 15, so they yield the CPU to everything else; a client
@@ -70,7 +70,9 @@ def run_config_problem(app_dir: Path, run_config: Mapping[str, Any] | str | None
     """Validate the overrides over the app's defaults as the ServerApp will; the error, or None.
 
     Flower itself rejects an unknown key without naming it, and a value that only the
-    ServerApp checks would start (and fail) the whole federation first.
+    ServerApp checks would start (and fail) the whole federation first. A user's model
+    (``model = "package.module:factory"``) is imported here as the nodes will, with ``app_dir``
+    first on the path: a bad module path or a missing factory stops the launch.
     """
     pyproject = Path(app_dir) / "pyproject.toml"
     if not pyproject.is_file():
@@ -78,7 +80,15 @@ def run_config_problem(app_dir: Path, run_config: Mapping[str, Any] | str | None
     defaults = tomllib.loads(pyproject.read_text()).get("tool", {}).get("flwr", {}).get("app", {})
     overrides = parse_config_args([run_config]) if isinstance(run_config, str) else dict(run_config or {})
     try:
-        RunConfig.from_run_config({**defaults.get("config", {}), **overrides})
+        cfg = RunConfig.from_run_config({**defaults.get("config", {}), **overrides})
+        if is_model_factory(cfg.model):
+            from ..models.user_model import resolve_factory
+
+            sys.path.insert(0, str(Path(app_dir).resolve()))
+            try:
+                resolve_factory(cfg.model)
+            finally:
+                sys.path.remove(str(Path(app_dir).resolve()))
     except ConfigError as exc:
         return str(exc)
     return None
