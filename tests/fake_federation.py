@@ -15,7 +15,6 @@ import numpy as np
 from flwr.app import Context, Message, Metadata, MetricRecord, RecordDict
 
 from fedmoe_app.client.handlers import handle_evaluate, handle_query, handle_train
-
 from fedmoe_app.wire.holdings import held_from_config
 from fedmoe_app.wire.protocol import ARRAYS, CLIENT, CONFIG, METRICS, client_record, train_reply_content
 from fedmoe_app.wire.records import from_record, record_wire_dtype, reply_record

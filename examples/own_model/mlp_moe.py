@@ -60,5 +60,5 @@ class MLPMoE(MoEModel):
 
 
 def build(num_experts: int, expert_ids, data_info) -> MLPMoE:
-    """The factory fedmoe calls (it passes the keyword arguments named here; top_k is read from ``spec``)."""
+    """Build the model; fedmoe calls it with the keyword arguments named here (``top_k``: from ``spec``)."""
     return MLPMoE(num_experts, expert_ids, data_info)

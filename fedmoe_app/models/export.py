@@ -10,8 +10,9 @@ Exporting restacks them into the model that holds every expert, experts in globa
   restacked tensors in the dtype the config names (``dtype`` / ``torch_dtype``; float32 if
   none), in transformers' published layout, so ``AutoModelForCausalLM.from_pretrained(folder)``
   loads it;
-* ``cnn-moe`` / ``transformer-moe`` / a user's ``package.module:factory``: :func:`save_native_model` writes ``model.safetensors`` (the
-  state dict of the app's own model class holding every expert) and :data:`MODEL_FILE`.
+* ``cnn-moe`` / ``transformer-moe`` / a user's ``package.module:factory``: :func:`save_native_model`
+  writes ``model.safetensors`` (the state dict of the model class holding every expert) and
+  :data:`MODEL_FILE`.
 
 Every export also holds :data:`MODEL_FILE` (``fedmoe_model.json``: the family and its spec's
 fields), so :func:`load_exported` rebuilds the app's :class:`MoEModel` holding every expert
@@ -72,9 +73,8 @@ def spec_from_document(doc: Mapping[str, Any]) -> Spec:
     family = doc.get("model")
     user = isinstance(family, str) and is_model_factory(family)  # a user's model: its factory's spec
     if family not in MODEL_FAMILIES and not user:
-        raise ValueError(
-            f"model {family!r} is not a model family; allowed: {sorted(MODEL_FAMILIES)} or package.module:factory"
-        )
+        known = f"{sorted(MODEL_FAMILIES)} or package.module:factory"
+        raise ValueError(f"model {family!r} is not a model family; allowed: {known}")
     cls = UserSpec if user else MODEL_FAMILIES[family]
     fields = dict(doc.get("spec") or {})
     names = {f.name for f in dataclasses.fields(cls)}

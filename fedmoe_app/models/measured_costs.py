@@ -44,7 +44,7 @@ def _grouped_mm_flops(a_shape: Any, b_shape: Any, *args: Any, out_shape: Any = N
     return 2 * math.prod(out_shape) * a_shape[-1]
 
 
-#: aten op -> FLOPs of one call (its arguments, ``out_val``: its result), torch's formulas plus grouped matmul.
+#: aten op -> FLOPs of one call (its arguments; ``out_val``: its result): torch's formulas, grouped matmul.
 FLOP_FORMULAS = {**flop_registry, torch.ops.aten._grouped_mm: shape_wrapper(_grouped_mm_flops)}
 
 
@@ -115,7 +115,7 @@ def flops_per_example(spec: UserSpec, one: MoEModel, expert_params: int) -> tupl
 
 
 def source_digest(factory: str) -> str:
-    """A digest of the source file of ``factory``'s module ('' when it has none): edits change it."""
+    """Return a digest of the source file of ``factory``'s module ('' if none): edits change it."""
     module = sys.modules.get(factory.partition(":")[0])
     try:
         path = inspect.getsourcefile(module) if module is not None else None

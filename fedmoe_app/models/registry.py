@@ -10,8 +10,9 @@
   (:class:`~fedmoe_app.models.user_model.UserSpec`, whose module docstring states the contract).
 
 :func:`model_spec` reads the shape from the run config and the dataset (the family's spec class
-in :data:`MODEL_FAMILIES`, or :class:`~.user_model.UserSpec` for a factory); every spec builds its model and counts its costs (:class:`Spec`), so
-the federation, the training loop and capacity planning never name an architecture.
+in :data:`MODEL_FAMILIES`, or :class:`~.user_model.UserSpec` for a factory); every spec builds its
+model and counts its costs (:class:`Spec`), so the federation, the training loop and capacity
+planning never name an architecture.
 """
 
 from __future__ import annotations

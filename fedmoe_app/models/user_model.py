@@ -95,7 +95,9 @@ def resolve_factory(value: str) -> Callable[..., Any]:
             "folder on PYTHONPATH",
         ) from None
     except Exception as exc:  # the user's module failed while imported: say which and how
-        raise model_error(value, f"importing module {module_name!r} raised {type(exc).__name__}: {exc}") from exc
+        raise model_error(
+            value, f"importing module {module_name!r} raised {type(exc).__name__}: {exc}"
+        ) from exc
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -128,13 +130,13 @@ def call_factory(factory: Callable[..., Any], **kwargs: Any) -> Any:
 
 
 def data_fields(info: Any) -> tuple[tuple[str, Any], ...]:
-    """The fields of a dataset description (a dataclass or an object), as sorted hashable pairs."""
+    """Return the fields of a dataset description (a dataclass or an object) as sorted hashable pairs."""
     items = dataclasses.asdict(info) if dataclasses.is_dataclass(info) else dict(vars(info))
     return tuple(sorted((k, _frozen(v)) for k, v in items.items() if not k.startswith("_")))
 
 
 def _frozen(value: Any) -> Any:
-    """Lists (as JSON writes tuples) back to tuples, recursively."""
+    """Turn lists (as JSON writes tuples) back into tuples, recursively."""
     return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
@@ -220,12 +222,15 @@ def check_model(spec: UserSpec, model: Any, expert_ids: HeldExperts | None) -> N
     """
     value = spec.factory
     if not isinstance(model, MoEModel):
-        raise model_error(value, f"the factory returned a {type(model).__name__}, not a fedmoe_app.models.MoEModel")
+        raise model_error(
+            value, f"the factory returned a {type(model).__name__}, not a fedmoe_app.models.MoEModel"
+        )
     if not hasattr(model, "layer_ids"):
         raise model_error(value, "the model did not call self._hold(num_experts, expert_ids, num_layers)")
     if model.held.shape != (spec.num_experts,):
         raise model_error(
-            value, f"the model holds experts of {model.held.shape[0]}, the run has num-experts {spec.num_experts}"
+            value,
+            f"the model holds experts of {model.held.shape[0]}, the run has num-experts {spec.num_experts}",
         )
     want = parse_held(expert_ids, spec.num_experts, len(model.layer_ids))
     if model.layer_ids != want:
@@ -268,11 +273,15 @@ def example_batch(spec: UserSpec, model: MoEModel, n: int) -> tuple[Tensor, Tens
         return own(n)
     info, gen = dict(spec.data), torch.Generator().manual_seed(n)
     if {"vocab_size", "context_length"} <= set(info):
-        tokens = torch.randint(0, int(info["vocab_size"]), (n, int(info["context_length"]) + 1), generator=gen)
+        tokens = torch.randint(
+            0, int(info["vocab_size"]), (n, int(info["context_length"]) + 1), generator=gen
+        )
         return tokens[:, :-1], tokens[:, 1:]
     if {"in_channels", "image_size", "num_classes"} <= set(info):
         c, s = int(info["in_channels"]), int(info["image_size"])
-        return torch.randn(n, c, s, s, generator=gen), torch.randint(0, int(info["num_classes"]), (n,), generator=gen)
+        return torch.randn(n, c, s, s, generator=gen), torch.randint(
+            0, int(info["num_classes"]), (n,), generator=gen
+        )
     raise model_error(
         spec.factory,
         f"the app cannot make example inputs for a dataset described by {sorted(info)}",
@@ -321,4 +330,3 @@ def inspect_factory(value: str, num_experts: int, top_k: int, data: tuple[tuple[
             )
         routes = int(measured)
     return dataclasses.replace(draft, num_layers=layers, routes_per_example=int(routes))
-

@@ -69,7 +69,9 @@ def own_model():
     """The example of a user's model (examples/own_model/mlp_moe.py): the CNN's experts and gate, no conv."""
     spec = spec_of({"model": OWN_MODEL, "dataset": "synthetic"}, DatasetInfo(1, 12, 10))
     cnn_family = cnn()
-    return Family(spec, images, 10, 1, cnn_family.expert_3, cnn_family.gates, cnn_family.expert_flops, 0.1, 192)
+    return Family(
+        spec, images, 10, 1, cnn_family.expert_3, cnn_family.gates, cnn_family.expert_flops, 0.1, 192
+    )
 
 
 def text_family(run_config, mlps, shapes, lr):

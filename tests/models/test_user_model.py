@@ -92,7 +92,9 @@ def test_the_factory_gets_the_arguments_it_names_seeded_and_the_app_sets_the_spe
     assert (info.in_channels, info.image_size, info.num_classes) == (1, 12, 10)
     assert a.spec is spec and a.layer_ids == [[1, 4]] and a.top_k == 2
     wa, wb, wc = (model_to_arrays(m) for m in (a, b, c))
-    assert all(np.array_equal(wa[k], wb[k]) for k in wa) and not np.array_equal(wa["gate.weight"], wc["gate.weight"])
+    assert all(np.array_equal(wa[k], wb[k]) for k in wa) and not np.array_equal(
+        wa["gate.weight"], wc["gate.weight"]
+    )
     # the example's factory names three arguments only: it is called with those
     assert build_model(spec_of(OWN_MODEL), [2], seed=0).layer_ids == [[2]]
 
@@ -111,12 +113,19 @@ def test_routes_and_flops_the_model_gives_are_used_else_measured():
     ("factory", "why"),
     [
         ("no_such_module_here:build", "module 'no_such_module_here' is not importable"),
-        ("mlp_moe:make", "module 'mlp_moe' has no attribute 'make'; allowed: a callable of 'mlp_moe': MLPExperts, MLPMoE, build$"),
+        (
+            "mlp_moe:make",
+            "module 'mlp_moe' has no attribute 'make'; "
+            "allowed: a callable of 'mlp_moe': MLPExperts, MLPMoE, build$",
+        ),
         (f"{__name__}:NOT_A_FUNCTION", "'NOT_A_FUNCTION' is a int, not callable"),
         (f"{__name__}:returns_a_linear", "the factory returned a Linear, not a fedmoe_app.models.MoEModel"),
         (f"{__name__}:raises", "the factory raised RuntimeError: out of widgets"),
         (f"{__name__}:forgets_hold", r"the model did not call self._hold"),
-        (f"{__name__}:holds_everything", r"the model holds experts \[\[0, 1, 2, 3, 4, 5, 6, 7\]\], asked for \[\[0\]\]"),
+        (
+            f"{__name__}:holds_everything",
+            r"the model holds experts \[\[0, 1, 2, 3, 4, 5, 6, 7\]\], asked for \[\[0\]\]",
+        ),
         (f"{__name__}:returns_logits", "the model.s forward returned a Tensor, not an MoEOutput"),
     ],
 )
@@ -128,9 +137,13 @@ def test_a_bad_model_stops_the_run_at_start_naming_the_key_the_value_and_what_is
 
 def test_the_config_and_the_launcher_refuse_a_bad_model_before_any_node_starts():
     for bad in ("mlp_moe", "mlp-moe:build", "mlp_moe:", "/tmp/mlp_moe.py:build"):
-        with pytest.raises(ConfigError, match=rf"'model' = '{bad}' is invalid; allowed: .*'package.module:factory'"):
+        with pytest.raises(
+            ConfigError, match=rf"'model' = '{bad}' is invalid; allowed: .*'package.module:factory'"
+        ):
             RunConfig.from_run_config({"model": bad})
-    assert RunConfig.from_run_config({"model": OWN_MODEL, "dataset": "fortunes"}).model == OWN_MODEL  # any data
+    assert (
+        RunConfig.from_run_config({"model": OWN_MODEL, "dataset": "fortunes"}).model == OWN_MODEL
+    )  # any data
     assert "module 'nowhere' is not importable" in run_config_problem(ROOT, "model='nowhere:build'")
     assert "has no attribute 'make'" in run_config_problem(ROOT, "model='mlp_moe:make'")
     assert run_config_problem(ROOT, f"model='{OWN_MODEL}' dataset='synthetic'") is None
