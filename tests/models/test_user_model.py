@@ -175,6 +175,7 @@ def test_a_short_federated_run_of_the_example_learns_and_exports_it(tmp_path):
         "device": "cpu",
         "output-dir": str(tmp_path),
         "run-name": "own",
+        "central-eval-samples": 256,
     }
     out = run_server(ClientGrid(keys, 2), keys)
     rows = json.loads((out / "metrics.json").read_text())
