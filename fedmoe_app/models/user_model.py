@@ -58,8 +58,6 @@ from ..capacity import ModelCosts
 from ..config import MODELS, ConfigError, RunConfig
 from .interface import HeldExperts, MoEModel, MoEOutput, parse_held
 
-#: Keyword arguments a factory may take (:func:`call_factory` passes the ones it names).
-FACTORY_ARGS = ("num_experts", "top_k", "expert_ids", "seed", "data_info")
 ALLOWED = (
     "one of "
     + ", ".join(repr(m) for m in MODELS)
@@ -89,6 +87,10 @@ def resolve_factory(value: str) -> Callable[..., Any]:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
+        if exc.name and not (module_name + ".").startswith(exc.name + "."):  # one of the module's imports
+            raise model_error(
+                value, f"importing module {module_name!r} raised ModuleNotFoundError: {exc}"
+            ) from exc
         raise model_error(
             value,
             f"module {module_name!r} is not importable ({exc}); install it on every node or put its "

@@ -135,6 +135,20 @@ def test_a_bad_model_stops_the_run_at_start_naming_the_key_the_value_and_what_is
     assert "; allowed: " in str(err.value)
 
 
+def test_a_module_that_fails_while_imported_is_named_with_its_error(tmp_path, monkeypatch):
+    (tmp_path / "needs_more.py").write_text("import no_such_dependency_here\n")
+    (tmp_path / "typo_moe.py").write_text("def build(:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for module, why in (
+        ("needs_more", "ModuleNotFoundError: No module named 'no_such_dependency_here'"),
+        ("typo_moe", "SyntaxError"),
+    ):
+        with pytest.raises(
+            ConfigError, match=f"'{module}:build' is invalid: importing module '{module}' raised {why}"
+        ):
+            spec_of(f"{module}:build")
+
+
 def test_the_config_and_the_launcher_refuse_a_bad_model_before_any_node_starts():
     for bad in ("mlp_moe", "mlp-moe:build", "mlp_moe:", "/tmp/mlp_moe.py:build"):
         with pytest.raises(
