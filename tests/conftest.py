@@ -1,10 +1,14 @@
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+#: The example of a user's own model (examples/own_model): its folder is importable in every test.
+OWN_MODEL = "mlp_moe:build"
+sys.path.insert(0, str(ROOT / "examples" / "own_model"))
 
 # Small, fast settings for end-to-end runs on synthetic data.
 FAST = {

@@ -5,13 +5,16 @@ with the arrays it was sent plus ``scale`` times a seeded random direction (and 
 feedback; in the wire dtype it was sent, a bf16 one as bf16 changes), and an evaluation message
 with a fixed accuracy. Nodes in ``silent`` never answer;
 ``asked`` counts the messages each node was sent, by message type.
+
+:class:`ClientGrid` is the other kind: nodes that are real clients, answering through the app's handlers.
 """
 
 from collections import Counter
 
 import numpy as np
-from flwr.app import Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Context, Message, Metadata, MetricRecord, RecordDict
 
+from fedmoe_app.client.handlers import handle_evaluate, handle_query, handle_train
 from fedmoe_app.wire.holdings import held_from_config
 from fedmoe_app.wire.protocol import ARRAYS, CLIENT, CONFIG, METRICS, client_record, train_reply_content
 from fedmoe_app.wire.records import from_record, record_wire_dtype, reply_record
@@ -72,3 +75,27 @@ class FakeGrid:
         metrics = {"num-examples": EXAMPLES, "train-loss": 1.0, "train-accuracy": 0.5}
         record = reply_record(out, arrays, record_wire_dtype(m.content[ARRAYS]))  # the sent wire dtype
         return train_reply_content(record, metrics, feedback, f"c{node}")
+
+
+class ClientGrid:
+    """Nodes 1..n, each a real client (partition n - 1 of n) answering through the app's handlers."""
+
+    handlers = {"query": handle_query, "train": handle_train, "evaluate": handle_evaluate}
+
+    def __init__(self, run_config, n):
+        self.contexts = {
+            i: Context(0, i, {"partition-id": i - 1, "num-partitions": n}, RecordDict(), run_config)
+            for i in range(1, n + 1)
+        }
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, timeout):
+        replies = []
+        for m in messages:
+            node, kind = m.metadata.dst_node_id, m.metadata.message_type
+            content = self.handlers[kind](m, self.contexts[node])
+            meta = Metadata(1, "m", node, 0, "", "1", 0.0, 60.0, kind)
+            replies.append(Message(content=content, metadata=meta))
+        return replies

@@ -10,6 +10,7 @@ from .run import (
     ConfigError,
     RunConfig,
     cache_root,
+    is_model_factory,
 )
 from .sections import (
     AggregationSection,
@@ -46,4 +47,5 @@ __all__ = [
     "TrackingSection",
     "TrainingSection",
     "cache_root",
+    "is_model_factory",
 ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,8 @@ DATASETS = IMAGE_DATASETS + TEXT_DATASETS
 PARTITIONERS = ("dirichlet", "pathological", "iid", "natural")
 MODELS = ("cnn-moe", "transformer-moe", "hf")
 TEXT_MODELS = ("transformer-moe", "hf")
+#: A user's model: ``package.module:factory`` (dotted names), see ``fedmoe_app.models.user_model``.
+MODEL_FACTORY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 CAPACITY_MODES = ("profiled", "fixed")
 UNDER_CAPACITY = ("shared-only", "skip")
 GATE_MODES = ("global", "local")
@@ -153,7 +156,13 @@ class RunConfig:
     central_eval_samples: int = _opt(0, _range(0), "cap on server test samples; 0: all")
     # Model
     model: str = _opt(
-        "cnn-moe", _choice(*MODELS), "cnn-moe for images; transformer-moe or hf (Hugging Face MoE) for text"
+        "cnn-moe",
+        (
+            lambda v: v in MODELS or is_model_factory(v),
+            "one of " + ", ".join(repr(m) for m in MODELS) + ", or 'package.module:factory'",
+        ),
+        "cnn-moe for images; transformer-moe or hf (Hugging Face MoE) for text; "
+        "package.module:factory: your own MoE (docs/MODELS.md)",
     )
     num_experts: int = _opt(8, _range(1, 1024), "experts E in the model")
     top_k: int = _opt(2, _range(1), "experts each sample is routed to")
@@ -486,7 +495,7 @@ class RunConfig:
 
     def _check_model(self) -> None:
         text = self.dataset in TEXT_DATASETS
-        if (self.model in TEXT_MODELS) != text:
+        if (self.model in TEXT_MODELS) != text and not is_model_factory(self.model):
             wanted = " or ".join(repr(m) for m in TEXT_MODELS) if text else "'cnn-moe'"
             raise ConfigError(
                 f"run-config key 'model' = {self.model!r} is invalid for dataset {self.dataset!r}; "
@@ -631,6 +640,11 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """Run-config keys → values (as written to ``config.json``)."""
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def is_model_factory(value: str) -> bool:
+    """Whether ``model`` names a user's factory (``package.module:factory``) rather than a family."""
+    return MODEL_FACTORY.fullmatch(value) is not None
 
 
 def lora_targets(value: str) -> tuple[str, ...]:

@@ -11,6 +11,8 @@
 * :mod:`.hf_spec`     -- ``hf``: :class:`HFSpec` (a transformers MoE config); :mod:`.hf` builds
   it (imported lazily: ``transformers`` is an optional extra), :mod:`.hf_weights` reads its
   local safetensors weights, a client's experts only;
+* :mod:`.user_model`  -- a user's model (``model = "package.module:factory"``): :class:`UserSpec`,
+  the factory's contract and its checks; :mod:`.measured_costs` derives its costs from the model;
 * :mod:`.experts`     -- stacked MLP experts and their grouped-matmul / gather dispatch;
 * :mod:`.costs`       -- the CNN's parameters, activations and FLOPs for capacity;
 * :mod:`.arrays`      -- :func:`model_to_arrays` / :func:`load_arrays` under global tensor names;
@@ -24,6 +26,7 @@ from .hf_spec import HFSpec
 from .interface import MoEModel, MoEOutput
 from .registry import AnySpec, build_model, model_costs, model_spec
 from .transformer import TransformerMoE, TransformerSpec
+from .user_model import UserSpec
 
 __all__ = [
     "REFERENCE_SPEC",
@@ -35,6 +38,7 @@ __all__ = [
     "MoEOutput",
     "TransformerMoE",
     "TransformerSpec",
+    "UserSpec",
     "build_model",
     "count_parameters",
     "expected_keys",

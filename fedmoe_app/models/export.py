@@ -10,8 +10,9 @@ Exporting restacks them into the model that holds every expert, experts in globa
   restacked tensors in the dtype the config names (``dtype`` / ``torch_dtype``; float32 if
   none), in transformers' published layout, so ``AutoModelForCausalLM.from_pretrained(folder)``
   loads it;
-* ``cnn-moe`` / ``transformer-moe``: :func:`save_native_model` writes ``model.safetensors`` (the
-  state dict of the app's own model class holding every expert) and :data:`MODEL_FILE`.
+* ``cnn-moe`` / ``transformer-moe`` / a user's ``package.module:factory``: :func:`save_native_model`
+  writes ``model.safetensors`` (the state dict of the model class holding every expert) and
+  :data:`MODEL_FILE`.
 
 Every export also holds :data:`MODEL_FILE` (``fedmoe_model.json``: the family and its spec's
 fields), so :func:`load_exported` rebuilds the app's :class:`MoEModel` holding every expert
@@ -29,11 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import is_model_factory
 from ..files import atomic_write
 from ..tensors import expert_key
 from .arrays import to_torch
 from .interface import MoEModel, expert_suffix
 from .registry import MODEL_FAMILIES, Spec
+from .user_model import UserSpec
 
 #: The app's description of an exported model: ``{"model": family, "spec": {field: value}}``.
 MODEL_FILE = "fedmoe_model.json"
@@ -44,7 +47,9 @@ ADAPTER_DIR = "adapter"
 
 
 def family_of(spec: Spec) -> str:
-    """Run-config ``model`` of ``spec`` (the key of its class in ``MODEL_FAMILIES``)."""
+    """Run-config ``model`` of ``spec`` (the key of its class in ``MODEL_FAMILIES``, or its factory)."""
+    if isinstance(spec, UserSpec):
+        return spec.factory
     for name, cls in MODEL_FAMILIES.items():
         if type(spec) is cls:
             return name
@@ -66,13 +71,17 @@ def spec_from_document(doc: Mapping[str, Any]) -> Spec:
 
     """
     family = doc.get("model")
-    if family not in MODEL_FAMILIES:
-        raise ValueError(f"model {family!r} is not a model family; allowed: {sorted(MODEL_FAMILIES)}")
-    cls = MODEL_FAMILIES[family]
+    user = isinstance(family, str) and is_model_factory(family)  # a user's model: its factory's spec
+    if family not in MODEL_FAMILIES and not user:
+        known = f"{sorted(MODEL_FAMILIES)} or package.module:factory"
+        raise ValueError(f"model {family!r} is not a model family; allowed: {known}")
+    cls = UserSpec if user else MODEL_FAMILIES[family]
     fields = dict(doc.get("spec") or {})
     names = {f.name for f in dataclasses.fields(cls)}
     if set(fields) != names:
         raise ValueError(f"spec of model {family!r} has fields {sorted(fields)}; expected {sorted(names)}")
+    if user:
+        return UserSpec.from_fields(fields)
     if isinstance(fields.get("lora"), Mapping):  # an hf spec of a LoRA run: its section, as JSON wrote it
         from ..config.sections import LoraSection
 

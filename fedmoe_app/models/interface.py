@@ -23,6 +23,10 @@ Every model the app federates is a :class:`MoEModel`:
   over the last axis of the logits (classes or vocabulary), and the input memory format.
 
 Capacity planning reads a model's costs through ``fedmoe_app.models.model_costs``.
+
+A model of your own is a subclass of :class:`MoEModel` built by your factory, named by the run
+config as ``model = "package.module:factory"``: :mod:`.user_model` states the factory's contract
+and what the app derives from the built model (:mod:`.measured_costs`).
 """
 
 from __future__ import annotations

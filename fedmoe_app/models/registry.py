@@ -5,11 +5,14 @@
 * ``transformer-moe``: :class:`~fedmoe_app.models.transformer.TransformerMoE` on bytes
   (:class:`~fedmoe_app.models.transformer.TransformerSpec`);
 * ``hf``: a Hugging Face ``transformers`` MoE causal LM (:class:`~fedmoe_app.models.hf_spec.HFSpec`),
-  whose module :mod:`~fedmoe_app.models.hf` (and ``transformers``) is imported only when used.
+  whose module :mod:`~fedmoe_app.models.hf` (and ``transformers``) is imported only when used;
+* ``package.module:factory``: a user's :class:`MoEModel`, built by their factory
+  (:class:`~fedmoe_app.models.user_model.UserSpec`, whose module docstring states the contract).
 
 :func:`model_spec` reads the shape from the run config and the dataset (the family's spec class
-in :data:`MODEL_FAMILIES`); every spec builds its model and counts its costs (:class:`Spec`), so
-the federation, the training loop and capacity planning never name an architecture.
+in :data:`MODEL_FAMILIES`, or :class:`~.user_model.UserSpec` for a factory); every spec builds its
+model and counts its costs (:class:`Spec`), so the federation, the training loop and capacity
+planning never name an architecture.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from .cnn import ModelSpec
 from .hf_spec import HFSpec
 from .interface import HeldExperts, MoEModel
 from .transformer import TransformerSpec
+from .user_model import UserSpec
 
 
 class Spec(Protocol):
@@ -47,8 +51,19 @@ AnySpec = Spec
 
 
 def model_spec(cfg: RunConfig, info: Any) -> Spec:
-    """Shape of the run's model (``cfg.model``) for a dataset described by ``info``."""
-    return MODEL_FAMILIES[cfg.model].from_config(cfg, info)
+    """Shape of the run's model (``cfg.model``) for a dataset described by ``info``.
+
+    A built-in family's spec class, or for ``package.module:factory`` a :class:`UserSpec` (the factory
+    imported, its model built holding one expert and checked once per process).
+
+    Raises
+    ------
+    ConfigError
+        Naming the key ``model``, if a factory cannot be imported or its model breaks the contract.
+
+    """
+    family = MODEL_FAMILIES.get(cfg.model, UserSpec)
+    return family.from_config(cfg, info)
 
 
 def build_model(spec: Spec, expert_ids: HeldExperts | None = None, seed: int = 0) -> MoEModel:

@@ -29,7 +29,7 @@ from typing import IO, Any
 import psutil
 from flwr.common.config import parse_config_args
 
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig, is_model_factory
 from ..run.tracking import tracking_problem
 from .run_progress import MODES, Display, make_display
 
@@ -73,7 +73,9 @@ def run_config_problem(app_dir: Path, run_config: Mapping[str, Any] | str | None
     """Validate the overrides over the app's defaults as the ServerApp will; the error, or None.
 
     Flower itself rejects an unknown key without naming it, and a value that only the
-    ServerApp checks would start (and fail) the whole federation first.
+    ServerApp checks would start (and fail) the whole federation first. A user's model
+    (``model = "package.module:factory"``) is imported here as the nodes will, with ``app_dir``
+    first on the path: a bad module path or a missing factory stops the launch.
     """
     pyproject = Path(app_dir) / "pyproject.toml"
     if not pyproject.is_file():
@@ -82,6 +84,14 @@ def run_config_problem(app_dir: Path, run_config: Mapping[str, Any] | str | None
     overrides = parse_config_args([run_config]) if isinstance(run_config, str) else dict(run_config or {})
     try:
         cfg = RunConfig.from_run_config({**defaults.get("config", {}), **overrides})
+        if is_model_factory(cfg.model):
+            from ..models.user_model import resolve_factory
+
+            sys.path.insert(0, str(Path(app_dir).resolve()))
+            try:
+                resolve_factory(cfg.model)
+            finally:
+                sys.path.remove(str(Path(app_dir).resolve()))
     except ConfigError as exc:
         return str(exc)
     return tracking_problem(cfg.tracking_section)

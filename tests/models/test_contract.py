@@ -1,6 +1,7 @@
 """The model contract: what every MoE model family (``FAMILIES``: ``cnn-moe``, ``transformer-moe``, each
-``hf`` preset, all small) offers the app, through the interface only. What one family alone does (configs,
-weights files, bf16, runs) is tested in tests/models/test_cnn.py, test_transformer_moe.py and test_hf_moe.py.
+``hf`` preset, the example of a user's own model in examples/own_model, all small) offers the app, through
+the interface only. What one family alone does (configs, weights files, bf16, runs) is tested in
+tests/models/test_cnn.py, test_transformer.py, test_hf*.py and test_user_model.py.
 """
 
 import math
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import text_split, train_args
+from conftest import OWN_MODEL, text_split, train_args
 
 from fedmoe_app.client.handlers import result_feedback
 from fedmoe_app.config import RunConfig
@@ -64,6 +65,15 @@ def cnn():
     return Family(spec, images, 10, 1, expert_3, {"gate.weight": (E, D), "gate.bias": (E,)}, flops, 0.1, 192)
 
 
+def own_model():
+    """The example of a user's model (examples/own_model/mlp_moe.py): the CNN's experts and gate, no conv."""
+    spec = spec_of({"model": OWN_MODEL, "dataset": "synthetic"}, DatasetInfo(1, 12, 10))
+    cnn_family = cnn()
+    return Family(
+        spec, images, 10, 1, cnn_family.expert_3, cnn_family.gates, cnn_family.expert_flops, 0.1, 192
+    )
+
+
 def text_family(run_config, mlps, shapes, lr):
     """A byte-level LM: SwiGLU experts (``shapes``) and a router in each of the MoE layers ``mlps``."""
     spec = spec_of({"dataset": "fortunes", "num-layers": len(mlps), **run_config})
@@ -93,7 +103,9 @@ FAMILIES = {
     "cnn-moe": cnn,
     "transformer-moe": transformer,
     **{f"hf-{p}": hf(p) for p in ("tiny-mixtral", "tiny-qwen2-moe", "tiny-olmoe")},
+    "own-model": own_model,
 }
+SEQUENCE_FAMILIES = ["transformer-moe", *(f for f in FAMILIES if f.startswith("hf-"))]
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -295,7 +307,7 @@ def test_download_of_two_experts_is_within_5_percent_of_raw_bytes_and_costs_coun
     assert costs.flops_shared > 0 and costs.fixed_activation_values > 0 and costs.routed_activation_values > 0
 
 
-@pytest.mark.parametrize("family", list(FAMILIES)[1:], indirect=True)  # the byte-level LMs
+@pytest.mark.parametrize("family", SEQUENCE_FAMILIES, indirect=True)  # the byte-level LMs
 def test_a_sequence_model_refuses_a_longer_context_and_scores_each_group(family):
     model = build_model(family.spec, HELD, seed=0)
     with pytest.raises(ValueError, match="context-length"):
