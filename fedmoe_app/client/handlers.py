@@ -1,6 +1,6 @@
 """ClientApp logic: identity, data, capacity profile, sparse training and evaluation.
 
-``client_app.py`` only wires these handlers to Flower's ``@app.query``, ``@app.train``
+``fedmoe_app/client_app.py`` only wires these handlers to Flower's ``@app.query``, ``@app.train``
 and ``@app.evaluate``. A client is known by a stable ``client-id``: node config
 ``client-id`` in deployment, else its ``partition-id`` (simulation). Its data is the
 folder named by node config ``data-path`` (a deployed site's own files, see
