@@ -3,7 +3,7 @@
 Whether client ``c`` misbehaves in round ``r`` is a pure function of
 ``(seed, r, c)`` (:func:`fault_for`), so tests can predict every injected fault and
 check the server's accounting against it. The faults wrap the production handlers from
-outside (:func:`with_train_faults`, :func:`with_evaluate_faults`, used by ``client_app.py``);
+outside (:func:`with_train_faults`, :func:`with_evaluate_faults`, used by ``fedmoe_app/client_app.py``);
 with every ``fault-*-prob`` at 0 the wrapped handler runs unchanged.
 """
 

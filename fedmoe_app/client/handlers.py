@@ -1,6 +1,6 @@
 """ClientApp logic: identity, data, capacity profile, sparse training and evaluation.
 
-``client_app.py`` only wires these handlers to Flower's ``@app.query``, ``@app.train``
+``fedmoe_app/client_app.py`` only wires these handlers to Flower's ``@app.query``, ``@app.train``
 and ``@app.evaluate``. A client is known by a stable ``client-id``: node config
 ``client-id`` in deployment, else its ``partition-id`` (simulation). Its data is the
 folder named by node config ``data-path`` (a deployed site's own files, see
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 from logging import INFO
 from typing import Any
@@ -20,12 +22,13 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.logger import log as flwr_log
 
+from ..capacity import ModelCosts
 from ..capacity.probe import client_profile
-from ..config import TEXT_DATASETS, RunConfig
+from ..config import TEXT_DATASETS, PrivacySection, RunConfig, TrainingSection
 from ..data.local import node_data
 from ..data.text import client_split
 from ..maths.privacy import privatize
-from ..models import build_model, load_arrays, model_costs, model_spec, model_to_arrays
+from ..models import MoEModel, load_arrays, model_costs, model_spec, model_to_arrays
 from ..tensors import is_gate_key, parse_expert_key
 from ..training import TrainResult, evaluate, evaluate_text_sums, resolve_device, train
 from ..wire.holdings import held_from_config
@@ -39,7 +42,7 @@ from ..wire.protocol import (
     client_record,
     train_reply_content,
 )
-from ..wire.records import from_record, reply_record, to_record
+from ..wire.records import from_record, record_wire_dtype, reply_record, to_record
 from .context import identity, run_config
 from .placement import ray_node_id
 
@@ -97,65 +100,158 @@ def result_feedback(result: TrainResult) -> dict[str, np.ndarray]:
     }
 
 
-def handle_query(msg: Message, context: Context) -> RecordDict:
-    """Reply with the client id and its (measured, maybe emulated) capacity profile."""
+@dataclass(frozen=True)
+class ClientTask:
+    """What a client answers FedMoE's messages with: who it is, its model, its data, its knobs.
+
+    The fedmoe ClientApp builds one from the run config and the node config (:func:`run_task`);
+    a user's ClientApp builds one through :class:`~.api.FedMoEClient`.
+
+    Attributes
+    ----------
+    client_id : str
+        The stable id the client reports to the server.
+    build : callable
+        ``build(holding)``: the :class:`~fedmoe_app.models.MoEModel` holding the experts of a
+        bool ``[L, E]`` holding (FedMoE's sub-model; its weights are then loaded from the message).
+    train_data, test_data
+        The local splits (``inputs_targets()``: :class:`~fedmoe_app.data.Split`, ``TextSplit``).
+    num_experts : int
+        ``E``, the experts of the global model (the columns of every holding).
+    training : TrainingSection
+        The local training knobs (the message sets the round's ``lr`` and epochs).
+    device : str
+        Run-config ``device``: ``auto``, ``cpu`` or ``cuda``.
+    text : bool
+        Evaluate per token and in bits per byte (a ``TextSplit``), else per example.
+    wire_dtype : str or None
+        The reply's float wire dtype (``fp32`` / ``bf16``); None: the received message's.
+    privacy : PrivacySection or None
+        Local differential privacy (``mode = "local"``: the update is clipped and noised here).
+    local_gate : bool
+        Keep this client's own router across rounds (run-config ``gate-mode = "local"``).
+    grad_checkpointing : bool
+        Recompute activations in backward (``hf`` models).
+    costs : ModelCosts or None
+        The model's counted costs, anchoring an emulated device class's budget (profile).
+    device_mix, seed
+        Emulated device classes of a simulation (run-config ``device-mix``, ``seed``).
+
+    """
+
+    client_id: str
+    build: Callable[[np.ndarray], MoEModel]
+    train_data: Any
+    test_data: Any
+    num_experts: int
+    training: TrainingSection
+    device: str = "auto"
+    text: bool = False
+    wire_dtype: str | None = None
+    privacy: PrivacySection | None = None
+    local_gate: bool = False
+    grad_checkpointing: bool = False
+    costs: ModelCosts | None = None
+    device_mix: str = ""
+    seed: int = 0
+
+
+def run_task(context: Context, *, with_costs: bool = False) -> ClientTask:
+    """Return the :class:`ClientTask` of the fedmoe ClientApp: run config, node config, its data.
+
+    ``with_costs``: count the model's costs (what a ``query``'s profile needs, not training).
+    """
     cfg = run_config(context)
-    cid = identity(context)
     train_split, test_split, info = local_data(cfg, context)
-    device = str(resolve_device(cfg.device))
-    profile = client_profile(
-        cid,
+    spec = model_spec(cfg, info)
+    return ClientTask(
+        client_id=identity(context),
+        build=spec.build,
+        train_data=train_split,
+        test_data=test_split,
+        num_experts=cfg.num_experts,
+        training=cfg.training,
+        device=cfg.device,
+        text=cfg.dataset in TEXT_DATASETS,
+        wire_dtype=cfg.wire_dtype,
+        privacy=cfg.privacy if cfg.privacy.mode == "local" else None,
+        local_gate=cfg.gate_mode == "local",
+        grad_checkpointing=cfg.grad_checkpointing,
+        costs=model_costs(spec) if with_costs else None,
         device_mix=cfg.device_mix,
         seed=cfg.seed,
-        batch_size=cfg.batch_size,
-        costs=model_costs(model_spec(cfg, info)),
+    )
+
+
+def handle_query(msg: Message, context: Context) -> RecordDict:
+    """Reply with the client id and its (measured, maybe emulated) capacity profile."""
+    return query_reply(run_task(context, with_costs=True), context)
+
+
+def handle_train(msg: Message, context: Context) -> RecordDict:
+    """Train the received sub-model (shared + assigned experts) on local data (:func:`train_reply`)."""
+    return train_reply(msg, run_task(context), context)
+
+
+def handle_evaluate(msg: Message, context: Context) -> RecordDict:
+    """Evaluate the received sparse view on the local test split (:func:`evaluate_reply`)."""
+    return evaluate_reply(msg, run_task(context))
+
+
+def query_reply(task: ClientTask, context: Context) -> RecordDict:
+    """Reply to a ``query``: the client id and its (measured, maybe emulated) capacity profile."""
+    device = str(resolve_device(task.device))
+    profile = client_profile(
+        task.client_id,
+        device_mix=task.device_mix,
+        seed=task.seed,
+        batch_size=task.training.batch_size,
+        costs=task.costs,
         node_config=context.node_config,
         device=device,
     )
     content = profile.to_dict()
-    content["num-examples"] = len(train_split)
-    content["num-test-examples"] = len(test_split)
-    return RecordDict({CLIENT: client_record(cid), PROFILE: ConfigRecord(content)})
+    content["num-examples"] = len(task.train_data)
+    content["num-test-examples"] = len(task.test_data)
+    return RecordDict({CLIENT: client_record(task.client_id), PROFILE: ConfigRecord(content)})
 
 
-def _sub_model(msg: Message, cfg: RunConfig, info: Any):
-    held = held_from_config(msg.content[CONFIG], cfg.num_experts)
-    model = build_model(model_spec(cfg, info), held)
+def _sub_model(msg: Message, task: ClientTask) -> MoEModel:
+    held = held_from_config(msg.content[CONFIG], task.num_experts)
+    model = task.build(held)
     load_arrays(model, from_record(msg.content[ARRAYS]))  # bf16 on the wire: decoded to float32
     return model
 
 
-def handle_train(msg: Message, context: Context) -> RecordDict:
-    """Train the received sub-model (shared + assigned experts) on local data.
+def train_reply(msg: Message, task: ClientTask, context: Context) -> RecordDict:
+    """Train the received sub-model (shared + assigned experts) on ``task``'s data; return the reply.
 
-    The reply's arrays travel in run-config ``wire-dtype`` (bf16: their changes from what was
-    received, :func:`~fedmoe_app.wire.records.reply_record`).
+    The reply's arrays travel in ``task.wire_dtype`` (bf16: their changes from what was
+    received, :func:`~fedmoe_app.wire.records.reply_record`); a local gate is kept in
+    ``context.state``.
     """
-    cfg = run_config(context)
-    cid = identity(context)
-    conf = msg.content[CONFIG]
-    train_split, _, info = local_data(cfg, context)
-    model = _sub_model(msg, cfg, info)
-    if cfg.grad_checkpointing:  # hf only (checked at start-up)
+    cid, conf = task.client_id, msg.content[CONFIG]
+    model = _sub_model(msg, task)
+    if task.grad_checkpointing:  # hf only (checked at start-up)
         model.enable_gradient_checkpointing()
-    if cfg.gate_mode == "local" and LOCAL_GATE in context.state:
+    if task.local_gate and LOCAL_GATE in context.state:
         gate = from_record(context.state[LOCAL_GATE])
         load_arrays(model, {**model_to_arrays(model), **gate})
     frozen = bool(conf["frozen-experts"])
     model.set_experts_trainable(not frozen)
     # the server's message decides the round's local work and learning rate (its schedule's value)
-    knobs = dataclasses.replace(cfg.training, epochs=int(conf["local-epochs"]), lr=float(conf["lr"]))
+    knobs = dataclasses.replace(task.training, epochs=int(conf["local-epochs"]), lr=float(conf["lr"]))
     result = train(
         model,
-        train_split,
+        task.train_data,
         **dataclasses.asdict(knobs),
-        device=resolve_device(cfg.device),
+        device=resolve_device(task.device),
         seed=int(conf["seed"]),
         max_samples=int(conf["max-samples"]) or None,
     )
     model.cpu()
     arrays = model_to_arrays(model)
-    if cfg.gate_mode == "local":
+    if task.local_gate:
         context.state[LOCAL_GATE] = to_record({k: v for k, v in arrays.items() if is_gate_key(k)})
     metrics = {
         "num-examples": result.num_examples,
@@ -168,9 +264,9 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
     feedback = result_feedback(result)
     if frozen:  # read-only experts are not sent back
         arrays = {k: v for k, v in arrays.items() if parse_expert_key(k) is None}
-    dp = cfg.privacy
+    dp = task.privacy
     received = from_record(msg.content[ARRAYS])
-    if dp.mode == "local":  # clip and noise the update before it leaves (privacy.py)
+    if dp is not None and dp.mode == "local":  # clip and noise the update before it leaves (privacy.py)
         arrays = privatize(
             received,
             arrays,
@@ -178,7 +274,8 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
             noise_multiplier=dp.noise_multiplier,
             rng=np.random.default_rng(),
         )
-    record = reply_record(arrays, received, cfg.wire_dtype)
+    wire = task.wire_dtype or record_wire_dtype(msg.content[ARRAYS])
+    record = reply_record(arrays, received, wire)
     content = train_reply_content(record, metrics, feedback, cid)
     node = ray_node_id()
     if node is not None:  # simulation: the Ray node this client ran on (placement.py)
@@ -186,18 +283,16 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
     return content
 
 
-def handle_evaluate(msg: Message, context: Context) -> RecordDict:
-    """Evaluate the received sparse view on the local test split."""
-    cfg = run_config(context)
-    cid = identity(context)
-    _, test_split, info = local_data(cfg, context)
-    model = _sub_model(msg, cfg, info)
-    device = resolve_device(cfg.device)
-    if cfg.dataset in TEXT_DATASETS:  # per token, and in bits per byte of the text (any tokenizer)
-        sums = evaluate_text_sums(model, test_split, batch_size=512, device=device, precision=cfg.precision)
+def evaluate_reply(msg: Message, task: ClientTask) -> RecordDict:
+    """Evaluate the received sparse view on ``task``'s test split; return the reply."""
+    model = _sub_model(msg, task)
+    device = resolve_device(task.device)
+    precision, test_split = task.training.precision, task.test_data
+    if task.text:  # per token, and in bits per byte of the text (any tokenizer)
+        sums = evaluate_text_sums(model, test_split, batch_size=512, device=device, precision=precision)
         metrics = {"eval-loss": sums.loss, "eval-accuracy": sums.accuracy, "num-examples": len(test_split)}
         metrics |= {"eval-bpb": sums.bpb, "eval-bytes": int(sums.nbytes.sum())}
     else:
-        loss, acc = evaluate(model, test_split, device=device, precision=cfg.precision)
+        loss, acc = evaluate(model, test_split, device=device, precision=precision)
         metrics = {"eval-loss": loss, "eval-accuracy": acc, "num-examples": len(test_split)}
-    return RecordDict({METRICS: MetricRecord(metrics), CLIENT: client_record(cid)})
+    return RecordDict({METRICS: MetricRecord(metrics), CLIENT: client_record(task.client_id)})

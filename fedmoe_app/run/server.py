@@ -71,7 +71,9 @@ def run_server(grid: Grid, run_config: dict) -> Path:
         arrays = resumed_arrays(resumed, initial_shapes(spec, cfg.seed), out)
         log(INFO, "Resuming run %s after round %d", out.name, resumed.round)
     # the server hands its arrays over: each round is averaged into them, one model held
-    strategy = FedMoE(cfg, spec, arrays, state=resumed.strategy if resumed else None, in_place=True)
+    strategy = FedMoE.from_run_config(
+        cfg, spec, arrays, state=resumed.strategy if resumed else None, in_place=True
+    )
     ckpt = checkpoint_path(out)
     recorder = RunRecorder(out, cfg.to_dict(), resumed.history if resumed else [])
     write_run_spec(out, spec)

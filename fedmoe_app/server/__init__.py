@@ -9,3 +9,7 @@
 * :mod:`.accounting`    -- Opacus's RDP epsilon per group; :mod:`.private_round` glues it to the noise;
 * :mod:`.timing`        -- the server's own seconds per phase of a round.
 """
+
+from .strategy import STRATEGY_KEYS, FedMoE
+
+__all__ = ["STRATEGY_KEYS", "FedMoE"]

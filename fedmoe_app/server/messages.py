@@ -41,6 +41,7 @@ def train_messages(
     rounds: RoundSection,
     rng: np.random.Generator,
     policy: str,
+    extra: Mapping[str, Any] | None = None,
 ) -> TrainMessages:
     """Build one train message per planned client (``nodes``: client id -> node id).
 
@@ -48,7 +49,8 @@ def train_messages(
     layer) in ``wire-dtype``, the round's ``lr`` (:func:`~.rounds.round_lr`) and ``local-epochs``
     (``rounds``), a training seed drawn from ``rng``, whether its experts are read-only and its
     sample budget. A read-only client returns the shared part only. Logs the round's bytes down
-    next to the dense model's in the same wire dtype (``policy``: the plan).
+    next to the dense model's in the same wire dtype (``policy``: the plan). ``extra`` entries
+    (a caller's ``train_config``) join every message's config; FedMoE's own keys win.
     """
     messages, sent, bytes_down = [], {}, 0
     wire, lr = rounds.wire_dtype, round_lr(rounds, server_round)
@@ -67,6 +69,7 @@ def train_messages(
         )
         config = ConfigRecord(
             {
+                **(extra or {}),
                 **names,
                 "server-round": server_round,
                 "lr": lr,
@@ -99,18 +102,20 @@ def evaluate_messages(
     layers: Sequence[str],
     server_round: int,
     wire_dtype: str,
+    extra: Mapping[str, Any] | None = None,
 ) -> list[Message]:
     """Return one evaluate message per node of ``held`` (node id -> its holding), skipping empty ones.
 
     Each holds the shared part and the node's experts, its sparse (personalized) view, in
-    ``wire_dtype`` (run-config ``wire-dtype``).
+    ``wire_dtype`` (run-config ``wire-dtype``); ``extra`` entries (a caller's ``evaluate_config``)
+    join every message's config, FedMoE's own keys winning.
     """
     messages = []
     for node, holding in held.items():
         if not holding.any():
             continue
         sub, names = payload(arrays, holding, layers)
-        config = ConfigRecord({**names, "server-round": server_round})
+        config = ConfigRecord({**(extra or {}), **names, "server-round": server_round})
         content = RecordDict({ARRAYS: to_record(sub, wire_dtype), CONFIG: config})
         messages.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node))
     return messages

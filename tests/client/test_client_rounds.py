@@ -74,7 +74,7 @@ def federate(wire):
     _, _, info = load_splits("synthetic", "", 0)
     spec = model_spec(cfg, info)
     grid, rows, model = ClientGrid(keys, 2), [], {}
-    strategy = FedMoE(cfg, spec, model_to_arrays(build_model(spec, seed=0)))
+    strategy = FedMoE.from_run_config(cfg, spec, model_to_arrays(build_model(spec, seed=0)))
     strategy.start(grid, num_rounds=2, on_round=lambda row, arrays: (rows.append(row), model.update(arrays)))
     return rows, model, grid, cfg
 

@@ -19,7 +19,7 @@ def test_the_fab_holds_the_apps_and_the_package_only_under_1_mb(tmp_path):
     (fab,) = tmp_path.glob("*.fab")
     names = zipfile.ZipFile(fab).namelist()
     assert fab.stat().st_size < MAX_FAB_BYTES, (fab.stat().st_size, sorted(names)[:20])
-    assert {"server_app.py", "client_app.py", "pyproject.toml"} <= set(names)
+    assert {"fedmoe_app/server_app.py", "fedmoe_app/client_app.py", "pyproject.toml"} <= set(names)
     assert "fedmoe_app/server/strategy.py" in names and "fedmoe_app/client/handlers.py" in names
     top = {n.split("/")[0] for n in names}
     assert not top & {"docs", "tests", "deploy", "docker", "scripts"}, sorted(top)

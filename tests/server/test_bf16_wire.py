@@ -40,7 +40,7 @@ class Run:
             return send(messages, timeout)
 
         self.grid.send_and_receive = spy
-        strategy = FedMoE(self.cfg, SPEC, START)
+        strategy = FedMoE.from_run_config(self.cfg, SPEC, START)
         strategy.start(self.grid, num_rounds=rounds, on_round=self._on_round)
 
     def _on_round(self, row, arrays):

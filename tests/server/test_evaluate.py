@@ -33,7 +33,7 @@ def reply(node, client_id, n, loss, acc, **text):
 
 @pytest.fixture
 def strategy():
-    s = FedMoE(RunConfig(), REFERENCE_SPEC, model_to_arrays(build_model(REFERENCE_SPEC)))
+    s = FedMoE.from_run_config(RunConfig(), REFERENCE_SPEC, model_to_arrays(build_model(REFERENCE_SPEC)))
     # as discovery leaves it: node i is client c<i> with a local test split of 500 examples
     s.state.nodes.clients = {i: f"c{i}" for i in range(20)}
     s.state.nodes.profiles = {f"c{i}": {"num-test-examples": 500} for i in range(20)}

@@ -53,7 +53,7 @@ def dp_config(**overrides):
 
 
 def run_strategy(cfg, nodes, rounds=2, scale=10.0):
-    strategy = FedMoE(cfg, SPEC, model_to_arrays(build_model(SPEC, seed=0)))
+    strategy = FedMoE.from_run_config(cfg, SPEC, model_to_arrays(build_model(SPEC, seed=0)))
     grid = FakeGrid(nodes, num_experts=SPEC.num_experts, top_k=SPEC.top_k, scale=scale)
     rows = []
 
@@ -312,7 +312,7 @@ def test_min_trainers_above_the_clients_per_round_stops_the_run_at_start():
 
 
 def test_dp_off_takes_no_dp_path():
-    strategy = FedMoE(dp_config(dp="off"), SPEC, model_to_arrays(build_model(SPEC, seed=0)))
+    strategy = FedMoE.from_run_config(dp_config(dp="off"), SPEC, model_to_arrays(build_model(SPEC, seed=0)))
     assert strategy.state.privacy is None and "accountant" not in strategy.state_dict()
 
 
@@ -340,7 +340,7 @@ class OneHugeReply(FakeGrid):
 def test_local_dp_keeps_a_server_side_bound_an_honest_reply_never_reaches(huge):
     cfg = dp_config(**{"dp": "local", "dp-noise-multiplier": 1.0})
     start = model_to_arrays(build_model(SPEC, seed=0))
-    strategy = FedMoE(cfg, SPEC, start)
+    strategy = FedMoE.from_run_config(cfg, SPEC, start)
     grid_class = OneHugeReply if huge else FakeGrid
     grid = grid_class(4, num_experts=SPEC.num_experts, top_k=SPEC.top_k, scale=0.5)
     rows = []

@@ -39,7 +39,7 @@ def run(discovery, rounds=ROUNDS):
             "round-timeout-s": 1.0,
         }
     )
-    s = FedMoE(cfg, SPEC, model_to_arrays(build_model(SPEC, seed=0)))
+    s = FedMoE.from_run_config(cfg, SPEC, model_to_arrays(build_model(SPEC, seed=0)))
     grid = FakeGrid(NODES, num_experts=4, top_k=2, scale=0.1, silent=SILENT)
     rows = []
     s.start(grid, num_rounds=rounds, on_round=lambda row, arrays: rows.append(row))

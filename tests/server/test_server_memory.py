@@ -54,7 +54,7 @@ def round_memory(folder, in_place):
     arrays = initial_arrays(spec, cfg.seed)
     assert all(v.dtype == ml_dtypes.bfloat16 for v in arrays.values())
     before = {k: v.copy() for k, v in arrays.items()}
-    strategy = FedMoE(cfg, spec, arrays, in_place=in_place)
+    strategy = FedMoE.from_run_config(cfg, spec, arrays, in_place=in_place)
     grid = FakeGrid(3, num_experts=8, top_k=2, scale=30.0, seed=0)
     train_round = strategy.plan_train(1, arrays, grid)
     replies = grid.send_and_receive(train_round.messages, 60.0)

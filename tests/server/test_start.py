@@ -32,7 +32,7 @@ def strategy():
             "min-evaluate-nodes": 0,
         }
     )
-    return FedMoE(cfg, SPEC, model_to_arrays(build_model(SPEC, seed=0)))
+    return FedMoE.from_run_config(cfg, SPEC, model_to_arrays(build_model(SPEC, seed=0)))
 
 
 def test_initial_arrays_replace_the_model_and_evaluate_fn_is_called_each_round():
