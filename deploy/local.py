@@ -116,9 +116,9 @@ def node_config(
         items["data-path"] = str(Path(data_path).resolve())
     items.update(extra or {})
     for key, value in items.items():
-        pattern = _PATH if key == "data-path" else _NAME
+        pattern = _PATH if key in ("data-path", "dataset-path") else _NAME
         if isinstance(value, str) and not pattern.match(value):
-            allowed = "letters, digits, '_', '.', '-'" + (", '/'" if key == "data-path" else "")
+            allowed = "letters, digits, '_', '.', '-'" + (", '/'" if pattern is _PATH else "")
             raise ValueError(f"node-config {key}={value!r}: use {allowed} only")
     return " ".join(f"{k}={toml_value(v)}" for k, v in items.items())
 

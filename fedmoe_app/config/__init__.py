@@ -10,10 +10,13 @@ from .run import (
     ConfigError,
     RunConfig,
     cache_root,
+    class_names,
+    image_shape,
 )
 from .sections import (
     AggregationSection,
     AlignmentSection,
+    Columns,
     FaultSection,
     LoraSection,
     OutputSection,
@@ -33,6 +36,7 @@ __all__ = [
     "TEXT_MODELS",
     "AggregationSection",
     "AlignmentSection",
+    "Columns",
     "ConfigError",
     "FaultSection",
     "LoraSection",
@@ -44,4 +48,6 @@ __all__ = [
     "SplitSection",
     "TrainingSection",
     "cache_root",
+    "class_names",
+    "image_shape",
 ]

@@ -11,7 +11,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from ..config.run import RunConfig
-from ..data.text import server_split
+from ..data.source import model_info, server_split
 from ..models import AnySpec, HFSpec, build_model, model_spec, model_to_arrays
 from ..models.hf_global import hf_global_arrays, hf_global_shapes
 from ..server.strategy import FedMoE
@@ -58,7 +58,11 @@ def run_server(grid: Grid, run_config: dict) -> Path:
     """Run a whole fedmoe job on ``grid``; return the output folder."""
     cfg = RunConfig.from_run_config(run_config)
     out, resumed = open_run_folder(cfg)
-    test, info = server_split(cfg)
+    if cfg.central_eval:
+        test, info = server_split(cfg)
+    else:  # the server holds no data: the model's input from the run config (or read once)
+        test, info = None, model_info(cfg)
+        log(INFO, "fedmoe: central-eval = false: no central evaluation; rounds record the clients' metrics")
     spec = model_spec(cfg, info)
     if resumed is None:
         arrays = initial_arrays(spec, cfg.seed)
@@ -99,7 +103,9 @@ def run_server(grid: Grid, run_config: dict) -> Path:
         grid,
         num_rounds=cfg.num_server_rounds,
         timeout=cfg.round_timeout_s,
-        central_eval=central_evaluator(cfg, spec, test, info, dtype=model_dtype(arrays)),
+        central_eval=(
+            central_evaluator(cfg, spec, test, info, dtype=model_dtype(arrays)) if test is not None else None
+        ),
         on_round=on_round,
         start_round=resumed.round + 1 if resumed else 1,
     )
@@ -112,5 +118,6 @@ def run_server(grid: Grid, run_config: dict) -> Path:
     else:
         log(WARNING, "fedmoe: the model was not exported (error above); retry with: fedmoe-export %s", out)
     last = recorder.rounds[-1] if recorder.rounds else {}
-    log(INFO, "fedmoe: done; final accuracy %s; outputs in %s", last.get("accuracy"), out)
+    key = "accuracy" if cfg.central_eval else "client_accuracy"
+    log(INFO, "fedmoe: done; final %s %s; outputs in %s", key.replace("_", " "), last.get(key), out)
     return out
