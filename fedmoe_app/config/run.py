@@ -510,10 +510,11 @@ class RunConfig:
                 f"run-config key 'partitioner' = 'natural' is invalid for dataset {self.dataset!r}; "
                 f"allowed: a text dataset ({', '.join(TEXT_DATASETS)})"
             )
-        if self.dataset == "text" and not (self.data_dir or self.hf_dataset):
+        if self.dataset == "text" and not (self.data_dir or self.hf_dataset) and self.central_eval:
             raise ConfigError(
                 "run-config key 'data-dir' = '' is invalid for dataset 'text'; allowed: a folder of "
-                "UTF-8 text files"
+                "UTF-8 text files or a saved dataset (or hf-dataset; or central-eval = false when every "
+                "SuperNode names its own data-path)"
             )
         if self.hf_model and self.model != "hf":
             raise ConfigError(

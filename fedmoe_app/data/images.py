@@ -204,14 +204,14 @@ def image_columns(ds: Any, columns: Columns, where: str) -> tuple[str, str]:
     )
     if image not in feats or label not in feats:
         missing = [
-            f"{kind} column {name!r}" if name else f"an {kind} column"
+            f"{kind} column {name!r}" if name else f"{kind} column"
             for kind, name in (("image", image), ("label", label))
             if name not in feats
         ]
         raise NodeDataError(
-            f"{where} has no {' and no '.join(missing)}: its columns are {list(feats)}; allowed: an Image "
-            "feature (or 'image'/'img') and a ClassLabel feature (or 'label'/'labels'), or name them in "
-            "run-config 'image-column' and 'label-column'"
+            f"{where} has no usable {' and no '.join(missing)}: its columns are {list(feats)}; "
+            "allowed: an Image feature (or 'image'/'img') and a ClassLabel feature (or 'label'/'labels'), "
+            "or name them in run-config 'image-column' and 'label-column'"
         )
     return image, label
 
