@@ -333,7 +333,7 @@ def test_without_central_evaluation_rounds_record_the_clients_and_summarise(tmp_
 
 # ---------------------------------------------------------------------------- deployment
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(900)
 def test_two_supernodes_train_on_their_own_text(tmp_path):
     """SuperLink + 2 SuperNodes: text from node config data-path (a folder) and dataset-path (saved)."""
     from conftest import ROOT, write_corpus
@@ -357,6 +357,8 @@ def test_two_supernodes_train_on_their_own_text(tmp_path):
         "fraction-evaluate": 1.0,
         "min-evaluate-nodes": 2,
         "min-train-nodes": 2,
+        "max-samples-per-client": 48,
+        "round-timeout-s": 300.0,
         "run-name": "own-text",
     }
     workdir = tmp_path / "wd"
@@ -369,7 +371,7 @@ def test_two_supernodes_train_on_their_own_text(tmp_path):
         assert "dataset-path=" in nodes[1].node_config
         dep.wait_activated()
         with open(tmp_path / "run.log", "w") as log:
-            result = dep.run(run_config, timeout=300, stream_to=log)
+            result = dep.run(run_config, timeout=800, stream_to=log)
         assert result.ok, (result, (tmp_path / "run.log").read_text()[-3000:], dep.superlink_log()[-2000:])
     rows = run_rows(tmp_path / "outputs" / "own-text")
     assert [r["round"] for r in rows] == [0, 1, 2]
