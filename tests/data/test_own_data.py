@@ -103,7 +103,7 @@ def run_rows(out):
 # ---------------------------------------------------------------------------- image folders
 def test_a_five_class_rgb_image_folder_federates_end_to_end(tmp_path, serverapp_identity):
     t0 = time.perf_counter()
-    folder = write_image_folder(tmp_path / "pictures", per_class=12)
+    folder = write_image_folder(tmp_path / "pictures", per_class=20)
     config = {
         **SMALL,
         "dataset": "images",
@@ -118,7 +118,7 @@ def test_a_five_class_rgb_image_folder_federates_end_to_end(tmp_path, serverapp_
     rows = run_rows(out)
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(r["failures"] == 0 and r["valid_replies"] == 2 for r in rows[1:])
-    # the server evaluates on the held-out tenth (6 of 60 images); the clients learn the colours
+    # the server evaluates on the held-out tenth (10 of 100 images); the clients learn the colours
     assert all(0 <= r["accuracy"] <= 1 for r in rows)
     assert rows[-1]["client_accuracy"] >= 0.5  # chance: 0.2
     print(f"5-class image folder, 2 rounds in process: {time.perf_counter() - t0:.1f} s")
