@@ -75,6 +75,7 @@ def node_config(
     device_class: str | None = None,
     data_path: str | Path | None = None,
     extra: Mapping[str, Any] | None = None,
+    data_key: str = "data-path",
 ) -> str:
     """Build the ``--node-config`` string of a fedmoe SuperNode.
 
@@ -94,6 +95,8 @@ def node_config(
         ``fedmoe_app/data/local.py`` for the formats), used instead of a partition.
     extra : Mapping[str, Any] | None
         Further ``key=value`` pairs.
+    data_key : str
+        The key that names ``data_path``: ``data-path``, or its alias ``dataset-path``.
 
     Returns
     -------
@@ -112,13 +115,15 @@ def node_config(
         items["client-id"] = str(client_id)
     if device_class is not None:
         items["device-class"] = str(device_class)
+    if data_key not in ("data-path", "dataset-path"):
+        raise ValueError(f"data_key {data_key!r}: allowed 'data-path' or 'dataset-path'")
     if data_path is not None:
-        items["data-path"] = str(Path(data_path).resolve())
+        items[data_key] = str(Path(data_path).resolve())
     items.update(extra or {})
     for key, value in items.items():
-        pattern = _PATH if key == "data-path" else _NAME
+        pattern = _PATH if key in ("data-path", "dataset-path") else _NAME
         if isinstance(value, str) and not pattern.match(value):
-            allowed = "letters, digits, '_', '.', '-'" + (", '/'" if key == "data-path" else "")
+            allowed = "letters, digits, '_', '.', '-'" + (", '/'" if pattern is _PATH else "")
             raise ValueError(f"node-config {key}={value!r}: use {allowed} only")
     return " ".join(f"{k}={toml_value(v)}" for k, v in items.items())
 
@@ -484,12 +489,13 @@ class Deployment:
         prefix: Sequence[str] = (),
         superlink: str | None = None,
         runtime_port: int | None = None,
+        data_key: str = "data-path",
     ) -> SuperNodeHandle:
         """Start one SuperNode (generating and, if ``register``, registering its auth key).
 
         Parameters
         ----------
-        partition_id, num_partitions, client_id, device_class, data_path
+        partition_id, num_partitions, client_id, device_class, data_path, data_key
             The node config (see :func:`node_config`).
         name : str | None
             Label for its ``FLWR_HOME``, log and key files (default ``node-<partition>``,
@@ -514,7 +520,12 @@ class Deployment:
         """
         name = name or f"node-{partition_id if partition_id is not None else client_id}"
         config = node_config(
-            partition_id, num_partitions, client_id=client_id, device_class=device_class, data_path=data_path
+            partition_id,
+            num_partitions,
+            client_id=client_id,
+            device_class=device_class,
+            data_path=data_path,
+            data_key=data_key,
         )
         node_id = None
         if self.auth:

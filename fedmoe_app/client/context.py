@@ -27,5 +27,6 @@ def identity(context: Context) -> str:
         return str(nc["client-id"])
     if "partition-id" in nc:
         return str(nc["partition-id"])
-    needs = "'client-id'" if nc.get("data-path") else "'partition-id' and 'num-partitions'"
+    own = nc.get("data-path") or nc.get("dataset-path")
+    needs = "'client-id'" if own else "'partition-id' and 'num-partitions'"
     raise ValueError(f"node config needs {needs}; it has {sorted(nc)}")

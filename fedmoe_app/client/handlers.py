@@ -25,8 +25,8 @@ from flwr.common.logger import log as flwr_log
 from ..capacity import ModelCosts
 from ..capacity.probe import client_profile
 from ..config import TEXT_DATASETS, PrivacySection, RunConfig, TrainingSection
-from ..data.local import node_data
-from ..data.text import client_split
+from ..data.local import node_data, node_data_path
+from ..data.source import client_split
 from ..maths.privacy import privatize
 from ..models import MoEModel, load_arrays, model_costs, model_spec, model_to_arrays
 from ..tensors import is_gate_key, parse_expert_key
@@ -78,12 +78,13 @@ def _announce(cid: str, path: str, n_train: int, n_test: int, labels: tuple[int,
 def local_data(cfg: RunConfig, context: Context) -> tuple[Any, Any, Any]:
     """Return this client's ``(train, local test, dataset info)`` (images or text windows).
 
-    A node whose node config names a ``data-path`` trains on its own folder; otherwise it
-    takes its partition of the run's dataset.
+    A node whose node config names a ``data-path`` (or its alias ``dataset-path``) trains on its
+    own folder; otherwise it takes its partition of the run's dataset.
     """
-    path = context.node_config.get("data-path")
-    if path:
-        train_split, test_split, info = node_data(str(path), cfg.dataset, **cfg.node_data_kwargs())
+    found = node_data_path(context.node_config)
+    if found:
+        key, path = found
+        train_split, test_split, info = node_data(path, cfg.dataset, **cfg.node_data_kwargs(), key=key)
         labels = tuple(int(v) for v in train_split.labels.unique())
         _announce(identity(context), str(path), len(train_split), len(test_split), labels)
         return train_split, test_split, info

@@ -10,11 +10,14 @@ from .run import (
     ConfigError,
     RunConfig,
     cache_root,
+    class_names,
+    image_shape,
     is_model_factory,
 )
 from .sections import (
     AggregationSection,
     AlignmentSection,
+    Columns,
     FaultSection,
     LoraSection,
     OutputSection,
@@ -35,6 +38,7 @@ __all__ = [
     "TEXT_MODELS",
     "AggregationSection",
     "AlignmentSection",
+    "Columns",
     "ConfigError",
     "FaultSection",
     "LoraSection",
@@ -47,5 +51,7 @@ __all__ = [
     "TrackingSection",
     "TrainingSection",
     "cache_root",
+    "class_names",
+    "image_shape",
     "is_model_factory",
 ]

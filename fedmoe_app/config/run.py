@@ -38,7 +38,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("FEDMOE_CACHE_DIR") or Path.home() / ".cache" / "fedmoe")
 
 
-IMAGE_DATASETS = ("fashion-mnist", "cifar10", "synthetic")
+IMAGE_DATASETS = ("fashion-mnist", "cifar10", "synthetic", "images")
 TEXT_DATASETS = ("fortunes", "text")
 DATASETS = IMAGE_DATASETS + TEXT_DATASETS
 PARTITIONERS = ("dirichlet", "pathological", "iid", "natural")
@@ -141,7 +141,8 @@ class RunConfig:
     dataset: str = _opt(
         "fashion-mnist",
         _choice(*DATASETS),
-        "images (synthetic: small, for tests) or byte-level text (fortunes; text: files in data-dir)",
+        "images (synthetic: small, for tests; images: yours, shape and classes read from the data) "
+        "or text (fortunes; text: yours, in data-dir)",
     )
     data_dir: str = _opt("", None, "dataset folder; empty: FEDMOE_DATA_DIR or system paths")
     partitioner: str = _opt(
@@ -154,6 +155,21 @@ class RunConfig:
     local_test_fraction: float = _opt(0.2, _range(0.0, 0.9), "share of a partition for local test")
     max_samples_per_client: int = _opt(0, _range(0), "cap on local train samples; 0: all")
     central_eval_samples: int = _opt(0, _range(0), "cap on server test samples; 0: all")
+    central_eval: bool = _opt(
+        True, None, "the server evaluates the global model on its test set; false: it holds no data"
+    )
+    hf_dataset: str = _opt(
+        "",
+        None,
+        "a dataset flwr-datasets' FederatedDataset loads (hub name or local folder); partitioner splits it",
+    )
+    image_column: str = _opt("", None, "image column of a saved or hf-dataset; empty: detected")
+    label_column: str = _opt("", None, "label column of a saved or hf-dataset; empty: detected")
+    text_column: str = _opt("", None, "text column of a saved or hf-dataset; empty: detected")
+    classes: str = _opt(
+        "", None, "dataset images: comma-separated class names in label order; empty: read from the data"
+    )
+    image_shape: str = _opt("", None, 'dataset images: "C,H,W" the model takes; empty: read from the data')
     # Model
     model: str = _opt(
         "cnn-moe",
@@ -491,7 +507,15 @@ class RunConfig:
             "seed": self.seed,
             "context_length": self.context_length,
             "tokenizer": self.hf_model if self.model == "hf" else "",
+            "columns": self.columns,
+            "classes": class_names(self.classes),
+            "image_shape": image_shape(self.image_shape),
         }
+
+    @property
+    def columns(self) -> sections.Columns:
+        """Column names of a saved or Hugging Face dataset (empty: detected), :class:`~.sections.Columns`."""
+        return sections.Columns(image=self.image_column, label=self.label_column, text=self.text_column)
 
     def _check_model(self) -> None:
         text = self.dataset in TEXT_DATASETS
@@ -506,10 +530,11 @@ class RunConfig:
                 f"run-config key 'partitioner' = 'natural' is invalid for dataset {self.dataset!r}; "
                 f"allowed: a text dataset ({', '.join(TEXT_DATASETS)})"
             )
-        if self.dataset == "text" and not self.data_dir:
+        if self.dataset == "text" and not (self.data_dir or self.hf_dataset) and self.central_eval:
             raise ConfigError(
                 "run-config key 'data-dir' = '' is invalid for dataset 'text'; allowed: a folder of "
-                "UTF-8 text files"
+                "UTF-8 text files or a saved dataset (or hf-dataset; or central-eval = false when every "
+                "SuperNode names its own data-path)"
             )
         if self.hf_model and self.model != "hf":
             raise ConfigError(
@@ -561,6 +586,43 @@ class RunConfig:
                     f"run-config key '{key}' = {value} is invalid for model {self.model!r}; allowed: 0"
                 )
 
+    def _check_data(self) -> None:
+        if self.hf_dataset and self.dataset not in ("images", "text"):
+            raise ConfigError(
+                f"run-config key 'hf-dataset' = {self.hf_dataset!r} is invalid for dataset {self.dataset!r}; "
+                "allowed: '' (a FederatedDataset is read for dataset 'images' or 'text')"
+            )
+        if self.hf_dataset and self.data_dir:
+            raise ConfigError(
+                f"run-config key 'hf-dataset' = {self.hf_dataset!r} is invalid with data-dir = "
+                f"{self.data_dir!r}; allowed: one of the two"
+            )
+        if self.hf_dataset and self.partitioner == "natural":
+            raise ConfigError(
+                "run-config key 'partitioner' = 'natural' is invalid with hf-dataset; allowed: "
+                "dirichlet, pathological, iid"
+            )
+        if self.dataset == "images":
+            image_shape(self.image_shape)
+            class_names(self.classes)
+            if not (self.data_dir or self.hf_dataset) and not (self.image_shape and self.classes):
+                raise ConfigError(
+                    "run-config key 'data-dir' = '' is invalid for dataset 'images'; allowed: a folder "
+                    "of images (or hf-dataset), or, for a server that holds no data (central-eval = "
+                    "false), both image-shape and classes"
+                )
+            if self.central_eval and not (self.data_dir or self.hf_dataset):
+                raise ConfigError(
+                    "run-config key 'central-eval' = true is invalid for dataset 'images' without "
+                    "data-dir or hf-dataset; allowed: false (the server holds no test set)"
+                )
+        elif self.image_shape or self.classes:
+            key, value = ("image-shape", self.image_shape) if self.image_shape else ("classes", self.classes)
+            raise ConfigError(
+                f"run-config key '{key}' = {value!r} is invalid for dataset {self.dataset!r}; "
+                "allowed: '' (it sets dataset 'images')"
+            )
+
     def _check_training(self) -> None:
         if self.grad_checkpointing and self.model != "hf":
             raise ConfigError(
@@ -579,6 +641,7 @@ class RunConfig:
 
     def _check_relations(self) -> None:
         self._check_model()
+        self._check_data()
         self._check_training()
         if self.top_k > self.num_experts:
             raise ConfigError(
@@ -662,6 +725,49 @@ def lora_targets(value: str) -> tuple[str, ...]:
         raise ValueError(
             f"run-config key 'lora-target-modules' = {value!r} is invalid; allowed: comma-separated "
             "module-name suffixes (letters, digits, '_', '.'), e.g. 'q_proj,v_proj'"
+        )
+    return names
+
+
+def image_shape(value: str) -> tuple[int, int, int] | None:
+    """``(C, H, W)`` of run-config ``image-shape`` (``"3,32,32"``); ``None`` when empty (read from the data).
+
+    Raises
+    ------
+    ConfigError
+        Naming the key unless three integers with ``C`` 1 or 3 and ``H = W >= 4`` (cnn-moe's square input).
+
+    """
+    if not value.strip():
+        return None
+    try:
+        c, h, w = (int(v) for v in value.split(","))
+    except ValueError:
+        c = h = w = 0
+    if c not in (1, 3) or h < 4 or h != w:
+        raise ConfigError(
+            f"run-config key 'image-shape' = {value!r} is invalid; allowed: \"C,H,W\" with C 1 or 3 and "
+            "H = W >= 4 (e.g. \"3,32,32\"), or '' (read from the data)"
+        )
+    return c, h, w
+
+
+def class_names(value: str) -> tuple[str, ...] | None:
+    """Class names of run-config ``classes`` (comma-separated, label order); ``None`` when empty.
+
+    Raises
+    ------
+    ConfigError
+        Naming the key unless at least two distinct, non-empty names.
+
+    """
+    if not value.strip():
+        return None
+    names = tuple(n.strip() for n in value.split(","))
+    if len(names) < 2 or not all(names) or len(set(names)) != len(names):
+        raise ConfigError(
+            f"run-config key 'classes' = {value!r} is invalid; allowed: two or more distinct comma-separated "
+            "class names in label order (e.g. \"cat,dog,fox\"), or '' (read from the data)"
         )
     return names
 

@@ -122,6 +122,15 @@ class SplitSection:
 
 
 @dataclass(frozen=True)
+class Columns:
+    """Column names of a saved or Hugging Face dataset; empty: detected (``data.columns``)."""
+
+    image: str = ""
+    label: str = ""
+    text: str = ""
+
+
+@dataclass(frozen=True)
 class FaultSection:
     """Injected faults (simulation): the probability of each, per client and round."""
 

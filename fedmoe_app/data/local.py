@@ -33,16 +33,18 @@ import io
 import logging
 import pickle
 import re
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..config import TEXT_DATASETS
+from ..config import TEXT_DATASETS, Columns
 from . import DatasetInfo, DatasetUnavailable, read_idx, to_split
 
 log = logging.getLogger(__name__)
+NO_COLUMNS = Columns()
 
 #: What the run's model takes, per run-config ``dataset`` (channels, image size, classes).
 DATASET_INFO = {
@@ -82,6 +84,11 @@ _IDX_PAIRS = (
     ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 )
+
+
+#: Node-config keys naming a node's own data folder: ``data-path``, or ``dataset-path`` (its alias,
+#: the name Flower's examples use).
+DATA_PATH_KEYS = ("data-path", "dataset-path")
 
 
 class NodeDataError(ValueError):
@@ -256,7 +263,7 @@ def detect_format(path: Path) -> str:
     if any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):
         return "image-folder"
     raise NodeDataError(
-        f"data-path {str(path)!r} holds none of the formats the app reads: a dataset saved with "
+        f"{str(path)!r} holds none of the formats the app reads: a dataset saved with "
         "save_to_disk (dataset_dict.json or state.json), Fashion-MNIST IDX files "
         "(train-images-idx3-ubyte[.gz] + train-labels-idx1-ubyte[.gz]), CIFAR-10 batches "
         "(data_batch_<i>, test_batch) or one folder of images per class"
@@ -264,7 +271,9 @@ def detect_format(path: Path) -> str:
 
 
 @lru_cache(maxsize=2)
-def read_node_folder(data_path: str, dataset: str) -> tuple[np.ndarray, np.ndarray, str]:
+def read_node_folder(
+    data_path: str, dataset: str, key: str = "data-path"
+) -> tuple[np.ndarray, np.ndarray, str]:
     """Read every example of a node's folder: ``(uint8 [N, C, H, W], int64 labels [N], format)``.
 
     Parameters
@@ -273,6 +282,8 @@ def read_node_folder(data_path: str, dataset: str) -> tuple[np.ndarray, np.ndarr
         The node's folder (node config ``data-path``).
     dataset : str
         Run-config ``dataset``: the image shape and classes the run's model takes.
+    key : str
+        The node-config key that named the folder (``data-path`` or ``dataset-path``), for errors.
 
     Returns
     -------
@@ -290,11 +301,13 @@ def read_node_folder(data_path: str, dataset: str) -> tuple[np.ndarray, np.ndarr
     path = Path(data_path).expanduser()
     if not path.is_dir():
         what = "is not a folder" if path.exists() else "does not exist"
-        raise NodeDataError(f"node config 'data-path' = {data_path!r} {what}")
+        raise NodeDataError(f"node config '{key}' = {data_path!r} {what}")
     try:
         fmt = detect_format(path)
     except PermissionError as exc:
-        raise NodeDataError(f"node config 'data-path' = {data_path!r} is not readable: {exc}") from None
+        raise NodeDataError(f"node config '{key}' = {data_path!r} is not readable: {exc}") from None
+    except NodeDataError as exc:
+        raise NodeDataError(f"node config '{key}' = {data_path!r}: {exc}") from None
     readers = {
         "saved": lambda: _read_saved_dataset(path, info),
         "idx": lambda: _read_idx_folder(path),
@@ -304,19 +317,20 @@ def read_node_folder(data_path: str, dataset: str) -> tuple[np.ndarray, np.ndarr
     try:
         images, labels = readers[fmt]()
     except PermissionError as exc:
-        raise NodeDataError(f"data-path {data_path!r}: {exc}") from None
+        raise NodeDataError(f"node config '{key}' = {data_path!r}: {exc}") from None
     want = (info.in_channels, info.image_size, info.image_size)
     if len(labels) == 0:
-        raise NodeDataError(f"data-path {data_path!r} ({fmt}) holds no examples")
+        raise NodeDataError(f"node config '{key}' = {data_path!r} ({fmt}) holds no examples")
     if tuple(images.shape[1:]) != want:
         raise NodeDataError(
-            f"data-path {data_path!r} ({fmt}) holds images of shape {tuple(images.shape[1:])} (C, H, W); "
-            f"the run's model (dataset {dataset!r}) takes {want}"
+            f"node config '{key}' = {data_path!r} ({fmt}) holds images of shape "
+            f"{tuple(images.shape[1:])} (C, H, W); the run's model (dataset {dataset!r}) takes {want}"
         )
     if labels.min() < 0 or labels.max() >= info.num_classes:
         raise NodeDataError(
-            f"data-path {data_path!r} ({fmt}) has labels {int(labels.min())}..{int(labels.max())}; "
-            f"the run's model (dataset {dataset!r}) has classes 0..{info.num_classes - 1}"
+            f"node config '{key}' = {data_path!r} ({fmt}) has labels "
+            f"{int(labels.min())}..{int(labels.max())}; the run's model (dataset {dataset!r}) has "
+            f"classes 0..{info.num_classes - 1}"
         )
     return images, labels, fmt
 
@@ -330,6 +344,8 @@ def node_text(
     seed: int,
     context_length: int,
     tokenizer: str,
+    columns: Columns = NO_COLUMNS,
+    key: str = "data-path",
 ) -> tuple[Any, Any, Any]:
     """Return a node's ``(train, local test, info)`` text windows from its own folder (seeded split).
 
@@ -344,12 +360,14 @@ def node_text(
     path = Path(data_path).expanduser()
     if not path.is_dir():
         what = "is not a folder" if path.exists() else "does not exist"
-        raise NodeDataError(f"node config 'data-path' = {data_path!r} {what}")
+        raise NodeDataError(f"node config '{key}' = {data_path!r} {what}")
     try:
-        windows, _, info = load_text(dataset, str(path), context_length, seed, tokenizer)
+        windows, _, info = load_text(
+            dataset, str(path), context_length, seed, tokenizer, columns, f"node config '{key}'"
+        )
     except DatasetUnavailable as exc:
         raise NodeDataError(
-            f"node config 'data-path' = {data_path!r} holds no readable UTF-8 text of at least "
+            f"node config '{key}' = {data_path!r} holds no readable UTF-8 text of at least "
             f"context-length + 1 = {context_length + 1} tokens ({exc})"
         ) from None
     idx = np.random.default_rng(seed).permutation(len(windows))
@@ -359,7 +377,7 @@ def node_text(
         train_idx = train_idx[:max_samples]
     if len(train_idx) == 0:
         raise NodeDataError(
-            f"data-path {data_path!r} holds {len(windows)} text windows: none left for training "
+            f"node config '{key}' = {data_path!r} holds {len(windows)} text windows: none left for training "
             f"after local-test-fraction {test_fraction}"
         )
     return windows.subset(np.sort(train_idx)), windows.subset(np.sort(test_idx)), info
@@ -374,6 +392,10 @@ def node_data(
     seed: int,
     context_length: int = 64,
     tokenizer: str = "",
+    columns: Columns = NO_COLUMNS,
+    classes: tuple[str, ...] | None = None,
+    image_shape: tuple[int, int, int] | None = None,
+    key: str = "data-path",
 ) -> tuple[Any, Any, Any]:
     """Return a node's ``(train, local test, info)`` from its own folder (seeded split).
 
@@ -393,6 +415,15 @@ def node_data(
         Text: tokens per window (the run's ``context-length``).
     tokenizer : str
         Text: the model folder whose tokenizer cuts the text (``hf-model``); empty: bytes.
+    columns : Columns
+        Columns of a saved dataset (run-config ``image-column``, ``label-column``, ``text-column``).
+    classes : tuple of str, optional
+        ``dataset = "images"``: class names in label order (run-config ``classes``); ``None``: read
+        from the folder (every node must then hold every class).
+    image_shape : tuple of int, optional
+        ``dataset = "images"``: the ``(C, H, W)`` the model takes (``image-shape``); ``None``: read.
+    key : str
+        The node-config key that named the folder (``data-path`` or ``dataset-path``), for errors.
 
     Returns
     -------
@@ -410,8 +441,26 @@ def node_data(
             seed=seed,
             context_length=context_length,
             tokenizer=tokenizer,
+            columns=columns,
+            key=key,
         )
-    images, labels, fmt = read_node_folder(str(data_path), dataset)
+    if dataset == "images":
+        from .images import read_images
+
+        data = read_images(
+            str(data_path), f"node config '{key}'", columns, classes, image_shape and image_shape[0]
+        )
+        info = data.info(f"node config '{key}'", str(data_path))
+        if image_shape and (info.in_channels, info.image_size, info.image_size) != image_shape:
+            raise NodeDataError(
+                f"node config '{key}' = {str(data_path)!r} holds images of shape "
+                f"{(info.in_channels, info.image_size, info.image_size)}; run-config 'image-shape' wants "
+                f"{image_shape}"
+            )
+        images, labels = data.pooled()
+    else:
+        images, labels, _ = read_node_folder(str(data_path), dataset, key)
+        info = dataset_info(dataset)
     idx = np.random.default_rng(seed).permutation(len(labels))
     n_test = int(round(len(idx) * test_fraction))
     train_idx, test_idx = idx[n_test:], idx[:n_test]
@@ -419,8 +468,28 @@ def node_data(
         train_idx = train_idx[:max_samples]
     if len(train_idx) == 0:
         raise NodeDataError(
-            f"data-path {data_path!r} holds {len(labels)} examples: none left for training "
+            f"node config '{key}' = {data_path!r} holds {len(labels)} examples: none left for training "
             f"after local-test-fraction {test_fraction}"
         )
     split = to_split(images, labels, dataset)
-    return split.subset(train_idx), split.subset(test_idx), dataset_info(dataset)
+    return split.subset(train_idx), split.subset(test_idx), info
+
+
+def node_data_path(node_config: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(key, folder)`` of a node's own data: node config ``data-path`` or its alias ``dataset-path``.
+
+    ``None`` when neither is set (the node takes a partition of the run's dataset).
+
+    Raises
+    ------
+    NodeDataError
+        If both are set to different folders.
+
+    """
+    given = {k: str(node_config[k]) for k in DATA_PATH_KEYS if str(node_config.get(k, ""))}
+    if len(set(given.values())) > 1:
+        raise NodeDataError(
+            f"node config 'data-path' = {given['data-path']!r} and 'dataset-path' = "
+            f"{given['dataset-path']!r} differ; allowed: one of them (dataset-path is data-path's alias)"
+        )
+    return next(iter(given.items()), None)

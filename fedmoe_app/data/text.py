@@ -35,11 +35,12 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..config import TEXT_DATASETS, RunConfig, SplitSection
+from ..config import TEXT_DATASETS, Columns, RunConfig, SplitSection
 from . import (
     DatasetInfo,
     DatasetUnavailable,
@@ -62,6 +63,7 @@ HELDOUT_SHARE = 0.1
 HELDOUT_BYTES = 64 * 1024
 _ANSI = re.compile(rb"\x1b\[[0-9;]*[A-Za-z]")
 _FORTUNE_SEP = re.compile(rb"\n%\n")
+NO_COLUMNS = Columns()
 
 
 @dataclass(frozen=True)
@@ -234,7 +236,13 @@ def _groups_of(name: str, data_dir: str) -> tuple[Path, dict[str, list[Path]]]:
 
 @lru_cache(maxsize=4)
 def load_text(
-    name: str, data_dir: str, context_length: int, seed: int, tokenizer: str = ""
+    name: str,
+    data_dir: str,
+    context_length: int,
+    seed: int,
+    tokenizer: str = "",
+    columns: Columns = NO_COLUMNS,
+    key: str = "run-config key 'data-dir'",
 ) -> tuple[TextSplit, TextSplit, TextInfo]:
     """``(train windows, held-out windows, info)`` of a text dataset (cached per process).
 
@@ -251,6 +259,9 @@ def load_text(
     """
     if name not in TEXT_DATASETS:
         raise ValueError(f"unknown text dataset {name!r}")
+    if name == "text" and is_saved_dataset(Path(data_dir)):
+        docs = saved_documents(Path(data_dir), columns, f"{key} = {data_dir!r}")
+        return text_windows(docs, f"{key} = {data_dir!r}", context_length, seed, tokenizer)
     root, found = _groups_of(name, data_dir)
     if not tokenizer:
         return _windows_of(root, found, data_dir, context_length, seed, tokenizer)
@@ -287,11 +298,29 @@ def _windows_of(
     root: Path, found: dict[str, list[Path]], data_dir: str, context_length: int, seed: int, tokenizer: str
 ) -> tuple[TextSplit, TextSplit, TextInfo]:
     """Cut every group's documents into train and held-out windows (:func:`load_text`)."""
+    docs = {
+        group: [d for f in files if (text := read_text(f)) is not None for d in documents(text)]
+        for group, files in found.items()
+    }
+    key = f"run-config key 'data-dir' = {data_dir!r}" if data_dir else f"fortunes folder {str(root)!r}"
+    return text_windows(docs, key, context_length, seed, tokenizer)
+
+
+def text_windows(
+    docs_by_group: dict[str, list[bytes]], where: str, context_length: int, seed: int, tokenizer: str
+) -> tuple[TextSplit, TextSplit, TextInfo]:
+    """Cut every group's documents into train and held-out windows (module docstring).
+
+    Raises
+    ------
+    DatasetUnavailable
+        Naming ``where`` when no group has ``context_length + 1`` bytes (or tokens) of text.
+
+    """
     rng = np.random.default_rng([seed, 1789])
     names: list[str] = []
     train_parts, test_parts = [], []
-    for group, files in sorted(found.items()):
-        docs = [d for f in files if (text := read_text(f)) is not None for d in documents(text)]
+    for group, docs in sorted(docs_by_group.items()):
         order = rng.permutation(len(docs))
         held = sorted(order[: max(1, int(round(len(docs) * HELDOUT_SHARE))) if len(docs) >= 2 else 0])
         held_set = set(held)
@@ -305,16 +334,15 @@ def _windows_of(
         test = _token_windows(held_docs, context_length, tokenizer)
         if len(train[0]) == 0:
             log.warning(
-                "text: group %r under %s has under %d bytes of text; left out", group, root, context_length
+                "text: group %r of %s has under %d bytes of text; left out", group, where, context_length
             )
             continue
         names.append(group)
         train_parts.append(train)
         test_parts.append(test)
     if not names:
-        key = f"run-config key 'data-dir' = {data_dir!r}" if data_dir else f"fortunes folder {str(root)!r}"
         raise DatasetUnavailable(
-            f"{key} holds no readable UTF-8 text file of at least context-length + 1 = "
+            f"{where} holds no readable UTF-8 text file of at least context-length + 1 = "
             f"{context_length + 1} bytes"
         )
 
@@ -328,6 +356,86 @@ def _windows_of(
     vocab = vocab_size(load_tokenizer(tokenizer)) if tokenizer else VOCAB_SIZE
     info = TextInfo(vocab, context_length, tuple(names), tokenizer)
     return split(train_parts), split(test_parts), info
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """Whether ``path`` is a folder written by ``datasets``' ``save_to_disk``."""
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def text_column(ds: Any, columns: Columns, where: str) -> str:
+    """Return the text column of a ``datasets.Dataset`` (``text-column``, else detected).
+
+    Detected: ``text``, ``content`` or ``document``, else the only string column.
+
+    Raises
+    ------
+    DatasetUnavailable
+        Naming ``where``, the columns found and the run-config key ``text-column``.
+
+    """
+    import datasets
+
+    feats = ds.features
+    strings = [
+        c for c, f in feats.items() if isinstance(f, datasets.Value) and f.dtype in ("string", "large_string")
+    ]
+    name = columns.text or next((c for c in ("text", "content", "document") if c in strings), "")
+    name = name or (strings[0] if len(strings) == 1 else "")
+    if name not in strings:
+        raise DatasetUnavailable(
+            f"{where} has no usable text column{f' {name!r}' if name else ''}: its columns are "
+            f"{ {c: str(f) for c, f in feats.items()} }; allowed: a string column 'text' (or 'content', "
+            "'document', or the only string column), or name it in run-config 'text-column'"
+        )
+    return name
+
+
+def dataset_documents(ds: Any, columns: Columns, where: str) -> dict[str, list[bytes]]:
+    """Group -> documents of a ``datasets.Dataset``: its text column, grouped by ``label-column`` if named.
+
+    A ``ClassLabel`` column groups too (its names); without either, every row is in group ``text``.
+    """
+    import datasets
+
+    col = text_column(ds, columns, where)
+    label = columns.label or next(
+        (c for c, f in ds.features.items() if isinstance(f, datasets.ClassLabel)), ""
+    )
+    if label and label not in ds.features:
+        raise DatasetUnavailable(
+            f"{where} has no column {label!r} (run-config 'label-column'); "
+            f"its columns are {list(ds.features)}"
+        )
+    texts = ds[col]
+    feature = ds.features.get(label)
+    if not label:
+        groups = ["text"] * len(texts)
+    elif isinstance(feature, datasets.ClassLabel):
+        groups = [feature.names[int(v)] for v in ds[label]]
+    else:
+        groups = [str(v) for v in ds[label]]
+    out: dict[str, list[bytes]] = {}
+    for group, text in zip(groups, texts):
+        if text:
+            out.setdefault(group, []).append(text.encode("utf-8"))
+    return out
+
+
+def saved_documents(path: Path, columns: Columns, where: str) -> dict[str, list[bytes]]:
+    """Group -> documents of a ``save_to_disk`` folder (every split of a ``DatasetDict`` pooled)."""
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as exc:  # noqa: BLE001 - any failure of the reader names the folder
+        raise DatasetUnavailable(f"{where}: cannot read the saved dataset: {exc}") from None
+    parts = list(loaded.values()) if isinstance(loaded, datasets.DatasetDict) else [loaded]
+    out: dict[str, list[bytes]] = {}
+    for ds in parts:
+        for group, docs in dataset_documents(ds, columns, where).items():
+            out.setdefault(group, []).extend(docs)
+    return out
 
 
 def text_tokenizer(cfg: RunConfig) -> str:
@@ -359,11 +467,24 @@ def text_client_data(
     split: SplitSection,
     context_length: int,
     tokenizer: str = "",
+    columns: Columns = NO_COLUMNS,
 ) -> tuple[TextSplit, TextSplit, TextInfo]:
     """One client's ``(train, local test, info)`` windows of a text dataset, cut as ``split`` says."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
-    train, _, info = load_text(name, split.data_dir, context_length, split.seed, tokenizer)
+    train, _, info = load_text(name, split.data_dir, context_length, split.seed, tokenizer, columns)
+    return partition_text(train, info, partition_id, num_partitions, split, context_length)
+
+
+def partition_text(
+    train: TextSplit,
+    info: TextInfo,
+    partition_id: int,
+    num_partitions: int,
+    split: SplitSection,
+    context_length: int,
+) -> tuple[TextSplit, TextSplit, TextInfo]:
+    """Return client ``partition_id``'s ``(train, local test, info)`` of the windows ``train`` (``split``)."""
     groups = train.groups.numpy()
     if split.partitioner == "natural":
         part = natural_partitions(groups, len(info.groups), num_partitions, split.seed)[partition_id]
@@ -381,7 +502,13 @@ def client_split(cfg: RunConfig, partition_id: int, num_partitions: int):
     """Return a client's ``(train, local test, info)`` for the run's dataset, image or text."""
     if cfg.dataset in TEXT_DATASETS:
         return text_client_data(
-            cfg.dataset, partition_id, num_partitions, cfg.split, cfg.context_length, text_tokenizer(cfg)
+            cfg.dataset,
+            partition_id,
+            num_partitions,
+            cfg.split,
+            cfg.context_length,
+            text_tokenizer(cfg),
+            cfg.columns,
         )
     return client_data(cfg.dataset, partition_id, num_partitions, cfg.split)
 
@@ -395,7 +522,9 @@ def server_split(cfg: RunConfig) -> tuple[Split | TextSplit, DatasetInfo | TextI
         return server_test_data(
             cfg.dataset, max_samples=cfg.central_eval_samples, data_dir=cfg.data_dir, seed=cfg.seed
         )
-    _, test, info = load_text(cfg.dataset, cfg.data_dir, cfg.context_length, cfg.seed, text_tokenizer(cfg))
+    _, test, info = load_text(
+        cfg.dataset, cfg.data_dir, cfg.context_length, cfg.seed, text_tokenizer(cfg), cfg.columns
+    )
     cap = cfg.central_eval_samples
     if cap and cap < len(test):
         test = test.subset(np.sort(np.random.default_rng(cfg.seed).permutation(len(test))[:cap]))

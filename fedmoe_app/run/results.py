@@ -130,7 +130,11 @@ def rounds_to_csv(rounds: Sequence[Mapping[str, Any]]) -> str:
 
 
 def write_plots(rounds: Sequence[Mapping[str, Any]], out_dir: Path) -> list[Path]:
-    """Accuracy/loss per round, expert-load heat-maps (total and per MoE layer) and last assignment."""
+    """Accuracy/loss per round, expert-load heat-maps (total and per MoE layer) and last assignment.
+
+    The accuracy and loss panels show the central evaluation and the clients' where the rounds
+    have them (a run with ``central-eval = false`` has the clients' only).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -141,7 +145,9 @@ def write_plots(rounds: Sequence[Mapping[str, Any]], out_dir: Path) -> list[Path
     x = [r["round"] for r in rounds]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, title in ((axes[0], "accuracy", "Accuracy"), (axes[1], "loss", "Loss")):
-        ax.plot(x, [_nan(r.get(key)) for r in rounds], marker="o", label="central (test set)")
+        central = [_nan(r.get(key)) for r in rounds]
+        if not all(np.isnan(central)):  # none without central evaluation (central-eval = false)
+            ax.plot(x, central, marker="o", label="central (test set)")
         client = [_nan(r.get(f"client_{key}")) for r in rounds]
         if not all(np.isnan(client)):
             ax.plot(x, client, marker="s", label="clients (local test, own experts)")
@@ -151,7 +157,8 @@ def write_plots(rounds: Sequence[Mapping[str, Any]], out_dir: Path) -> list[Path
         ax.set_xlabel("round")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
     fig.tight_layout()
     paths.append(out_dir / "accuracy_loss.png")
     save_figure(fig, paths[-1])

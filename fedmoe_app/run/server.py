@@ -12,7 +12,7 @@ from flwr.serverapp import Grid
 
 from ..config import ConfigError
 from ..config.run import RunConfig
-from ..data.text import server_split
+from ..data.source import model_info, server_split
 from ..models import AnySpec, HFSpec, build_model, model_spec, model_to_arrays
 from ..models.hf_global import hf_global_arrays, hf_global_shapes
 from ..server.strategy import FedMoE
@@ -63,7 +63,11 @@ def run_server(grid: Grid, run_config: dict) -> Path:
     if problem:
         raise ConfigError(problem)
     out, resumed = open_run_folder(cfg)
-    test, info = server_split(cfg)
+    if cfg.central_eval:
+        test, info = server_split(cfg)
+    else:  # the server holds no data: the model's input from the run config (or read once)
+        test, info = None, model_info(cfg)
+        log(INFO, "fedmoe: central-eval = false: no central evaluation; rounds record the clients' metrics")
     spec = model_spec(cfg, info)
     if resumed is None:
         arrays = initial_arrays(spec, cfg.seed)
@@ -107,12 +111,15 @@ def run_server(grid: Grid, run_config: dict) -> Path:
             )
 
     log(INFO, "fedmoe: outputs in %s", out)
+    evaluate_centrally = (
+        central_evaluator(cfg, spec, test, info, dtype=model_dtype(arrays)) if test is not None else None
+    )
     try:
         result = strategy.start(
             grid,
             num_rounds=cfg.num_server_rounds,
             timeout=cfg.round_timeout_s,
-            central_eval=central_evaluator(cfg, spec, test, info, dtype=model_dtype(arrays)),
+            central_eval=evaluate_centrally,
             on_round=on_round,
             start_round=resumed.round + 1 if resumed else 1,
         )
@@ -133,5 +140,6 @@ def run_server(grid: Grid, run_config: dict) -> Path:
     else:
         log(WARNING, "fedmoe: the model was not exported (error above); retry with: fedmoe-export %s", out)
     last = recorder.rounds[-1] if recorder.rounds else {}
-    log(INFO, "fedmoe: done; final accuracy %s; outputs in %s", last.get("accuracy"), out)
+    key = "accuracy" if cfg.central_eval else "client_accuracy"
+    log(INFO, "fedmoe: done; final %s %s; outputs in %s", key.replace("_", " "), last.get(key), out)
     return out

@@ -26,15 +26,15 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..config import TEXT_DATASETS, RunConfig
-from ..data import Split, server_test_data
-from ..data.text import server_split
+from ..data import Split
+from ..data.source import server_split
 from ..models import ModelSpec, MoEClassifier, build_model, load_arrays, model_spec
 from ..run.checkpoint import load_model
 from .experiments import ExperimentGrid, run_dir
@@ -117,7 +117,7 @@ def load_run(run_dir: Path) -> tuple[MoEClassifier, Split, int]:
     cfg = RunConfig.from_run_config(json.loads((run_dir / "config.json").read_text()))
     if cfg.model != "cnn-moe":
         raise ValueError(f"{run_dir}: the routing report covers model 'cnn-moe' only, not {cfg.model!r}")
-    test, info = server_test_data(cfg.dataset, max_samples=0, data_dir=cfg.data_dir, seed=cfg.seed)
+    test, info = server_split(replace(cfg, central_eval_samples=0))  # the whole test set
     model = build_model(ModelSpec.from_config(cfg, info))
     _load_final(run_dir, model)
     return model, test, info.num_classes

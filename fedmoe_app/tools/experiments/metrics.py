@@ -97,15 +97,20 @@ def _accuracies(rows: Sequence[Mapping[str, Any]], key: str = "accuracy") -> lis
     return out
 
 
-def final_accuracy(rows: Sequence[Mapping[str, Any]]) -> float | None:
-    """Return the accuracy of the last training round that has one (None if none has)."""
-    acc = _accuracies(rows)
+def accuracy_key(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Return the run's accuracy key: ``accuracy`` (central), else ``client_accuracy`` (no central eval)."""
+    return "accuracy" if _accuracies(rows) else "client_accuracy"
+
+
+def final_accuracy(rows: Sequence[Mapping[str, Any]], key: str = "accuracy") -> float | None:
+    """Return ``key`` (the accuracy) of the last training round that has one (None if none has)."""
+    acc = _accuracies(rows, key)
     return acc[-1][1] if acc else None
 
 
-def best_accuracy(rows: Sequence[Mapping[str, Any]]) -> float | None:
-    """Return the best accuracy of any training round (None if none has one)."""
-    return max((a for _, a in _accuracies(rows)), default=None)
+def best_accuracy(rows: Sequence[Mapping[str, Any]], key: str = "accuracy") -> float | None:
+    """Return the best ``key`` (the accuracy) of any training round (None if none has one)."""
+    return max((a for _, a in _accuracies(rows, key)), default=None)
 
 
 def last_n_mean(rows: Sequence[Mapping[str, Any]], n: int = 5, key: str = "accuracy") -> float | None:
@@ -119,9 +124,9 @@ def last_n_mean(rows: Sequence[Mapping[str, Any]], n: int = 5, key: str = "accur
     return float(np.mean(acc)) if acc else None
 
 
-def rounds_to_target(rows: Sequence[Mapping[str, Any]], target: float) -> int | None:
-    """Return the first training round whose accuracy is ``>= target``; None if never."""
-    return next((rnd for rnd, a in _accuracies(rows) if a >= target), None)
+def rounds_to_target(rows: Sequence[Mapping[str, Any]], target: float, key: str = "accuracy") -> int | None:
+    """Return the first training round whose ``key`` (the accuracy) is ``>= target``; None if never."""
+    return next((rnd for rnd, a in _accuracies(rows, key) if a >= target), None)
 
 
 def _round_values(rows: Sequence[Mapping[str, Any]], key: str) -> list[float]:

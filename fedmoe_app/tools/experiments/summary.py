@@ -18,6 +18,7 @@ import numpy as np
 
 from .metrics import (
     FinishedRun,
+    accuracy_key,
     best_accuracy,
     final_accuracy,
     last_n_mean,
@@ -40,7 +41,8 @@ class SummaryRow:
     of ``runs``), None if none did or there is no target. Byte totals are summed over a
     run's rounds and averaged over runs; ``virtual_time_s`` is a run's sum of
     ``virtual_round_time_s`` (rounds where it is null skipped), averaged over runs that
-    have one.
+    have one. ``view`` is the accuracy of the global-view columns: ``accuracy`` (central test),
+    or ``client_accuracy`` for runs without central evaluation (``central-eval = false``).
     """
 
     setting: str
@@ -65,6 +67,9 @@ class SummaryRow:
     virtual_time_s: float | None
     wall_time_s: float | None
     last_n: int = 5
+    view: str = (
+        "accuracy"  # the accuracy key of the global-view columns: client_accuracy without central eval
+    )
 
 
 def _megabytes(nbytes: float | None) -> float | None:
@@ -163,7 +168,9 @@ def _targets(
         by_key.setdefault((r.setting, r.policy), []).append(r)
     targets: dict[str, float | None] = {}
     for s in {r.setting for r in results}:
-        base_final = _mean([final_accuracy(r.rounds) for r in by_key.get((s, baseline), [])])
+        base = by_key.get((s, baseline), [])
+        key = _view(base)
+        base_final = _mean([final_accuracy(r.rounds, key) for r in base])
         targets[s] = None if base_final is None else target_fraction * base_final
     return targets
 
@@ -172,11 +179,12 @@ def _summary_row(
     setting: str, policy: str, runs: Sequence[FinishedRun], target: float | None, last_n: int
 ) -> SummaryRow:
     """Aggregate the runs (sorted by seed) of one (setting, policy) into its :class:`SummaryRow`."""
-    final, final_std = _mean_std([final_accuracy(r.rounds) for r in runs])
-    lastn, lastn_std = _mean_std([last_n_mean(r.rounds, last_n) for r in runs])
+    key = _view(runs)
+    final, final_std = _mean_std([final_accuracy(r.rounds, key) for r in runs])
+    lastn, lastn_std = _mean_std([last_n_mean(r.rounds, last_n, key) for r in runs])
     personal, personal_std = _mean_std([last_n_mean(r.rounds, last_n, "client_accuracy") for r in runs])
     worst10 = _mean([last_n_mean(r.rounds, last_n, "client_accuracy_worst10") for r in runs])
-    hits = [rounds_to_target(r.rounds, target) for r in runs] if target is not None else []
+    hits = [rounds_to_target(r.rounds, target, key) for r in runs] if target is not None else []
     hits = [h for h in hits if h is not None]
     mb = {
         k: _mean([_megabytes(round_total(r.rounds, k)) for r in runs])
@@ -189,7 +197,7 @@ def _summary_row(
         seeds=[r.seed for r in runs],
         final_acc=final,
         final_acc_std=final_std,
-        best_acc=_mean([best_accuracy(r.rounds) for r in runs]),
+        best_acc=_mean([best_accuracy(r.rounds, key) for r in runs]),
         last_n_acc=lastn,
         last_n_acc_std=lastn_std,
         personal_last_n=personal,
@@ -205,7 +213,14 @@ def _summary_row(
         virtual_time_s=_mean([round_total(r.rounds, "virtual_round_time_s") for r in runs]),
         wall_time_s=_mean([round_total(r.rounds, "wall_time_s") for r in runs]),
         last_n=last_n,
+        view=key,
     )
+
+
+def _view(runs: Sequence[FinishedRun]) -> str:
+    """Accuracy key of the global-view columns: central if any run has it, else the clients'."""
+    keys = {accuracy_key(r.rounds) for r in runs}
+    return "accuracy" if "accuracy" in keys or not keys else "client_accuracy"
 
 
 def summarize(
@@ -303,7 +318,7 @@ def format_table(rows: Sequence[SummaryRow]) -> str:
     cells = [
         [
             r.setting,
-            r.policy,
+            r.policy + (" (clients)" if r.view != "accuracy" else ""),
             fmt_percent(r.final_acc, r.final_acc_std),
             fmt_percent(r.best_acc),
             fmt_percent(r.last_n_acc, r.last_n_acc_std),
@@ -450,6 +465,12 @@ def summary_markdown(
         "(slowest participant per round), — where not measured.",
         "",
     ]
+    if any(r.view != "accuracy" for r in rows):
+        lines += [
+            "(clients): runs without central evaluation (central-eval = false); their final, best, "
+            "last-n and rounds-to-target columns are the clients' accuracy on their local test split.",
+            "",
+        ]
     if any(t is not None for t in targets.values()):
         lines += [
             "Targets: " + ", ".join(f"{s}: {fmt_percent(t)}%" for s, t in targets.items() if t is not None),
