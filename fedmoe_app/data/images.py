@@ -164,6 +164,13 @@ def read_image_folder(
         split: [(f, _label_of(d.name, classes)) for d in fs for f in _image_files(d)]
         for split, fs in folders.items()
     }
+    inside = path.resolve()
+    for f, _ in (item for items in files.values() for item in items):
+        if not f.resolve().is_relative_to(inside):  # a link (or a linked folder) pointing elsewhere
+            raise NodeDataError(
+                f"{where}: {str(f)!r} links outside the folder (to {str(f.resolve())!r}); "
+                "copy the image into the folder or remove the link"
+            )
     if channels is None:
         channels = _channels_of([f for fs in files.values() for f, _ in fs])
     splits = {}

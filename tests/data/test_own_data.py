@@ -44,10 +44,14 @@ COLOURS = [(230, 30, 30), (30, 230, 30), (30, 30, 230), (230, 230, 30), (30, 230
 CLASSES = ("apple", "leaf", "sea", "sun", "sky")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_readers():
+def clear_readers():
     for f in (read_images, source._image_splits, source._hf_image_meta, source.federated_dataset):
         f.cache_clear()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_readers():
+    clear_readers()
     yield
 
 
@@ -169,6 +173,26 @@ def test_node_images_via_dataset_path(tmp_path):
         NodeDataError, match=r"shape \(3, 16, 16\); run-config 'image-shape' wants \(3, 32, 32\)"
     ):
         local_data(run_config(ctx), ctx)
+
+
+def test_an_image_linked_from_outside_the_folder_is_refused_naming_it(tmp_path):
+    import os
+
+    site = write_image_folder(tmp_path / "site", per_class=3, size=8)
+    cfg = RunConfig.from_run_config({"dataset": "images", "data-dir": str(site)})
+    assert len(source._image_splits(cfg)[0]) > 0
+    secret = tmp_path / "private.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(secret)
+    os.symlink(secret, site / CLASSES[0] / "linked.png")
+    clear_readers()  # the readers cache what they read
+    with pytest.raises(NodeDataError, match=r"linked\.png' links outside the folder"):
+        source._image_splits(cfg)
+    (site / CLASSES[0] / "linked.png").unlink()
+    write_image_folder(tmp_path / "elsewhere", per_class=2, size=8, classes=("sky",))
+    os.symlink(tmp_path / "elsewhere" / "sky", site / "owl")  # a whole class folder linked in
+    clear_readers()
+    with pytest.raises(NodeDataError, match="links outside the folder"):
+        source._image_splits(cfg)
 
 
 # ---------------------------------------------------------------------------- saved datasets
