@@ -77,3 +77,48 @@ def test_console_scripts_are_the_documented_tools():
 @pytest.mark.parametrize("doc, tokens", COMMANDS, ids=[f"{d}:{' '.join(t)[:60]}" for d, t in COMMANDS])
 def test_documented_command_parses(doc, tokens):
     PARSERS[tokens[0]]().parse_args(tokens[1:])  # SystemExit (exit code 2) on a bad flag
+
+
+def documented_run_configs():
+    """Every ``--run-config "..."`` (and ``--node-config``) in a shell block of the README and docs/."""
+    found = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for block in shell_blocks(path.read_text()):
+            block = re.sub(r"\\\n\s*", " ", block)  # continued lines joined
+            for flag, value in re.findall(r'--(run-config|node-config) "([^"]+)"', block):
+                found.append((path.name, flag, value))
+    return found
+
+
+RUN_CONFIGS = documented_run_configs()
+
+
+def test_the_readme_shows_data_model_and_serverapp_commands():
+    readme = [(flag, value) for doc, flag, value in RUN_CONFIGS if doc == "README.md"]
+    values = " ".join(v for _, v in readme)
+    for needed in ("dataset='images'", "central-eval=false", "model='mlp_moe:build'", "dataset-path="):
+        assert needed in values, needed
+    assert any(tool == "fedmoe-launch" and "examples/own_serverapp" in t for _, (tool, *t) in COMMANDS)
+
+
+@pytest.mark.parametrize(
+    "doc, flag, value", RUN_CONFIGS, ids=[f"{d}:{f}:{v[:50]}" for d, f, v in RUN_CONFIGS]
+)
+def test_documented_run_config_parses_and_validates(doc, flag, value):
+    """Flower's parser reads it; a run config also passes the app's start-up checks.
+
+    Only a file the command names that this machine lacks (a user's model folder) may fail.
+    """
+    from flwr.common.config import parse_config_args
+
+    from fedmoe_app.config import ConfigError, RunConfig
+
+    parsed = parse_config_args([re.sub(r"\$\{?\w+\}?", "x", value)])
+    if flag == "run-config" and not re.search(r"='\$\{?\w+\}?'", value):  # no value set by a loop
+        try:
+            RunConfig.from_run_config(parsed)
+        except ConfigError as err:
+            if not re.search(
+                r"'(hf-model|hf-weights|hf-config)' = '[^']*x/.*(not a folder|no such file)", str(err)
+            ):
+                raise
