@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from functools import lru_cache
 from logging import INFO
 from typing import Any
@@ -41,6 +42,7 @@ from ..wire.protocol import (
 )
 from ..wire.records import from_record, reply_record, to_record
 from .context import identity, run_config
+from .link import link_estimate, link_metrics, measures_link, observe_train_message
 from .placement import ray_node_id
 
 log = logging.getLogger(__name__)
@@ -98,9 +100,14 @@ def result_feedback(result: TrainResult) -> dict[str, np.ndarray]:
 
 
 def handle_query(msg: Message, context: Context) -> RecordDict:
-    """Reply with the client id and its (measured, maybe emulated) capacity profile."""
+    """Reply with the client id and its (measured, maybe emulated) capacity profile.
+
+    A ``"measured"`` node reports the link speed timed from its earlier train messages
+    (:mod:`.link`), else the default.
+    """
     cfg = run_config(context)
     cid = identity(context)
+    link = link_estimate(context).down_mbps if measures_link(cfg, cid, context) else None
     train_split, test_split, info = local_data(cfg, context)
     device = str(resolve_device(cfg.device))
     profile = client_profile(
@@ -111,6 +118,7 @@ def handle_query(msg: Message, context: Context) -> RecordDict:
         costs=model_costs(model_spec(cfg, info)),
         node_config=context.node_config,
         device=device,
+        link_mbps=link,
     )
     content = profile.to_dict()
     content["num-examples"] = len(train_split)
@@ -129,11 +137,14 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
     """Train the received sub-model (shared + assigned experts) on local data.
 
     The reply's arrays travel in run-config ``wire-dtype`` (bf16: their changes from what was
-    received, :func:`~fedmoe_app.wire.records.reply_record`).
+    received, :func:`~fedmoe_app.wire.records.reply_record`). A ``"measured"`` node times the
+    message (:mod:`.link`) and reports its link estimate in the reply's metrics.
     """
+    received_at = time.time()  # wall clock, compared with the server's ``sent-at``
     cfg = run_config(context)
     cid = identity(context)
     conf = msg.content[CONFIG]
+    link = observe_train_message(conf, received_at, context) if measures_link(cfg, cid, context) else None
     train_split, _, info = local_data(cfg, context)
     model = _sub_model(msg, cfg, info)
     if cfg.grad_checkpointing:  # hf only (checked at start-up)
@@ -164,6 +175,7 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
         "train-time-s": result.train_time_s,
         "samples-per-s": result.samples_per_s,
         "peak-memory-bytes": result.peak_memory_bytes,
+        **(link_metrics(link) if link is not None else {}),
     }
     feedback = result_feedback(result)
     if frozen:  # read-only experts are not sent back

@@ -4,10 +4,13 @@ Train message (server → client): ``arrays`` (ArrayRecord: shared + the experts
 under run-config ``wire-dtype = "bf16"`` its float32 tensors bf16-encoded, :mod:`.records`),
 ``config`` (ConfigRecord: ``layer-experts``, the flat ``[L, E]`` 0/1 holding, and ``expert-ids``,
 its union (:mod:`.holdings`); ``server-round``, ``lr``, ``local-epochs``, ``seed``,
-``frozen-experts``, ``max-samples``). Train reply: ``arrays`` (the same keys, trained; under
-``wire-dtype = "bf16"`` each float32 tensor's change from what was sent, bf16-encoded),
+``frozen-experts``, ``max-samples``, ``payload-bytes``: the arrays' wire size, ``sent-at``: the
+server's wall clock when the round's messages were ready, Unix seconds). Train reply:
+``arrays`` (the same keys, trained; under ``wire-dtype = "bf16"`` each float32 tensor's change
+from what was sent, bf16-encoded),
 ``metrics`` (MetricRecord: ``num-examples``, ``train-loss``, ``train-accuracy``,
-``train-time-s``, ``samples-per-s``, ``peak-memory-bytes``), ``feedback`` (MetricRecord of flat
+``train-time-s``, ``samples-per-s``, ``peak-memory-bytes``; a node that measures its link
+also ``down-mbps`` and ``up-mbps``, capacity/link.py), ``feedback`` (MetricRecord of flat
 ``[L, E]`` lists, one row per MoE layer: ``layer-tokens`` routed to each held expert,
 ``layer-loss-sum`` its loss signal summed over those tokens, ``layer-gate-hist`` the unmasked
 router's top-k choices) and ``client`` (ConfigRecord: ``client-id``; under Ray also
@@ -37,6 +40,16 @@ ARRAYS, CONFIG, METRICS, FEEDBACK, CLIENT, PROFILE = (
     "profile",
 )
 FEEDBACK_KEYS = ("layer-tokens", "layer-loss-sum", "layer-gate-hist")
+#: Optional train-reply metrics the server keeps (each a finite number >= 0 when present).
+REPLY_MEASUREMENTS = (
+    "train-loss",
+    "train-accuracy",
+    "train-time-s",
+    "samples-per-s",
+    "peak-memory-bytes",
+    "down-mbps",
+    "up-mbps",
+)
 RAY_NODE = "ray-node-id"
 MAX_RAY_NODE_CHARS = 128
 
@@ -230,7 +243,7 @@ def parse_train_reply(
         raise ReplyRejected("num-examples", f"{n} exceeds the client's data size {sent.max_examples}")
     feedback = _checked_feedback(fb, sent.held, n * routes_per_example * local_epochs, top_k)
     extra = {}
-    for key in ("train-loss", "train-accuracy", "train-time-s", "samples-per-s", "peak-memory-bytes"):
+    for key in REPLY_MEASUREMENTS:
         value = metrics.get(key)
         if isinstance(value, (int, float)) and math.isfinite(value) and value >= 0:
             extra[key] = float(value)
