@@ -55,6 +55,8 @@ COMPONENTS = ("superlink", "supernode", "superexec")
 #: docker/compose.test.yml passes them to docker/Dockerfile as build arguments (same defaults).
 TEST_TORCH = os.environ.get("FEDMOE_TEST_TORCH", "2.13.0+cpu")
 TEST_TORCHVISION = os.environ.get("FEDMOE_TEST_TORCHVISION", "0.28.0")
+#: Optional extras of pyproject.toml the app image installs (docker/Dockerfile's FEDMOE_EXTRAS default).
+APP_EXTRAS = ("dp", "hf")
 #: The app image docker/compose.test.yml builds (from docker/Dockerfile on the superexec stand-in).
 APP_IMAGE = f"{STANDIN_REPO}/fedmoe-superexec"
 #: Loopback port the wheel server prefers: a stable build argument keeps Docker's layer cache.
@@ -178,11 +180,20 @@ def ensure_base_image(workdir: Path, deadline: Deadline) -> bool:
     return True
 
 
+def app_dependencies(extras: Sequence[str] = APP_EXTRAS) -> list[str]:
+    """Return the dependencies of ``pyproject.toml`` plus those of its optional ``extras``."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return [*project["dependencies"], *(d for e in extras for d in project["optional-dependencies"][e])]
+
+
 def app_requirements(
     flwr_version: str, torch: str = TEST_TORCH, torchvision: str = TEST_TORCHVISION
 ) -> list[str]:
-    """Return flwr, torch, torchvision pinned, plus the other dependencies of ``pyproject.toml``."""
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    """Return flwr, torch, torchvision pinned, plus the other dependencies of ``pyproject.toml``.
+
+    The others include those of the extras the app image installs (:data:`APP_EXTRAS`).
+    """
+    deps = app_dependencies()
     pinned = {
         "flwr": f"flwr=={flwr_version}",
         "torch": f"torch=={torch}",
@@ -273,7 +284,7 @@ def _digest(*parts: bytes | str) -> str:
 
 def app_image_inputs() -> list[bytes | str]:
     """Return what the app image depends on: docker/Dockerfile, its context, the dependencies."""
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    deps = app_dependencies()
     files = [DOCKER_DIR / "Dockerfile", DOCKER_DIR / "pip.conf", ROOT / ".dockerignore"]
     return [*(f.read_bytes() for f in files), "\n".join(deps), TEST_TORCH, TEST_TORCHVISION]
 

@@ -149,7 +149,8 @@ def measure_profile(
     * links: a client cannot measure its bandwidth without traffic (counting
       ``psutil.net_io_counters`` over a short window on an idle box measures nothing),
       so both directions are ``last_exchange_mbps`` when the caller measured a real
-      transfer, else ``default_mbps``. Emulated device classes supply their own.
+      transfer (the down-link of the last train messages, :mod:`.link`), else
+      ``default_mbps`` (the first round). Emulated device classes supply their own.
 
     Parameters
     ----------
@@ -210,6 +211,7 @@ def client_profile(
     node_config: Mapping[str, Any] | None = None,
     device: str = "cpu",
     benchmark_s: float = 0.3,
+    link_mbps: float | None = None,
 ) -> CapacityProfile:
     """Measure the profile a client reports, then emulate a device class if the run asks.
 
@@ -220,7 +222,29 @@ def client_profile(
 
     An emulated budget is anchored (:func:`~fedmoe_app.capacity.devices.anchor_budget`) to
     the run's model ``costs`` at ``batch_size``; with ``costs=None`` the class's budget at the
-    reference run (``memory_mb``) applies.
+    reference run (``memory_mb``) applies. ``link_mbps`` is the node's measured link speed
+    (:mod:`~fedmoe_app.capacity.link`), used by the ``"measured"`` class only: an emulated
+    class keeps its own link speeds.
+
+    Raises
+    ------
+    ValueError
+        For a bad ``device_mix`` or an unknown node-config ``device-class``.
+
+    """
+    device_class = node_device_class(client_id, device_mix=device_mix, seed=seed, node_config=node_config)
+    if device not in _GFLOPS_CACHE:
+        _GFLOPS_CACHE[device] = matmul_gflops(device, benchmark_s)
+    measured = measure_profile(
+        client_id, device=device, gflops=_GFLOPS_CACHE[device], last_exchange_mbps=link_mbps
+    )
+    return emulate(measured, device_class, costs=costs, batch_size=batch_size)
+
+
+def node_device_class(
+    client_id: str, *, device_mix: str, seed: int, node_config: Mapping[str, Any] | None = None
+) -> str:
+    """Return the device class a client plays: node config ``device-class``, else the run's mix.
 
     Raises
     ------
@@ -230,16 +254,12 @@ def client_profile(
     """
     mix = parse_device_mix(device_mix)
     forced = (node_config or {}).get("device-class")
-    if forced:
-        device_class = str(forced)
-        if device_class != MEASURED and device_class not in DEVICE_CLASSES:
-            raise ValueError(
-                f"node-config key 'device-class' = {device_class!r} is invalid; allowed: "
-                f"{_allowed_classes()}, {MEASURED}"
-            )
-    else:
-        device_class = device_class_for(client_id, mix, seed)
-    if device not in _GFLOPS_CACHE:
-        _GFLOPS_CACHE[device] = matmul_gflops(device, benchmark_s)
-    measured = measure_profile(client_id, device=device, gflops=_GFLOPS_CACHE[device])
-    return emulate(measured, device_class, costs=costs, batch_size=batch_size)
+    if not forced:
+        return device_class_for(client_id, mix, seed)
+    device_class = str(forced)
+    if device_class != MEASURED and device_class not in DEVICE_CLASSES:
+        raise ValueError(
+            f"node-config key 'device-class' = {device_class!r} is invalid; allowed: "
+            f"{_allowed_classes()}, {MEASURED}"
+        )
+    return device_class

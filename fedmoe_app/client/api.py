@@ -16,6 +16,7 @@ handlers as the fedmoe ClientApp (:mod:`.handlers`)::
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -130,7 +131,8 @@ class FedMoEClient:
 
     def train(self, msg: Message, context: Context) -> Message:
         """Reply to FedMoE's ``train``: the trained shared part and experts, with routing feedback."""
-        return Message(content=train_reply(msg, self.task(context), context), reply_to=msg)
+        received_at = time.time()  # before the task loads anything: the link measurement's clock
+        return Message(content=train_reply(msg, self.task(context), context, received_at), reply_to=msg)
 
     def evaluate(self, msg: Message, context: Context) -> Message:
         """Reply to FedMoE's ``evaluate``: loss and accuracy of the received sparse view."""

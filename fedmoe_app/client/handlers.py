@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -44,6 +45,7 @@ from ..wire.protocol import (
 )
 from ..wire.records import from_record, record_wire_dtype, reply_record, to_record
 from .context import identity, run_config
+from .link import link_estimate, link_metrics, measures_link, observe_train_message
 from .placement import ray_node_id
 
 log = logging.getLogger(__name__)
@@ -191,7 +193,8 @@ def handle_query(msg: Message, context: Context) -> RecordDict:
 
 def handle_train(msg: Message, context: Context) -> RecordDict:
     """Train the received sub-model (shared + assigned experts) on local data (:func:`train_reply`)."""
-    return train_reply(msg, run_task(context), context)
+    received_at = time.time()  # wall clock, compared with the server's ``sent-at`` (link.py)
+    return train_reply(msg, run_task(context), context, received_at)
 
 
 def handle_evaluate(msg: Message, context: Context) -> RecordDict:
@@ -200,7 +203,13 @@ def handle_evaluate(msg: Message, context: Context) -> RecordDict:
 
 
 def query_reply(task: ClientTask, context: Context) -> RecordDict:
-    """Reply to a ``query``: the client id and its (measured, maybe emulated) capacity profile."""
+    """Reply to a ``query``: the client id and its (measured, maybe emulated) capacity profile.
+
+    A ``"measured"`` node reports the link speed timed from its earlier train messages
+    (:mod:`.link`), else the default.
+    """
+    measured = measures_link(task.client_id, device_mix=task.device_mix, seed=task.seed, context=context)
+    link = link_estimate(context).down_mbps if measured else None
     device = str(resolve_device(task.device))
     profile = client_profile(
         task.client_id,
@@ -210,6 +219,7 @@ def query_reply(task: ClientTask, context: Context) -> RecordDict:
         costs=task.costs,
         node_config=context.node_config,
         device=device,
+        link_mbps=link,
     )
     content = profile.to_dict()
     content["num-examples"] = len(task.train_data)
@@ -224,14 +234,19 @@ def _sub_model(msg: Message, task: ClientTask) -> MoEModel:
     return model
 
 
-def train_reply(msg: Message, task: ClientTask, context: Context) -> RecordDict:
+def train_reply(
+    msg: Message, task: ClientTask, context: Context, received_at: float | None = None
+) -> RecordDict:
     """Train the received sub-model (shared + assigned experts) on ``task``'s data; return the reply.
 
     The reply's arrays travel in ``task.wire_dtype`` (bf16: their changes from what was
     received, :func:`~fedmoe_app.wire.records.reply_record`); a local gate is kept in
-    ``context.state``.
+    ``context.state``. A ``"measured"`` node times the message (``received_at``: when its
+    handler started; :mod:`.link`) and reports its link estimate in the reply's metrics.
     """
     cid, conf = task.client_id, msg.content[CONFIG]
+    measured = measures_link(cid, device_mix=task.device_mix, seed=task.seed, context=context)
+    link = observe_train_message(conf, received_at or time.time(), context) if measured else None
     model = _sub_model(msg, task)
     if task.grad_checkpointing:  # hf only (checked at start-up)
         model.enable_gradient_checkpointing()
@@ -261,6 +276,7 @@ def train_reply(msg: Message, task: ClientTask, context: Context) -> RecordDict:
         "train-time-s": result.train_time_s,
         "samples-per-s": result.samples_per_s,
         "peak-memory-bytes": result.peak_memory_bytes,
+        **(link_metrics(link) if link is not None else {}),
     }
     feedback = result_feedback(result)
     if frozen:  # read-only experts are not sent back

@@ -15,7 +15,8 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from ..capacity import CapacityProfile, ema_update
+from ..capacity import MEASURED, CapacityProfile, ema_update
+from ..capacity.link import MAX_MBPS, MIN_MBPS
 from ..wire.protocol import CONFIG, PROFILE, reply_client_id
 
 
@@ -39,6 +40,8 @@ class Discovery:
     PROFILE_EMA = 0.5
     #: Training measurements a reply refreshes in its client's profile.
     MEASURED = ("train-time-s", "samples-per-s", "peak-memory-bytes")
+    #: Link speeds a reply of a ``"measured"`` client replaces in its profile (already smoothed).
+    LINK = ("down-mbps", "up-mbps")
 
     def __init__(self, timeout_s: float, retry_rounds: int) -> None:
         self.timeout_s = timeout_s
@@ -57,14 +60,20 @@ class Discovery:
     def record_training(self, client_id: str, metrics: dict[str, float], num_examples: int) -> None:
         """Refresh a client's profile with what its valid training reply measured.
 
-        Times, throughput and peak memory enter as an EMA (:attr:`PROFILE_EMA`). The bound on
-        a client's example count is what it first reported: a reply may stay under it but
-        never raise it.
+        Times, throughput and peak memory enter as an EMA (:attr:`PROFILE_EMA`). The link
+        speeds a client of class ``"measured"`` timed (:mod:`fedmoe_app.capacity.link`, smoothed
+        there) replace its profile's when within ``[MIN_MBPS, MAX_MBPS]``; an emulated class
+        keeps its own. The bound on a client's example count is what it first reported: a
+        reply may stay under it but never raise it.
         """
         profile = self.profiles.setdefault(client_id, {})
         for key in self.MEASURED:
             if key in metrics:
                 profile[key] = ema_update(profile.get(key), metrics[key], self.PROFILE_EMA)
+        if profile.get("device-class") == MEASURED:
+            for key in self.LINK:
+                if MIN_MBPS <= metrics.get(key, 0.0) <= MAX_MBPS:
+                    profile[key] = float(metrics[key])
         profile.setdefault("num-examples", num_examples)
 
     def restore_profiles(self, profiles: dict[str, dict[str, Any]]) -> None:

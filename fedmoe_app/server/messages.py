@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from logging import INFO, WARNING
@@ -48,9 +49,11 @@ def train_messages(
     Each message holds the shared tensors and the client's holding (its experts in every MoE
     layer) in ``wire-dtype``, the round's ``lr`` (:func:`~.rounds.round_lr`) and ``local-epochs``
     (``rounds``), a training seed drawn from ``rng``, whether its experts are read-only and its
-    sample budget. A read-only client returns the shared part only. Logs the round's bytes down
-    next to the dense model's in the same wire dtype (``policy``: the plan). ``extra`` entries
-    (a caller's ``train_config``) join every message's config; FedMoE's own keys win.
+    sample budget, and for the client's link measurement its arrays' size (``payload-bytes``)
+    and the wall-clock time the messages were ready to send (``sent-at``, Unix seconds).
+    A read-only client returns the shared part only. Logs the round's bytes down next to the
+    dense model's in the same wire dtype (``policy``: the plan). ``extra`` entries (a caller's
+    ``train_config``) join every message's config; FedMoE's own keys win.
     """
     messages, sent, bytes_down = [], {}, 0
     wire, lr = rounds.wire_dtype, round_lr(rounds, server_round)
@@ -59,7 +62,8 @@ def train_messages(
         sub, names = payload(arrays, held, layers)
         returned = select(sub, []) if read_only else sub
         record = to_record(sub, wire)
-        bytes_down += wire_nbytes(record)
+        nbytes = wire_nbytes(record)
+        bytes_down += nbytes
         sent[node] = Sent(
             client_id=cid,
             held=held,
@@ -77,10 +81,14 @@ def train_messages(
                 "seed": int(rng.integers(2**31)),
                 "frozen-experts": read_only,
                 "max-samples": int(plan.budgets[row]),
+                "payload-bytes": nbytes,
             }
         )
         content = RecordDict({ARRAYS: record, CONFIG: config})
         messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
+    sent_at = time.time()  # once every record is built: the clients time their link from here
+    for message in messages:
+        message.content[CONFIG]["sent-at"] = sent_at
     dense = wire_nbytes(to_record(arrays, wire)) * len(plan.client_ids)
     if not messages:
         log(WARNING, "configure_train: no node available in round %d", server_round)

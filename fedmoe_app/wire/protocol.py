@@ -4,10 +4,13 @@ Train message (server → client): ``arrays`` (ArrayRecord: shared + the experts
 under run-config ``wire-dtype = "bf16"`` its float32 tensors bf16-encoded, :mod:`.records`),
 ``config`` (ConfigRecord: ``layer-experts``, the flat ``[L, E]`` 0/1 holding, and ``expert-ids``,
 its union (:mod:`.holdings`); ``server-round``, ``lr``, ``local-epochs``, ``seed``,
-``frozen-experts``, ``max-samples``). Train reply: ``arrays`` (the same keys, trained; under
-``wire-dtype = "bf16"`` each float32 tensor's change from what was sent, bf16-encoded),
+``frozen-experts``, ``max-samples``, ``payload-bytes``: the arrays' wire size, ``sent-at``: the
+server's wall clock when the round's messages were ready, Unix seconds). Train reply:
+``arrays`` (the same keys, trained; under ``wire-dtype = "bf16"`` each float32 tensor's change
+from what was sent, bf16-encoded),
 ``metrics`` (MetricRecord: ``num-examples``, ``train-loss``, ``train-accuracy``,
-``train-time-s``, ``samples-per-s``, ``peak-memory-bytes``), ``feedback`` (MetricRecord of flat
+``train-time-s``, ``samples-per-s``, ``peak-memory-bytes``; a node that measures its link
+also ``down-mbps`` and ``up-mbps``, capacity/link.py), ``feedback`` (MetricRecord of flat
 ``[L, E]`` lists, one row per MoE layer: ``layer-tokens`` routed to each held expert,
 ``layer-loss-sum`` its loss signal summed over those tokens, ``layer-gate-hist`` the unmasked
 router's top-k choices) and ``client`` (ConfigRecord: ``client-id``; under Ray also
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from ..capacity.link import MAX_MBPS, MIN_MBPS
 from ..maths.aggregation import ClientUpdate
 from ..tensors import Arrays
 from .records import BF16, apply_changes, decode_array, wire_dtypes
@@ -264,6 +268,8 @@ TRAIN_METRIC_RANGES = {
     "train-time-s": (0.0, 7 * 24 * 3600.0),  # a week
     "samples-per-s": (0.0, 1e7),
     "peak-memory-bytes": (0.0, float(2**50)),  # a pebibyte
+    "down-mbps": (MIN_MBPS, MAX_MBPS),  # the client's measured link (capacity/link.py)
+    "up-mbps": (MIN_MBPS, MAX_MBPS),
 }
 
 

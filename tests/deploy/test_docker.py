@@ -3,6 +3,7 @@
 import re
 import shlex
 import subprocess
+import tomllib
 
 import flwr
 import pytest
@@ -11,6 +12,7 @@ from conftest import ROOT, shell_blocks
 from flwr.common.config import parse_config_args
 
 from deploy import compose, flags
+from deploy import docker_stack as ds
 from fedmoe_app.capacity import DEVICE_CLASSES, MEASURED
 
 DOCKER = ROOT / "docker"
@@ -90,6 +92,27 @@ def test_images_pin_the_installed_flower_version():
     for svc in services(BASE, TEST).values():  # the overlay keeps the same service definitions
         if "build" in svc:
             assert build_args(svc)["BASE_IMAGE"] == f"fedmoe-test/superexec:{version}"
+
+
+def test_the_image_installs_the_extras_in_the_dependency_layer_after_torch():
+    text = DOCKERFILE.read_text()
+    lines = text.splitlines()
+    torch_run = next(i for i, line in enumerate(lines) if '"torch==${TORCH_VERSION' in line)
+    extras_arg = next(i for i, line in enumerate(lines) if line.startswith("ARG FEDMOE_EXTRAS="))
+    copy_project = next(
+        i for i, line in enumerate(lines) if line.startswith("COPY") and "pyproject.toml" in line
+    )
+    # the torch layer's cache survives a change of extras, and the extras install with pyproject's deps
+    assert torch_run < extras_arg < copy_project, (torch_run, extras_arg, copy_project)
+    default = lines[extras_arg].split("=", 1)[1]
+    assert tuple(default.split(",")) == ds.APP_EXTRAS == ("dp", "hf")
+    for env, want in (({}, default), ({"FEDMOE_EXTRAS": "dp"}, "dp")):  # compose: the same default
+        for svc in compose.load(BASE, env=env)["services"].values():
+            if "build" in svc:
+                assert build_args(svc)["FEDMOE_EXTRAS"] == want
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    wheels = ds.app_requirements(flwr.__version__)  # the test build's wheel folder holds the extras too
+    assert all(dep in wheels for extra in ds.APP_EXTRAS for dep in extras[extra])
 
 
 def test_every_flag_exists_in_the_installed_cli(variant):

@@ -10,6 +10,9 @@ metrics read back from the `outputs` volume show round 1 with all three sites an
 with the failure counted. Insecure: every socket listens on 127.0.0.1 only, and a
 restarted SuperLink still lists the run (state on its volume). TLS: the SuperNodes' keys
 are registered first and each container mounts exactly the certificate files it uses.
+Local DP (insecure): the image's `dp` and `hf` extras import inside the containers, and a
+2-round run with `dp='local'` (the clients clip and noise, the ServerApp accounts with
+Opacus) completes with every site in both rounds and its privacy spent reported.
 Every container, network and volume, and a daemon the test started, are gone afterwards.
 """
 
@@ -228,3 +231,36 @@ def _register(dep, public_key, tries=10):
             if attempt == tries - 1:
                 raise
             time.sleep(2)
+
+
+@pytest.mark.timeout(600, func_only=True)
+def test_insecure_stack_runs_local_dp_with_the_images_extras(stack_for, tmp_path):
+    t0 = time.monotonic()
+    stack = stack_for("insecure")
+    stack.up()
+    # the dp and hf extras are installed; peft is not imported: it imports torchvision, which does
+    # not load next to the test image's CPU torch (docs/DEPLOYMENT.md)
+    probe = (
+        "import importlib.metadata as m, opacus.accountants, safetensors, tokenizers, transformers; "
+        "print(transformers.__version__, m.version('peft'))"
+    )
+    proc = ds.run(
+        ["docker", "exec", stack.container("superexec-serverapp"), "python", "-c", probe], timeout=300
+    )
+    assert proc.stdout.split()[0].startswith("5.") and proc.stdout.split()[1], (proc.stdout, proc.stderr)
+    dep = cli(tmp_path)
+    wait_online(dep, 3)
+    run_name = "docker-dp-local"
+    run_config = {**DEPLOY_FAST, "min-train-nodes": 3, "dp": "local", "run-name": run_name}
+    log_path = tmp_path / f"{run_name}.log"
+    with open(log_path, "w") as log:
+        result = dep.wait_run(dep.start_run(run_config, stream_to=log), timeout=420)
+    assert result.ok, (result, log_path.read_text()[-3000:])
+    image = f"{ds.STANDIN_REPO}/superlink:{flwr.__version__}"
+    rounds = json.loads(stack.read_volume("outputs", f"{run_name}/metrics.json", image))
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    for row in rounds[1:]:  # every site trained, and the accountant reported the privacy spent
+        assert set(row["assignment"]) == SITES and row["failures"] == 0, row
+        assert 0 < row["dp_epsilon_shared"] < float("inf"), row
+    assert rounds[2]["dp_epsilon_shared"] > rounds[1]["dp_epsilon_shared"]  # privacy spent accumulates
+    print(f"local-DP docker stack took {time.monotonic() - t0:.0f}s")
