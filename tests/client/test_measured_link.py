@@ -97,7 +97,7 @@ def test_the_measured_link_reaches_the_servers_profile_and_a_phone_keeps_its_own
     cfg = RunConfig.from_run_config(keys)
     spec = model_spec(cfg, load_splits("synthetic", "", 0)[2])
     grid = DelayingGrid(keys, {1: 1.0, 2: 0.25, 3: None})
-    strategy = FedMoE(cfg, spec, model_to_arrays(build_model(spec, seed=0)))
+    strategy = FedMoE.from_run_config(cfg, spec, model_to_arrays(build_model(spec, seed=0)))
     rows = []
     strategy.start(grid, num_rounds=3, on_round=lambda row, arrays: rows.append(row))
     assert [r["valid_replies"] for r in rows] == [2, 2, 2]
