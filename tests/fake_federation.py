@@ -78,15 +78,23 @@ class FakeGrid:
 
 
 class ClientGrid:
-    """Nodes 1..n, each a real client (partition n - 1 of n) answering through the app's handlers."""
+    """Nodes 1..n, each a real client (partition n - 1 of n) answering through the app's handlers.
+
+    ``handlers`` (message type -> ``handler(msg, context)`` returning content or a Message)
+    replaces the app's, e.g. a user's ClientApp functions; ``configs`` keeps every message's
+    config as ``(type, dict)``.
+    """
 
     handlers = {"query": handle_query, "train": handle_train, "evaluate": handle_evaluate}
 
-    def __init__(self, run_config, n):
+    def __init__(self, run_config, n, handlers=None):
         self.contexts = {
             i: Context(0, i, {"partition-id": i - 1, "num-partitions": n}, RecordDict(), run_config)
             for i in range(1, n + 1)
         }
+        if handlers is not None:
+            self.handlers = handlers
+        self.configs = []
 
     def get_node_ids(self):
         return list(self.contexts)
@@ -95,7 +103,9 @@ class ClientGrid:
         replies = []
         for m in messages:
             node, kind = m.metadata.dst_node_id, m.metadata.message_type
-            content = self.handlers[kind](m, self.contexts[node])
+            self.configs.append((kind, dict(m.content[CONFIG].items())))
+            out = self.handlers[kind](m, self.contexts[node])
+            content = out.content if isinstance(out, Message) else out
             meta = Metadata(1, "m", node, 0, "", "1", 0.0, 60.0, kind)
             replies.append(Message(content=content, metadata=meta))
         return replies

@@ -25,6 +25,7 @@ from flwr.app import Context, Message
 
 from ..capacity import ModelCosts
 from ..config import RunConfig
+from ..config.run import keyword_config
 from ..models import MoEModel
 from .context import identity
 from .handlers import ClientTask, evaluate_reply, query_reply, train_reply
@@ -50,12 +51,7 @@ def client_config(options: dict[str, Any]) -> RunConfig:
         Naming the run-config key, the bad value and what is allowed.
 
     """
-    unknown = sorted(set(options) - set(CLIENT_KEYS))
-    if unknown:
-        raise TypeError(
-            f"FedMoEClient got unknown keyword argument(s) {unknown}; allowed: {', '.join(CLIENT_KEYS)}"
-        )
-    return RunConfig.from_run_config({k.replace("_", "-"): v for k, v in options.items()})
+    return keyword_config(options, CLIENT_KEYS, "FedMoEClient")
 
 
 class FedMoEClient:

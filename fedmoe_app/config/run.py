@@ -705,6 +705,26 @@ class RunConfig:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
+def keyword_config(options: Mapping[str, Any], allowed: tuple[str, ...], owner: str) -> RunConfig:
+    """Return the validated :class:`RunConfig` of snake_case keyword ``options`` (``top_k=2``, ...).
+
+    What the library classes (``FedMoE``, ``FedMoEClient``) take as keyword arguments: each is a
+    run-config key with ``_`` for ``-``, defaults and checks the run config's own.
+
+    Raises
+    ------
+    TypeError
+        For a key not in ``allowed``, naming ``owner`` (the class) and the allowed keys.
+    ConfigError
+        Naming the run-config key, the bad value and what is allowed.
+
+    """
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"{owner} got unknown keyword argument(s) {unknown}; allowed: {', '.join(allowed)}")
+    return RunConfig.from_run_config({k.replace("_", "-"): v for k, v in options.items()})
+
+
 def is_model_factory(value: str) -> bool:
     """Whether ``model`` names a user's factory (``package.module:factory``) rather than a family."""
     return MODEL_FACTORY.fullmatch(value) is not None

@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from ..capacity import ModelCosts
 from ..config import RunConfig
+from ..config.run import keyword_config
 from ..models import AnySpec, model_costs
 from ..tensors import Arrays, experts_in, moe_layers, parse_expert_key
 from ..wire.holdings import EXPERT_IDS, LAYER_EXPERTS
@@ -80,12 +81,7 @@ def strategy_config(options: Mapping[str, Any]) -> RunConfig:
         Naming the run-config key, the bad value and what is allowed.
 
     """
-    unknown = sorted(set(options) - set(STRATEGY_KEYS))
-    if unknown:
-        raise TypeError(
-            f"FedMoE got unknown keyword argument(s) {unknown}; allowed: {', '.join(STRATEGY_KEYS)}"
-        )
-    return RunConfig.from_run_config({k.replace("_", "-"): v for k, v in options.items()})
+    return keyword_config(options, STRATEGY_KEYS, "FedMoE")
 
 
 def arrays_costs(arrays: Mapping[str, np.ndarray], top_k: int) -> ModelCosts:

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message, Metadata, RecordDict
+from fake_federation import ClientGrid
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmoe_app.client.handlers import handle_evaluate, handle_query, handle_train
@@ -43,31 +43,6 @@ def _serverapp_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, value, raising=False)
 
 
-class ClientGrid:
-    """Nodes 1..n, each a real client (partition n - 1 of n) answering through the app's handlers."""
-
-    def __init__(self, run_config, n):
-        self.contexts = {
-            i: Context(0, i, {"partition-id": i - 1, "num-partitions": n}, RecordDict(), run_config)
-            for i in range(1, n + 1)
-        }
-        self.train_lrs = []
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, timeout):
-        replies = []
-        for m in messages:
-            node, kind = m.metadata.dst_node_id, m.metadata.message_type
-            if kind == "train":
-                self.train_lrs.append(m.content["config"]["lr"])
-            content = HANDLERS[kind](m, self.contexts[node])
-            meta = Metadata(1, "m", node, 0, "", "1", 0.0, 60.0, kind)
-            replies.append(Message(content=content, metadata=meta))
-        return replies
-
-
 def federate(wire):
     keys = {**KEYS, "wire-dtype": wire}
     cfg = RunConfig.from_run_config(keys)
@@ -90,7 +65,8 @@ def test_real_clients_train_with_the_knobs_and_answer_in_bf16():
         for key in ("bytes_down", "bytes_up"):  # tiny tensors: their .npy headers are 10 % of the bytes
             assert 0.5 < r16[key] / r32[key] < 0.6, key
     # the server's schedule reached the clients: cosine from lr (round 1 of 2) to lr-min
-    assert grid16.train_lrs == pytest.approx([0.0055, 0.0055, 0.001, 0.001])
+    lrs = [c["lr"] for kind, c in grid16.configs if kind == "train"]
+    assert lrs == pytest.approx([0.0055, 0.0055, 0.001, 0.001])
     start = model_to_arrays(build_model(model_spec(cfg, load_splits("synthetic", "", 0)[2]), seed=0))
 
     def norm(a, b):

@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from fake_federation import ClientGrid
+from flwr.app import ConfigRecord
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmoe_app.client import FedMoEClient
-from fedmoe_app.client.handlers import handle_evaluate, handle_query, handle_train
 from fedmoe_app.config import ConfigError, RunConfig
 from fedmoe_app.data import load_splits
 from fedmoe_app.data.text import client_split
@@ -35,32 +35,6 @@ def _serverapp_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, value, raising=False)
 
 
-class Grid:
-    """Nodes 1..n answering in process through ``handlers[kind](msg, context)``; keeps what they saw."""
-
-    def __init__(self, handlers, run_config):
-        self.handlers, self.configs = handlers, []
-        self.contexts = {
-            i: Context(0, i, {"partition-id": i - 1, "num-partitions": N}, RecordDict(), run_config)
-            for i in range(1, N + 1)
-        }
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, timeout):
-        replies = []
-        for m in messages:
-            node, kind = m.metadata.dst_node_id, m.metadata.message_type
-            self.configs.append((kind, dict(m.content["config"].items())))
-            out = self.handlers[kind](m, self.contexts[node])
-            content = out.content if isinstance(out, Message) else out
-            replies.append(
-                Message(content=content, metadata=Metadata(1, "m", node, 0, "", "1", 0.0, 60.0, kind))
-            )
-        return replies
-
-
 def my_data(context):
     """The user's data: this node's partition of the synthetic images."""
     train, test, _ = client_split(CFG, int(context.node_config["partition-id"]), N)
@@ -69,12 +43,12 @@ def my_data(context):
 
 def test_the_helper_trains_as_the_app_handlers_do():
     arrays = model_to_arrays(build_model(SPEC, seed=0))
-    app_grid = Grid({"query": handle_query, "train": handle_train, "evaluate": handle_evaluate}, KEYS)
+    app_grid = ClientGrid(KEYS, N)
     app = FedMoE.from_run_config(CFG, SPEC, arrays).start(app_grid, num_rounds=2)
 
     client = FedMoEClient(SPEC.build, my_data, num_experts=4, **snake(CLIENT))
     handlers = {"query": client.query, "train": client.train, "evaluate": client.evaluate}
-    user_grid = Grid(handlers, {})  # a user's run config: nothing of fedmoe's
+    user_grid = ClientGrid({}, N, handlers)  # a user's run config: nothing of fedmoe's
     user = FedMoE(**snake(SERVER)).start(
         user_grid, initial_arrays=arrays, num_rounds=2, train_config=ConfigRecord({"mine": 1})
     )
