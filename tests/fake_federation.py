@@ -81,15 +81,22 @@ class ClientGrid:
     """Nodes 1..n, each a real client (partition n - 1 of n) answering through the app's handlers.
 
     ``handlers`` (message type -> ``handler(msg, context)`` returning content or a Message)
-    replaces the app's, e.g. a user's ClientApp functions; ``configs`` keeps every message's
-    config as ``(type, dict)``.
+    replaces the app's, e.g. a user's ClientApp functions; ``node_configs`` (node -> entries)
+    adds to a node's config; ``configs`` keeps every message's config as ``(type, dict)``.
     """
 
     handlers = {"query": handle_query, "train": handle_train, "evaluate": handle_evaluate}
 
-    def __init__(self, run_config, n, handlers=None):
+    def __init__(self, run_config, n, handlers=None, node_configs=None):
+        extra = node_configs or {}
         self.contexts = {
-            i: Context(0, i, {"partition-id": i - 1, "num-partitions": n}, RecordDict(), run_config)
+            i: Context(
+                0,
+                i,
+                {"partition-id": i - 1, "num-partitions": n, **extra.get(i, {})},
+                RecordDict(),
+                run_config,
+            )
             for i in range(1, n + 1)
         }
         if handlers is not None:

@@ -258,10 +258,21 @@ class RunConfig:
         5, _range(0), "stop the run, failed, after this many rounds in a row keep the model; 0: never"
     )
     update_bound: float = _opt(
-        0.0, _range(0.0), "leave out a group's update above this x the round's median relative size; 0: off"
+        3.0,
+        _range(0.0),
+        "scale a group's update above this x the clients' median relative size back onto it "
+        "(leave it out beyond 2x that); 0: off; not applied under dp",
     )
     weight_cap: float = _opt(
-        0.0, _range(0.0), "cap a client's example count at this x the round's median; 0: off"
+        3.0,
+        _range(0.0),
+        "cap a client's example count at this x the round's median; 0: off; not applied under dp",
+    )
+    token_cap: float = _opt(
+        0.0,
+        _range(0.0),
+        "cap a client's token weight on an expert at this x its fair share (its layer's tokens / "
+        "experts held there); 0: off; not applied under dp",
     )
     aggregation: str = _opt("mean", _choice(*AGGREGATIONS), "per-group combination of the trainers' updates")
     trim_fraction: float = _opt(0.1, _range(0.0, 0.49), "share cut at each end under trimmed-mean")
@@ -414,6 +425,7 @@ class RunConfig:
         return sections.AggregationSection(
             update_bound=self.update_bound,
             weight_cap=self.weight_cap,
+            token_cap=self.token_cap,
             method=self.aggregation,
             trim_fraction=self.trim_fraction,
             gate_from_all=self.gate_from_all,
@@ -664,7 +676,6 @@ class RunConfig:
                     self.aggregation != "mean",
                     "'mean' when dp is on (DP averages clipped deltas)",
                 ),
-                ("update-bound", self.update_bound > 0, "0 when dp is on (clipping bounds every update)"),
                 ("tie-layers", not self.tie_layers, "true when dp is on (privacy accounts per expert)"),
                 (
                     "gate-balance-rate",

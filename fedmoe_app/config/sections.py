@@ -89,6 +89,7 @@ class AggregationSection:
 
     update_bound: float
     weight_cap: float
+    token_cap: float
     method: str
     trim_fraction: float
     gate_from_all: bool

@@ -18,8 +18,9 @@ def feed_alignment(
 ) -> None:
     """Update ``alignment`` with the feedback of the replies that entered the model.
 
-    ``updates`` are the kept replies' bounded updates (same order): their token counts are
-    the ones the model was aggregated with. A :class:`LayeredAlignment` gets each layer's
+    ``updates`` are the kept replies' routing feedback after bounding (same order,
+    :attr:`~fedmoe_app.maths.robust.Bounded.routing`): the reported token counts, zero for an
+    expert copy that was left out. A :class:`LayeredAlignment` gets each layer's
     feedback (``[R, L, E]``), an :class:`AlignmentState` the sums over the layers.
     """
     held = np.stack([r.held for r in kept])  # [R, L, E]

@@ -54,6 +54,7 @@ class TrainRound:
     dense_bytes_down: int  # what the same nodes would have downloaded with every expert
     query_failures: int  # nodes whose capacity query failed while sampling
     population: int = 0  # nodes the sample was drawn from (the DP accountant's K)
+    bound_changes: int = 0  # queries so far whose example count differed from the kept bound
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,8 @@ class TrainOutcome:
     train_loss: float  # example-weighted mean; NaN without valid replies
     dropped_updates: int = 0  # (client, group) updates left out for their size (robust.py)
     capped_weights: int = 0  # clients whose example count was capped
+    clipped_updates: int = 0  # (client, group) updates scaled back onto the bound (robust.py)
+    capped_tokens: int = 0  # (client, layer, expert) token weights capped at the fair share
     privacy: dict[str, Any] | None = None  # dp_* metrics (accounting.py); None with dp = "off"
     ray_nodes: dict[str, str] | None = None  # client id -> Ray node it trained on (simulation)
     expert_load_per_layer: np.ndarray | None = None  # [L, E] tokens trained per (MoE layer, expert)
@@ -91,7 +94,7 @@ def train_outcome(
     The training loss is that of the replies that entered the model, at the weights they entered
     with (of every valid reply when the model was kept).
     """
-    updates = bounded.updates if bounded is not None else []
+    updates = bounded.routing if bounded is not None else []
     tokens = np.stack([u.tokens for u in updates]).sum(axis=0) if updates else np.zeros(limits.num_experts)
     rows = [u.layer_tokens for u in updates if u.layer_tokens is not None]
     per_layer = (
@@ -115,6 +118,8 @@ def train_outcome(
         train_loss=sum(loss * k for loss, k in pairs) / n if n else math.nan,
         dropped_updates=bounded.dropped if bounded else 0,
         capped_weights=bounded.capped if bounded else 0,
+        clipped_updates=bounded.clipped if bounded else 0,
+        capped_tokens=bounded.token_capped if bounded else 0,
         privacy=privacy,
         ray_nodes={r.client_id: r.ray_node for r in got.valid if r.ray_node is not None},
     )
@@ -215,6 +220,9 @@ def round_row(
         "valid_replies": outcome.valid_replies,
         "dropped_updates": outcome.dropped_updates,
         "capped_weights": outcome.capped_weights,
+        "clipped_updates": outcome.clipped_updates,
+        "capped_tokens": outcome.capped_tokens,
+        "example_bound_changes": train_round.bound_changes,
         "train_loss": outcome.train_loss,
     }
     if outcome.expert_load_per_layer is not None:

@@ -51,7 +51,7 @@ STRATEGY_KEYS = (
     "min_trained_experts", "fitness_ema", "fitness_decay", "usage_decay", "w_fitness", "w_usage",
     "fitness_loss_weight", "load_slack", "approx_min_clients",
     # aggregation and privacy
-    "update_bound", "weight_cap", "aggregation", "trim_fraction", "gate_aggregation",
+    "update_bound", "weight_cap", "token_cap", "aggregation", "trim_fraction", "gate_aggregation",
     "route_loss_weight", "gate_balance_rate",
     "dp", "dp_clip_norm", "dp_noise_multiplier", "dp_delta", "dp_min_trainers",
 )  # fmt: skip
@@ -342,6 +342,7 @@ class FedMoE(Strategy):
             dense_bytes_down=built.dense_bytes_down,
             query_failures=sample.query_failures,
             population=sample.population,
+            bound_changes=self.state.nodes.bound_changes,
         )
 
     def aggregate_round(
@@ -370,7 +371,7 @@ class FedMoE(Strategy):
                 population=train_round.population,
                 in_place=self.in_place,
             )
-            self.state.learn(kept, bounded.updates)
+            self.state.learn(kept, bounded.routing)
         return new, train_outcome(got, bounded, self.limits, self.state.privacy_report())
 
     def plan_evaluate(

@@ -19,13 +19,18 @@ def bounded_updates(
 ) -> Bounded:
     """Return the updates that may enter the model.
 
-    Under DP all of them (clipping bounds them); else those within ``update-bound``, with
-    example weights capped by ``weight-cap`` (:mod:`~fedmoe_app.maths.robust`).
+    Under DP all of them (clipping to ``dp-clip-norm`` bounds them); else those within
+    ``update-bound`` (scaled onto it when a little above), with example and token weights
+    capped by ``weight-cap`` (:mod:`~fedmoe_app.maths.robust`).
     """
     if private:
-        return Bounded([r.update for r in valid], list(range(len(valid))), 0, 0)
+        return Bounded([r.update for r in valid], list(range(len(valid))))
     return bound_updates(
-        arrays, [r.update for r in valid], bound=rules.update_bound, weight_cap=rules.weight_cap
+        arrays,
+        [r.update for r in valid],
+        bound=rules.update_bound,
+        weight_cap=rules.weight_cap,
+        token_cap=rules.token_cap,
     )
 
 

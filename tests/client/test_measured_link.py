@@ -9,9 +9,10 @@ lower to 1 byte.
 import time
 
 import pytest
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from fake_federation import ClientGrid
+from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from test_client_rounds import HANDLERS, KEYS
+from test_client_rounds import KEYS
 
 from fedmoe_app.capacity import DEVICE_CLASSES, link
 from fedmoe_app.capacity.probe import DEFAULT_MBPS
@@ -49,7 +50,7 @@ def test_a_timed_message_is_stored_and_a_skewed_one_rejected():
     assert observe_train_message(unstamped, now, context) == link_estimate(context)
 
 
-class DelayingGrid:
+class DelayingGrid(ClientGrid):
     """Node 1 (measured) and node 2 (a phone) answering through the real handlers.
 
     Round ``r``'s train messages look ``delays[r]`` seconds old on arrival (``None``: stamped
@@ -57,38 +58,23 @@ class DelayingGrid:
     """
 
     def __init__(self, run_config, delays):
+        super().__init__(run_config, 2, node_configs={PHONE_NODE: {"device-class": "phone"}})
         self.delays = delays
-        self.contexts = {
-            MEASURED_NODE: Context(0, 1, {"partition-id": 0, "num-partitions": 2}, RecordDict(), run_config),
-            PHONE_NODE: Context(
-                0,
-                2,
-                {"partition-id": 1, "num-partitions": 2, "device-class": "phone"},
-                RecordDict(),
-                run_config,
-            ),
-        }
         self.samples = []  # expected down-link samples of node 1
         self.query_mbps = {}  # node -> down-mbps its query reply reported
 
-    def get_node_ids(self):
-        return list(self.contexts)
-
     def send_and_receive(self, messages, timeout):
-        replies = []
         for m in messages:
-            node, kind = m.metadata.dst_node_id, m.metadata.message_type
-            if kind == "train":
+            if m.metadata.message_type == "train":
                 conf = m.content["config"]
                 delay = self.delays[conf["server-round"]]
                 conf["sent-at"] = time.time() - delay if delay is not None else time.time() + 30.0
-                if node == MEASURED_NODE and delay is not None:
+                if m.metadata.dst_node_id == MEASURED_NODE and delay is not None:
                     self.samples.append(_mbps(conf["payload-bytes"], delay))
-            content = HANDLERS[kind](m, self.contexts[node])
-            if kind == "query":
-                self.query_mbps[node] = content["profile"]["down-mbps"]
-            meta = Metadata(1, "m", node, 0, "", "1", 0.0, 60.0, kind)
-            replies.append(Message(content=content, metadata=meta))
+        replies = super().send_and_receive(messages, timeout)
+        for r in replies:
+            if r.metadata.message_type == "query":
+                self.query_mbps[r.metadata.src_node_id] = r.content["profile"]["down-mbps"]
         return replies
 
 

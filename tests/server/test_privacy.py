@@ -296,7 +296,6 @@ def test_a_dp_run_never_trains_an_expert_below_the_minimum():
         ("dp-delta", 0.0),
         ("dp", "on"),
         ("aggregation", "median"),
-        ("update-bound", 3.0),
         ("gate-balance-rate", 0.1),  # the router-bias step would use raw, unaccounted histograms
     ],
 )
