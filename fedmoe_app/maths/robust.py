@@ -14,13 +14,12 @@ is bounded (``update-bound`` and ``weight-cap`` on by default, ``token-cap`` opt
   returning the model unchanged, casts one vote like any other, so in a round of three it moves
   neither yardstick past an honest client's value. A pair above ``bound ×`` its yardstick is
   scaled back onto that limit when within :data:`DROP_FACTOR` times it (an honest outlier keeps
-  its direction and most of its work), and left out beyond (a clipped hostile update still
-  pulls: in ``tests/maths/test_robust.py`` one expert scaled x50 and clipped onto 3x cost 10
-  points, dropped none): its expert copy is dropped from the
+  its direction and most of its work), and left out beyond: its expert copy is dropped from the
   average (with its tokens), or, for the shared part, the whole reply is (a client whose shared
-  update is that far off is not trusted with its experts either). Scaling everything back was
-  tried first: a 1e30 tensor clipped to five typical update sizes still pushes every weight the
-  same way (20 points of accuracy lost in ``tests/maths/test_robust.py``).
+  update is that far off is not trusted with its experts either). Far-off updates are dropped,
+  not clipped, because a clipped hostile update still pulls: a 1e30 tensor clipped to five
+  typical update sizes still pushes every weight the same way (20 points of accuracy lost), and
+  one expert scaled x50 and clipped onto 3x cost 10 points (``tests/maths/test_robust.py``).
 * **Example weights.** A client's example count (its weight for the shared part) is capped at
   ``weight_cap × median`` of the round's counts, its token counts scaled by the same factor.
   The server's own bound on a client's count (the first it reported, kept across reconnects
@@ -117,9 +116,10 @@ def bound_updates(
     for key in global_arrays:
         groups.setdefault(_group(key), []).append(key)
     rel = _relative_sizes(global_arrays, updates, groups) if bound > 0 else {}
-    limit = _limits(rel, bound)
+    shared_limit, expert_limit = _limits(rel, bound)
+    limit = {g: shared_limit if g == SHARED else expert_limit for g in groups}
     scale = {  # pair -> factor onto its limit, for the pairs above it (NaN-safe)
-        (i, g): limit[g == SHARED] / r for (i, g), r in rel.items() if not r <= limit[g == SHARED]
+        (i, g): limit[g] / r for (i, g), r in rel.items() if not r <= limit[g]
     }
     over = {pair for pair, s in scale.items() if not s * DROP_FACTOR >= 1.0}  # NaN-safe
     counts = np.array([u.num_examples for u in updates], dtype=np.float64)
@@ -177,13 +177,13 @@ def _relative_sizes(
     return rel
 
 
-def _limits(rel: Mapping[tuple[int, int], float], bound: float) -> dict[bool, float]:
-    """Return the largest allowed ``ρ`` for experts (``False``) and the shared part (``True``).
+def _limits(rel: Mapping[tuple[int, int], float], bound: float) -> tuple[float, float]:
+    """Return the largest allowed ``ρ`` for the shared part and for experts.
 
     ``bound ×`` the median over clients of one vote each: its shared ``ρ``, its largest expert ``ρ``.
     """
     if bound <= 0 or not rel:
-        return {True: np.inf, False: np.inf}
+        return np.inf, np.inf
     shared: dict[int, float] = {}
     experts: dict[int, float] = {}
     for (i, g), r in rel.items():
@@ -191,10 +191,10 @@ def _limits(rel: Mapping[tuple[int, int], float], bound: float) -> dict[bool, fl
             shared[i] = r
         else:
             experts[i] = max(experts.get(i, 0.0), r) if np.isfinite(r) else np.inf
-    return {
-        True: bound * float(np.median(list(shared.values()))) if shared else np.inf,
-        False: bound * float(np.median(list(experts.values()))) if experts else np.inf,
-    }
+    return (
+        bound * float(np.median(list(shared.values()))) if shared else np.inf,
+        bound * float(np.median(list(experts.values()))) if experts else np.inf,
+    )
 
 
 def _without(u: ClientUpdate, drop: set[int]) -> ClientUpdate:
