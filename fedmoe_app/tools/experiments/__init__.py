@@ -6,8 +6,8 @@
 output folder and log, one after the other by default (``--jobs`` for more at a time). It
 shows progress (run ``i/n``, rounds, last accuracy, an ETA from the completed runs'
 durations) on stdout and in ``progress.json`` / ``experiment.log``, and after every
-completed run rewrites the summary: ``summary.md``, ``summary.csv``, ``accuracy.png`` and
-``expert_load.png``.
+completed run rewrites the summary: ``summary.md``, ``summary.csv``, ``to_target.csv``,
+``accuracy.png``, ``accuracy_vs_bytes.png`` and ``expert_load.png``.
 
 It resumes: a run whose ``metrics.json`` already holds every round is skipped, and an
 interrupted run resumes from its checkpoint, so re-running the same command continues an
@@ -23,7 +23,8 @@ Modules:
 * :mod:`.grid`     -- the grid: :class:`ExperimentGrid`, :func:`build_grid`, defaults;
 * :mod:`.metrics`  -- one run's ``metrics.json`` and its figures (:class:`FinishedRun`);
 * :mod:`.summary`  -- :func:`summarize` and the Markdown / CSV summary;
-* :mod:`.plots`    -- accuracy curves and expert-load heat-maps;
+* :mod:`.to_target` -- rounds, bytes and virtual time to a target accuracy, both views;
+* :mod:`.plots`    -- accuracy curves (per round and per MB sent) and expert-load heat-maps;
 * :mod:`.folder`   -- the experiment folder's layout and :func:`write_summary`;
 * :mod:`.progress` -- run states, ETA and ``progress.json``;
 * :mod:`.runner`   -- :func:`run_grid`, child processes, :class:`ExperimentLock`;

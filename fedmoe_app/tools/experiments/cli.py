@@ -25,6 +25,7 @@ from .grid import ExperimentGrid, build_grid, parse_set, slug
 from .progress import fmt_duration
 from .runner import REPO_ROOT, ExperimentLock, interrupt_once, run_grid
 from .summary import format_table
+from .to_target import parse_targets
 
 logger = logging.getLogger(__name__)
 #: The logger every module of the harness logs under; the CLI routes it to stdout and a file.
@@ -101,6 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     summ = sub.add_parser("summarize", help="rewrite summary.md/csv and the plots of an experiment folder")
     summ.add_argument("out", type=Path)
+    for p in (cmp_, summ):
+        p.add_argument(
+            "--target",
+            dest="targets",
+            action="append",
+            default=None,
+            metavar="[SETTING:]VIEW=VALUE",
+            help="accuracy to reach, VIEW global or personalized (e.g. global=0.75, "
+            "alpha=0.5:personalized=0.88); kept in <out>/targets.json (default: 95%% of dense's final)",
+        )
     return parser
 
 
@@ -122,7 +133,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "summarize":
         grid = ExperimentGrid.from_dict(json.loads((args.out / "experiment.json").read_text()))
-        rows = write_summary(args.out, grid)
+        try:
+            rows = write_summary(args.out, grid, targets=args.targets)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         print(format_table(rows), end="")
         return 0
     try:
@@ -136,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides=parse_set(args.overrides),
         )
         grid.validate()
-    except ConfigError as exc:
+        parse_targets(args.targets or (), [s.name for s in grid.settings])
+    except ValueError as exc:  # ConfigError too
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = (args.out or default_out(args.quick, grid.base)).resolve()
@@ -169,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    rows = write_summary(out, grid)
+    rows = write_summary(out, grid, targets=args.targets)
     logger.info(
         "finished in %s: %d done, %d skipped, %d failed; summary in %s",
         fmt_duration(time.time() - t0),

@@ -7,7 +7,8 @@ Layout::
     <out>/experiment.log         the progress lines printed on stdout
     <out>/runs/<run-name>/       each run's outputs (metrics.json, plots, checkpoint, ...)
     <out>/logs/<run-name>.log    each run's `flwr run` log
-    <out>/summary.{md,csv}, accuracy.png, expert_load.png
+    <out>/targets.json           the targets given with --target (kept for later summaries)
+    <out>/summary.{md,csv}, to_target.csv, accuracy.png, accuracy_vs_bytes.png, expert_load.png
 
 :func:`write_summary` rewrites the summary files from the runs found complete.
 """
@@ -15,16 +16,17 @@ Layout::
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ...files import atomic_write
 from .grid import ExperimentGrid, RunSpec
 from .metrics import FinishedRun, is_complete, read_metrics
-from .plots import plot_accuracy, plot_expert_load, plot_groups
+from .plots import plot_accuracy, plot_accuracy_vs_bytes, plot_expert_load, plot_groups
 from .summary import SummaryRow, round_windows, rows_to_csv, summarize, summary_markdown, window_table
 from .text_summary import group_names, is_text, text_table, with_client_bpb
+from .to_target import Targets, parse_targets, resolve_targets, target_csv, target_table, to_target
 
 #: Keys whose change does not make an earlier run of the same name a different experiment
 #: (more rounds extend a run by resuming it).
@@ -69,8 +71,30 @@ def collect_results(exp_dir: Path, grid: ExperimentGrid) -> tuple[list[FinishedR
     return out, len(runs)
 
 
-def write_summary(exp_dir: Path, grid: ExperimentGrid, *, title: str | None = None) -> list[SummaryRow]:
-    """Rewrite ``summary.md``, ``summary.csv`` and the plots from the finished runs.
+def read_targets(exp_dir: Path, grid: ExperimentGrid) -> Targets:
+    """Return the targets kept in ``<exp_dir>/targets.json`` (none if it is absent).
+
+    Raises
+    ------
+    ValueError
+        If the file holds a target :func:`~.to_target.parse_targets` refuses.
+
+    """
+    path = Path(exp_dir) / "targets.json"
+    if not path.exists():
+        return {}
+    specs = json.loads(path.read_text())
+    return parse_targets(specs, [s.name for s in grid.settings])
+
+
+def write_summary(
+    exp_dir: Path,
+    grid: ExperimentGrid,
+    *,
+    title: str | None = None,
+    targets: Sequence[str] | None = None,
+) -> list[SummaryRow]:
+    """Rewrite ``summary.md``, ``summary.csv``, ``to_target.csv`` and the plots from the finished runs.
 
     Parameters
     ----------
@@ -80,6 +104,15 @@ def write_summary(exp_dir: Path, grid: ExperimentGrid, *, title: str | None = No
         The grid (row, panel and legend order).
     title : str, optional
         Heading of ``summary.md`` (default: ``fedmoe policy comparison: <folder name>``).
+    targets : sequence of str, optional
+        ``[SETTING:]VIEW=VALUE`` targets (:func:`~.to_target.parse_targets`), kept in
+        ``targets.json`` for later summaries; None: those kept, else 95 % of dense's final
+        accuracy.
+
+    Raises
+    ------
+    ValueError
+        On a target that :func:`~.to_target.parse_targets` refuses (nothing is written).
 
     Returns
     -------
@@ -88,15 +121,25 @@ def write_summary(exp_dir: Path, grid: ExperimentGrid, *, title: str | None = No
 
     """
     exp_dir = Path(exp_dir)
+    names = [s.name for s in grid.settings]
+    if targets is None:
+        given = read_targets(exp_dir, grid)
+    else:
+        given = parse_targets(targets, names)
+        atomic_write(exp_dir / "targets.json", json.dumps(list(targets), indent=1) + "\n")
     results, total = collect_results(exp_dir, grid)
-    order = {"settings": [s.name for s in grid.settings], "policies": list(grid.policies)}
-    rows = summarize(results, **order)
+    order = {"settings": names, "policies": list(grid.policies)}
+    resolved = resolve_targets(results, given)
+    rows = summarize(results, **order, targets={s: t for (s, v), t in resolved.items() if v == "global"})
+    hits = to_target(results, given, **order)
     plots: list[str] = []
     if results:
         kw: dict[str, Any] = {"settings": grid.settings, "policies": grid.policies}
         plots.append(str(plot_accuracy(results, exp_dir / "accuracy.png", **kw)))
         personal = {"key": "client_accuracy", "ylabel": "clients' local test accuracy, own experts (%)"}
         plots.append(str(plot_accuracy(results, exp_dir / "personalized_accuracy.png", **kw, **personal)))
+        by_bytes = plot_accuracy_vs_bytes(results, exp_dir / "accuracy_vs_bytes.png", **kw, targets=resolved)
+        plots.append(str(by_bytes))
         plots.append(str(plot_expert_load(results, exp_dir / "expert_load.png", **kw)))
         if is_text(results):
             plots += text_plots(exp_dir, with_client_bpb(results), kw)
@@ -113,9 +156,11 @@ def write_summary(exp_dir: Path, grid: ExperimentGrid, *, title: str | None = No
             if results
             else "",
             text=text_table(results, **order) if is_text(results) else "",
+            to_target=target_table(hits) if results else "",
         ),
     )
     atomic_write(exp_dir / "summary.csv", rows_to_csv(rows))
+    atomic_write(exp_dir / "to_target.csv", target_csv(hits))
     return rows
 
 

@@ -2,8 +2,9 @@
 
 A run writes one row per round (round 0: the initial model) with its central accuracy,
 bytes sent, expert load and times. These functions read those rows and reduce them to
-numbers (final, best and last-rounds accuracy, rounds to a target, per-run totals); they
-ignore values that are missing, not numbers or not finite. Pure Python and numpy.
+numbers (final, best and last-rounds accuracy, rounds to a target and the bytes and virtual
+time spent reaching it, per-run totals); they ignore values that are missing, not numbers or
+not finite. Pure Python and numpy.
 """
 
 from __future__ import annotations
@@ -127,6 +128,52 @@ def last_n_mean(rows: Sequence[Mapping[str, Any]], n: int = 5, key: str = "accur
 def rounds_to_target(rows: Sequence[Mapping[str, Any]], target: float, key: str = "accuracy") -> int | None:
     """Return the first training round whose ``key`` (the accuracy) is ``>= target``; None if never."""
     return next((rnd for rnd, a in _accuracies(rows, key) if a >= target), None)
+
+
+@dataclass(frozen=True)
+class Reached:
+    """Where a run first reached a target: the round, and what it had spent by then.
+
+    Attributes
+    ----------
+    round : int
+        First training round whose accuracy is at or above the target.
+    bytes_down : float or None
+        ``bytes_down`` summed over rounds ``1..round`` (None if no round recorded it).
+    virtual_time_s : float or None
+        ``virtual_round_time_s`` summed over rounds ``1..round``, rounds without it skipped
+        (None if none has it).
+
+    """
+
+    round: int
+    bytes_down: float | None
+    virtual_time_s: float | None
+
+
+def reach(rows: Sequence[Mapping[str, Any]], target: float, key: str = "accuracy") -> Reached | None:
+    """Return where ``key`` (an accuracy) first reaches ``target``, with the bytes and time spent.
+
+    Parameters
+    ----------
+    rows : sequence of mapping
+        A run's ``metrics.json`` rows.
+    target : float
+        Accuracy to reach (a fraction).
+    key : str
+        ``accuracy`` (global view) or ``client_accuracy`` (personalized view).
+
+    Returns
+    -------
+    Reached or None
+        None if no round reaches ``target``.
+
+    """
+    hit = rounds_to_target(rows, target, key)
+    if hit is None:
+        return None
+    spent = [r for r in _training_rounds(rows) if int(r["round"]) <= hit]
+    return Reached(hit, round_total(spent, "bytes_down"), round_total(spent, "virtual_round_time_s"))
 
 
 def _round_values(rows: Sequence[Mapping[str, Any]], key: str) -> list[float]:

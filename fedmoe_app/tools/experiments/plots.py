@@ -1,7 +1,8 @@
-"""The figures of a grid: accuracy per round and expert-load heat-maps.
+"""The figures of a grid: accuracy per round and per MB sent, and expert-load heat-maps.
 
 :func:`plot_accuracy` draws one panel per setting with a mean ± std band over seeds per
-policy; :func:`plot_expert_load` draws round x expert heat-maps, one per (setting,
+policy; :func:`plot_accuracy_vs_bytes` draws accuracy against cumulative bytes sent down;
+:func:`plot_expert_load` draws round x expert heat-maps, one per (setting,
 policy). matplotlib is imported (with the Agg backend) only when a figure is drawn.
 """
 
@@ -18,6 +19,7 @@ import numpy as np
 from .grid import Setting
 from .metrics import FinishedRun, finite_or_none
 from .summary import in_order
+from .to_target import VIEWS
 
 #: Policies in the order of their plot colours (tab10), kept so that plots stay comparable.
 COLOR_ORDER = ("load_balanced", "greedy", "random", "dense")
@@ -202,6 +204,99 @@ def plot_accuracy(
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    return _save(plt, fig, path)
+
+
+def bytes_curves(results: Sequence[FinishedRun], key: str = "accuracy") -> tuple[np.ndarray, np.ndarray]:
+    """Return mean cumulative MB sent down and mean accuracy per round over ``results``.
+
+    Parameters
+    ----------
+    results : sequence of FinishedRun
+        Runs to average.
+    key : str
+        Accuracy key (``accuracy`` or ``client_accuracy``).
+
+    Returns
+    -------
+    mb, acc : np.ndarray
+        Per round (round 0 first, at 0 MB): the mean over runs of the MB sent down in
+        rounds ``1..r`` and of the accuracy; rounds where no run has both are left out.
+
+    """
+    rounds = sorted({int(r["round"]) for res in results for r in res.rounds})
+    pos = {rnd: i for i, rnd in enumerate(rounds)}
+    mb = np.full((len(results), len(rounds)), np.nan)
+    acc = np.full_like(mb, np.nan)
+    for i, res in enumerate(results):
+        down = np.zeros(len(rounds))
+        for r in res.rounds:
+            j = pos[int(r["round"])]
+            if int(r["round"]) >= 1:  # round 0 evaluates the initial model: nothing sent
+                down[j] = finite_or_none(r.get("bytes_down")) or 0.0
+            a = finite_or_none(r.get(key))
+            acc[i, j] = np.nan if a is None else a
+        mb[i] = np.cumsum(down) / 1e6
+    ok = np.isfinite(acc)
+    mb[~ok] = np.nan
+    keep = ok.any(axis=0)
+    with np.errstate(all="ignore"), _quiet_nan_warnings():
+        return np.nanmean(mb[:, keep], axis=0), np.nanmean(acc[:, keep], axis=0)
+
+
+def plot_accuracy_vs_bytes(
+    results: Sequence[FinishedRun],
+    path: Path,
+    *,
+    settings: Sequence[Setting] | None = None,
+    policies: Sequence[str] | None = None,
+    targets: Mapping[tuple[str, str], float | None] | None = None,
+) -> Path:
+    """Plot accuracy against cumulative MB sent down, mean over seeds per policy.
+
+    One column per setting, one row per view (global: ``accuracy``, personalized:
+    ``client_accuracy``); a dashed line marks the (setting, view) target where given.
+
+    Parameters
+    ----------
+    results : sequence of FinishedRun
+        Finished runs.
+    path : Path
+        Image file to write.
+    settings : sequence of Setting, optional
+        Column order and titles.
+    policies : sequence of str, optional
+        Legend order.
+    targets : mapping, optional
+        ``(setting, view) -> accuracy`` (``to_target.resolve_targets``).
+
+    Returns
+    -------
+    Path
+        ``path``.
+
+    """
+    plt, names, titles, pols = _figure_layout(results, settings, policies)
+    colors = _policy_colors(pols)
+    views = list(VIEWS.items())
+    ncol = max(len(names), 1)
+    fig, axes = plt.subplots(2, ncol, figsize=(5.5 * ncol, 7.5), squeeze=False)
+    for j, s in enumerate(names):
+        for i, (view, key) in enumerate(views):
+            ax = axes[i][j]
+            for p in pols:
+                runs = [r for r in results if r.setting == s and r.policy == p]
+                if runs:
+                    mb, acc = bytes_curves(runs, key)
+                    ax.plot(mb, 100 * acc, color=colors[p], label=f"{p} (n={len(runs)})", lw=1.6)
+            target = (targets or {}).get((s, view))
+            if target is not None:
+                ax.axhline(100 * target, color="0.4", ls="--", lw=1, label=f"target {100 * target:.1f}%")
+            ax.set_title(f"{titles.get(s, s)}: {view}")
+            ax.set_xlabel("MB sent down (cumulative)")
+            ax.set_ylabel("accuracy (%)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
     return _save(plt, fig, path)
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -231,6 +232,7 @@ def summarize(
     baseline: str = "dense",
     settings: Sequence[str] | None = None,
     policies: Sequence[str] | None = None,
+    targets: Mapping[str, float | None] | None = None,
 ) -> list[SummaryRow]:
     """Aggregate runs into one :class:`SummaryRow` per (setting, policy).
 
@@ -247,6 +249,9 @@ def summarize(
         Policy that defines the target (no target in a setting without it).
     settings, policies : sequence of str, optional
         Row order (others follow in order of appearance).
+    targets : mapping, optional
+        Global-view target accuracy per setting, replacing the one from the baseline
+        (``to_target.resolve_targets`` gives them from the command line's ``--target``).
 
     Returns
     -------
@@ -254,7 +259,7 @@ def summarize(
         Setting-major, in the given order.
 
     """
-    targets = _targets(results, baseline, target_fraction)
+    targets = {**_targets(results, baseline, target_fraction), **(targets or {})}
     return [
         _summary_row(s, p, sorted(runs, key=lambda r: r.seed), targets.get(s), last_n)
         for s, p, runs in run_groups(results, settings, policies)
@@ -342,13 +347,18 @@ def rows_to_csv(rows: Sequence[SummaryRow]) -> str:
     The header holds the :class:`SummaryRow` field names; then comes one line per row,
     seeds joined with ``;``, floats to 6 significant digits.
     """
+    return fields_csv(
+        list(SummaryRow.__dataclass_fields__),
+        [{**asdict(r), "seeds": ";".join(str(s) for s in r.seeds)} for r in rows],
+    )
+
+
+def fields_csv(names: Sequence[str], records: Sequence[Mapping[str, Any]]) -> str:
+    """Render ``records`` as CSV with header ``names``: floats to 6 significant digits, None empty."""
     buf = io.StringIO()
-    names = [f for f in SummaryRow.__dataclass_fields__]
     writer = csv.writer(buf)
     writer.writerow(names)
-    for r in rows:
-        d = asdict(r)
-        d["seeds"] = ";".join(str(s) for s in r.seeds)
+    for d in records:
         writer.writerow(
             ["" if d[k] is None else (f"{d[k]:.6g}" if isinstance(d[k], float) else d[k]) for k in names]
         )
@@ -408,6 +418,7 @@ def summary_markdown(
     plots: Sequence[str] = (),
     windows: str = "",
     text: str = "",
+    to_target: str = "",
 ) -> str:
     """Render the ``summary.md`` document: table, definitions, targets and plots.
 
@@ -425,6 +436,9 @@ def summary_markdown(
         A :func:`window_table` to include (none if empty).
     text : str
         A text grid's bits-per-byte table (``text_summary.text_table``), shown first.
+    to_target : str
+        The time-and-bytes-to-target table (``to_target.target_table``), shown after the
+        targets (none if empty).
 
     Returns
     -------
@@ -457,9 +471,9 @@ def summary_markdown(
         f"{n} mean: the mean of a run's last {n} rounds (judge policies on this). Personalized: "
         "the clients' own experts on their local test split (example-weighted over the clients "
         f"evaluated each round), last-{n} mean; worst 10%: the mean of the worst tenth of those "
-        "clients (at least one). Rounds to target: first round reaching 95% of "
-        "dense's mean final accuracy in the same setting, mean over the runs that reached it "
-        "((k/n): only k of n did; —: none). MB: bytes sent down/up over the whole run "
+        "clients (at least one). Rounds to target: first round reaching the setting's global "
+        "target (below; by default 95% of dense's mean final accuracy), mean over the runs that "
+        "reached it ((k/n): only k of n did; —: none). MB: bytes sent down/up over the whole run "
         "(10^6 bytes), mean over runs. Load CV: mean over rounds of the coefficient of "
         "variation of clients per expert. Virtual time: sum of the simulated round times "
         "(slowest participant per round), — where not measured.",
@@ -475,6 +489,16 @@ def summary_markdown(
         lines += [
             "Targets: " + ", ".join(f"{s}: {fmt_percent(t)}%" for s, t in targets.items() if t is not None),
             "",
+        ]
+    if to_target:
+        lines += [
+            "Time and bytes to target, both views: the first round at or above the target, the MB "
+            "sent down and the virtual seconds summed up to that round, mean ± std over the seeds "
+            "that reached it (reached: how many did); bytes / dense: MB down to target over dense's. "
+            "Global: the full model on the central test; personalized: the clients' own experts on "
+            "their local test.",
+            "",
+            to_target,
         ]
     if windows:
         lines += ["Mean accuracy per round window (%, mean ± std over seeds):", "", windows]
