@@ -55,6 +55,9 @@ class RoundPlan:
         int64 ``[C]``: training samples asked of each client; 0 means its full local work.
     virtual_round_time_s : float or None
         Simulated duration of the round (slowest client); None when a profile is incomplete.
+    late_clients : int or None
+        Clients whose simulated round time exceeds ``round-deadline-s`` (stragglers the
+        round waits for; 0 without a deadline); None when a profile is incomplete.
     tied : bool
         Whether every client holds the same experts in every layer (``tie-layers``).
     plan_s : float
@@ -68,6 +71,7 @@ class RoundPlan:
     frozen: np.ndarray
     budgets: np.ndarray
     virtual_round_time_s: float | None
+    late_clients: int | None = None
     tied: bool = True
     plan_s: float = 0.0
 
@@ -148,13 +152,16 @@ class Planner:
         held = holding.sum(axis=2).max(axis=1, initial=0)  # experts held in the fullest layer
         plan_s = time.perf_counter() - t0
         budgets = self._sample_budgets(profiles, held, global_arrays)
+        times = self._client_times(profiles, held, budgets, global_arrays)
+        deadline = float(self.cfg.round_deadline_s)
         return RoundPlan(
             client_ids=ids,
             capacity=capacity,
             assignment=holding,
             frozen=frozen,
             budgets=budgets,
-            virtual_round_time_s=self._virtual_time(profiles, held, budgets, global_arrays),
+            virtual_round_time_s=None if times is None else virtual_round_time_s(times),
+            late_clients=None if times is None else int((times > deadline).sum()) if deadline > 0 else 0,
             tied=tied,
             plan_s=plan_s,
         )
@@ -190,18 +197,19 @@ class Planner:
         budgets[limited] = budget[limited]
         return budgets
 
-    def _virtual_time(
+    def _client_times(
         self,
         profiles: Profiles,
         held: np.ndarray,
         budgets: np.ndarray,
         global_arrays: Mapping[str, np.ndarray],
-    ) -> float | None:
+    ) -> np.ndarray | None:
+        """Each client's simulated round seconds at its budget; None when a profile is incomplete."""
         if not len(profiles) or not all(profiles):
             return None
         full = planned_samples(profiles, self.cfg)
         samples = np.where(budgets > 0, np.minimum(budgets, full), full)
-        return virtual_round_time(profiles, held, self.memory, self.cfg, global_arrays, samples)
+        return _client_times(profiles, held, self.memory, global_arrays, samples, self.cfg.wire_dtype)
 
 
 def capacity_for_profiles(

@@ -60,3 +60,12 @@ def test_deadline_budgets_and_virtual_time():
     assert p.budgets[1:].tolist() == [0, 0]  # laptop and edge box do it all in time
     # the slowest client (the phone, on its budget) just meets the deadline
     assert 0.69 < p.virtual_round_time_s <= 0.7
+    assert p.late_clients == 0  # profiled: nobody is past the deadline
+
+
+def test_fixed_capacity_under_a_deadline_counts_its_stragglers():
+    cfg = dataclasses.replace(RunConfig(capacity="fixed", experts_per_client=2), round_deadline_s=0.7)
+    p = plan(cfg, ["phone", "laptop", "edge"])
+    assert p.budgets.tolist() == [0, 0, 0]  # the fixed baseline always does its full local work
+    assert p.late_clients == 1 and p.virtual_round_time_s > 0.7  # the phone; the round waits for it
+    assert plan(dataclasses.replace(cfg, round_deadline_s=0.0), ["phone"]).late_clients == 0

@@ -115,3 +115,20 @@ def test_summarize_keeps_the_given_targets_for_later_summaries(tmp_path):
     csv_rows = (tmp_path / "to_target.csv").read_text().splitlines()
     assert csv_rows[0].startswith("setting,policy,view,target,runs,reached,rounds,")
     assert len(csv_rows) == 1 + 2 * 2  # header + (greedy, dense) x (global, personalized)
+
+
+def test_the_summary_reports_late_and_partial_clients_under_a_deadline():
+    runs = [
+        ex.FinishedRun("a", "fixed", 0, fake_rounds([0.5, 0.6])),
+        ex.FinishedRun("a", "prof", 0, fake_rounds([0.5, 0.6])),
+    ]
+    for i, row in enumerate(runs[0].rounds[1:]):
+        row.update({"late_clients": 2 + i, "partial_clients": 0})  # 2 then 3 stragglers
+    for row in runs[1].rounds[1:]:
+        row.update({"late_clients": 0, "partial_clients": 4})
+    rows = ex.summarize(runs)
+    assert [(r.late_clients, r.partial_clients) for r in rows] == [(2.5, 0.0), (0.0, 4.0)]
+    md = ex.summary_markdown(rows, title="t", complete=2, total=2)
+    assert "| a | fixed | 2.50 | 0.00 | 4.0 |" in md and "| a | prof | 0.00 | 4.00 | 4.0 |" in md
+    plain = ex.summarize([ex.FinishedRun("a", "x", 0, fake_rounds([0.5]))])
+    assert "past the deadline" not in ex.summary_markdown(plain, title="t", complete=1, total=1)

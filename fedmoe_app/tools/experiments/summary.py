@@ -67,6 +67,8 @@ class SummaryRow:
     load_cv: float | None
     virtual_time_s: float | None
     wall_time_s: float | None
+    late_clients: float | None = None  # mean per round: past round-deadline-s (stragglers)
+    partial_clients: float | None = None  # mean per round: asked for part of their local work
     last_n: int = 5
     view: str = (
         "accuracy"  # the accuracy key of the global-view columns: client_accuracy without central eval
@@ -213,6 +215,8 @@ def _summary_row(
         load_cv=_mean([round_mean(r.rounds, "load_cv") for r in runs]),
         virtual_time_s=_mean([round_total(r.rounds, "virtual_round_time_s") for r in runs]),
         wall_time_s=_mean([round_total(r.rounds, "wall_time_s") for r in runs]),
+        late_clients=_mean([round_mean(r.rounds, "late_clients") for r in runs]),
+        partial_clients=_mean([round_mean(r.rounds, "partial_clients") for r in runs]),
         last_n=last_n,
         view=key,
     )
@@ -489,6 +493,21 @@ def summary_markdown(
         lines += [
             "Targets: " + ", ".join(f"{s}: {fmt_percent(t)}%" for s, t in targets.items() if t is not None),
             "",
+        ]
+    if any(r.late_clients or r.partial_clients for r in rows):
+        lines += [
+            "Under the round deadline, clients per round (mean over rounds and runs): late, past "
+            "the deadline on the virtual clock (stragglers the round waits for); partial, asked "
+            "for part of their local work to meet it.",
+            "",
+            markdown_table(
+                ["setting", "policy", "late", "partial", "virtual time (s)"],
+                [
+                    [r.setting, r.policy, _fmt(r.late_clients, ".2f"), _fmt(r.partial_clients, ".2f")]
+                    + [_fmt(r.virtual_time_s, ".1f")]
+                    for r in rows
+                ],
+            ),
         ]
     if to_target:
         lines += [
