@@ -50,6 +50,7 @@ CAPACITY_MODES = ("profiled", "fixed")
 UNDER_CAPACITY = ("shared-only", "skip")
 GATE_MODES = ("global", "local")
 GATE_AGGREGATIONS = ("auto", "rows", "all")
+GATE_BALANCE_STEPS = ("sign", "proportional")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 TRACKERS = ("none", "tensorboard", "mlflow")
@@ -135,6 +136,12 @@ class RunConfig:
         0.0,
         _range(0.0),
         "server step on the gate's bias per round towards equal top-k load of the unmasked gate",
+    )
+    gate_balance_step: str = _opt(
+        "sign",
+        _choice(*GATE_BALANCE_STEPS),
+        "gate-balance-rate's step: rate x the sign of the load gap (Loss-Free Balancing), or rate x "
+        "the gap relative to the mean load, clipped to +-1 (proportional: smaller near balance)",
     )
     seed: int = _opt(0, _range(0), "seed of data split, init, sampling and planning")
     # Data
@@ -432,6 +439,7 @@ class RunConfig:
             single_holders=self.route_loss_weight > 0,
             per_layer=not self.tie_layers,
             gate_balance_rate=self.gate_balance_rate,
+            gate_balance_step=self.gate_balance_step,
         )
 
     @property

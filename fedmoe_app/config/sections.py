@@ -96,6 +96,7 @@ class AggregationSection:
     single_holders: bool
     per_layer: bool
     gate_balance_rate: float
+    gate_balance_step: str
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ Gate balancing (:func:`balance_gate_bias`, ``gate-balance-rate > 0``): after agg
 server moves the gate's bias, as Loss-Free Balancing (Wang et al. 2024, arXiv 2408.15664) moves
 a router bias, by a fixed step towards equal load: up for experts the *unmasked* gate chose
 less often than ``1/E`` of its top-k choices on the clients' data this round (the reported
-``gate-hist``), down for those chosen more often.
+``gate-hist``), down for those chosen more often; ``gate-balance-step = "proportional"`` scales
+the step by the expert's load gap relative to the mean, so it fades as the load evens out.
 """
 
 from __future__ import annotations
@@ -266,7 +267,9 @@ class _LayerWeights:
         return self.gate_tokens[:, layer]
 
 
-def balance_gate_bias(global_arrays: Mapping[str, np.ndarray], gate_hist: np.ndarray, rate: float) -> Arrays:
+def balance_gate_bias(
+    global_arrays: Mapping[str, np.ndarray], gate_hist: np.ndarray, rate: float, *, step: str = "sign"
+) -> Arrays:
     """Return ``global_arrays`` with ``gate.bias`` stepped by ``rate`` towards equal gate load.
 
     Parameters
@@ -276,7 +279,11 @@ def balance_gate_bias(global_arrays: Mapping[str, np.ndarray], gate_hist: np.nda
     gate_hist : np.ndarray
         ``[C, E]`` top-k choices of the unmasked gate per replying client.
     rate : float
-        Step per round: ``bias[e] += rate * sign(mean load - load[e])``.
+        Largest step per round.
+    step : str
+        ``"sign"``: ``bias[e] += rate * sign(mean - load[e])`` (Loss-Free Balancing's fixed
+        step); ``"proportional"``: ``bias[e] += rate * clip((mean - load[e]) / mean, -1, 1)``,
+        a step that shrinks as the load nears balance (``mean``: the mean load per expert).
 
     Returns
     -------
@@ -289,5 +296,7 @@ def balance_gate_bias(global_arrays: Mapping[str, np.ndarray], gate_hist: np.nda
     if rate <= 0 or load.sum() <= 0 or "gate.bias" not in out:
         return out
     bias = out["gate.bias"]
-    out["gate.bias"] = (bias + rate * np.sign(load.mean() - load)).astype(bias.dtype)
+    gap = load.mean() - load
+    move = np.sign(gap) if step == "sign" else np.clip(gap / load.mean(), -1.0, 1.0)
+    out["gate.bias"] = (bias + rate * move).astype(bias.dtype)
     return out

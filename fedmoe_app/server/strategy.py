@@ -52,7 +52,7 @@ STRATEGY_KEYS = (
     "fitness_loss_weight", "load_slack", "approx_min_clients",
     # aggregation and privacy
     "update_bound", "weight_cap", "token_cap", "aggregation", "trim_fraction", "gate_aggregation",
-    "route_loss_weight", "gate_balance_rate",
+    "route_loss_weight", "gate_balance_rate", "gate_balance_step",
     "dp", "dp_clip_norm", "dp_noise_multiplier", "dp_delta", "dp_min_trainers",
 )  # fmt: skip
 

@@ -65,4 +65,4 @@ def updated_model(
             in_place=in_place,
         )
     hist = np.stack([r.gate_hist for r in kept])
-    return balance_gate_bias(averaged, hist, rules.gate_balance_rate)
+    return balance_gate_bias(averaged, hist, rules.gate_balance_rate, step=rules.gate_balance_step)

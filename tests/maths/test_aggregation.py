@@ -124,3 +124,10 @@ def test_gate_balancing_raises_the_bias_of_experts_the_gate_neglects():
     np.testing.assert_array_equal(out["gate.weight"], arrays["gate.weight"])
     assert balance_gate_bias(arrays, np.zeros((2, 4)), 0.25)["gate.bias"].sum() == 0  # no choices
     assert balance_gate_bias(arrays, hist, 0.0)["gate.bias"].sum() == 0  # off
+    # proportional: the gap over the mean load, clipped to +-1: (10-20)/10, (10-0)/10, 0, 0
+    out = balance_gate_bias(arrays, hist, 0.25, step="proportional")
+    np.testing.assert_allclose(out["gate.bias"], [-0.25, 0.25, 0.0, 0.0])
+    near = np.array([[12.0, 8.0, 10.0, 10.0]])  # 20 % off balance: a fifth of the step
+    out = balance_gate_bias(arrays, near, 0.25, step="proportional")
+    np.testing.assert_allclose(out["gate.bias"], [-0.05, 0.05, 0.0, 0.0], rtol=1e-6)
+    assert balance_gate_bias(arrays, near, 0.25)["gate.bias"].tolist() == [-0.25, 0.25, 0.0, 0.0]  # sign
