@@ -4,8 +4,9 @@ Pure numpy (no torch, psutil or Flower; an import-linter contract checks it), ex
 client-side probe:
 
 * :mod:`.profile` -- :class:`CapacityProfile`, what a client reports to the server's query;
-* :mod:`.memory`  -- :class:`ModelCosts` (a model's counted costs) and :class:`MemoryModel`
-  (training bytes of a client holding ``n`` experts);
+* :mod:`.memory`  -- :class:`ModelCosts` (a model's counted costs), :class:`Adapters` (LoRA's
+  trained and travelling values) and :class:`MemoryModel` (training bytes of a client holding
+  ``n`` experts, full training or LoRA);
 * :mod:`.devices` -- emulated device classes for simulation (``device-mix``);
 * :mod:`.timing`  -- round time and the capacity model, vectorized over clients;
 * :mod:`.probe`   -- measuring a real machine with psutil and a torch micro-benchmark
@@ -25,7 +26,7 @@ from .devices import (
     is_emulated,
     parse_device_mix,
 )
-from .memory import MIB, MemoryModel, ModelCosts
+from .memory import MIB, Adapters, MemoryModel, ModelCosts
 from .profile import MEASURED, CapacityProfile, emulate, profile_arrays
 from .timing import COMPUTE_EFFICIENCY, capacity_from_profiles, ema_update, round_time_s, virtual_round_time_s
 
@@ -36,6 +37,7 @@ __all__ = [
     "MIB",
     "REFERENCE_BATCH_SIZE",
     "REFERENCE_COSTS",
+    "Adapters",
     "CapacityProfile",
     "DeviceClass",
     "MemoryModel",

@@ -51,6 +51,11 @@ def anchor_budget(
     of the end points. So an emulated class holds the same number of experts whatever the
     dataset, model size and batch size (default 32). ``costs=None`` returns the budget
     unchanged.
+
+    Both curves are full training's: a budget stands for a device's memory, which does not
+    depend on how the run trains, so under LoRA (a
+    :class:`~fedmoe_app.capacity.memory.MemoryModel` with adapters, cheaper per expert) the same
+    budget holds more experts.
     """
     if costs is None:
         return int(budget_bytes)
@@ -118,7 +123,8 @@ def _budget_mb(n_experts: int) -> float:
 #: between two expert counts, so that a ``tiny`` device holds no expert, a ``phone`` 1, a
 #: ``laptop`` 4 and an ``edge`` server all 8. For another dataset, model size or batch
 #: size, :meth:`DeviceClass.budget_bytes` moves the budget to the same place on that run's
-#: memory curve, so the classes keep their expert counts (docs/CAPACITY.md). ``gflops``
+#: memory curve, so the classes keep their expert counts under full training (docs/CAPACITY.md;
+#: under LoRA the same budgets hold more: :func:`anchor_budget`). ``gflops``
 #: are the quiet development machine's 150 GFLOP/s (edge) divided by 2 (laptop), 8 (phone)
 #: and 20 (tiny).
 DEVICE_CLASSES: dict[str, DeviceClass] = {

@@ -3,7 +3,9 @@
 :class:`ModelCosts` is what capacity planning needs to know of a model (parameters,
 activations and FLOPs per sample); every model computes its own (for the CNN MoE:
 ``fedmoe_app.models.model_costs``), so this package stays free of torch and of any one
-architecture. :class:`MemoryModel` turns it into predicted peak training bytes.
+architecture. :class:`Adapters` describes LoRA fine-tuning (``peft = "lora"``): the adapter
+values that train and travel instead of the weights. :class:`MemoryModel` turns both into
+predicted peak training bytes.
 """
 
 from __future__ import annotations
@@ -60,28 +62,66 @@ class ModelCosts:
 
 
 @dataclass(frozen=True)
+class Adapters:
+    """LoRA adapters of a model: what trains and travels under ``peft = "lora"``.
+
+    Attributes
+    ----------
+    rank : int
+        Rank ``r`` of every adapter (>= 1).
+    shared : int
+        Adapter values of the shared modules (``aS``: every ``lora-target-modules`` linear).
+    expert : int
+        Adapter values of one expert over all MoE layers (``aX``).
+
+    """
+
+    rank: int
+    shared: int
+    expert: int
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or self.shared < 0 or self.expert < 0:
+            raise ValueError(f"adapters need rank >= 1 and counts >= 0, got {self!r}")
+
+
+@dataclass(frozen=True)
 class MemoryModel:
     """Training memory of a client holding ``n`` experts of a model at ``batch_size``.
 
-    ``predict_training_bytes(n) = P(S + n X) + A(min(top_k, n))`` with ``S``/``X`` the
-    shared/per-expert parameter counts, ``P = (2 + optimizer_states) * bytes_per_value``
-    (weights, gradients, SGD momentum) and ``A(k)`` the activation peak of a batch,
+    Full training (``adapters=None``): ``predict_training_bytes(n) = P(S + n X) +
+    A(min(top_k, n))`` with ``S``/``X`` the shared/per-expert parameter counts,
+    ``P = (2 + optimizer_states) * bytes_per_value`` (weights, gradients, SGD momentum) and
+    ``A(k)`` the activation peak of a batch,
     ``B * (bytes_per_value * (fixed + max(k * routed, transient)) + fixed_bytes)``
     (:class:`ModelCosts`). Routed activations scale with ``B * top_k``, not with ``n``:
     only parameters, gradients and momentum scale with the experts held
     (:meth:`expert_bytes`). With fewer experts than ``top_k`` a sample is routed to ``n``
     experts only, so ``A`` uses ``min(top_k, n)``.
 
+    LoRA (``adapters`` given, ``aS``/``aX`` their shared/per-expert values):
+    ``predict_training_bytes(n) = b (S + n X) + b n X + P (aS + n aX) + A(min(top_k, n))``
+    with ``b = bytes_per_value``. The base weights are frozen (weights only: no gradient, no
+    optimizer state) and the adapters train (weights, gradients, optimizer state). The middle
+    term is the merged expert weights: peft's ``ParamWrapper`` adapts the stacked expert
+    tensors by adding each held expert's low-rank update to its frozen weights in the forward
+    pass (``W + s B A``, one full-size tensor per MoE layer and stacked parameter), and
+    autograd keeps that tensor for backward, so every held expert costs its weights twice
+    (the shared modules' ``lora.Linear`` adapters merge nothing). The activation model is
+    full training's.
+
     Parameters
     ----------
     costs : ModelCosts
-        The model's counted costs.
+        The model's counted costs (its full weights: ``S`` and ``X``).
     batch_size : int
         Local batch size.
     bytes_per_value : int
         Bytes of a parameter/activation value (4: float32).
     optimizer_states : int
-        Optimizer state tensors per parameter (1: SGD momentum; 2: Adam).
+        Optimizer state tensors per trained parameter (1: SGD momentum; 2: Adam).
+    adapters : Adapters, optional
+        LoRA fine-tuning: the base frozen, the adapters trained. None: full training.
 
     """
 
@@ -89,6 +129,7 @@ class MemoryModel:
     batch_size: int
     bytes_per_value: int = 4
     optimizer_states: int = 1
+    adapters: Adapters | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -109,13 +150,27 @@ class MemoryModel:
         return int(out) if np.ndim(out) == 0 else out.astype(np.int64)
 
     def shared_bytes(self) -> int:
-        """Bytes that do not grow with the experts held (``n >= top_k``)."""
-        params = self.state_bytes_per_param * self.costs.shared_params
-        return int(params + self.activation_bytes(self.costs.top_k))
+        """Bytes that do not grow with the experts held (``n >= top_k``).
+
+        Full training: ``P S + A(top_k)``; LoRA: ``b S + P aS + A(top_k)``.
+        """
+        c, a = self.costs, self.adapters
+        if a is None:
+            params = self.state_bytes_per_param * c.shared_params
+        else:
+            params = self.bytes_per_value * c.shared_params + self.state_bytes_per_param * a.shared
+        return int(params + self.activation_bytes(c.top_k))
 
     def expert_bytes(self) -> int:
-        """Bytes each held expert adds: its weights, gradients and optimizer state."""
-        return self.state_bytes_per_param * self.costs.expert_params
+        """Bytes each held expert adds.
+
+        Full training: its weights, gradients and optimizer state, ``P X``; LoRA: its frozen and
+        merged weights and its adapters' weights, gradients and optimizer state, ``2 b X + P aX``.
+        """
+        c, a = self.costs, self.adapters
+        if a is None:
+            return self.state_bytes_per_param * c.expert_params
+        return 2 * self.bytes_per_value * c.expert_params + self.state_bytes_per_param * a.expert
 
     def predict_training_bytes(self, n_experts: int | np.ndarray) -> int | np.ndarray:
         """Predicted peak training memory with ``n_experts`` held (0 = shared part only)."""
@@ -123,9 +178,25 @@ class MemoryModel:
         if (n < 0).any():
             raise ValueError(f"n_experts must be >= 0, got {n_experts!r}")
         n_params = self.costs.shared_params + n * self.costs.expert_params
-        params = self.state_bytes_per_param * n_params
+        if self.adapters is None:
+            params = self.state_bytes_per_param * n_params
+        else:
+            merged = n * self.costs.expert_params  # W + s B A of every held expert, kept for backward
+            trained = self.adapters.shared + n * self.adapters.expert
+            params = self.bytes_per_value * (n_params + merged) + self.state_bytes_per_param * trained
         out = params + self.activation_bytes(np.minimum(n, self.costs.top_k))
         return int(out) if out.ndim == 0 else out.astype(np.int64)
+
+    def wire_values(self) -> tuple[int, int]:
+        """``(shared, per expert)`` values a client receives, and returns, each round.
+
+        Full training: the weights, ``(S, X)``. LoRA: the adapters only, ``(aS, aX)``; the base
+        model (every weight, the held experts' included) is assumed on the device already: each
+        node builds it from ``hf-weights``/``hf-model`` or, for a preset, from the run's seed.
+        """
+        if self.adapters is None:
+            return self.costs.shared_params, self.costs.expert_params
+        return self.adapters.shared, self.adapters.expert
 
     def table(self) -> np.ndarray:
         """``predict_training_bytes(n)`` for ``n = 0..E`` (non-decreasing int64 ``[E + 1]``)."""

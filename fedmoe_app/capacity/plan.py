@@ -5,42 +5,36 @@ Pure numpy, like the rest of :mod:`fedmoe_app.capacity`: :func:`plan_federation`
 the planner's rules to every device class of ``device-mix``, as a round would:
 
 * a class's memory budget is :meth:`~fedmoe_app.capacity.devices.DeviceClass.budget_bytes` for
-  the model at the batch size (its place on the model's memory curve);
-* its experts are :func:`~fedmoe_app.capacity.timing.capacity_from_profiles` under that budget,
-  capped by ``experts-per-client`` (``Planner.capacity`` under ``capacity = "profiled"``); with
-  no ``device-mix`` every client holds ``experts-per-client`` (``capacity = "fixed"``);
+  the model at the batch size (its place on the model's full-training memory curve: a device's
+  memory does not depend on how the run trains);
+* its experts are :func:`~fedmoe_app.capacity.timing.capacity_from_profiles` under that budget
+  with the run's memory model, capped by ``experts-per-client`` (``Planner.capacity`` under
+  ``capacity = "profiled"``); with no ``device-mix`` every client holds ``experts-per-client``
+  (``capacity = "fixed"``);
 * a client that cannot hold one expert still receives one, read-only, and trains the shared
   part (``under-capacity = "shared-only"``);
-* it downloads the shared tensors and the experts it receives, exactly, in the wire dtype;
-* its peak training memory is the memory model's prediction (float32 weights, gradients and
-  SGD momentum, and the activations of a batch); with LoRA the base weights are frozen (weights
-  only) and the adapters train.
+* it downloads the shared tensors and the experts it receives, exactly, in the wire dtype: their
+  weights, or with LoRA their adapters only (the base model is assumed on every device);
+* its peak training memory is the same memory model's prediction, the one that chose its experts
+  (:class:`~fedmoe_app.capacity.memory.MemoryModel`: float32 weights, gradients and SGD momentum,
+  and the activations of a batch; with LoRA the base weights frozen, weights only, each held
+  expert's merged weights kept for backward, and the adapters trained).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from .devices import DEVICE_CLASSES, device_class_for
-from .memory import MemoryModel, ModelCosts
+from .memory import Adapters, MemoryModel, ModelCosts
 from .timing import capacity_from_profiles
 
 #: Bytes per value of each wire dtype.
 WIRE_BYTES = {"fp32": 4, "bf16": 2}
 #: The entry of a federation without device classes (every client holds experts-per-client).
 FIXED = "fixed"
-
-
-@dataclass(frozen=True)
-class Adapters:
-    """LoRA adapter values: ``shared`` (the shared modules') and ``expert`` (one expert, all MoE layers)."""
-
-    rank: int
-    shared: int
-    expert: int
 
 
 def classes_of_clients(clients: int, mix: Mapping[str, float], seed: int) -> dict[str, int]:
@@ -75,7 +69,8 @@ def plan_federation(
     wire_dtype : str
         ``fp32`` or ``bf16`` (:data:`WIRE_BYTES`).
     adapters : Adapters, optional
-        LoRA: the adapters travel and train, the base model is assumed on the device.
+        LoRA: the adapters travel and train, the base model is assumed on the device; the
+        experts held are planned, and the peak predicted, with LoRA's memory model.
 
     Returns
     -------
@@ -87,7 +82,8 @@ def plan_federation(
     """
     if wire_dtype not in WIRE_BYTES:
         raise ValueError(f"wire dtype {wire_dtype!r} is invalid; allowed: {', '.join(WIRE_BYTES)}")
-    memory = MemoryModel(costs, batch_size)
+    memory = MemoryModel(costs, batch_size, adapters=adapters)
+    shared_values, expert_values = memory.wire_values()
     wire = WIRE_BYTES[wire_dtype]
     fixed_k = min(int(experts_per_client), costs.num_experts)
     out: dict[str, dict[str, Any]] = {}
@@ -105,19 +101,12 @@ def plan_federation(
                 costs=costs,
                 batch_size=batch_size,
                 samples=0,
+                memory_model=memory,
             )
             held = min(int(cap[0]), fixed_k)
         received = max(held, 1)
-        if adapters is None:
-            values = costs.shared_params + received * costs.expert_params
-            peak = int(memory.predict_training_bytes(received))
-        else:
-            values = adapters.shared + received * adapters.expert
-            base = costs.shared_params + received * costs.expert_params
-            k = min(costs.top_k, received)
-            peak = memory.bytes_per_value * base + memory.state_bytes_per_param * values
-            peak += int(memory.activation_bytes(k))
-        download = wire * values
+        peak = int(memory.predict_training_bytes(received))
+        download = wire * (shared_values + received * expert_values)
         out[name] = {
             "clients": count,
             "memory_budget_bytes": budget,

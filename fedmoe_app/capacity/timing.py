@@ -4,6 +4,10 @@
 and, with a round deadline, whose download + local training + upload time
 (:func:`round_time_s`) meets it. :func:`virtual_round_time_s` is a round's simulated
 wall-clock time (its slowest participant).
+
+Transfers are priced by the values that travel: the shared part's and the held experts' weights
+under full training, their LoRA adapters only under ``peft = "lora"`` (:class:`Adapters`; the
+base model, every held expert's weights included, is built on the device and never travels).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .memory import MemoryModel, ModelCosts, Number
+from .memory import Adapters, MemoryModel, ModelCosts, Number
 
 #: Model family -> shares of the dense-matmul GFLOP/s that training reaches on a CPU,
 #: ``(shared part, experts)`` (:attr:`ModelCosts.efficiency`). ``conv``: the CNN's small
@@ -27,11 +31,16 @@ COMPUTE_EFFICIENCY: dict[str, tuple[float, float]] = {"conv": (0.25, 0.1), "tran
 
 
 def _payload_defaults(
-    costs: ModelCosts, shared_nbytes: int | None, expert_nbytes: int | None
+    costs: ModelCosts, adapters: Adapters | None, shared_nbytes: int | None, expert_nbytes: int | None
 ) -> tuple[int, int]:
+    """``(shared, per expert)`` bytes each way: the given ones, else float32 values of what travels."""
+    if adapters is None:
+        shared, expert = costs.shared_params, costs.expert_params
+    else:
+        shared, expert = adapters.shared, adapters.expert
     return (
-        4 * costs.shared_params if shared_nbytes is None else int(shared_nbytes),
-        4 * costs.expert_params if expert_nbytes is None else int(expert_nbytes),
+        4 * shared if shared_nbytes is None else int(shared_nbytes),
+        4 * expert if expert_nbytes is None else int(expert_nbytes),
     )
 
 
@@ -49,12 +58,14 @@ def round_time_s(
     flops_per_sample_expert: float | None = None,
     samples_per_s: Number | np.ndarray | None = None,
     efficiency: tuple[float, float] | None = None,
+    adapters: Adapters | None = None,
 ) -> np.ndarray:
     """Seconds a client needs for one round holding ``n_experts`` (vectorized, broadcasts).
 
     ``t = bytes * 8 / (down * 1e6) + compute + bytes * 8 / (up * 1e6)`` with
     ``bytes = shared_nbytes + n * expert_nbytes`` (the client receives and returns the
-    shared part and its experts) and ``compute = samples / samples_per_s`` where a
+    shared part and its experts: their weights, or under LoRA their adapters only, the base
+    model being on the device already) and ``compute = samples / samples_per_s`` where a
     measured throughput is known (finite, > 0), else
     ``samples * (f_shared / eff_shared + f_expert * min(n, top_k) / top_k / eff_expert) /
     (gflops * 1e9)``.
@@ -68,7 +79,8 @@ def round_time_s(
     samples : array_like
         Training samples per round (local epochs x local examples).
     shared_nbytes, expert_nbytes : int, optional
-        Wire bytes of the shared part and of one expert (default: float32 parameters).
+        Wire bytes of the shared part and of one expert (default: float32 values of what
+        travels: the parameters, or with ``adapters`` the adapters).
     flops_per_sample_shared, flops_per_sample_expert : float, optional
         Default: ``costs.flops_shared`` and ``costs.flops_experts``.
     samples_per_s : array_like, optional
@@ -76,6 +88,9 @@ def round_time_s(
     efficiency : tuple of float, optional
         ``(eff_shared, eff_expert)``: shares of the benchmark GFLOP/s that training of the
         shared part and of the experts reaches; default ``costs.efficiency``.
+    adapters : Adapters, optional
+        LoRA: the adapters travel instead of the weights (the default wire bytes). Compute is
+        still full training's FLOPs (an upper bound: the frozen weights need no gradient).
 
     Returns
     -------
@@ -83,7 +98,7 @@ def round_time_s(
         float64 seconds, the broadcast shape of the inputs.
 
     """
-    s_bytes, e_bytes = _payload_defaults(costs, shared_nbytes, expert_nbytes)
+    s_bytes, e_bytes = _payload_defaults(costs, adapters, shared_nbytes, expert_nbytes)
     f_shared, f_expert = costs.flops_shared, costs.flops_experts
     f_shared = f_shared if flops_per_sample_shared is None else float(flops_per_sample_shared)
     f_expert = f_expert if flops_per_sample_expert is None else float(flops_per_sample_expert)
@@ -212,6 +227,12 @@ def capacity_from_profiles(
     ``n``, so the deadline mostly bounds the bytes moved). Both are evaluated on the grid
     ``n = 0..E`` for all clients at once (``[C, E + 1]``).
 
+    The memory model decides how training is priced: with its
+    :attr:`~.memory.MemoryModel.adapters` (LoRA) memory is the frozen base plus the trained
+    adapters and the transfers default to the adapters' bytes
+    (:meth:`~.memory.MemoryModel.wire_values`; the base model is assumed on the device), else
+    full training and the weights.
+
     When not even ``min_experts`` fit (or not even the shared part), the result is 0 and
     the caller decides: the run config's ``under-capacity`` either trains such a client
     on the shared part only or skips it.
@@ -235,7 +256,8 @@ def capacity_from_profiles(
     samples_per_s : np.ndarray, optional
         Measured effective throughput per client; NaN means unknown (use ``gflops``).
     memory_model : MemoryModel, optional
-        Default ``MemoryModel(costs, batch_size)``.
+        Default ``MemoryModel(costs, batch_size)`` (full training); its ``adapters`` also price
+        the transfers (:func:`round_time_s`).
     efficiency : tuple of float, optional
         See :func:`round_time_s`.
 
@@ -260,6 +282,7 @@ def capacity_from_profiles(
             flops_per_sample_shared=flops_per_sample_shared,
             flops_per_sample_expert=flops_per_sample_expert,
             efficiency=efficiency,
+            adapters=mm.adapters,
         )
     cap = np.where(cap < min_experts, 0, cap)
     return np.clip(cap, 0, costs.num_experts).astype(np.int64)

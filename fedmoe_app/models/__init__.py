@@ -2,8 +2,8 @@
 
 * :mod:`.interface`   -- :class:`MoEModel`, what every model offers the app (expert tensors,
   sub-models with masked routers, feedback, task loss) and :class:`MoEOutput`;
-* :mod:`.registry`    -- :func:`model_spec`, :func:`build_model`, :func:`model_costs` for the
-  run's ``model``;
+* :mod:`.registry`    -- :func:`model_spec`, :func:`build_model`, :func:`model_costs` (and
+  :func:`model_adapters` under LoRA) for the run's ``model``;
 * :mod:`.cnn`         -- ``cnn-moe``: :class:`ModelSpec` and :class:`MoEClassifier` (conv stem,
   top-k gate, MLP experts);
 * :mod:`.transformer` -- ``transformer-moe``: :class:`TransformerSpec` and
@@ -24,7 +24,7 @@ from .cnn import REFERENCE_SPEC, ModelSpec, MoEClassifier, count_parameters
 from .export import load_exported
 from .hf_spec import HFSpec
 from .interface import MoEModel, MoEOutput
-from .registry import AnySpec, build_model, model_costs, model_spec
+from .registry import AnySpec, build_model, model_adapters, model_costs, model_spec
 from .transformer import TransformerMoE, TransformerSpec
 from .user_model import UserSpec
 
@@ -44,6 +44,7 @@ __all__ = [
     "expected_keys",
     "load_arrays",
     "load_exported",
+    "model_adapters",
     "model_costs",
     "model_spec",
     "model_to_arrays",

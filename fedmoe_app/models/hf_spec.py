@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from ..capacity import ModelCosts
+from ..capacity import Adapters, ModelCosts
 from ..config import LoraSection, RunConfig
 from ..hf_config import hf_shape, moe_layers, read_config_file, resolve_hf_config
 
@@ -110,7 +110,24 @@ class HFSpec:
         return build_hf(self, expert_ids, seed)
 
     def costs(self) -> ModelCosts:
-        """Parameters, activations and FLOPs as capacity planning sees them (:func:`.hf_costs.hf_costs`)."""
+        """Parameters, activations and FLOPs of the whole model (:func:`.hf_costs.hf_costs`).
+
+        The same with or without LoRA: the base model's weights and activations; what LoRA trains
+        and sends is :meth:`adapters`.
+        """
         from .hf_costs import hf_costs
 
-        return hf_costs(dataclasses.replace(self, lora=None))  # under LoRA: full training's (an upper bound)
+        return hf_costs(dataclasses.replace(self, lora=None))
+
+    def adapters(self) -> Adapters | None:
+        """Return the LoRA adapters capacity planning prices under ``peft = "lora"`` (None without LoRA).
+
+        Counted on the meta device (:func:`.hf_costs.lora_param_counts`): ``lora-rank`` on every
+        ``lora-target-modules`` linear (shared) and on each expert's stacked tensors.
+        """
+        if self.lora is None:
+            return None
+        from .hf_costs import lora_param_counts
+
+        shared, expert = lora_param_counts(self.config, self.lora.rank, self.lora.target_modules)
+        return Adapters(self.lora.rank, shared, expert)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from ..capacity import ModelCosts
+from ..capacity import Adapters, ModelCosts
 from ..config import RunConfig
 from .cnn import ModelSpec
 from .hf_spec import HFSpec
@@ -74,3 +74,13 @@ def build_model(spec: Spec, expert_ids: HeldExperts | None = None, seed: int = 0
 def model_costs(spec: Spec) -> ModelCosts:
     """Parameters, activations and FLOPs of ``spec`` as capacity planning sees them."""
     return spec.costs()
+
+
+def model_adapters(spec: Spec) -> Adapters | None:
+    """LoRA adapters of ``spec`` as capacity planning prices them; None when the run trains every weight.
+
+    A spec offers them through an ``adapters()`` method (``hf`` under ``peft = "lora"``:
+    :meth:`~.hf_spec.HFSpec.adapters`); the other families train every weight.
+    """
+    adapters = getattr(spec, "adapters", None)
+    return adapters() if callable(adapters) else None

@@ -20,6 +20,7 @@ from flwr.common import log
 
 from ..alignment import AlignmentState, enforce_min_trainers, get_policy
 from ..capacity import (
+    Adapters,
     CapacityProfile,
     MemoryModel,
     ModelCosts,
@@ -93,13 +94,27 @@ class Planner:
         The model's counted costs (memory and time models).
     num_layers : int
         MoE layers of the model: the rows of every holding.
+    adapters : Adapters, optional
+        The run's LoRA adapters (``peft = "lora"``: ``fedmoe_app.models.model_adapters(spec)``):
+        capacity is then planned with LoRA's memory (the base frozen, the adapters trained) and
+        transfers (the adapters only); None: full training.
 
     """
 
-    def __init__(self, cfg: PlanningSection, costs: ModelCosts, num_layers: int = 1) -> None:
+    def __init__(
+        self, cfg: PlanningSection, costs: ModelCosts, num_layers: int = 1, adapters: Adapters | None = None
+    ) -> None:
         self.cfg = cfg
         self.num_layers = num_layers
-        self.memory = MemoryModel(costs, cfg.batch_size)
+        self.memory = MemoryModel(costs, cfg.batch_size, adapters=adapters)
+        if adapters is not None:
+            log(
+                INFO,
+                "capacity: LoRA pricing, frozen base + rank-%d adapters (%d shared values, %d per expert)",
+                adapters.rank,
+                adapters.shared,
+                adapters.expert,
+            )
         self.profiled = cfg.capacity == "profiled"
         self.policy = get_policy(cfg.policy)
 
@@ -223,7 +238,9 @@ def capacity_for_profiles(
     Uses ``cfg.round_deadline_s`` (0: none) with one batch of samples (the rest of the
     local work shrinks to fit the deadline, see :func:`deadline_sample_budget`; 0 when
     ``num-examples`` is unknown: only the bytes count), wire sizes from ``global_arrays``
-    when given, ``min_experts = 1``.
+    when given (under LoRA the global model is the adapters, so they are the adapters' sizes;
+    without arrays, ``memory``'s :meth:`~fedmoe_app.capacity.MemoryModel.wire_values`),
+    ``min_experts = 1``. ``memory`` prices training: full, or LoRA with its adapters.
     A client whose profile lacks memory, compute or link figures (it never answered a
     query) gets the fixed ``cfg.experts_per_client``.
     """
@@ -296,6 +313,7 @@ def _client_times(
         shared_nbytes=shared_nb,
         expert_nbytes=expert_nb or None,
         samples_per_s=a["samples_per_s"],
+        adapters=memory.adapters,
     )
 
 

@@ -21,10 +21,10 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from ..capacity import ModelCosts
+from ..capacity import Adapters, ModelCosts
 from ..config import RunConfig
 from ..config.run import keyword_config
-from ..models import AnySpec, model_costs
+from ..models import AnySpec, model_adapters, model_costs
 from ..tensors import Arrays, experts_in, moe_layers, parse_expert_key
 from ..wire.holdings import EXPERT_IDS, LAYER_EXPERTS
 from ..wire.records import from_record, to_record
@@ -161,6 +161,10 @@ class FedMoE(Strategy):
     routes_per_example : int
         Routing decisions per example and chosen expert, the bound on a reply's token counts: 1
         for an image classifier, tokens per sequence x MoE layers for a language model.
+    adapters : Adapters, optional
+        LoRA fine-tuning (``fedmoe_app.models.model_adapters(spec)``): ``capacity = "profiled"``
+        prices a client by its frozen base and trained adapters, and its transfers by the
+        adapters, instead of full training (give ``costs`` with them: the base model's).
     state : dict, optional
         What :meth:`state_dict` saved (a checkpoint's), to resume from.
     in_place : bool
@@ -182,6 +186,7 @@ class FedMoE(Strategy):
         initial_arrays: Mapping[str, np.ndarray] | None = None,
         costs: ModelCosts | None = None,
         routes_per_example: int = 1,
+        adapters: Adapters | None = None,
         state: dict[str, Any] | None = None,
         in_place: bool = False,
         **options: Any,
@@ -189,7 +194,7 @@ class FedMoE(Strategy):
         if routes_per_example < 1:
             raise ValueError(f"FedMoE routes_per_example = {routes_per_example!r} is invalid; allowed: >= 1")
         self._options = dict(options)
-        self._configure(strategy_config(options), costs, routes_per_example, state, in_place)
+        self._configure(strategy_config(options), costs, routes_per_example, state, in_place, adapters)
         if initial_arrays is not None:
             self._bind(initial_arrays)
 
@@ -205,13 +210,15 @@ class FedMoE(Strategy):
     ) -> FedMoE:
         """Build the strategy of a fedmoe run: its validated run config and model ``spec``.
 
-        The model's shape (experts, top-k, routes per example, costs) is the ``spec``'s;
-        ``initial_arrays``, ``state`` and ``in_place`` are as in :class:`FedMoE`.
+        The model's shape (experts, top-k, routes per example, costs, and under ``peft = "lora"``
+        its adapters) is the ``spec``'s; ``initial_arrays``, ``state`` and ``in_place`` are as in
+        :class:`FedMoE`.
         """
         strategy = cls.__new__(cls)
         strategy._options = None  # the whole run config: nothing to infer from the arrays
         cfg = dataclasses.replace(cfg, num_experts=spec.num_experts, top_k=spec.top_k)
-        strategy._configure(cfg, model_costs(spec), spec.routes_per_example, state, in_place)
+        costs, adapters = model_costs(spec), model_adapters(spec)
+        strategy._configure(cfg, costs, spec.routes_per_example, state, in_place, adapters)
         strategy._bind(initial_arrays)
         return strategy
 
@@ -222,12 +229,14 @@ class FedMoE(Strategy):
         routes_per_example: int,
         state: dict[str, Any] | None,
         in_place: bool,
+        adapters: Adapters | None = None,
     ) -> None:
         """Keep what does not depend on the model's arrays (see :meth:`_bind` for the rest)."""
         self.cfg = cfg
         self.rounds, self.rules, self.knobs = cfg.round, cfg.aggregation_rules, cfg.alignment
         self.in_place = in_place
         self.costs = costs
+        self.adapters = adapters
         self.routes_per_example = routes_per_example
         self._saved_state = state
         self.initial_arrays: Arrays | None = None
@@ -251,7 +260,7 @@ class FedMoE(Strategy):
         self.initial_arrays = dict(arrays)
         self.layers = moe_layers(arrays)  # MoE layers, the rows of every holding
         costs = self.costs if self.costs is not None else arrays_costs(arrays, cfg.top_k)
-        self.planner = Planner(cfg.planning, costs, len(self.layers))
+        self.planner = Planner(cfg.planning, costs, len(self.layers), self.adapters)
         sections = {"alignment": cfg.alignment, "rounds": cfg.round, "privacy": cfg.privacy}
         self.state = ServerState(cfg.num_experts, len(self.layers), tied=cfg.tie_layers, **sections)
         if self._saved_state is not None:

@@ -5,7 +5,9 @@
 prints one JSON document: the model's parameters (total, active per token, shared, experts and
 their share) and, per device class of the federation, the experts a client plans to hold (the
 app's own capacity planning, :func:`fedmoe_app.capacity.plan.plan_federation`), the bytes it
-downloads in the wire dtype and its predicted peak training memory. Nothing is downloaded and no
+downloads in the wire dtype and its predicted peak training memory; with ``--peft lora`` the
+experts are planned, and the peak predicted, with LoRA's memory model (frozen base, trained
+adapters) and the downloads are the adapters. Nothing is downloaded and no
 weight is allocated: parameters are counted on the meta device and FLOPs and activations on
 fake-tensor twins (:mod:`fedmoe_app.models.hf_costs`), so a 47B-parameter model plans in well
 under a minute and 2 GB (docs/CAPACITY.md). Defaults are the run config's.
@@ -20,8 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..capacity import parse_device_mix
-from ..capacity.plan import WIRE_BYTES, Adapters, plan_federation
+from ..capacity import Adapters, parse_device_mix
+from ..capacity.plan import WIRE_BYTES, plan_federation
 from ..config import RunConfig
 from ..hf_config import HF_MOE_TYPES, hf_shape, moe_layers
 
@@ -181,7 +183,11 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
             "target_modules": args.lora_target_modules,
             "shared_adapter_params": adapters.shared,
             "adapter_params_per_expert": adapters.expert,
-            "note": "the base model is assumed on every device: download_bytes are the adapters' only",
+            "note": (
+                "the base model is assumed on every device: download_bytes are the adapters' only; "
+                "experts_per_client and peak_memory_bytes are LoRA's (frozen base, merged experts, "
+                "trained adapters)"
+            ),
         }
     return doc
 

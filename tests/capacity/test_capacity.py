@@ -262,6 +262,75 @@ def test_memory_model_hand_example():
     assert mm.experts_that_fit(np.array([0, 1480, np.inf])).tolist() == [0, 1, 4]
 
 
+def _toy_costs():
+    """The hand example's costs (test_memory_model_hand_example): S = 71, X = 6, activations 556 B."""
+    return cap.ModelCosts(
+        num_experts=4,
+        top_k=1,
+        shared_params=71,
+        expert_params=6,
+        fixed_activation_values=95,
+        fixed_activation_bytes=48,
+        routed_activation_values=19,
+        transient_activation_values=32,
+        flops_shared=0.0,
+        flops_experts=0.0,
+        efficiency=(1.0, 1.0),
+    )
+
+
+def test_lora_memory_model_hand_example():
+    # LoRA adapters of 5 shared values and 1 per expert on the hand example's toy (S = 71, X = 6,
+    # activations 556 B at batch 1, float32, SGD momentum):
+    #   frozen base     4 * (71 + 6 n)            = 284 + 24 n
+    #   merged experts  4 * 6 n                   =        24 n   (W + s B A, kept for backward)
+    #   adapters        3 * 4 * (5 + 1 n)         =  60 + 12 n
+    #   => predict(n) = 284 + 60 + 556 + 60 n = 900 + 60 n  (full training: 1408 + 72 n)
+    toy = _toy_costs()
+    lora = cap.MemoryModel(toy, 1, adapters=cap.Adapters(rank=1, shared=5, expert=1))
+    full = cap.MemoryModel(toy, 1)
+    assert lora.table().tolist() == [900, 960, 1020, 1080, 1140]
+    assert full.table().tolist() == [1408, 1480, 1552, 1624, 1696]  # unchanged without adapters
+    assert lora.expert_bytes() == 60 and lora.shared_bytes() == 900
+    assert lora.wire_values() == (5, 1) and full.wire_values() == (71, 6)
+    frozen_base_alone = 4 * (71 + 6 * np.arange(5)) + 556
+    assert (frozen_base_alone < lora.table()).all() and (lora.table() < full.table()).all()
+    # Adam keeps two states per trained value: only the adapters' term grows
+    adam = cap.MemoryModel(toy, 1, optimizer_states=2, adapters=cap.Adapters(1, 5, 1))
+    assert (adam.table() - lora.table()).tolist() == [4 * (5 + n) for n in range(5)]
+    with pytest.raises(ValueError, match="rank >= 1"):
+        cap.Adapters(rank=0, shared=5, expert=1)
+
+
+def test_lora_fits_more_experts_where_full_training_fits_k():
+    toy = _toy_costs()
+    full = cap.MemoryModel(toy, 1)
+    lora = cap.MemoryModel(toy, 1, adapters=cap.Adapters(1, 5, 1))
+    budget = full.table()[2]  # full training fits exactly 2 experts (1552 B)
+    assert full.experts_that_fit(budget) == 2 and lora.experts_that_fit(budget) == 4  # 1140 B <= 1552 B
+    assert full.experts_that_fit(1407) == 0 and lora.experts_that_fit(1407) == 4
+    kw = dict(costs=toy, batch_size=1, samples=0)
+    args = ([budget, 1000.0], [1.0, 1.0], [100.0, 100.0], [100.0, 100.0])
+    assert cap.capacity_from_profiles(*args, **kw).tolist() == [2, 0]
+    assert cap.capacity_from_profiles(*args, **kw, memory_model=lora).tolist() == [4, 1]
+
+
+def test_lora_transfers_are_priced_by_the_adapters():
+    # 8 bit/s each way (8e-6 Mbit/s), no compute: full training moves 4 (71 + 6 n) B down and up,
+    # LoRA 4 (5 + 1 n) B (the base model is on the device already)
+    toy, adapters = _toy_costs(), cap.Adapters(1, 5, 1)
+    n = np.arange(5)
+    t_full = cap.round_time_s(n, 1.0, 8e-6, 8e-6, costs=toy, samples=0)
+    t_lora = cap.round_time_s(n, 1.0, 8e-6, 8e-6, costs=toy, samples=0, adapters=adapters)
+    assert t_full == pytest.approx(2 * (284 + 24 * n)) and t_lora == pytest.approx(2 * (20 + 4 * n))
+    lora = cap.MemoryModel(toy, 1, adapters=adapters)
+    kw = dict(costs=toy, batch_size=1, samples=0, deadline_s=70.0)
+    args = ([np.inf], [1.0], [8e-6], [8e-6])
+    # within 70 s: full training not even the shared part (568 s), LoRA 40 + 8 n -> n <= 3
+    assert cap.capacity_from_profiles(*args, **kw).tolist() == [0]
+    assert cap.capacity_from_profiles(*args, **kw, memory_model=lora).tolist() == [3]
+
+
 def test_memory_model_structure_at_default_spec():
     mm = cap.MemoryModel(model_costs(DEFAULT), 32)
     t = mm.table()

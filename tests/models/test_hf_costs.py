@@ -2,7 +2,8 @@
 
 Parameters are counted on the meta device and activations and FLOPs on fake-tensor twins; here
 they are checked against what the real tiny models hold and use: the memory model's prediction
-within ±30 % of a measured training step, the parameter counts exact, LoRA counts as peft makes them.
+within ±30 % of a measured training step (full and LoRA), the parameter counts exact, LoRA counts as
+peft makes them.
 """
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from fedmoe_app.capacity import MemoryModel
 from fedmoe_app.config import RunConfig
 from fedmoe_app.data.text import TextInfo
-from fedmoe_app.models import build_model, model_spec
+from fedmoe_app.models import build_model, model_costs, model_spec
 from fedmoe_app.models.memory_probe import activation_bytes_per_sample, byte_windows, training_peak_bytes
 
 pytest.importorskip("transformers")
@@ -43,6 +44,30 @@ def test_predicted_training_memory_is_within_30_percent_of_a_measured_step(prese
         measured = weights + training_peak_bytes(model, x, y)  # + gradients, momentum, activations
         predicted = MemoryModel(costs, batch).predict_training_bytes(len(held))
         assert 0.7 < predicted / measured < 1.3, (preset, held, predicted, measured)
+
+
+@pytest.mark.parametrize(
+    "sizes, held_sets",
+    [
+        ({}, ([0], [1, 5], [0, 2, 4, 6])),
+        # experts 16 x larger: their merged weights (W + s B A, kept for backward) weigh as much as the
+        # activations, and leaving them out of the prediction would miss this step by more than 30 %
+        ({"d-model": 128, "expert-hidden": 1024}, ([0, 2, 4, 6],)),
+    ],
+)
+def test_lora_predicted_training_memory_is_within_30_percent_of_a_measured_step(sizes, held_sets):
+    pytest.importorskip("peft")
+    spec = spec_of("tiny-mixtral", peft="lora", **sizes)
+    memory = MemoryModel(model_costs(spec), 8, adapters=spec.adapters())
+    full = MemoryModel(model_costs(spec), 8)
+    x, y = byte_windows(spec.context_length)(8)
+    for held in held_sets:
+        model = build_model(spec, held, seed=0)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())  # frozen base + adapters
+        measured = weights + training_peak_bytes(model, x, y)  # + the adapters' gradients, momentum
+        predicted = memory.predict_training_bytes(len(held))
+        assert 0.7 < predicted / measured < 1.3, (sizes, held, predicted, measured)
+        assert predicted < full.predict_training_bytes(len(held))
 
 
 @pytest.mark.slow

@@ -23,8 +23,8 @@ def profiles(*classes):
     ]
 
 
-def plan(cfg, classes):
-    planner = Planner(cfg.planning, model_costs(REFERENCE_SPEC))
+def plan(cfg, classes, adapters=None):
+    planner = Planner(cfg.planning, model_costs(REFERENCE_SPEC), adapters=adapters)
     state = AlignmentState(REFERENCE_SPEC.num_experts, **cfg.alignment_kwargs())
     ids = [f"c{i}" for i in range(len(classes))]
     return planner.plan(state, ids, profiles(*classes), ARRAYS, np.random.default_rng(0))
@@ -37,6 +37,21 @@ def test_capacity_follows_the_device_classes_capped_by_experts_per_client():
     assert p.frozen.tolist() == [True, False, False, False]
     fixed = plan(RunConfig(capacity="fixed", experts_per_client=3), ["tiny", "phone", "laptop"])
     assert fixed.capacity.tolist() == [3, 3, 3] and not fixed.frozen.any()
+
+
+def test_lora_clients_hold_more_experts_where_memory_binds():
+    # the reference CNN (S = 38,152, X = 19,210) with made-up adapters of 1,000 shared values and
+    # 500 per expert: an expert costs 8 X + 12 * 500 = 159,680 B under LoRA against 12 X = 230,520 B,
+    # the shared part 4 S + 12 * 1,000 = 164,608 B against 12 S = 457,824 B. The budgets, midway
+    # between 0|1, 1|2 and 4|5 experts of full training (5,788,139, 6,018,826 and 6,710,886 B, the
+    # activations 5,219,840 B), then hold 2.5, 3.97 and 8.3 experts under LoRA
+    cfg = RunConfig(experts_per_client=8)
+    classes = ["tiny", "phone", "laptop", "edge"]
+    full = plan(cfg, classes)
+    lora = plan(cfg, classes, adapters=cap.Adapters(rank=4, shared=1000, expert=500))
+    assert full.capacity.tolist() == [0, 1, 4, 8]
+    assert lora.capacity.tolist() == [2, 3, 8, 8]
+    assert lora.frozen.tolist() == [False, False, False, False]
 
 
 @pytest.mark.parametrize(
@@ -69,3 +84,31 @@ def test_fixed_capacity_under_a_deadline_counts_its_stragglers():
     assert p.budgets.tolist() == [0, 0, 0]  # the fixed baseline always does its full local work
     assert p.late_clients == 1 and p.virtual_round_time_s > 0.7  # the phone; the round waits for it
     assert plan(dataclasses.replace(cfg, round_deadline_s=0.0), ["phone"]).late_clients == 0
+
+
+def test_a_lora_run_plans_with_the_adapters_of_its_run_config():
+    pytest.importorskip("peft")
+    from fedmoe_app.data.text import TextInfo
+    from fedmoe_app.models import model_spec
+    from fedmoe_app.models.hf_costs import lora_param_counts
+    from fedmoe_app.server.strategy import FedMoE
+
+    keys = {"dataset": "fortunes", "model": "hf", "hf-config": "tiny-mixtral", "num-layers": 2, "d-model": 64}
+    keys |= {"expert-hidden": 512, "context-length": 16, "batch-size": 4, "experts-per-client": 8}
+    lora_keys = {"peft": "lora", "lora-rank": 4, "lora-target-modules": "q_proj,v_proj"}
+    strategies = {}
+    for name, extra in (("none", {}), ("lora", lora_keys)):
+        cfg = RunConfig.from_run_config(keys | extra)
+        spec = model_spec(cfg, TextInfo(256, cfg.context_length, ("en",)))
+        strategies[name] = FedMoE.from_run_config(cfg, spec, model_to_arrays(build_model(spec, seed=0)))
+    full, lora = strategies["none"].planner, strategies["lora"].planner
+    want = lora_param_counts(spec.config, 4, ["q_proj", "v_proj"])
+    assert full.memory.adapters is None
+    assert lora.memory.adapters == cap.Adapters(4, *want) and lora.memory.costs == full.memory.costs
+    # a client whose memory holds 2 experts under full training holds more under LoRA
+    budget = int(full.memory.table()[2])
+    client = [{"memory-bytes": budget, "gflops": 10.0, "down-mbps": 100.0, "up-mbps": 100.0}]
+    held_full = full.capacity(client, {}).tolist()
+    held_lora = lora.capacity(client, {}).tolist()
+    assert held_full == [2] and held_lora[0] > 2
+    assert lora.memory.predict_training_bytes(held_lora[0]) <= budget

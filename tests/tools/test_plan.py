@@ -152,8 +152,41 @@ def test_lora_downloads_the_adapters_only(tmp_path):
     (f,), (lo,) = full["device_classes"].values(), lora["device_classes"].values()
     assert lo["download_bytes"] == 4 * (a["shared_adapter_params"] + 4 * a["adapter_params_per_expert"])
     assert lo["download_bytes"] < f["download_bytes"] / 100
-    assert lo["peak_memory_bytes"] < f["peak_memory_bytes"] / 2
+    # the same 4 experts and activations; full training keeps 12 B per weight (weights, gradients,
+    # momentum), LoRA 4 B per frozen weight, 4 B per merged expert weight and 12 B per adapter value
+    s, x = full["wire_shared_values"], full["params_per_expert"]
+    saved = 8 * s + 16 * x - 12 * (a["shared_adapter_params"] + 4 * a["adapter_params_per_expert"])
+    assert f["peak_memory_bytes"] - lo["peak_memory_bytes"] == saved
+    assert lo["peak_memory_bytes"] < 0.51 * f["peak_memory_bytes"]  # about half, at this size
     assert "base model is assumed on every device" in a["note"]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_lora_plans_at_least_as_many_experts_per_class_and_more_where_memory_binds(tmp_path, name):
+    config = CONFIGS[name]
+    experts = config.get("num_local_experts", config.get("num_experts"))
+    argv = ["--hf-config", str(write_config(tmp_path, name)), "--device-mix", MIX, "--clients", "20"]
+    argv += ["--context-length", "128", "--batch-size", "2", "--experts-per-client", str(experts)]
+    full = plan(parse_args(argv))
+    lora = plan(parse_args([*argv, "--peft", "lora"]))
+    x, ax = full["params_per_expert"], lora["lora"]["adapter_params_per_expert"]
+    assert set(full["device_classes"]) == set(lora["device_classes"]) == {"phone", "laptop", "edge"}
+    held = {}
+    for cls, f in full["device_classes"].items():
+        lo = lora["device_classes"][cls]
+        held[cls] = (f["experts_per_client"], lo["experts_per_client"])
+        budget = lo["memory_budget_bytes"]
+        assert budget == f["memory_budget_bytes"]  # a device's memory, whatever the run trains
+        assert lo["experts_per_client"] >= f["experts_per_client"]
+        if f["experts_per_client"] < experts:  # memory binds full training: LoRA holds more
+            assert lo["experts_per_client"] > f["experts_per_client"], (cls, f, lo)
+        # the peak reported is the one that decided: it fits, and one more expert would not (beyond
+        # top-k another expert adds 4 B per frozen and 4 B per merged weight, 12 B per adapter value)
+        assert lo["peak_memory_bytes"] <= budget
+        if lora["top_k"] <= lo["experts_per_client"] < experts:
+            assert lo["peak_memory_bytes"] + 8 * x + 12 * ax > budget
+    if name == "Mixtral-8x7B-v0.1":  # a phone 1 -> 2 experts, a laptop 4 -> 6
+        assert held == {"phone": (1, 2), "laptop": (4, 6), "edge": (8, 8)}
 
 
 def test_sizes_left_out_of_a_config_are_transformers_defaults(tmp_path):
