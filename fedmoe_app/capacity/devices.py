@@ -41,6 +41,7 @@ def anchor_budget(
     budget_bytes: Number,
     costs: ModelCosts | None = None,
     batch_size: int | None = None,
+    optimizer_states: int = 1,
 ) -> int:
     """Move a budget calibrated at the reference run to the same place for ``costs``.
 
@@ -49,11 +50,11 @@ def anchor_budget(
     piecewise-linear interpolation over ``n`` and mapped to the same position on the curve
     of ``costs`` at ``batch_size``; beyond either end of the curve it is scaled by the ratio
     of the end points. So an emulated class holds the same number of experts whatever the
-    dataset, model size and batch size (default 32). ``costs=None`` returns the budget
-    unchanged.
+    dataset, model size, batch size (default 32) and optimizer (``optimizer_states`` of the
+    run's curve: 1 SGD momentum, 2 AdamW; the reference is SGD's) when it trains them fully.
+    ``costs=None`` returns the budget unchanged.
 
-    Both curves are full training's: a budget stands for a device's memory, which does not
-    depend on how the run trains, so under LoRA (a
+    Both curves are full training's: under LoRA (a
     :class:`~fedmoe_app.capacity.memory.MemoryModel` with adapters, cheaper per expert) the same
     budget holds more experts.
     """
@@ -63,7 +64,8 @@ def anchor_budget(
     top = max(costs.num_experts, REFERENCE_COSTS.num_experts)
     grid = np.arange(top + 1)
     ref = np.asarray(MemoryModel(REFERENCE_COSTS, REFERENCE_BATCH_SIZE).predict_training_bytes(grid))
-    run = np.asarray(MemoryModel(costs, batch).predict_training_bytes(grid))
+    run_model = MemoryModel(costs, batch, optimizer_states=optimizer_states)
+    run = np.asarray(run_model.predict_training_bytes(grid))
     b = float(budget_bytes)
     if b <= ref[0]:
         return int(b * run[0] / ref[0])
@@ -102,12 +104,14 @@ class DeviceClass:
     up_mbps: float
     description: str = ""
 
-    def budget_bytes(self, costs: ModelCosts | None = None, batch_size: int | None = None) -> int:
+    def budget_bytes(
+        self, costs: ModelCosts | None = None, batch_size: int | None = None, optimizer_states: int = 1
+    ) -> int:
         """Memory budget in bytes for a model of ``costs`` at ``batch_size`` (:func:`anchor_budget`).
 
         Without ``costs``: ``memory_mb`` MiB, the budget at the reference run.
         """
-        return anchor_budget(self.memory_mb * MIB, costs, batch_size)
+        return anchor_budget(self.memory_mb * MIB, costs, batch_size, optimizer_states)
 
 
 def _budget_mb(n_experts: int) -> float:

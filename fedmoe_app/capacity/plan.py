@@ -55,6 +55,7 @@ def plan_federation(
     seed: int = 0,
     wire_dtype: str = "fp32",
     adapters: Adapters | None = None,
+    optimizer_states: int = 1,
 ) -> dict[str, dict[str, Any]]:
     """Plan every device class of the federation (see the module docstring).
 
@@ -71,6 +72,8 @@ def plan_federation(
     adapters : Adapters, optional
         LoRA: the adapters travel and train, the base model is assumed on the device; the
         experts held are planned, and the peak predicted, with LoRA's memory model.
+    optimizer_states : int
+        State tensors the run's optimizer keeps per trained parameter (1: SGD momentum, 2: AdamW).
 
     Returns
     -------
@@ -82,7 +85,7 @@ def plan_federation(
     """
     if wire_dtype not in WIRE_BYTES:
         raise ValueError(f"wire dtype {wire_dtype!r} is invalid; allowed: {', '.join(WIRE_BYTES)}")
-    memory = MemoryModel(costs, batch_size, adapters=adapters)
+    memory = MemoryModel(costs, batch_size, optimizer_states=optimizer_states, adapters=adapters)
     shared_values, expert_values = memory.wire_values()
     wire = WIRE_BYTES[wire_dtype]
     fixed_k = min(int(experts_per_client), costs.num_experts)
@@ -92,7 +95,7 @@ def plan_federation(
         if dc is None:
             budget, held = None, fixed_k
         else:
-            budget = dc.budget_bytes(costs, batch_size)
+            budget = dc.budget_bytes(costs, batch_size, optimizer_states)
             cap = capacity_from_profiles(
                 [budget],
                 [dc.gflops],

@@ -212,6 +212,7 @@ def client_profile(
     device: str = "cpu",
     benchmark_s: float = 0.3,
     link_mbps: float | None = None,
+    optimizer_states: int = 1,
 ) -> CapacityProfile:
     """Measure the profile a client reports, then emulate a device class if the run asks.
 
@@ -221,7 +222,8 @@ def client_profile(
     and device (simulated clients share one machine) and is reused afterwards.
 
     An emulated budget is anchored (:func:`~fedmoe_app.capacity.devices.anchor_budget`) to
-    the run's model ``costs`` at ``batch_size``; with ``costs=None`` the class's budget at the
+    the run's model ``costs`` at ``batch_size`` and its optimizer's ``optimizer_states`` per
+    parameter; with ``costs=None`` the class's budget at the
     reference run (``memory_mb``) applies. ``link_mbps`` is the node's measured link speed
     (:mod:`~fedmoe_app.capacity.link`), used by the ``"measured"`` class only: an emulated
     class keeps its own link speeds.
@@ -238,7 +240,9 @@ def client_profile(
     measured = measure_profile(
         client_id, device=device, gflops=_GFLOPS_CACHE[device], last_exchange_mbps=link_mbps
     )
-    return emulate(measured, device_class, costs=costs, batch_size=batch_size)
+    return emulate(
+        measured, device_class, costs=costs, batch_size=batch_size, optimizer_states=optimizer_states
+    )
 
 
 def node_device_class(

@@ -177,11 +177,13 @@ def emulate(
     *,
     costs: ModelCosts | None = None,
     batch_size: int | None = None,
+    optimizer_states: int = 1,
 ) -> CapacityProfile:
     """Effective profile of ``measured`` hardware playing ``device_class``.
 
     Memory, compute and link speeds are the class's own: memory is
-    :meth:`DeviceClass.budget_bytes` for ``costs`` and ``batch_size`` (``memory_mb`` when no
+    :meth:`DeviceClass.budget_bytes` for ``costs``, ``batch_size`` and the optimizer's
+    ``optimizer_states`` per parameter (``memory_mb`` when no
     costs are given), compute its ``gflops``, links its speeds. Nothing measured on the host
     enters, so in simulation a client's capacity, sample budget and virtual round time
     depend on its class and the run config only. Emulated devices have no GPU, so
@@ -205,7 +207,7 @@ def emulate(
     return dataclasses.replace(
         measured,
         device_class=device_class,
-        memory_bytes=dc.budget_bytes(costs, batch_size),
+        memory_bytes=dc.budget_bytes(costs, batch_size, optimizer_states),
         gflops=dc.gflops,
         down_mbps=dc.down_mbps,
         up_mbps=dc.up_mbps,

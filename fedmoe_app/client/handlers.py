@@ -25,7 +25,7 @@ from flwr.common.logger import log as flwr_log
 
 from ..capacity import ModelCosts
 from ..capacity.probe import client_profile
-from ..config import TEXT_DATASETS, PrivacySection, RunConfig, TrainingSection
+from ..config import OPTIMIZER_STATES, TEXT_DATASETS, PrivacySection, RunConfig, TrainingSection
 from ..data.local import node_data, node_data_path
 from ..data.source import client_split
 from ..maths.privacy import privatize
@@ -220,6 +220,7 @@ def query_reply(task: ClientTask, context: Context) -> RecordDict:
         node_config=context.node_config,
         device=device,
         link_mbps=link,
+        optimizer_states=OPTIMIZER_STATES[task.training.optimizer],
     )
     content = profile.to_dict()
     content["num-examples"] = len(task.train_data)

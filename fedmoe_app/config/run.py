@@ -55,6 +55,8 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 TRACKERS = ("none", "tensorboard", "mlflow")
 OPTIMIZERS = ("sgd", "adamw")
+#: State tensors each optimizer keeps per trained parameter (SGD momentum; Adam's two moments).
+OPTIMIZER_STATES = {"sgd": 1, "adamw": 2}
 LR_SCHEDULES = ("constant", "cosine")
 WIRE_DTYPES = ("fp32", "bf16")
 DP_MODES = ("off", "central", "local")
@@ -424,6 +426,7 @@ class RunConfig:
             batch_size=self.batch_size,
             min_trainers=self.dp_min_trainers if self.dp != "off" else 0,
             wire_dtype=self.wire_dtype,
+            optimizer_states=OPTIMIZER_STATES[self.optimizer],
         )
 
     @property

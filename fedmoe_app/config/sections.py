@@ -81,6 +81,7 @@ class PlanningSection:
     batch_size: int
     min_trainers: int  # every planned expert gets at least this many trainers (dp-min-trainers); 0: any
     wire_dtype: str  # what the transfers carry: "fp32", or "bf16" (half the bytes)
+    optimizer_states: int = 1  # state tensors per trained parameter: 1 SGD momentum, 2 AdamW
 
 
 @dataclass(frozen=True)

@@ -106,7 +106,9 @@ class Planner:
     ) -> None:
         self.cfg = cfg
         self.num_layers = num_layers
-        self.memory = MemoryModel(costs, cfg.batch_size, adapters=adapters)
+        self.memory = MemoryModel(
+            costs, cfg.batch_size, optimizer_states=cfg.optimizer_states, adapters=adapters
+        )
         if adapters is not None:
             log(
                 INFO,

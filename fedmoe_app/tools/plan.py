@@ -7,7 +7,8 @@ their share) and, per device class of the federation, the experts a client plans
 app's own capacity planning, :func:`fedmoe_app.capacity.plan.plan_federation`), the bytes it
 downloads in the wire dtype and its predicted peak training memory; with ``--peft lora`` the
 experts are planned, and the peak predicted, with LoRA's memory model (frozen base, trained
-adapters) and the downloads are the adapters. Nothing is downloaded and no
+adapters) and the downloads are the adapters; ``--optimizer adamw`` prices Adam's two states
+per trained parameter (SGD momentum: one). Nothing is downloaded and no
 weight is allocated: parameters are counted on the meta device and FLOPs and activations on
 fake-tensor twins (:mod:`fedmoe_app.models.hf_costs`), so a 47B-parameter model plans in well
 under a minute and 2 GB (docs/CAPACITY.md). Defaults are the run config's.
@@ -24,7 +25,7 @@ from typing import Any
 
 from ..capacity import Adapters, parse_device_mix
 from ..capacity.plan import WIRE_BYTES, plan_federation
-from ..config import RunConfig
+from ..config import OPTIMIZER_STATES, RunConfig
 from ..hf_config import HF_MOE_TYPES, hf_shape, moe_layers
 
 
@@ -85,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--seed", type=int, default=d.seed, help="the run's seed (which client plays which class)")
     p.add_argument("--wire-dtype", choices=list(WIRE_BYTES), help="default: bf16 if the config's dtype is")
+    p.add_argument(
+        "--optimizer", choices=list(OPTIMIZER_STATES), default=d.optimizer, help="the clients' optimizer"
+    )
     p.add_argument("--peft", choices=["none", "lora"], default="none")
     p.add_argument("--lora-rank", type=int, default=d.lora_rank)
     p.add_argument(
@@ -148,6 +152,7 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         wire_dtype=wire,
         adapters=adapters,
+        optimizer_states=OPTIMIZER_STATES[args.optimizer],
     )
     experts_all = num_experts * params.expert
     doc: dict[str, Any] = {
@@ -165,6 +170,7 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
         "wire_dtype": wire,
         "wire_shared_values": costs.shared_params,
         "peft": args.peft,
+        "optimizer": args.optimizer,
         "context_length": args.context_length,
         "batch_size": args.batch_size,
         "clients": args.clients,

@@ -112,3 +112,27 @@ def test_a_lora_run_plans_with_the_adapters_of_its_run_config():
     held_lora = lora.capacity(client, {}).tolist()
     assert held_full == [2] and held_lora[0] > 2
     assert lora.memory.predict_training_bytes(held_lora[0]) <= budget
+
+
+def test_adamw_is_priced_with_two_states_per_parameter_and_emulated_classes_keep_their_experts():
+    costs = model_costs(REFERENCE_SPEC)
+    sgd, adamw = RunConfig(), RunConfig(optimizer="adamw")
+    assert Planner(sgd.planning, costs).memory.optimizer_states == 1
+    assert Planner(adamw.planning, costs).memory.optimizer_states == 2
+    # a measured device with the memory to train 4 experts under SGD holds fewer under AdamW
+    budget = Planner(sgd.planning, costs).memory.predict_training_bytes(4)
+    device = [{**profiles("laptop")[0], "memory-bytes": int(budget)}]
+    held = {
+        name: Planner(c.planning, costs).capacity(device, ARRAYS)[0]
+        for name, c in (("sgd", sgd), ("adamw", adamw))
+    }
+    assert held["sgd"] == 4 and held["adamw"] < 4
+    # an emulated class is anchored on the run's optimizer: a phone still holds 1, a laptop 4
+    emulated = [
+        cap.emulate(MEASURED, c, costs=costs, batch_size=32, optimizer_states=2).to_dict()
+        | {"num-examples": 500}
+        for c in ("tiny", "phone", "laptop")
+    ]
+    assert Planner(adamw.planning, costs).capacity(emulated, ARRAYS).tolist() == [0, 1, 4]
+    unanchored = profiles("tiny", "phone", "laptop")  # SGD's budgets: too small for AdamW's states
+    assert Planner(adamw.planning, costs).capacity(unanchored, ARRAYS).tolist() == [0, 0, 2]

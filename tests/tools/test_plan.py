@@ -189,6 +189,16 @@ def test_lora_plans_at_least_as_many_experts_per_class_and_more_where_memory_bin
         assert held == {"phone": (1, 2), "laptop": (4, 6), "edge": (8, 8)}
 
 
+def test_adamw_prices_a_second_state_per_trained_weight(tmp_path):
+    path = write_config(tmp_path, "OLMoE-1B-7B-0924")
+    common = ["--hf-config", str(path), "--context-length", "64", "--batch-size", "1", "--wire-dtype", "fp32"]
+    sgd, adamw = plan(parse_args(common)), plan(parse_args([*common, "--optimizer", "adamw"]))
+    assert sgd["optimizer"] == "sgd" and adamw["optimizer"] == "adamw"
+    (s,), (a,) = sgd["device_classes"].values(), adamw["device_classes"].values()
+    held = sgd["wire_shared_values"] + 4 * sgd["params_per_expert"]  # the same 4 experts
+    assert a["peak_memory_bytes"] - s["peak_memory_bytes"] == 4 * held  # Adam's second moment, fp32
+
+
 def test_sizes_left_out_of_a_config_are_transformers_defaults(tmp_path):
     config = {k: v for k, v in CONFIGS["Mixtral-8x7B-v0.1"].items() if k != "num_experts_per_tok"}
     config["num_hidden_layers"] = 2
