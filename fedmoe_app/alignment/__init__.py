@@ -22,9 +22,10 @@ from .layered import LayeredAlignment, alignment_from_state_dict
 from .minimum import enforce_min_trainers
 from .policies import POLICIES, REGISTRY, PlanInputs, Policy, get_policy
 from .solver import load_bounds, load_cv, solve_assignment
-from .state import AlignmentState
+from .state import FITNESS_INITS, AlignmentState
 
 __all__ = [
+    "FITNESS_INITS",
     "POLICIES",
     "REGISTRY",
     "PlanInputs",

@@ -33,6 +33,11 @@ Update rules, with ``a = fitness_ema``, ``d = fitness_decay``, ``g = usage_decay
   ``F <- d * F + (1 - d) * h``. With ``h = 0`` this is pure decay, ``F <- d * F``: pairs
   without interaction fade, while the full gate's preference pulls them up slowly (step
   ``1 - d`` instead of ``a``: indirect evidence is trusted less than training on the expert).
+  Under ``fitness_init = "routing"`` a pair with no evidence yet (``F == 0``) of a client
+  that reported a non-empty histogram takes the gate's share directly, ``F <- h`` (not
+  shrunk by ``1 - d``): with a pretrained gate, a client's row starts from the pretrained
+  router's choices on its data after its first round instead of from 0. Under ``"zero"``
+  (the default) such a pair follows the rule above like every other.
 * Clients that did not reply this round are left unchanged: absence (not sampled, dropped,
   failed) is not evidence about fit.
 * Usage: ``U <- g * U + load`` with ``load[e] = sum_c tokens[c,e]`` over held pairs of the
@@ -57,6 +62,9 @@ from .flow import as_slots
 from .policies import PlanInputs, Policy, get_policy
 
 _STATE_VERSION: int = 1
+#: ``fitness_init``: how a pair without evidence that a replying client did not train starts
+#: (module docstring): by the indirect rule from 0 (``zero``), or at the gate's share (``routing``).
+FITNESS_INITS = ("zero", "routing")
 #: The state's knobs, saved with it and given back to the constructor on restore.
 KNOBS = (
     "fitness_ema",
@@ -67,6 +75,7 @@ KNOBS = (
     "load_slack",
     "approx_min_clients",
     "loss_weight",
+    "fitness_init",
     "seed",
 )
 
@@ -96,6 +105,10 @@ class AlignmentState:
         approximation instead of the exact plan (0: always exact).
     loss_weight : float
         ``lam``: held signal ``(1 - lam) * token_share + lam * exp(-loss)``.
+    fitness_init : str
+        One of :data:`FITNESS_INITS`: ``routing`` sets a pair without evidence that a replying
+        client did not train to its unmasked gate's share, ``F <- h``; ``zero`` leaves it to
+        the indirect rule, ``F <- (1 - d) h``.
     seed : int
         Seed of the internal generator used when :meth:`plan` gets no ``rng``.
 
@@ -122,6 +135,7 @@ class AlignmentState:
         load_slack: float,
         approx_min_clients: int,
         loss_weight: float,
+        fitness_init: str,
         seed: int,
     ) -> None:
         if int(num_experts) < 1:
@@ -138,6 +152,8 @@ class AlignmentState:
             raise ValueError("load_slack, w_fitness and w_usage must be >= 0")
         if int(approx_min_clients) < 0:
             raise ValueError(f"approx_min_clients must be >= 0, got {approx_min_clients}")
+        if fitness_init not in FITNESS_INITS:
+            raise ValueError(f"fitness_init must be one of {FITNESS_INITS}, got {fitness_init!r}")
         self.num_experts = int(num_experts)
         self.fitness_ema = float(fitness_ema)
         self.fitness_decay = float(fitness_decay)
@@ -147,6 +163,7 @@ class AlignmentState:
         self.load_slack = float(load_slack)
         self.approx_min_clients = int(approx_min_clients)
         self.loss_weight = float(loss_weight)
+        self.fitness_init = str(fitness_init)
         self.seed = int(seed)
         self.rng = np.random.default_rng(self.seed)
         self.client_ids: list[str] = []
@@ -344,6 +361,8 @@ class AlignmentState:
         f = self.fitness[rows]
         direct = np.where(f == 0.0, signal, (1.0 - a) * f + a * signal)
         indirect = d * f + (1.0 - d) * h
+        if self.fitness_init == "routing":  # no evidence yet and a histogram: the gate's share
+            indirect = np.where((f == 0.0) & (hist_sum > 0), h, indirect)
         self.fitness[rows] = np.where(held, direct, indirect)
         self.usage = self.usage_decay * self.usage + tok.sum(axis=0)
 
@@ -386,7 +405,8 @@ class AlignmentState:
         version = int(d.get("version", _STATE_VERSION))
         if version != _STATE_VERSION:
             raise ValueError(f"unsupported alignment state version {version}")
-        knobs = {"approx_min_clients": 0, **{k: d[k] for k in KNOBS if k in d}}  # older: exact
+        older = {"approx_min_clients": 0, "fitness_init": "zero"}  # states saved before these knobs
+        knobs = {**older, **{k: d[k] for k in KNOBS if k in d}}
         state = cls(int(d["num_experts"]), **knobs)
         ids = [str(c) for c in d["client_ids"]]
         fitness = np.asarray(d["fitness"], dtype=np.float64).reshape(len(ids), state.num_experts)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..alignment import POLICIES
+from ..alignment import FITNESS_INITS, POLICIES
 from ..capacity import parse_device_mix
 from ..hf_config import HF_PRESETS, check_hf_config, check_hf_model
 from ..maths.aggregation import AGGREGATIONS
@@ -162,6 +162,12 @@ class RunConfig:
     dirichlet_alpha: float = _opt(0.1, _range(0.0, lo_open=True), "label skew (smaller: more non-IID)")
     shards_per_client: int = _opt(2, _range(1), "classes per client (pathological)")
     local_test_fraction: float = _opt(0.2, _range(0.0, 0.9), "share of a partition for local test")
+    public_fraction: float = _opt(
+        0.0,
+        _range(0.0, 0.9),
+        "share of the training set held out of every client's partition for central pretraining "
+        "(fedmoe-pretrain); the same examples whatever the seed; images only",
+    )
     max_samples_per_client: int = _opt(0, _range(0), "cap on local train samples; 0: all")
     central_eval_samples: int = _opt(0, _range(0), "cap on server test samples; 0: all")
     central_eval: bool = _opt(
@@ -214,6 +220,12 @@ class RunConfig:
         "hf: a model folder (save_pretrained: config.json, tokenizer, safetensors) giving config, weights "
         "and tokenizer (then hf-config, hf-weights unset); empty: hf-config over bytes",
     )
+    init_weights: str = _opt(
+        "",
+        None,
+        "safetensors file of the global model's arrays (fedmoe-pretrain writes one) the server starts "
+        "from; empty: seeded random init (hf: hf-model / hf-weights instead)",
+    )
     gate_mode: str = _opt("global", _choice(*GATE_MODES), "aggregated gate, or each client keeps its own")
     peft: str = _opt(
         "none", _choice(*PEFT_MODES), "hf: train and send every weight (none), or LoRA adapters only (lora)"
@@ -240,6 +252,12 @@ class RunConfig:
     w_fitness: float = _opt(1.0, _range(0.0), "weight of fitness in desirability")
     w_usage: float = _opt(0.5, _range(0.0), "weight of the usage penalty in desirability")
     fitness_loss_weight: float = _opt(0.5, _range(0.0, 1.0), "share of exp(-expert loss) in fitness feedback")
+    fitness_init: str = _opt(
+        "zero",
+        _choice(*FITNESS_INITS),
+        "a pair without evidence its client did not train: rises from 0 by the indirect rule (zero), "
+        "or starts at the client's unmasked-gate share (routing: seeds fitness from a pretrained router)",
+    )
     load_slack: float = _opt(0.0, _range(0.0), "per-expert load bounds: mean x (1 +- slack)")
     approx_min_clients: int = _opt(
         0, _range(0), "load_balanced rounds of this many clients or more: fast approximate plan; 0: exact"
@@ -408,6 +426,7 @@ class RunConfig:
             load_slack=self.load_slack,
             approx_min_clients=self.approx_min_clients,
             loss_weight=self.fitness_loss_weight,
+            fitness_init=self.fitness_init,
             seed=self.seed,
         )
 
@@ -467,6 +486,7 @@ class RunConfig:
             max_samples=self.max_samples_per_client,
             data_dir=self.data_dir,
             seed=self.seed,
+            public_fraction=self.public_fraction,
         )
 
     @property
@@ -564,6 +584,11 @@ class RunConfig:
                 f"run-config key 'hf-model' = {self.hf_model!r} is invalid for model {self.model!r}; "
                 "allowed: '' (a model folder is read by model 'hf' only)"
             )
+        if self.init_weights and self.model == "hf":
+            raise ConfigError(
+                f"run-config key 'init-weights' = {self.init_weights!r} is invalid for model 'hf'; "
+                "allowed: '' (an hf model starts from hf-model or hf-weights)"
+            )
         if self.peft != "none" and self.model != "hf":
             raise ConfigError(
                 f"run-config key 'peft' = {self.peft!r} is invalid for model {self.model!r}; "
@@ -609,7 +634,25 @@ class RunConfig:
                     f"run-config key '{key}' = {value} is invalid for model {self.model!r}; allowed: 0"
                 )
 
+    def _check_public(self) -> None:
+        """``public-fraction > 0`` needs a training set the run partitions: built-in images or data-dir's."""
+        if not self.public_fraction:
+            return
+        if self.dataset in TEXT_DATASETS:
+            where = f"dataset {self.dataset!r}"
+        elif self.hf_dataset:
+            where = "hf-dataset"
+        elif self.dataset == "images" and not self.data_dir:
+            where = "dataset 'images' without data-dir"
+        else:
+            return
+        raise ConfigError(
+            f"run-config key 'public-fraction' = {self.public_fraction} is invalid for {where}; allowed: 0 "
+            "(a public share is cut from fashion-mnist, cifar10, synthetic or an image folder in data-dir)"
+        )
+
     def _check_data(self) -> None:
+        self._check_public()
         if self.hf_dataset and self.dataset not in ("images", "text"):
             raise ConfigError(
                 f"run-config key 'hf-dataset' = {self.hf_dataset!r} is invalid for dataset {self.dataset!r}; "

@@ -63,6 +63,7 @@ class AlignmentSection:
     load_slack: float
     approx_min_clients: int
     loss_weight: float
+    fitness_init: str  # "zero" | "routing": how a pair without evidence a client did not train starts
     seed: int
 
 
@@ -122,6 +123,7 @@ class SplitSection:
     max_samples: int
     data_dir: str
     seed: int
+    public_fraction: float  # share of the training set held out of every partition (data.public_indices)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,12 @@ only as a last resort. ``cifar10`` reads torchvision's python-batch format
 (``cifar-10-batches-py``) the same way. ``synthetic`` is small, seeded and learnable,
 for tests. Partitions are computed with flwr-datasets partitioners on an in-memory
 ``datasets.Dataset`` of labels, so every process derives the same split from the seed.
+
+``public-fraction`` holds a share of the training split out of every client's partition
+(:func:`public_indices`): the examples a model is pretrained on centrally
+(``fedmoe-pretrain``). The share is drawn with the constant :data:`PUBLIC_SEED`, not the
+run's seed, so runs of every seed leave out the same examples (and one pretrained model
+serves them all); the clients' partitions are cut from the rest.
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ _FMNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+#: Seed of the public share (``public-fraction``): a constant, so that it is the same examples
+#: whatever the run's seed.
+PUBLIC_SEED = 7_919
 # Per-channel mean/std used to normalise images to roughly zero mean, unit variance.
 _NORM = {
     "fashion-mnist": ((0.2860,), (0.3530,)),
@@ -367,6 +376,44 @@ def _compute_partitions(
     return tuple(np.asarray(part.load_partition(i)["idx"], dtype=np.int64) for i in range(num_partitions))
 
 
+def public_indices(num_examples: int, fraction: float) -> np.ndarray:
+    """Rows of a training split of ``num_examples`` held out as the public share (sorted).
+
+    ``round(num_examples * fraction)`` rows drawn with :data:`PUBLIC_SEED`: the same for every
+    run seed; none for ``fraction = 0``.
+
+    Raises
+    ------
+    ValueError
+        If ``fraction`` is outside ``[0, 1)``.
+
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"public fraction must lie in [0, 1), got {fraction}")
+    count = int(round(num_examples * fraction))
+    if count == 0:
+        return np.zeros(0, dtype=np.int64)
+    order = np.random.default_rng(PUBLIC_SEED).permutation(num_examples)
+    return np.sort(order[:count]).astype(np.int64)
+
+
+def partition_rows(
+    labels: np.ndarray, num_partitions: int, split: SplitSection, public: np.ndarray
+) -> tuple[np.ndarray, ...]:
+    """Rows of a training split (its ``labels``) in every client's partition, the ``public`` rows left out.
+
+    The ``split.partitioner`` cuts the rows ``public`` leaves (all of them when it is empty,
+    exactly as without a public share); the indices returned are into ``labels``.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    kw = {"alpha": split.alpha, "shards": split.shards, "seed": split.seed}
+    if not len(public):
+        return partition_indices(labels.tobytes(), num_partitions, split.partitioner, **kw)
+    rest = np.setdiff1d(np.arange(len(labels)), public)
+    parts = partition_indices(labels[rest].tobytes(), num_partitions, split.partitioner, **kw)
+    return tuple(rest[p] for p in parts)
+
+
 def client_data(
     name: str, partition_id: int, num_partitions: int, split: SplitSection
 ) -> tuple[Split, Split, DatasetInfo]:
@@ -374,14 +421,20 @@ def client_data(
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     train, _, info = load_splits(name, split.data_dir, split.seed)
-    kw = {"alpha": split.alpha, "shards": split.shards, "seed": split.seed}
-    parts = partition_indices(train.labels.numpy().tobytes(), num_partitions, split.partitioner, **kw)
+    public = public_indices(len(train), split.public_fraction)
+    parts = partition_rows(train.labels.numpy(), num_partitions, split, public)
     idx = np.random.default_rng([split.seed, partition_id]).permutation(parts[partition_id])
     n_test = int(round(len(idx) * split.test_fraction))
     train_idx = idx[n_test:]
     if split.max_samples:
         train_idx = train_idx[: split.max_samples]
     return train.subset(train_idx), train.subset(idx[:n_test]), info
+
+
+def public_data(name: str, split: SplitSection) -> tuple[Split, DatasetInfo]:
+    """Return the public share of built-in dataset ``name``'s training split (:func:`public_indices`)."""
+    train, _, info = load_splits(name, split.data_dir, split.seed)
+    return train.subset(public_indices(len(train), split.public_fraction)), info
 
 
 def server_test_data(name: str, *, max_samples: int, data_dir: str, seed: int) -> tuple[Split, DatasetInfo]:

@@ -4,6 +4,10 @@
 * ``dataset = "images"`` with ``data-dir``: your images (:mod:`.images`), partitioned by ``partitioner``;
   the server evaluates on the folder's ``test`` (or ``validation``) split, else on a seeded
   :data:`HELDOUT_SHARE` of the examples, which the clients' partitions then leave out;
+  ``public-fraction`` holds a share of the training examples out of every partition
+  (:func:`public_split`), drawn before that seeded test share so that it is the same examples
+  for every seed (in a folder without a test split, the server's test share is then drawn
+  from the rest);
 * ``dataset = "text"`` with ``data-dir``: a folder of UTF-8 files or a saved dataset (:mod:`.text`);
 * ``hf-dataset``: a dataset flwr-datasets' ``FederatedDataset`` loads (a hub name, or a local
   folder ``datasets.load_dataset`` reads: parquet, csv, json, ``imagefolder`` layouts), its
@@ -21,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from ..config import TEXT_DATASETS, RunConfig, class_names, image_shape
-from . import DatasetInfo, Split, partition_indices, to_split
+from ..config import TEXT_DATASETS, ConfigError, RunConfig, class_names, image_shape
+from . import DatasetInfo, Split, partition_rows, public_data, public_indices, to_split
 from .images import TEST_SPLITS, ImageData, dataset_arrays, dataset_channels, dataset_classes, image_columns
 from .images import read_images as _read_images
 from .local import NodeDataError, dataset_info
@@ -61,8 +65,13 @@ def check_shape(cfg: RunConfig, info: DatasetInfo, key: str, value: str) -> Data
 
 
 @lru_cache(maxsize=4)
-def _image_splits(cfg: RunConfig) -> tuple[Split, Split, DatasetInfo]:
-    """``(train, server test, info)`` of ``data-dir``'s images: its test split, else a held-out share."""
+def _image_splits(cfg: RunConfig) -> tuple[Split, np.ndarray, Split, DatasetInfo]:
+    """``(train, public rows of train, server test, info)`` of ``data-dir``'s images.
+
+    The server's test set is the folder's test split, else a seeded held-out share of the
+    examples the public share leaves (``public-fraction``: drawn first, whatever the run's
+    seed); ``train`` is every other example, the public ones included.
+    """
     data = run_images(cfg)
     info = check_shape(cfg, data.info(_DATA_DIR, cfg.data_dir), _DATA_DIR, cfg.data_dir)
     test_name = next((s for s in TEST_SPLITS if s in data.splits), None)
@@ -71,24 +80,28 @@ def _image_splits(cfg: RunConfig) -> tuple[Split, Split, DatasetInfo]:
         x = np.concatenate([t[0] for t in train]) if train else data.splits[test_name][0][:0]
         y = np.concatenate([t[1] for t in train]) if train else data.splits[test_name][1][:0]
         test = data.splits[test_name]
+        public = public_indices(len(y), cfg.public_fraction)
     else:
         x, y = data.pooled()
-        order = np.random.default_rng([cfg.seed, 31]).permutation(len(y))
+        public = public_indices(len(y), cfg.public_fraction)
+        rest = np.setdiff1d(np.arange(len(y)), public) if len(public) else np.arange(len(y))
+        order = rest[np.random.default_rng([cfg.seed, 31]).permutation(len(rest))]
         n_test = max(1, int(round(len(y) * HELDOUT_SHARE)))
         test = (x[order[:n_test]], y[order[:n_test]])
-        x, y = x[np.sort(order[n_test:])], y[np.sort(order[n_test:])]
-    if not len(y):
+        keep = np.sort(np.concatenate([order[n_test:], public]))
+        x, y, public = x[keep], y[keep], np.searchsorted(keep, public)
+    if len(y) == len(public):
         raise NodeDataError(f"{_DATA_DIR} = {cfg.data_dir!r} holds no training examples")
-    return to_split(x, y, "images"), to_split(*test, "images"), info
+    return to_split(x, y, "images"), public, to_split(*test, "images"), info
 
 
-def _partition(cfg: RunConfig, train: Split, partition_id: int, num_partitions: int) -> tuple[Split, Split]:
-    """Client ``partition_id``'s ``(train, local test)`` of ``train``, cut as the run's split section says."""
+def _partition(
+    cfg: RunConfig, train: Split, public: np.ndarray, partition_id: int, num_partitions: int
+) -> tuple[Split, Split]:
+    """Client ``partition_id``'s ``(train, local test)`` of ``train`` less its ``public`` rows."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
-    split = cfg.split
-    kw = {"alpha": split.alpha, "shards": split.shards, "seed": split.seed}
-    parts = partition_indices(train.labels.numpy().tobytes(), num_partitions, split.partitioner, **kw)
+    parts = partition_rows(train.labels.numpy(), num_partitions, cfg.split, public)
     return _local_cut(cfg, train, parts[partition_id], partition_id)
 
 
@@ -186,9 +199,32 @@ def client_split(cfg: RunConfig, partition_id: int, num_partitions: int) -> tupl
         train, _, info = _hf_text(cfg)
         return partition_text(train, info, partition_id, num_partitions, cfg.split, cfg.context_length)
     if cfg.dataset == "images":
-        train, _, info = _image_splits(cfg)
-        return (*_partition(cfg, train, partition_id, num_partitions), info)
+        train, public, _, info = _image_splits(cfg)
+        return (*_partition(cfg, train, public, partition_id, num_partitions), info)
     return _builtin_client_split(cfg, partition_id, num_partitions)
+
+
+def public_split(cfg: RunConfig) -> tuple[Split, DatasetInfo]:
+    """Return the public share of the run's training set (``public-fraction``) and the model's input.
+
+    The examples every client partition leaves out, the same for every run seed: what
+    ``fedmoe-pretrain`` trains on centrally.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``public-fraction`` when it is 0 (there is no public share).
+
+    """
+    if not cfg.public_fraction:
+        raise ConfigError(
+            "run-config key 'public-fraction' = 0.0 leaves no public share; allowed: a share in (0, 0.9] "
+            "of the training set (e.g. 0.1)"
+        )
+    if cfg.dataset == "images":
+        train, public, _, info = _image_splits(cfg)
+        return train.subset(public), info
+    return public_data(cfg.dataset, cfg.split)
 
 
 def server_split(cfg: RunConfig) -> tuple[Any, Any]:
@@ -203,7 +239,7 @@ def server_split(cfg: RunConfig) -> tuple[Any, Any]:
         _, test, info = _hf_text(cfg)
         return _cap(cfg, test), info
     if cfg.dataset == "images":
-        _, test, info = _image_splits(cfg)
+        _, _, test, info = _image_splits(cfg)
         return _cap(cfg, test), info
     return _builtin_server_split(cfg)
 
@@ -234,4 +270,4 @@ def model_info(cfg: RunConfig) -> DatasetInfo | TextInfo:
     if cfg.hf_dataset:
         train = _hf_split(federated_dataset(cfg, 1), "train")
         return _hf_info(cfg, 1, _hf_images(cfg, train.select(range(min(1, len(train)))), 1, _HF))
-    return _image_splits(cfg)[2]
+    return _image_splits(cfg)[3]

@@ -22,6 +22,7 @@ from .checkpoint import checkpoint_path, save_checkpoint, save_model
 from .evaluation import central_evaluator
 from .export import export_finished_run, write_run_spec
 from .folder import open_run_folder, resumed_arrays
+from .init_weights import read_init_weights
 from .results import RunRecorder
 from .tracking import open_tracker, tracking_problem
 
@@ -71,6 +72,9 @@ def run_server(grid: Grid, run_config: dict) -> Path:
     spec = model_spec(cfg, info)
     if resumed is None:
         arrays = initial_arrays(spec, cfg.seed)
+        if cfg.init_weights:  # a pretrained model, checked against the one just built
+            arrays = read_init_weights(cfg.init_weights, arrays)
+            log(INFO, "fedmoe: initial model from init-weights %s", cfg.init_weights)
     else:  # the checkpoint's model, checked against the run's names and shapes (never read twice)
         arrays = resumed_arrays(resumed, initial_shapes(spec, cfg.seed), out)
         log(INFO, "Resuming run %s after round %d", out.name, resumed.round)

@@ -49,7 +49,7 @@ STRATEGY_KEYS = (
     # alignment and planning
     "policy", "experts_per_client", "capacity", "round_deadline_s", "under_capacity",
     "min_trained_experts", "fitness_ema", "fitness_decay", "usage_decay", "w_fitness", "w_usage",
-    "fitness_loss_weight", "load_slack", "approx_min_clients",
+    "fitness_loss_weight", "fitness_init", "load_slack", "approx_min_clients",
     # aggregation and privacy
     "update_bound", "weight_cap", "token_cap", "aggregation", "trim_fraction", "gate_aggregation",
     "route_loss_weight", "gate_balance_rate", "gate_balance_step",

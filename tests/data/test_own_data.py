@@ -136,7 +136,7 @@ def test_shape_and_classes_come_from_the_data(tmp_path):
         for i in range(4):
             Image.fromarray(np.full((16, 16), 40 * k + i, np.uint8), "L").save(grey / c / f"{i}.png")
     cfg = RunConfig.from_run_config({"dataset": "images", "data-dir": str(grey)})
-    train, test, info = source._image_splits(cfg)
+    train, _, test, info = source._image_splits(cfg)
     assert (info.in_channels, info.image_size, info.num_classes) == (1, 16, 8)
     assert len(train) + len(test) == 8 and len(test) == 1
     assert set(train.labels.tolist()) | set(test.labels.tolist()) == {3, 7}
@@ -145,14 +145,14 @@ def test_shape_and_classes_come_from_the_data(tmp_path):
     write_image_folder(split / "train", per_class=3, size=8)
     write_image_folder(split / "test", per_class=2, size=8, classes=CLASSES[:3])
     cfg = RunConfig.from_run_config({"dataset": "images", "data-dir": str(split)})
-    train, test, info = source._image_splits(cfg)
+    train, _, test, info = source._image_splits(cfg)
     assert (len(train), len(test), info.num_classes, info.in_channels) == (15, 6, 5, 3)
     assert sorted(set(test.labels.tolist())) == [0, 1, 2]  # apple, leaf, sea in sorted class order
     # run-config classes fix the order (and the count: a node may lack classes)
     cfg = RunConfig.from_run_config(
         {"dataset": "images", "data-dir": str(split), "classes": "sky,sun,sea,leaf,apple,pear"}
     )
-    train, test, info = source._image_splits(cfg)
+    train, _, test, info = source._image_splits(cfg)
     assert info.num_classes == 6 and sorted(set(test.labels.tolist())) == [2, 3, 4]
 
 
@@ -217,7 +217,7 @@ def saved_images(path, *, image="image", label="label", splits=("train", "test")
 def test_a_saved_image_dataset_with_named_columns(tmp_path):
     path = saved_images(tmp_path / "saved", image="picture", label="kind")
     cfg = RunConfig.from_run_config({"dataset": "images", "data-dir": str(path)})
-    train, test, info = source._image_splits(cfg)  # detected: the Image and the ClassLabel feature
+    train, _, test, info = source._image_splits(cfg)  # detected: the Image and the ClassLabel feature
     assert (len(train), len(test), info.num_classes, info.in_channels, info.image_size) == (40, 10, 5, 3, 12)
     client_train, client_test, client_info = source.client_split(cfg, 1, 2)
     assert client_info == info and len(client_train) + len(client_test) == 20
@@ -237,7 +237,7 @@ def test_a_saved_image_dataset_with_named_columns(tmp_path):
         "image-column": "px",
         "label-column": "y",
     }
-    train, test, info = source._image_splits(RunConfig.from_run_config(keys))
+    train, _, test, info = source._image_splits(RunConfig.from_run_config(keys))
     assert (info.in_channels, info.image_size, info.num_classes, len(train) + len(test)) == (1, 8, 2, 4)
 
 

@@ -22,7 +22,14 @@ from fedmoe_app.data.text import (
 )
 
 SPLIT = SplitSection(
-    partitioner="natural", alpha=0.5, shards=2, test_fraction=0.2, max_samples=0, data_dir="", seed=0
+    partitioner="natural",
+    alpha=0.5,
+    shards=2,
+    test_fraction=0.2,
+    max_samples=0,
+    data_dir="",
+    seed=0,
+    public_fraction=0.0,
 )
 
 

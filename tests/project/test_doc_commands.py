@@ -12,7 +12,7 @@ import tomllib
 import pytest
 from conftest import ROOT, shell_blocks
 
-from fedmoe_app.tools import export, launch, layers, partition, plan, pretrain_llm, routing
+from fedmoe_app.tools import export, launch, layers, partition, plan, pretrain, pretrain_llm, routing
 from fedmoe_app.tools.bench import cli as bench_cli
 from fedmoe_app.tools.experiments import cli as experiments_cli
 
@@ -26,6 +26,7 @@ PARSERS = {
     "fedmoe-export": export.build_parser,
     "fedmoe-plan": plan.build_parser,
     "fedmoe-pretrain-llm": pretrain_llm.build_parser,
+    "fedmoe-pretrain": pretrain.build_parser,
 }
 # `python -m <module>` runs the same tool as the console script
 MODULES = {
@@ -38,6 +39,7 @@ MODULES = {
     "fedmoe_app.tools.export": "fedmoe-export",
     "fedmoe_app.tools.plan": "fedmoe-plan",
     "fedmoe_app.tools.pretrain_llm": "fedmoe-pretrain-llm",
+    "fedmoe_app.tools.pretrain": "fedmoe-pretrain",
 }
 PYTHON = re.compile(r"^(\S*/)?python3?$")
 

@@ -312,13 +312,21 @@ def parse_value(text: str) -> Any:
     return text
 
 
-def parse_set(items: Sequence[str]) -> dict[str, Any]:
+def parse_set(
+    items: Sequence[str],
+    reserved: Sequence[str] = GRID_KEYS,
+    why: str = "is set by the grid (use --policies / --seeds)",
+) -> dict[str, Any]:
     """Parse ``--set key=value`` items; values are read as TOML scalars, else strings.
 
     Parameters
     ----------
     items : sequence of str
         ``key=value`` items.
+    reserved : sequence of str
+        Keys refused here (by default the grid's own, :data:`GRID_KEYS`).
+    why : str
+        The end of the error for a ``reserved`` key (after the key).
 
     Returns
     -------
@@ -328,7 +336,7 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
     Raises
     ------
     ConfigError
-        For an item without ``=``, an unknown key or a key the grid controls.
+        For an item without ``=``, an unknown key or a ``reserved`` key.
 
     """
     out: dict[str, Any] = {}
@@ -342,8 +350,8 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
             raise ConfigError(
                 f"--set {item!r}: unknown run-config key {key!r}; allowed: {', '.join(allowed)}"
             )
-        if key in GRID_KEYS:
-            raise ConfigError(f"--set {item!r}: {key!r} is set by the grid (use --policies / --seeds)")
+        if key in reserved:
+            raise ConfigError(f"--set {item!r}: {key!r} {why}")
         out[key] = parse_value(text)
     return out
 
