@@ -258,11 +258,26 @@ def test_compare_quick_end_to_end_and_resume(tmp_path):
     first = time.monotonic() - t0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[2/2]" in proc.stdout and "ETA" in proc.stdout
-    for name in ("summary.md", "summary.csv", "accuracy.png", "expert_load.png", "progress.json"):
+    for name in (
+        "summary.md",
+        "summary.csv",
+        "to_target.csv",
+        "accuracy.png",
+        "accuracy_vs_bytes.png",
+        "expert_load.png",
+        "progress.json",
+    ):
         assert (out / name).is_file(), name
-    summary = (out / "summary.md").read_text().split("Mean accuracy per round window")[0]
+    summary, to_target = (
+        (out / "summary.md")
+        .read_text()
+        .split("Mean accuracy per round window")[0]
+        .split("Time and bytes to target")
+    )
     table = [line for line in summary.splitlines() if line.startswith("| alpha")]
     assert [line.split("|")[2].strip() for line in table] == ["greedy", "load_balanced"]
+    views = [line.split("|")[3].strip() for line in to_target.splitlines() if line.startswith("| alpha")]
+    assert views == ["global", "global", "personalized", "personalized"]
     csv_rows = (out / "summary.csv").read_text().strip().splitlines()
     assert len(csv_rows) == 3
     for policy in ("greedy", "load_balanced"):
