@@ -223,8 +223,8 @@ class RunConfig:
     init_weights: str = _opt(
         "",
         None,
-        "safetensors file of the global model's arrays (fedmoe-pretrain writes one) the server starts "
-        "from; empty: seeded random init (hf: hf-model / hf-weights instead)",
+        "safetensors file of the global model's arrays (fedmoe-pretrain writes one), or a run's export "
+        "folder, the server starts from; empty: seeded random init (hf: hf-model / hf-weights instead)",
     )
     gate_mode: str = _opt("global", _choice(*GATE_MODES), "aggregated gate, or each client keeps its own")
     peft: str = _opt(

@@ -5,7 +5,10 @@ shared tensors under their state names, expert ``e`` of a stacked tensor as
 ``experts.<e>.<suffix>``), what the server would otherwise build from the run's seed.
 ``fedmoe-pretrain`` writes one (:func:`write_init_weights`); a run naming it starts from it
 (:func:`read_init_weights`: checked at start-up against the model's names and shapes, every
-error naming the run-config key). A run resumed from its checkpoint starts from the checkpoint.
+error naming the run-config key). ``init-weights`` may also name a finished run's ``export``
+folder (``model.safetensors`` + ``fedmoe_model.json``, :func:`fedmoe_app.models.load_exported`),
+so a run can start from another run's global model. A run resumed from its checkpoint starts
+from the checkpoint.
 """
 
 from __future__ import annotations
@@ -44,8 +47,32 @@ def write_init_weights(
 def _problem(path: str, what: str) -> ConfigError:
     return ConfigError(
         f"{_KEY} = {path!r} is invalid: {what}; allowed: a safetensors file of this model's global "
-        "arrays (fedmoe-pretrain --out), with the run's model keys"
+        "arrays (fedmoe-pretrain --out) or a run's export folder, with the run's model keys"
     )
+
+
+def _read(file: Path, shown: str) -> Mapping[str, np.ndarray]:
+    """Return the arrays of a safetensors file, or of an export folder under the app's names."""
+    if file.is_dir():
+        from ..models import load_exported, model_to_arrays
+        from ..models.export import MODEL_FILE
+
+        if not (file / MODEL_FILE).is_file():
+            raise _problem(shown, f"a folder without {MODEL_FILE} (not a run's export folder)")
+        try:
+            return model_to_arrays(load_exported(file))
+        except Exception as exc:  # noqa: BLE001 - any damage to the folder is reported the same way
+            raise _problem(shown, f"the export folder cannot be loaded ({exc})") from None
+    if not file.is_file():
+        raise _problem(shown, "no such file")
+    try:
+        from safetensors.numpy import load_file
+    except ImportError:
+        raise _problem(shown, "reading it needs the safetensors package (pip install safetensors)") from None
+    try:
+        return load_file(str(file))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own errors for a damaged file
+        raise _problem(shown, f"it cannot be read as safetensors ({exc})") from None
 
 
 def read_init_weights(path: str | Path, model: Mapping[str, np.ndarray]) -> Arrays:
@@ -54,7 +81,7 @@ def read_init_weights(path: str | Path, model: Mapping[str, np.ndarray]) -> Arra
     Parameters
     ----------
     path : str | Path
-        The file (``~`` expanded).
+        The file, or a run's export folder (``~`` expanded).
     model : Mapping[str, np.ndarray]
         The global model the run would build (names, shapes and dtypes in the model's order).
 
@@ -72,17 +99,7 @@ def read_init_weights(path: str | Path, model: Mapping[str, np.ndarray]) -> Arra
 
     """
     shown = str(path)
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise _problem(shown, "no such file")
-    try:
-        from safetensors.numpy import load_file
-    except ImportError:
-        raise _problem(shown, "reading it needs the safetensors package (pip install safetensors)") from None
-    try:
-        loaded = load_file(str(file))
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own errors for a damaged file
-        raise _problem(shown, f"it cannot be read as safetensors ({exc})") from None
+    loaded = _read(Path(path).expanduser(), shown)
     missing = [k for k in model if k not in loaded]
     if missing:
         first = missing[0]

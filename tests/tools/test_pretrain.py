@@ -174,6 +174,29 @@ def test_missing_extra_unreadable_and_non_finite_tensors_are_named(tmp_path):
     assert list(back) == list(model) and all(np.array_equal(back[k], model[k]) for k in model)
 
 
+def test_a_runs_export_folder_starts_another_run(tmp_path):
+    from fedmoe_app.models.export import save_native_model
+
+    cfg = RunConfig.from_run_config({**KEYS, "seed": 7})
+    spec = model_spec(cfg, server_split(cfg)[1])
+    exported = initial_arrays(spec, 7)  # another seed's model, saved as a finished run exports it
+    save_native_model(spec, exported, tmp_path / "export")
+    model = small_arrays()
+    assert not all(np.array_equal(exported[k], model[k]) for k in model)
+    back = read_init_weights(tmp_path / "export", model)
+    assert list(back) == list(model) and all(np.array_equal(back[k], exported[k]) for k in model)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(
+        ConfigError, match=r"a folder without fedmoe_model\.json \(not a run's export folder\)"
+    ):
+        read_init_weights(tmp_path / "empty", model)
+    wide = RunConfig.from_run_config({**KEYS, "expert-hidden": 24})
+    wide_spec = model_spec(wide, server_split(wide)[1])
+    save_native_model(wide_spec, initial_arrays(wide_spec, 0), tmp_path / "wide")
+    with pytest.raises(ConfigError, match=r"tensor 'experts\.0\.w1' has shape \(16, 24\)"):
+        read_init_weights(tmp_path / "wide", model)
+
+
 def test_init_weights_is_refused_for_hf_at_start():
     with pytest.raises(
         ConfigError, match=r"'init-weights' = 'm\.safetensors' is invalid for model 'hf'; allowed: ''"
