@@ -238,20 +238,7 @@ def test_memory_model_hand_example():
     #   transient: max(routed k*(2*6 + d + 2h + 2C) = 19, conv1 grads 2*c*S^2 = 32) = 32
     #   activations: 4 * (95 + 32) + 48 = 556 B  (same for k = 0 and 1)
     #   => predict(n) = 852 + 556 + 72 n = 1408 + 72 n
-    toy = cap.ModelCosts(
-        num_experts=4,
-        top_k=1,
-        shared_params=71,
-        expert_params=6,
-        fixed_activation_values=95,
-        fixed_activation_bytes=48,
-        routed_activation_values=19,
-        transient_activation_values=32,
-        flops_shared=0.0,
-        flops_experts=0.0,
-        efficiency=(1.0, 1.0),
-    )
-    mm = cap.MemoryModel(toy, 1)
+    mm = cap.MemoryModel(_toy_costs(), 1)
     assert mm.table().tolist() == [1408, 1480, 1552, 1624, 1696]
     assert mm.predict_training_bytes(3) == 1624
     assert mm.expert_bytes() == 72 and mm.shared_bytes() == 1408 + 72 - 72

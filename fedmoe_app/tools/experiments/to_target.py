@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .metrics import FinishedRun, accuracy_key, final_accuracy, reach
-from .summary import DASH, fields_csv, fmt_percent, markdown_table, run_groups
+from .summary import DASH, _mean_std, fields_csv, fmt_percent, markdown_table, run_groups
 
 #: View name -> the per-round accuracy key of that view (``global`` falls back to the clients'
 #: accuracy in a run without central evaluation, as the summary's global columns do).
@@ -146,13 +146,6 @@ class TargetRow:
     virtual_s: float | None
     virtual_s_std: float | None
     bytes_vs_baseline: float | None
-
-
-def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return None, None
-    return float(np.mean(vals)), (float(np.std(vals, ddof=1)) if len(vals) > 1 else None)
 
 
 def to_target(
