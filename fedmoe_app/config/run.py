@@ -135,9 +135,11 @@ class RunConfig:
         "gate rows over their experts' holders, or over all replies; auto: all with a route loss",
     )
     gate_balance_rate: float = _opt(
-        0.0,
+        0.1,
         _range(0.0),
-        "server step on the gate's bias per round towards equal top-k load of the unmasked gate",
+        "server step on the gate's bias per round towards equal top-k load of the unmasked gate; "
+        "applied to a model whose router is a gate with a bias (gate.bias: cnn-moe, or your own), "
+        "not to transformer-moe or hf; 0: off; not applied under dp",
     )
     gate_balance_step: str = _opt(
         "sign",
@@ -450,7 +452,13 @@ class RunConfig:
 
     @property
     def aggregation_rules(self) -> sections.AggregationSection:
-        """How valid replies become the new model (:class:`~.sections.AggregationSection`)."""
+        """How valid replies become the new model (:class:`~.sections.AggregationSection`).
+
+        ``gate_balance_rate`` is the rate the server applies: 0 under DP (the router-bias step
+        would read the clients' raw routing histograms, which the privacy accounting does not
+        cover) and for transformer-moe and hf (their routers have no bias to step).
+        """
+        balance = self.dp == "off" and self.model not in TEXT_MODELS
         return sections.AggregationSection(
             update_bound=self.update_bound,
             weight_cap=self.weight_cap,
@@ -460,7 +468,7 @@ class RunConfig:
             gate_from_all=self.gate_from_all,
             single_holders=self.route_loss_weight > 0,
             per_layer=not self.tie_layers,
-            gate_balance_rate=self.gate_balance_rate,
+            gate_balance_rate=self.gate_balance_rate if balance else 0.0,
             gate_balance_step=self.gate_balance_step,
         )
 
@@ -625,14 +633,11 @@ class RunConfig:
                 f"run-config key 'd-model' = {self.d_model} is invalid with num-heads = {self.num_heads}; "
                 "allowed: a multiple of num-heads with an even head size (RoPE)"
             )
-        for key, value in (
-            ("route-loss-weight", self.route_loss_weight),
-            ("gate-balance-rate", self.gate_balance_rate),
-        ):
-            if value > 0:
-                raise ConfigError(
-                    f"run-config key '{key}' = {value} is invalid for model {self.model!r}; allowed: 0"
-                )
+        if self.route_loss_weight > 0:
+            raise ConfigError(
+                f"run-config key 'route-loss-weight' = {self.route_loss_weight} is invalid for model "
+                f"{self.model!r}; allowed: 0"
+            )
 
     def _check_public(self) -> None:
         """``public-fraction > 0`` needs a training set the run partitions: built-in images or data-dir's."""
@@ -731,11 +736,6 @@ class RunConfig:
                     "'mean' when dp is on (DP averages clipped deltas)",
                 ),
                 ("tie-layers", not self.tie_layers, "true when dp is on (privacy accounts per expert)"),
-                (
-                    "gate-balance-rate",
-                    self.gate_balance_rate > 0,
-                    "0 when dp is on (the router-bias step uses clients' raw routing counts, unaccounted)",
-                ),
             ):
                 if bad:
                     value = getattr(self, key.replace("-", "_"))

@@ -48,7 +48,8 @@ def updated_model(
 
     Each expert is averaged over its trainers and the shared part over everyone
     (:func:`~..maths.aggregation.aggregate`), or privately under DP; then the router bias is
-    nudged toward balance by the kept replies' gate histograms (``gate-balance-rate``).
+    nudged toward balance by the kept replies' gate histograms at ``rules.gate_balance_rate``
+    (0 under DP and for models without a router bias: ``RunConfig.aggregation_rules``).
     ``in_place``: the averages are written into ``arrays``' tensors (not under DP).
     """
     if privacy is not None:

@@ -68,3 +68,15 @@ def test_values_that_would_fail_every_client_are_rejected_at_start(key, value, e
     with pytest.raises(ConfigError) as err:
         RunConfig.from_run_config({key: value})
     assert f"'{key}'" in str(err.value) and expected in str(err.value)
+
+
+def test_gate_balance_is_applied_by_default_where_the_router_has_a_bias():
+    """cnn-moe's and a user model's gate have a bias the server steps; transformer-moe's and hf's do not."""
+    assert RunConfig().aggregation_rules.gate_balance_rate == 0.1
+    own = RunConfig.from_run_config({"model": "my_pkg.my_model:build"})
+    assert own.aggregation_rules.gate_balance_rate == 0.1
+    for model in ("transformer-moe", "hf"):
+        cfg = RunConfig.from_run_config({"dataset": "fortunes", "model": model})
+        assert cfg.gate_balance_rate == 0.1 and cfg.aggregation_rules.gate_balance_rate == 0, model
+    off = RunConfig.from_run_config({"gate-balance-rate": 0.0})
+    assert off.aggregation_rules.gate_balance_rate == 0

@@ -10,7 +10,8 @@ code gave round 1's central loss 2.32007199605306 and 2.320072199503581 (8.8e-8 
 other value equal), so losses are compared to 1e-6, far below what any change of behaviour moves.
 The run config turns the influence bounds off (``update-bound``, ``weight-cap``): they were off
 when the metrics were recorded, and on by default since (with them this run reaches 0.363 in
-round 3, not 0.09: one client's oversized expert update is left out).
+round 3, not 0.09: one client's oversized expert update is left out). It turns the server's
+router-bias balancing off too (``gate-balance-rate``), off then and on by default since.
 """
 
 import json

@@ -59,7 +59,7 @@ def test_a_key_added_after_the_checkpoint_resumes_only_at_its_default():
     saved = RunConfig().to_dict()
     del saved["gate-balance-rate"]  # a checkpoint written before the key existed
     assert config_changes(saved, RunConfig(resume=True)) == {}
-    assert config_changes(saved, RunConfig(gate_balance_rate=0.1)) == {"gate-balance-rate": (None, 0.1)}
+    assert config_changes(saved, RunConfig(gate_balance_rate=0.3)) == {"gate-balance-rate": (None, 0.3)}
 
 
 def test_a_checkpoint_of_another_model_shape_is_refused(tmp_path):

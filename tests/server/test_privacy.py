@@ -296,12 +296,18 @@ def test_a_dp_run_never_trains_an_expert_below_the_minimum():
         ("dp-delta", 0.0),
         ("dp", "on"),
         ("aggregation", "median"),
-        ("gate-balance-rate", 0.1),  # the router-bias step would use raw, unaccounted histograms
     ],
 )
 def test_bad_dp_values_name_the_key(key, value):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         RunConfig.from_run_config({"dp": "central", key: value})
+
+
+def test_gate_balance_rate_is_not_applied_under_dp():
+    """The router-bias step would read the clients' raw routing histograms, unaccounted: rate 0."""
+    cfg = RunConfig.from_run_config({"dp": "central", "gate-balance-rate": 0.1})
+    assert cfg.gate_balance_rate == 0.1 and cfg.aggregation_rules.gate_balance_rate == 0
+    assert RunConfig.from_run_config({"dp": "local"}).aggregation_rules.gate_balance_rate == 0
 
 
 def test_min_trainers_above_the_clients_per_round_stops_the_run_at_start():
